@@ -1,0 +1,24 @@
+//! What crosses the kernel/user boundary: ring-buffer records, map names, map values.
+//!
+//! Every type here is `#[repr(C)]` with explicit field widths and no implicit padding, so
+//! the kernel and user space agree byte for byte. A compile-time guard next to each type
+//! fails the build if its size ever changes by accident.
+#![no_std]
+
+pub mod record;
+pub mod scope;
+
+/// Names of the maps and globals in the eBPF object, shared so that a rename breaks the
+/// build instead of failing at load time.
+pub mod names {
+    /// Ring buffer of [`crate::record`] records, kernel → user space.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU `u64` counters indexed by [`crate::record::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Hash of audited cgroup ids, see [`crate::scope`].
+    pub const AUDITED_CGROUPS: &str = "AUDITED_CGROUPS";
+    /// Global bit mask of the cgroup levels present in `AUDITED_CGROUPS`.
+    pub const AUDITED_CGROUP_LEVELS: &str = "AUDITED_CGROUP_LEVELS";
+    /// The sock_ops program that records TCP connects.
+    pub const TCP_CONNECT_PROGRAM: &str = "srcip_tcp_connect";
+}

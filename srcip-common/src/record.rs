@@ -1,0 +1,104 @@
+//! Records the kernel writes to the `EVENTS` ring buffer.
+//!
+//! Each record starts with a [`RecordHeader`] whose `kind` says which payload follows, so
+//! later hooks (UDP at `cgroup_skb/egress`, in-kernel pin/block decisions) add kinds without
+//! changing the layout of the existing ones.
+
+/// Size of the `EVENTS` ring buffer. A power of two and a multiple of the page size, as the
+/// kernel requires. 256 KiB holds about 2700 connect records.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Stable numeric record kinds. Never reuse a number.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A [`ConnectRecord`]: an outbound connection whose source address the kernel chose.
+    Connect = 1,
+}
+
+impl TryFrom<u32> for RecordKind {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Connect),
+            unknown => Err(unknown),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RecordHeader {
+    /// A [`RecordKind`] value.
+    pub kind: u32,
+    /// Size of the whole record in bytes, header included.
+    pub len: u32,
+    /// `CLOCK_BOOTTIME` nanoseconds when the kernel made the record.
+    pub boot_time_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<RecordHeader>() == 16);
+
+/// Address families as the kernel numbers them (`AF_INET`, `AF_INET6`).
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// IP protocol numbers (`IPPROTO_TCP`, `IPPROTO_UDP`).
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// One outbound connection with the source the kernel chose for it.
+///
+/// IPv4-mapped IPv6 connections are reported by the kernel side as IPv4 (`family ==
+/// AF_INET`): that is the family on the wire, and the policy treats them as IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectRecord {
+    pub header: RecordHeader,
+    /// cgroup v2 id of the task that connected (the inode of its cgroup directory).
+    pub cgroup_id: u64,
+    /// Cookie of the socket's network namespace; user space maps it to the inode.
+    pub netns_cookie: u64,
+    /// Source address in network byte order; an IPv4 address fills the first 4 bytes.
+    pub src_addr: [u8; 16],
+    /// Destination address, laid out like `src_addr`.
+    pub dst_addr: [u8; 16],
+    /// Thread-group id, the process id users see.
+    pub pid: u32,
+    pub uid: u32,
+    /// Ports in host byte order. `src_port` is the port the kernel chose or the program bound.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+    /// Explicit padding so the layout has no hidden holes; always zero.
+    pub reserved: [u8; 2],
+    /// Command name of the connecting thread, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 96);
+
+/// Indexes of the per-CPU `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    /// Records the kernel could not write because the ring buffer was full.
+    LostRecords = 0,
+    /// Hook invocations that failed before producing a record (a helper error).
+    HookErrors = 1,
+}
+
+/// Number of entries in `COUNTERS`.
+pub const COUNTER_COUNT: u32 = 2;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data with explicit widths and no padding (size asserted above).
+    unsafe impl aya::Pod for super::ConnectRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RecordHeader {}
+}

@@ -1,0 +1,18 @@
+//! srcip's kernel side. This file only wires the modules; each hook family has its own.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod scope;
+mod tcp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible licence: sock_ops and ring-buffer helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,45 @@
+//! Maps shared by every hook, and the two ways a hook hands something to user space.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use srcip_common::{
+    record::{COUNTER_COUNT, Counter, EVENTS_RING_BYTES},
+    scope::MAX_AUDITED_CGROUPS,
+};
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Audited cgroup id → unused byte; see `srcip_common::scope`.
+#[map]
+pub static AUDITED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_AUDITED_CGROUPS, 0);
+
+pub fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot is only touched by this CPU, and BPF programs are not
+        // preempted by another program on the same CPU for this map's hooks.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Writes `record` to the ring buffer, or counts it as lost when the buffer is full.
+///
+/// Waking the reader costs the connecting task several microseconds, so records are written
+/// without a wakeup and user space polls on a short timer; the reader is woken only when the
+/// buffer is half full, so that a burst cannot overflow it between two polls.
+pub fn submit<T: 'static>(record: &T) {
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(EVENTS_RING_BYTES / 2) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<T>(record, flags.into()).is_err() {
+        count(Counter::LostRecords);
+    }
+}

@@ -1,0 +1,114 @@
+//! TCP: the source address the kernel really chose for an outbound connection.
+//!
+//! Hook: sock_ops at `BPF_SOCK_OPS_TCP_CONNECT_CB` (Linux ≥ 4.13, no callback flags needed).
+//! `tcp_connect()` calls it after the route lookup chose the source address and after the
+//! source port was chosen, in the context of the task calling `connect()`, so the current
+//! pid, comm, uid and cgroup are the connecting process's. Reads `bpf_sock_ops.op`,
+//! `family`, `local_ip4`/`remote_ip4` and `local_ip6`/`remote_ip6` (network order),
+//! `local_port` (host order) and `remote_port` (network order in the upper 16 bits).
+//!
+//! Why not earlier: at `cgroup/connect4/6` the source is not chosen yet. Why not the
+//! `sock:inet_sock_set_state` tracepoint: the source port may still be zero there, and it
+//! cannot read the network-namespace cookie.
+
+use aya_ebpf::{
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_boot_ns},
+    },
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use srcip_common::record::{
+    AF_INET, AF_INET6, ConnectRecord, Counter, IPPROTO_TCP, RecordHeader, RecordKind,
+};
+
+use crate::{
+    maps::{count, submit},
+    scope::current_task_is_audited,
+};
+
+#[sock_ops]
+pub fn srcip_tcp_connect(ctx: SockOpsContext) -> u32 {
+    // sock_ops runs for several callbacks per connection; only the connect one matters.
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB && try_record_connect(&ctx).is_err() {
+        count(Counter::HookErrors);
+    }
+    // The return value is ignored for this callback; the connection always proceeds.
+    1
+}
+
+fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
+    if !current_task_is_audited() {
+        return Ok(());
+    }
+    let Some((family, src_addr, dst_addr)) = addresses(ctx) else {
+        return Ok(());
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let record = ConnectRecord {
+        header: RecordHeader {
+            kind: RecordKind::Connect as u32,
+            len: size_of::<ConnectRecord>() as u32,
+            // SAFETY: helper without arguments.
+            boot_time_ns: unsafe { bpf_ktime_get_boot_ns() },
+        },
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        // SAFETY: `ctx.ops` is the program's own context pointer, as the helper expects.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        src_addr,
+        dst_addr,
+        pid: (pid_tgid >> 32) as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        src_port: ctx.local_port() as u16,
+        dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        family,
+        protocol: IPPROTO_TCP,
+        reserved: [0; 2],
+        comm: bpf_get_current_comm()?,
+    };
+    submit(&record);
+    Ok(())
+}
+
+/// The family on the wire and both addresses in network order. An IPv6 socket connecting to
+/// an IPv4-mapped address sends IPv4, so it is reported as IPv4.
+fn addresses(ctx: &SockOpsContext) -> Option<(u8, [u8; 16], [u8; 16])> {
+    match ctx.family() {
+        family if family == u32::from(AF_INET) => Some((
+            AF_INET,
+            ipv4_in_16(ctx.local_ip4()),
+            ipv4_in_16(ctx.remote_ip4()),
+        )),
+        family if family == u32::from(AF_INET6) => {
+            let (local, remote) = (ctx.local_ip6(), ctx.remote_ip6());
+            if is_ipv4_mapped(&remote) {
+                Some((AF_INET, ipv4_in_16(local[3]), ipv4_in_16(remote[3])))
+            } else {
+                Some((AF_INET6, ipv6_bytes(&local), ipv6_bytes(&remote)))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// `::ffff:a.b.c.d`; the words hold network-order bytes, so compare them as bytes.
+fn is_ipv4_mapped(words: &[u32; 4]) -> bool {
+    words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff]
+}
+
+fn ipv4_in_16(network_order: u32) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..4].copy_from_slice(&network_order.to_ne_bytes());
+    bytes
+}
+
+fn ipv6_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    bytes
+}

@@ -1,0 +1,189 @@
+//! The alert stream: what `srcip run` writes to stdout.
+//!
+//! # Format
+//! `json`: one object per line. Every line has `type`, `time` (RFC 3339, UTC, microseconds)
+//! and `host`. Types: `started`, `violation`, `connect` (with `--all`), `lost`, `stopped`.
+//! Connection lines carry `rule` (null when no rule matched), `action`, `protocol`,
+//! `family` (on the wire), `src`, `src_port`, `dst`, `dst_port`, `allowed_sources`, `pid`,
+//! `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
+//! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
+//! `violation` or `unmatched`). `lost` has `count`. `started` adds `version`, `policy`,
+//! `rules` and `cgroups` (the audited cgroups, empty for all).
+//!
+//! `text`: the same content, one readable line per alert, for a terminal.
+
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AlertBody {
+    Started {
+        version: &'static str,
+        policy: String,
+        rules: usize,
+        cgroups: Vec<String>,
+    },
+    Violation(ConnectionReport),
+    Connect(ConnectionReport),
+    Lost {
+        count: u64,
+    },
+    Stopped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionReport {
+    pub rule: Option<String>,
+    pub action: &'static str,
+    pub protocol: &'static str,
+    pub family: &'static str,
+    pub src: IpAddr,
+    pub src_port: u16,
+    pub dst: IpAddr,
+    pub dst_port: u16,
+    pub allowed_sources: Vec<String>,
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub netns: Option<u64>,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Compliant,
+    Violation,
+    Unmatched,
+}
+
+#[derive(Debug, Clone)]
+pub struct Alert {
+    pub time: SystemTime,
+    pub body: AlertBody,
+}
+
+impl Alert {
+    pub fn now(body: AlertBody) -> Self {
+        Self {
+            time: SystemTime::now(),
+            body,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    #[serde(flatten)]
+    body: &'a AlertBody,
+    time: String,
+    host: &'a str,
+}
+
+/// Writes alerts to stdout, one line each, flushed at once: a violation is never held back.
+pub struct AlertWriter {
+    format: Format,
+    host: String,
+    out: io::Stdout,
+}
+
+impl AlertWriter {
+    pub fn new(format: Format) -> Self {
+        let host = nix::unistd::gethostname()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        Self {
+            format,
+            host,
+            out: io::stdout(),
+        }
+    }
+
+    pub fn write(&mut self, alert: &Alert) -> io::Result<()> {
+        let line = match self.format {
+            Format::Json => serde_json::to_string(&JsonLine {
+                body: &alert.body,
+                time: rfc3339(alert.time),
+                host: &self.host,
+            })?,
+            Format::Text => text_line(alert),
+        };
+        let mut out = self.out.lock();
+        writeln!(out, "{line}")?;
+        out.flush()
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_micros(time).to_string()
+}
+
+/// One readable line, for terminals and the demo.
+pub fn text_line(alert: &Alert) -> String {
+    let time = rfc3339(alert.time);
+    match &alert.body {
+        AlertBody::Started {
+            policy,
+            rules,
+            cgroups,
+            ..
+        } => {
+            let scope = if cgroups.is_empty() {
+                "every process".to_owned()
+            } else {
+                format!("cgroups {}", cgroups.join(", "))
+            };
+            format!("{time} started: policy {policy} ({rules} rules), auditing {scope}")
+        }
+        AlertBody::Violation(report) => format!("{time} VIOLATION {}", connection_text(report)),
+        AlertBody::Connect(report) => format!(
+            "{time} connect ({}) {}",
+            match report.verdict {
+                Verdict::Compliant => "compliant",
+                Verdict::Violation => "violation",
+                Verdict::Unmatched => "unmatched",
+            },
+            connection_text(report)
+        ),
+        AlertBody::Lost { count } => {
+            format!("{time} LOST {count} events between the kernel and srcip")
+        }
+        AlertBody::Stopped => format!("{time} stopped"),
+    }
+}
+
+fn connection_text(report: &ConnectionReport) -> String {
+    let endpoint = |address: IpAddr, port: u16| match address {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    };
+    format!(
+        "rule={} {} {} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}",
+        report.rule.as_deref().unwrap_or("-"),
+        report.protocol,
+        endpoint(report.src, report.src_port),
+        endpoint(report.dst, report.dst_port),
+        report.allowed_sources.join(","),
+        report.pid,
+        report.comm,
+        report.uid,
+        report.cgroup.as_deref().unwrap_or("?"),
+        report
+            .netns
+            .map_or_else(|| "?".to_owned(), |inode| inode.to_string()),
+    )
+}

@@ -1,0 +1,195 @@
+//! A live audit: kernel records in, alerts out.
+//!
+//! kernel → ring buffer → decode → attribute (cgroup path, netns inode) → match → alerts.
+//! The kernel writes records without waking user space (see `srcip-ebpf/src/maps.rs`), so
+//! the session polls the ring buffer every [`POLL_INTERVAL`] and also wakes when the kernel
+//! forces a wakeup because the buffer is filling up.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use srcip_common::record::Counter;
+use tracing::warn;
+
+use crate::{
+    alerts::{Alert, AlertBody, ConnectionReport, Verdict},
+    cgroup::{AuditedCgroup, CgroupNames},
+    events::{ConnectEvent, EventRing, KernelEvent},
+    loader::KernelPrograms,
+    netns::NetnsInodes,
+    policy::{ConnectionKey, Decision, Matcher, Rule},
+};
+
+/// Longest time a record waits in the ring buffer before user space reads it.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How often the kernel's lost-record counter is read.
+const COUNTER_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct AuditSession {
+    programs: KernelPrograms,
+    ring: EventRing,
+    counters: PerCpuArray<MapData, u64>,
+    matcher: Matcher,
+    /// Report every connection (`run --all`), not only violations.
+    report_all: bool,
+    cgroup_names: CgroupNames,
+    netns: NetnsInodes,
+    lost_reported: u64,
+    hook_errors_reported: u64,
+    counters_read_at: Instant,
+}
+
+impl AuditSession {
+    /// Loads and attaches the programs. Auditing is live when this returns.
+    pub fn start(
+        matcher: Matcher,
+        cgroup2_mount: &Path,
+        audited: &[AuditedCgroup],
+        report_all: bool,
+    ) -> anyhow::Result<Self> {
+        let (programs, maps) = KernelPrograms::load_and_attach(cgroup2_mount, audited)?;
+        Ok(Self {
+            programs,
+            ring: EventRing::new(maps.events)
+                .map_err(|error| anyhow::anyhow!("cannot poll the EVENTS ring buffer: {error}"))?,
+            counters: maps.counters,
+            matcher,
+            report_all,
+            cgroup_names: CgroupNames::new(cgroup2_mount.to_owned()),
+            netns: NetnsInodes::default(),
+            lost_reported: 0,
+            hook_errors_reported: 0,
+            counters_read_at: Instant::now(),
+        })
+    }
+
+    /// Waits for records and returns the alerts they produce (possibly none). Cancel-safe:
+    /// records are only taken from the ring buffer after the last await point.
+    pub async fn next_alerts(&mut self) -> Vec<Alert> {
+        tokio::select! {
+            () = self.ring.wakeup() => {}
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        self.drain()
+    }
+
+    /// Every alert for the records in the ring buffer now, and for lost records.
+    pub fn drain(&mut self) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        let (matcher, cgroup_names, netns) = (&self.matcher, &mut self.cgroup_names, &mut self.netns);
+        let report_all = self.report_all;
+        self.ring.drain(|decoded| match decoded {
+            Ok(KernelEvent::Connect(event)) => {
+                let report = Self::report(matcher, cgroup_names, netns, &event);
+                if report_all {
+                    alerts.push(Alert {
+                        time: event.time,
+                        body: AlertBody::Connect(report.clone()),
+                    });
+                }
+                if report.verdict == Verdict::Violation {
+                    alerts.push(Alert {
+                        time: event.time,
+                        body: AlertBody::Violation(report),
+                    });
+                }
+            }
+            Err(error) => warn!("skipping a kernel record: {error}"),
+        });
+        if self.counters_read_at.elapsed() >= COUNTER_INTERVAL {
+            alerts.extend(self.read_counters());
+        }
+        alerts
+    }
+
+    /// A `lost` alert when the kernel dropped records since the last read.
+    fn read_counters(&mut self) -> Option<Alert> {
+        self.counters_read_at = Instant::now();
+        let total = |counter: Counter| -> u64 {
+            self.counters
+                .get(&(counter as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        let hook_errors = total(Counter::HookErrors);
+        if hook_errors > self.hook_errors_reported {
+            warn!(
+                "{} kernel hook invocations failed before recording a connection",
+                hook_errors - self.hook_errors_reported
+            );
+            self.hook_errors_reported = hook_errors;
+        }
+        let lost = total(Counter::LostRecords);
+        (lost > self.lost_reported).then(|| {
+            let count = lost - self.lost_reported;
+            self.lost_reported = lost;
+            Alert::now(AlertBody::Lost { count })
+        })
+    }
+
+    fn report(
+        matcher: &Matcher,
+        cgroup_names: &mut CgroupNames,
+        netns: &mut NetnsInodes,
+        event: &ConnectEvent,
+    ) -> ConnectionReport {
+        let decision = matcher.decide(&ConnectionKey {
+            protocol: event.protocol,
+            src: event.src,
+            dst: event.dst,
+            dst_port: event.dst_port,
+        });
+        let (rule, verdict): (Option<&Rule>, Verdict) = match decision {
+            Decision::Compliant(rule) => (Some(rule), Verdict::Compliant),
+            Decision::Violation(rule) => (Some(rule), Verdict::Violation),
+            Decision::UnmatchedViolation => (None, Verdict::Violation),
+            Decision::Unmatched => (None, Verdict::Unmatched),
+        };
+        ConnectionReport {
+            rule: rule.map(|rule| rule.name.clone()),
+            action: rule.map_or("alert", |rule| rule.action.as_str()),
+            protocol: event.protocol.as_str(),
+            family: event.family.as_str(),
+            src: event.src,
+            src_port: event.src_port,
+            dst: event.dst,
+            dst_port: event.dst_port,
+            allowed_sources: rule
+                .map(|rule| rule.allowed_sources.iter().map(|net| display_net(*net)).collect())
+                .unwrap_or_default(),
+            pid: event.pid,
+            comm: event.comm.clone(),
+            uid: event.uid,
+            cgroup_id: event.cgroup_id,
+            cgroup: cgroup_names.path_of(event.cgroup_id),
+            netns: netns.inode_of(event.netns_cookie, event.pid),
+            verdict,
+        }
+    }
+
+    /// Detaches every program, then reads what is left in the ring buffer, so that no
+    /// record the kernel wrote goes unreported.
+    pub fn stop(mut self) -> Vec<Alert> {
+        self.programs.detach();
+        let mut alerts = self.drain();
+        alerts.extend(self.read_counters());
+        alerts
+    }
+
+    pub fn matcher(&self) -> &Matcher {
+        &self.matcher
+    }
+}
+
+/// A single address prints as the address, as the user wrote it; a prefix as CIDR.
+fn display_net(net: ipnet::IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+

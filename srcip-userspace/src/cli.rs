@@ -1,0 +1,75 @@
+//! The command line, as CONTRACT.md fixes it.
+
+use std::{io::IsTerminal, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::{alerts::Format, run::RunConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "srcip",
+    version,
+    about = "Audits the source address the kernel chooses for every outbound connection"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs and audit outbound connections until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Reproduce the multi-IP incident in throw-away network namespaces and show srcip
+    /// catching it.
+    Demo,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Policy file (TOML).
+    #[arg(long, value_name = "FILE", default_value = "/etc/srcip/policy.toml")]
+    policy: PathBuf,
+    /// Audit only processes in this cgroup v2 directory and below it; repeatable. An
+    /// absolute path, or a path relative to the cgroup2 mount (/system.slice/x.service).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    cgroups: Vec<String>,
+    /// Output format; default: text on a terminal, json otherwise.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Also report every compliant or unmatched connection (`connect` lines).
+    #[arg(long)]
+    all: bool,
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> RunConfig {
+        RunConfig {
+            policy: self.policy,
+            cgroups: self.cgroups,
+            format: self.format.unwrap_or_else(default_format),
+            report_all: self.all,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file; print a summary, or every error as FILE:LINE:COL: message.
+    Validate {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+fn default_format() -> Format {
+    if std::io::stdout().is_terminal() {
+        Format::Text
+    } else {
+        Format::Json
+    }
+}

@@ -1,0 +1,273 @@
+//! Kernel records to typed events.
+//!
+//! # Record layout
+//! Each ring-buffer item starts with `srcip_common::record::RecordHeader`; its `kind` names
+//! the payload. Unknown kinds and short items are errors, never reinterpreted.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use nix::time::{ClockId, clock_gettime};
+use tokio::io::{Interest, unix::AsyncFd};
+use srcip_common::record::{
+    AF_INET, AF_INET6, ConnectRecord, IPPROTO_TCP, IPPROTO_UDP, RecordHeader, RecordKind,
+};
+
+use crate::policy::Protocol;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// An outbound connection and the source address the kernel chose for it.
+#[derive(Debug, Clone)]
+pub struct ConnectEvent {
+    pub time: SystemTime,
+    pub protocol: Protocol,
+    /// The family on the wire; IPv4-mapped connections are IPv4.
+    pub family: Family,
+    pub src: IpAddr,
+    pub src_port: u16,
+    pub dst: IpAddr,
+    pub dst_port: u16,
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum KernelEvent {
+    Connect(ConnectEvent),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its {expected}-byte layout")]
+    Short { len: usize, expected: usize },
+    #[error("record kind {0} is unknown to this version of srcip")]
+    UnknownKind(u32),
+    #[error("address family {0} is unknown")]
+    UnknownFamily(u8),
+    #[error("IP protocol {0} is unknown")]
+    UnknownProtocol(u8),
+}
+
+/// Converts kernel `CLOCK_BOOTTIME` stamps to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct BootClock {
+    /// Wall-clock time at boot (`CLOCK_REALTIME - CLOCK_BOOTTIME`), taken once: a daemon that
+    /// runs across a wall-clock step reports event times on the old scale until restarted.
+    boot: SystemTime,
+}
+
+impl BootClock {
+    pub fn now() -> nix::Result<Self> {
+        let since_boot = Duration::from(clock_gettime(ClockId::CLOCK_BOOTTIME)?);
+        Ok(Self {
+            boot: SystemTime::now() - since_boot,
+        })
+    }
+
+    fn wall_time(self, boot_time_ns: u64) -> SystemTime {
+        self.boot + Duration::from_nanos(boot_time_ns)
+    }
+}
+
+/// The `EVENTS` ring buffer, readable from tokio.
+pub struct EventRing {
+    ring: AsyncFd<RingBuf<MapData>>,
+    clock: BootClock,
+}
+
+impl EventRing {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the ring buffer owns its file descriptor and keeps it open and unchanged
+        // for as long as the AsyncFd holds it.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+        Ok(Self {
+            ring,
+            clock: BootClock::now()?,
+        })
+    }
+
+    /// Waits until the kernel wakes the reader, which it does only when the buffer is filling
+    /// up; callers also poll on a timer.
+    pub async fn wakeup(&mut self) {
+        if let Ok(mut guard) = self.ring.readable_mut().await {
+            guard.clear_ready();
+        }
+    }
+
+    /// Decodes every record in the buffer now, oldest first.
+    pub fn drain(&mut self, mut each: impl FnMut(Result<KernelEvent, DecodeError>)) {
+        let clock = self.clock;
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            each(decode(&item, clock));
+        }
+    }
+}
+
+pub fn decode(bytes: &[u8], clock: BootClock) -> Result<KernelEvent, DecodeError> {
+    let header: RecordHeader = read_record(bytes)?;
+    match RecordKind::try_from(header.kind).map_err(DecodeError::UnknownKind)? {
+        RecordKind::Connect => {
+            let record: ConnectRecord = read_record(bytes)?;
+            decode_connect(&record, clock).map(KernelEvent::Connect)
+        }
+    }
+}
+
+fn read_record<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
+    if bytes.len() < expected {
+        return Err(DecodeError::Short {
+            len: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: `T: Pod` is valid for any bytes, the length is checked above, and
+    // `read_unaligned` does not require the ring buffer's 8-byte alignment to suit `T`.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEvent, DecodeError> {
+    let (family, src, dst) = match record.family {
+        AF_INET => (
+            Family::Ipv4,
+            IpAddr::V4(ipv4(&record.src_addr)),
+            IpAddr::V4(ipv4(&record.dst_addr)),
+        ),
+        AF_INET6 => (
+            Family::Ipv6,
+            IpAddr::V6(Ipv6Addr::from(record.src_addr)),
+            IpAddr::V6(Ipv6Addr::from(record.dst_addr)),
+        ),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    let protocol = match record.protocol {
+        IPPROTO_TCP => Protocol::Tcp,
+        IPPROTO_UDP => Protocol::Udp,
+        other => return Err(DecodeError::UnknownProtocol(other)),
+    };
+    let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(16);
+    Ok(ConnectEvent {
+        time: clock.wall_time(record.header.boot_time_ns),
+        protocol,
+        family,
+        src,
+        src_port: record.src_port,
+        dst,
+        dst_port: record.dst_port,
+        pid: record.pid,
+        uid: record.uid,
+        comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
+        cgroup_id: record.cgroup_id,
+        netns_cookie: record.netns_cookie,
+    })
+}
+
+fn ipv4(bytes: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use srcip_common::record::RecordHeader;
+
+    use super::*;
+
+    fn as_bytes(record: &ConnectRecord) -> Vec<u8> {
+        // SAFETY: ConnectRecord is Pod with no padding (asserted in srcip-common).
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(record).cast::<u8>(),
+                size_of::<ConnectRecord>(),
+            )
+        }
+        .to_vec()
+    }
+
+    fn record(family: u8, protocol: u8) -> ConnectRecord {
+        let mut src_addr = [0; 16];
+        src_addr[..4].copy_from_slice(&[203, 0, 113, 11]);
+        let mut dst_addr = [0; 16];
+        dst_addr[..4].copy_from_slice(&[198, 51, 100, 50]);
+        ConnectRecord {
+            header: RecordHeader {
+                kind: RecordKind::Connect as u32,
+                len: size_of::<ConnectRecord>() as u32,
+                boot_time_ns: 5_000_000_000,
+            },
+            cgroup_id: 42,
+            netns_cookie: 3,
+            src_addr,
+            dst_addr,
+            pid: 1234,
+            uid: 1000,
+            src_port: 40000,
+            dst_port: 443,
+            family,
+            protocol,
+            reserved: [0; 2],
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    #[test]
+    fn connect_records_decode_to_events() {
+        let clock = BootClock {
+            boot: SystemTime::UNIX_EPOCH,
+        };
+        let KernelEvent::Connect(event) =
+            decode(&as_bytes(&record(AF_INET, IPPROTO_TCP)), clock).unwrap();
+        assert_eq!(event.src, IpAddr::from([203, 0, 113, 11]));
+        assert_eq!(event.dst, IpAddr::from([198, 51, 100, 50]));
+        assert_eq!((event.src_port, event.dst_port), (40000, 443));
+        assert_eq!(event.family, Family::Ipv4);
+        assert_eq!(event.protocol, Protocol::Tcp);
+        assert_eq!(event.comm, "curl");
+        assert_eq!((event.pid, event.uid, event.cgroup_id), (1234, 1000, 42));
+        assert_eq!(event.time, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        let clock = BootClock::now().unwrap();
+        let bytes = as_bytes(&record(AF_INET, IPPROTO_TCP));
+        assert_eq!(
+            decode(&bytes[..20], clock).unwrap_err(),
+            DecodeError::Short {
+                len: 20,
+                expected: size_of::<ConnectRecord>()
+            }
+        );
+        let mut unknown = bytes.clone();
+        unknown[0] = 99;
+        assert_eq!(decode(&unknown, clock).unwrap_err(), DecodeError::UnknownKind(99));
+        assert_eq!(
+            decode(&as_bytes(&record(7, IPPROTO_TCP)), clock).unwrap_err(),
+            DecodeError::UnknownFamily(7)
+        );
+        assert_eq!(
+            decode(&as_bytes(&record(AF_INET, 1)), clock).unwrap_err(),
+            DecodeError::UnknownProtocol(1)
+        );
+    }
+}

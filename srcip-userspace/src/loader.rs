@@ -1,0 +1,209 @@
+//! Loading the eBPF object, attaching its programs at the cgroup2 root, detaching them.
+
+use std::{fs::File, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, SockOps, sock_ops::SockOpsLinkId},
+};
+use nix::sys::resource::{Resource, setrlimit};
+use srcip_common::{names, scope::MAX_CGROUP_LEVEL};
+use tracing::{debug, info, warn};
+
+use crate::cgroup::AuditedCgroup;
+
+/// Where a program attaches.
+#[derive(Clone, Copy)]
+enum Hook {
+    /// sock_ops on the cgroup2 root.
+    SockOps,
+}
+
+/// A program of the eBPF object and what srcip loses without it.
+struct ProgramSpec {
+    name: &'static str,
+    hook: Hook,
+    /// Shown in errors: the capability that stops working when the program is missing.
+    provides: &'static str,
+}
+
+/// Every program srcip attaches. All are required: auditing with a hook missing would
+/// silently miss connections.
+const PROGRAMS: &[ProgramSpec] = &[ProgramSpec {
+    name: names::TCP_CONNECT_PROGRAM,
+    hook: Hook::SockOps,
+    provides: "the source address of TCP connections (sock_ops, Linux ≥ 4.13)",
+}];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot open the cgroup2 root {}", path.display())]
+    OpenCgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--cgroup {path} is {level} levels deep; srcip audits cgroups at most {MAX_CGROUP_LEVEL} levels deep")]
+    CgroupTooDeep { path: String, level: u32 },
+    #[error("the kernel refused srcip's eBPF object")]
+    Object(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}: the build is broken, rebuild srcip")]
+    Missing(&'static str),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot load or attach {name}, which records {provides}")]
+    Program {
+        name: &'static str,
+        provides: &'static str,
+        source: aya::programs::ProgramError,
+    },
+}
+
+enum AttachedLink {
+    SockOps(SockOpsLinkId),
+}
+
+/// The loaded object with its programs attached. Detach with [`KernelPrograms::detach`];
+/// dropping it detaches too (aya's backstop) but cannot report failures.
+pub struct KernelPrograms {
+    ebpf: Ebpf,
+    links: Vec<(&'static str, AttachedLink)>,
+}
+
+/// Maps user space reads while auditing.
+pub struct EventMaps {
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelPrograms {
+    /// Loads the object, restricts it to `audited` cgroups (all processes when empty) and
+    /// attaches every program at the root of the cgroup2 hierarchy at `cgroup2_mount`.
+    pub fn load_and_attach(
+        cgroup2_mount: &Path,
+        audited: &[AuditedCgroup],
+    ) -> Result<(Self, EventMaps), LoadError> {
+        raise_memlock_limit();
+        let mut level_mask = 0u64;
+        for cgroup in audited {
+            if cgroup.level > MAX_CGROUP_LEVEL {
+                return Err(LoadError::CgroupTooDeep {
+                    path: cgroup.path.clone(),
+                    level: cgroup.level,
+                });
+            }
+            level_mask |= 1 << cgroup.level;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::AUDITED_CGROUP_LEVELS, &level_mask, true)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/srcip"
+            )))?;
+
+        let mut audited_map: HashMap<_, u64, u8> = HashMap::try_from(
+            ebpf.map_mut(names::AUDITED_CGROUPS)
+                .ok_or(LoadError::Missing(names::AUDITED_CGROUPS))?,
+        )
+        .map_err(|source| LoadError::Map {
+            name: names::AUDITED_CGROUPS,
+            source,
+        })?;
+        for cgroup in audited {
+            audited_map
+                .insert(cgroup.id, 0, 0)
+                .map_err(|source| LoadError::Map {
+                    name: names::AUDITED_CGROUPS,
+                    source,
+                })?;
+        }
+
+        let maps = EventMaps {
+            events: take_map(&mut ebpf, names::EVENTS)?,
+            counters: take_map(&mut ebpf, names::COUNTERS)?,
+        };
+
+        let cgroup_root = File::open(cgroup2_mount).map_err(|source| LoadError::OpenCgroup {
+            path: cgroup2_mount.to_owned(),
+            source,
+        })?;
+        let mut programs = Self {
+            ebpf,
+            links: Vec::new(),
+        };
+        for spec in PROGRAMS {
+            // On error `programs` is dropped, which detaches what was already attached.
+            let link = programs.attach(spec, &cgroup_root)?;
+            info!(
+                "attached {} at {} ({})",
+                spec.name,
+                cgroup2_mount.display(),
+                spec.provides
+            );
+            programs.links.push((spec.name, link));
+        }
+        Ok((programs, maps))
+    }
+
+    fn attach(&mut self, spec: &ProgramSpec, cgroup_root: &File) -> Result<AttachedLink, LoadError> {
+        let program_error = |source| LoadError::Program {
+            name: spec.name,
+            provides: spec.provides,
+            source,
+        };
+        let program = self
+            .ebpf
+            .program_mut(spec.name)
+            .ok_or(LoadError::Missing(spec.name))?;
+        match spec.hook {
+            Hook::SockOps => {
+                let program: &mut SockOps = program.try_into().map_err(program_error)?;
+                program.load().map_err(program_error)?;
+                // `Single` goes through bpf_link_create, which never locks other programs
+                // out of the cgroup (`AllowMultiple` fails with EINVAL on aya 0.14).
+                let link = program
+                    .attach(cgroup_root, CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                Ok(AttachedLink::SockOps(link))
+            }
+        }
+    }
+
+    /// Detaches every program, logging (not failing on) a program that will not detach, so
+    /// that the others are still removed.
+    pub fn detach(&mut self) {
+        for (name, link) in std::mem::take(&mut self.links) {
+            let result = match link {
+                AttachedLink::SockOps(link) => self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|program| <&mut SockOps>::try_from(program).ok())
+                    .map(|program| program.detach(link)),
+            };
+            match result {
+                Some(Ok(())) => debug!("detached {name}"),
+                Some(Err(error)) => warn!("detaching {name} failed: {error}"),
+                None => warn!("detaching {name} failed: program not found"),
+            }
+        }
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// Kernels before 5.11 charge map memory to RLIMIT_MEMLOCK. Newer ones charge the memory
+/// cgroup, and a root without CAP_SYS_RESOURCE cannot raise the limit: not an error.
+fn raise_memlock_limit() {
+    if let Err(error) = setrlimit(Resource::RLIMIT_MEMLOCK, u64::MAX, u64::MAX) {
+        debug!("cannot raise RLIMIT_MEMLOCK ({error}); fine on Linux ≥ 5.11");
+    }
+}

@@ -1,0 +1,87 @@
+//! srcip: audits the source address the kernel chooses for outbound connections.
+//!
+//! This file wires the subcommands and owns the exit codes: 0 success, 1 runtime failure,
+//! 2 bad usage or bad policy.
+
+mod alerts;
+mod audit;
+mod cgroup;
+mod cli;
+mod demo;
+mod events;
+mod loader;
+mod netns;
+mod policy;
+mod run;
+mod system;
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    cli::{Cli, Command, PolicyCommand},
+    policy::PolicyLoadError,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_env("SRCIP_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    let result = match cli.command {
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run::run(args.into_config()))),
+        Command::Policy(PolicyCommand::Validate { file }) => validate(&file),
+        Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if let Some(invalid @ PolicyLoadError::Invalid { .. }) = error.downcast_ref() {
+                // Exactly the FILE:LINE:COL lines, so editors and CI can jump to them.
+                eprintln!("{invalid}");
+            } else {
+                eprintln!("srcip: error: {error:#}");
+            }
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// 2 when the operator must fix an input (policy, flags), 1 for everything else.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let bad_input = error.chain().any(|cause| {
+        cause.is::<PolicyLoadError>()
+            || cause.is::<cgroup::ScopeError>()
+            || cause.is::<run::UnenforcedAction>()
+    });
+    if bad_input { 2 } else { 1 }
+}
+
+fn validate(file: &std::path::Path) -> anyhow::Result<()> {
+    let policy = policy::load(file)?;
+    let destinations: usize = policy.rules.iter().map(|rule| rule.destinations.len()).sum();
+    println!(
+        "{}: valid: {} rules, {} destinations, unmatched connections are {}",
+        file.display(),
+        policy.rules.len(),
+        destinations,
+        match policy.unmatched {
+            policy::Unmatched::Ignore => "ignored",
+            policy::Unmatched::Alert => "alerted",
+        }
+    );
+    Ok(())
+}

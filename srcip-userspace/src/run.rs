@@ -1,0 +1,108 @@
+//! `srcip run`: audit until SIGINT or SIGTERM.
+
+use std::{io, path::PathBuf};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use crate::{
+    alerts::{Alert, AlertBody, AlertWriter, Format},
+    audit::AuditSession,
+    cgroup::{self, AuditedCgroup},
+    policy::{self, Action, Matcher, Policy},
+    system,
+};
+
+pub struct RunConfig {
+    pub policy: PathBuf,
+    /// `--cgroup` arguments as given; empty: audit every process.
+    pub cgroups: Vec<String>,
+    pub format: Format,
+    pub report_all: bool,
+}
+
+/// A rule asks for something this version does not do yet. Refusing to start is safer than
+/// letting an operator believe connections are pinned or blocked.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: rule \"{rule}\" has action = \"{action}\", which this version of srcip does not enforce yet: use action = \"alert\"",
+    path.display()
+)]
+pub struct UnenforcedAction {
+    path: PathBuf,
+    rule: String,
+    action: &'static str,
+}
+
+/// Loads, checks and compiles the policy for auditing (host names resolved).
+pub fn load_policy(path: &std::path::Path) -> anyhow::Result<Matcher> {
+    let policy = policy::load(path)?;
+    refuse_unenforced_actions(&policy)?;
+    Ok(Matcher::new(policy::resolve_hosts(policy)?)?)
+}
+
+fn refuse_unenforced_actions(policy: &Policy) -> Result<(), UnenforcedAction> {
+    match policy.rules.iter().find(|rule| rule.action != Action::Alert) {
+        Some(rule) => Err(UnenforcedAction {
+            path: policy.path.clone(),
+            rule: rule.name.clone(),
+            action: rule.action.as_str(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Everything `run` and `demo` check before loading programs; returns the cgroup2 mount.
+pub fn prepare_host() -> anyhow::Result<PathBuf> {
+    system::require_privileges()?;
+    system::require_btf()?;
+    let mount = system::cgroup2_mount()?;
+    system::ensure_kernel_file_systems()?;
+    Ok(mount)
+}
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let matcher = load_policy(&config.policy)?;
+    let mount = prepare_host()?;
+    let audited = config
+        .cgroups
+        .iter()
+        .map(|given| cgroup::resolve_audited(&mount, given))
+        .collect::<Result<Vec<AuditedCgroup>, _>>()?;
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut writer = AlertWriter::new(config.format);
+
+    let mut session = AuditSession::start(matcher, &mount, &audited, config.report_all)?;
+    let started = AlertBody::Started {
+        version: env!("CARGO_PKG_VERSION"),
+        policy: config.policy.display().to_string(),
+        rules: session.matcher().policy().rules.len(),
+        cgroups: audited.iter().map(|cgroup| cgroup.path.clone()).collect(),
+    };
+    let mut result = writer.write(&Alert::now(started));
+    while result.is_ok() {
+        let alerts = tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
+            alerts = session.next_alerts() => alerts,
+        };
+        result = write_all(&mut writer, &alerts);
+    }
+    let last = session.stop();
+    if result.is_ok() {
+        result = write_all(&mut writer, &last)
+            .and_then(|()| writer.write(&Alert::now(AlertBody::Stopped)));
+    }
+    match result {
+        // Whoever read our output is gone (`srcip run | head`): a normal way to stop.
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing alerts to stdout"),
+    }
+}
+
+fn write_all(writer: &mut AlertWriter, alerts: &[Alert]) -> io::Result<()> {
+    alerts.iter().try_for_each(|alert| writer.write(alert))
+}

@@ -1,0 +1,99 @@
+//! `cargo xtask`: what cargo alone cannot do. `setup` installs the eBPF toolchain pieces a
+//! fresh machine lacks, `demo` and `test` set up, build and run as root.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+enum Task {
+    /// Install what building the eBPF programs needs: rust-src for the nightly toolchain,
+    /// bpf-linker built against the nightly's own LLVM, and iproute2. Idempotent.
+    Setup,
+    /// Set up, build, and run `srcip demo`.
+    Demo,
+    /// Set up, build, and run every test: unit tests and the integration tests that load
+    /// the real programs (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, such as a test name.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Task::parse() {
+        Task::Setup => setup::run(),
+        Task::Demo => {
+            setup::run()?;
+            build_release()?;
+            exec(Command::new(workspace_root().join("target/release/srcip")).arg("demo"))
+        }
+        Task::Test { cargo_test_args } => {
+            setup::run()?;
+            build_release()?;
+            let srcip = workspace_root().join("target/release/srcip");
+            exec(
+                Command::new(cargo())
+                    .current_dir(workspace_root())
+                    .args(["test", "--release"])
+                    .args(&cargo_test_args)
+                    .env("SRCIP_BIN", srcip),
+            )
+        }
+    }
+}
+
+fn build_release() -> anyhow::Result<()> {
+    step("building srcip (release)");
+    exec(
+        Command::new(cargo())
+            .current_dir(workspace_root())
+            .args(["build", "--release"]),
+    )
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+/// The cargo that runs this xtask, so that a toolchain override carries over.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// Progress goes to stderr, like every log of this project.
+pub fn step(message: &str) {
+    eprintln!("[xtask] {message}");
+}
+
+/// Runs a command to completion, with an error that names it.
+pub fn exec(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or `None` when it cannot run or fails.
+pub fn output_of(command: &mut Command) -> Option<String> {
+    let output = command.output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}

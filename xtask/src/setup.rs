@@ -1,0 +1,152 @@
+//! Installing the eBPF build toolchain on a fresh machine, idempotently.
+//!
+//! Order matters: bpf-linker links against the LLVM inside the nightly toolchain, so the
+//! nightly must be there first.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::{cargo, exec, output_of, step};
+
+/// The bpf-linker release that builds against the nightly's LLVM 22 on these machines.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    require_nightly()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_iproute2()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn require_nightly() -> anyhow::Result<()> {
+    if output_of(Command::new("rustc").args(["+nightly", "--version"])).is_none() {
+        bail!(
+            "no nightly Rust toolchain: the eBPF programs need one (`rustup toolchain install nightly`)"
+        );
+    }
+    Ok(())
+}
+
+fn ensure_rust_src() -> anyhow::Result<()> {
+    let installed = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|line| line.starts_with("rust-src")) {
+        step("rust-src for nightly: present");
+        return Ok(());
+    }
+    step("rust-src for nightly: installing (needed for -Z build-std=core)");
+    exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if let Some(version) = output_of(Command::new("bpf-linker").arg("--version")) {
+        step(&format!("bpf-linker: present ({})", version.trim()));
+        return Ok(());
+    }
+    let rustc_info = output_of(Command::new("rustc").args(["+nightly", "-vV"]))
+        .ok_or_else(|| anyhow!("`rustc +nightly -vV` failed"))?;
+    let llvm_major = rustc_info
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|version| version.split('.').next())
+        .ok_or_else(|| anyhow!("`rustc +nightly -vV` does not say its LLVM version"))?
+        .to_owned();
+    let sysroot = output_of(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .ok_or_else(|| anyhow!("`rustc +nightly --print sysroot` failed"))?;
+    let library = nightly_libllvm(&Path::new(sysroot.trim()).join("lib"))?;
+    let prefix = llvm_prefix()?;
+    link_llvm_prefix(&prefix, &library)?;
+    step(&format!(
+        "bpf-linker: building {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (about 2 minutes on 2 cores)"
+    ));
+    exec(
+        Command::new(cargo())
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{llvm_major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+/// The shared LLVM library inside the nightly sysroot, `libLLVM.so.<ver>-rust-<ver>-nightly`.
+/// The `libLLVM-<major>-….so` beside it is a linker script, not the library.
+fn nightly_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::read_dir(lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("libLLVM.so."))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "no libLLVM.so.* in {}: the nightly toolchain ships without its LLVM library",
+                lib_dir.display()
+            )
+        })
+}
+
+/// bpf-linker's RUNPATH points into this folder, so it must outlive the build: it lives
+/// beside cargo's own files, never in target/ or /tmp.
+fn llvm_prefix() -> anyhow::Result<PathBuf> {
+    let cargo_home = match std::env::var_os("CARGO_HOME") {
+        Some(home) => PathBuf::from(home),
+        None => PathBuf::from(
+            std::env::var_os("HOME").ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?,
+        )
+        .join(".cargo"),
+    };
+    Ok(cargo_home.join("bpf-linker-llvm"))
+}
+
+/// `<prefix>/lib` holds `libLLVM.so` and a link named like the library's soname (its file
+/// name), both pointing at the nightly's library.
+fn link_llvm_prefix(prefix: &Path, library: &Path) -> anyhow::Result<()> {
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    let soname = library.file_name().expect("a file path has a file name");
+    for link in [lib.join("libLLVM.so"), lib.join(soname)] {
+        if fs::symlink_metadata(&link).is_ok() {
+            fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+        }
+        symlink(library, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(())
+}
+
+/// `ip` builds the namespaces of the demo and of the integration tests.
+fn ensure_iproute2() -> anyhow::Result<()> {
+    if output_of(Command::new("ip").arg("-V")).is_some() {
+        step("iproute2: present");
+        return Ok(());
+    }
+    step("iproute2: installing with apt-get");
+    exec(Command::new("apt-get").arg("update"))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "iproute2"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
