@@ -79,7 +79,8 @@ impl AuditSession {
     /// Every alert for the records in the ring buffer now, and for lost records.
     pub fn drain(&mut self) -> Vec<Alert> {
         let mut alerts = Vec::new();
-        let (matcher, cgroup_names, netns) = (&self.matcher, &mut self.cgroup_names, &mut self.netns);
+        let (matcher, cgroup_names, netns) =
+            (&self.matcher, &mut self.cgroup_names, &mut self.netns);
         let report_all = self.report_all;
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
@@ -158,7 +159,12 @@ impl AuditSession {
             dst: event.dst,
             dst_port: event.dst_port,
             allowed_sources: rule
-                .map(|rule| rule.allowed_sources.iter().map(|net| display_net(*net)).collect())
+                .map(|rule| {
+                    rule.allowed_sources
+                        .iter()
+                        .map(|net| display_net(*net))
+                        .collect()
+                })
                 .unwrap_or_default(),
             pid: event.pid,
             comm: event.comm.clone(),
@@ -192,4 +198,3 @@ fn display_net(net: ipnet::IpNet) -> String {
         net.to_string()
     }
 }
-

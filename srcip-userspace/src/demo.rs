@@ -1,1 +1,3 @@
-pub async fn demo() -> anyhow::Result<()> { todo!() }
+pub async fn demo() -> anyhow::Result<()> {
+    todo!()
+}

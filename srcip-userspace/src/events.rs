@@ -11,10 +11,10 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
-use tokio::io::{Interest, unix::AsyncFd};
 use srcip_common::record::{
     AF_INET, AF_INET6, ConnectRecord, IPPROTO_TCP, IPPROTO_UDP, RecordHeader, RecordKind,
 };
+use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::policy::Protocol;
 
@@ -260,7 +260,10 @@ mod tests {
         );
         let mut unknown = bytes.clone();
         unknown[0] = 99;
-        assert_eq!(decode(&unknown, clock).unwrap_err(), DecodeError::UnknownKind(99));
+        assert_eq!(
+            decode(&unknown, clock).unwrap_err(),
+            DecodeError::UnknownKind(99)
+        );
         assert_eq!(
             decode(&as_bytes(&record(7, IPPROTO_TCP)), clock).unwrap_err(),
             DecodeError::UnknownFamily(7)

@@ -43,7 +43,9 @@ pub enum LoadError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("--cgroup {path} is {level} levels deep; srcip audits cgroups at most {MAX_CGROUP_LEVEL} levels deep")]
+    #[error(
+        "--cgroup {path} is {level} levels deep; srcip audits cgroups at most {MAX_CGROUP_LEVEL} levels deep"
+    )]
     CgroupTooDeep { path: String, level: u32 },
     #[error("the kernel refused srcip's eBPF object")]
     Object(#[from] aya::EbpfError),
@@ -148,7 +150,11 @@ impl KernelPrograms {
         Ok((programs, maps))
     }
 
-    fn attach(&mut self, spec: &ProgramSpec, cgroup_root: &File) -> Result<AttachedLink, LoadError> {
+    fn attach(
+        &mut self,
+        spec: &ProgramSpec,
+        cgroup_root: &File,
+    ) -> Result<AttachedLink, LoadError> {
         let program_error = |source| LoadError::Program {
             name: spec.name,
             provides: spec.provides,

@@ -72,7 +72,11 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 
 fn validate(file: &std::path::Path) -> anyhow::Result<()> {
     let policy = policy::load(file)?;
-    let destinations: usize = policy.rules.iter().map(|rule| rule.destinations.len()).sum();
+    let destinations: usize = policy
+        .rules
+        .iter()
+        .map(|rule| rule.destinations.len())
+        .sum();
     println!(
         "{}: valid: {} rules, {} destinations, unmatched connections are {}",
         file.display(),

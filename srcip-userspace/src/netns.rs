@@ -67,7 +67,11 @@ impl NetnsInodes {
 
 fn dir_entries(dir: &str) -> Vec<PathBuf> {
     fs::read_dir(dir)
-        .map(|entries| entries.filter_map(|entry| Some(entry.ok()?.path())).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|entry| Some(entry.ok()?.path()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -43,7 +43,11 @@ pub fn load_policy(path: &std::path::Path) -> anyhow::Result<Matcher> {
 }
 
 fn refuse_unenforced_actions(policy: &Policy) -> Result<(), UnenforcedAction> {
-    match policy.rules.iter().find(|rule| rule.action != Action::Alert) {
+    match policy
+        .rules
+        .iter()
+        .find(|rule| rule.action != Action::Alert)
+    {
         Some(rule) => Err(UnenforcedAction {
             path: policy.path.clone(),
             rule: rule.name.clone(),

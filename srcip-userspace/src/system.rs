@@ -77,11 +77,10 @@ struct Mount {
 
 /// The mounts of this process's mount namespace, from `/proc/self/mountinfo`.
 fn mounts() -> Result<Vec<Mount>, SystemError> {
-    let text =
-        fs::read_to_string("/proc/self/mountinfo").map_err(|source| SystemError::Read {
-            path: "/proc/self/mountinfo",
-            source,
-        })?;
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| SystemError::Read {
+        path: "/proc/self/mountinfo",
+        source,
+    })?;
     Ok(text.lines().filter_map(parse_mountinfo_line).collect())
 }
 

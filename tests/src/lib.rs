@@ -1,1 +1,287 @@
-//! Support for the integration tests.
+//! Support for the integration tests: guards for what a test creates (network namespaces,
+//! cgroups, a running `srcip run`), the incident's topology, and the alert schema.
+//!
+//! Every guard removes what it made when dropped, also when the test panics. Names carry
+//! the test process's pid and a counter, so tests run in parallel without clashing.
+
+pub mod alerts;
+pub mod daemon;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+pub use alerts::{Connection, Line};
+pub use daemon::Daemon;
+
+/// A name unique to this test process and call: `srcip-t<pid>-<n>`.
+pub fn unique_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "srcip-t{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The `srcip` binary under test.
+pub fn srcip_bin() -> PathBuf {
+    let path = PathBuf::from(std::env::var_os("SRCIP_BIN").expect(
+        "SRCIP_BIN is not set: run the integration tests with `cargo xtask test`, which builds srcip and sets it",
+    ));
+    assert!(path.exists(), "SRCIP_BIN={} does not exist", path.display());
+    path
+}
+
+/// The `tcp-client` helper, built by cargo next to the test binaries' `deps` folder.
+pub fn tcp_client_bin() -> PathBuf {
+    let test_binary = std::env::current_exe().expect("path of the test binary");
+    let path = test_binary
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .join("tcp-client");
+    assert!(
+        path.exists(),
+        "{} is missing: build the tests with cargo",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command and panics, with its output, if it fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {program}: {error}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `ip -n NS ARGS…`
+pub fn ip_in(namespace: &str, args: &str) {
+    let mut full = vec!["-n", namespace];
+    full.extend(args.split_whitespace());
+    run("ip", &full);
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        run("ip", &["netns", "add", &name]);
+        let namespace = Self { name };
+        ip_in(&namespace.name, "link set lo up");
+        namespace
+    }
+
+    /// Inode of the namespace, as `srcip` reports it in `netns`.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("stat of the namespace")
+            .ino()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let status = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+        if !matches!(status, Ok(status) if status.success()) {
+            eprintln!("could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+/// The seed incident, in two namespaces joined by a veth pair:
+/// - `host`: the multi-IP server, 203.0.113.10 (primary) and .11, 2001:db8::10 and ::11,
+///   default routes via the partner, preferring .10 and ::10;
+/// - `partner`: the gateway, which also owns the partner's service addresses
+///   198.51.100.50 and 2001:db8:50::50. Nothing listens: connections are refused, which is
+///   enough, since the source is chosen when the SYN leaves.
+pub struct Topology {
+    pub host: Netns,
+    pub partner: Netns,
+}
+
+pub const ALLOWED_V4: &str = "203.0.113.10";
+pub const OTHER_V4: &str = "203.0.113.11";
+pub const PARTNER_V4: &str = "198.51.100.50";
+pub const ALLOWED_V6: &str = "2001:db8::10";
+pub const OTHER_V6: &str = "2001:db8::11";
+pub const PARTNER_V6: &str = "2001:db8:50::50";
+
+impl Topology {
+    pub fn new() -> Self {
+        let base = unique_name();
+        let topology = Self {
+            host: Netns::new(format!("{base}-host")),
+            partner: Netns::new(format!("{base}-partner")),
+        };
+        let (host, partner) = (&topology.host.name, &topology.partner.name);
+        ip_in(
+            host,
+            &format!("link add v0 type veth peer name v1 netns {partner}"),
+        );
+        ip_in(host, "addr add 203.0.113.10/24 dev v0");
+        ip_in(host, "addr add 203.0.113.11/24 dev v0");
+        ip_in(host, "addr add 2001:db8::10/64 dev v0 nodad");
+        ip_in(host, "addr add 2001:db8::11/64 dev v0 nodad");
+        ip_in(host, "link set v0 up");
+        ip_in(host, "route add default via 203.0.113.1");
+        ip_in(
+            host,
+            "-6 route add default via 2001:db8::1 src 2001:db8::10",
+        );
+        ip_in(partner, "addr add 203.0.113.1/24 dev v1");
+        ip_in(partner, "addr add 2001:db8::1/64 dev v1 nodad");
+        ip_in(partner, "addr add 198.51.100.50/32 dev lo");
+        ip_in(partner, "addr add 2001:db8:50::50/128 dev lo");
+        ip_in(partner, "link set v1 up");
+        topology
+    }
+
+    /// The incident: one route change in the host namespace, no change to any program.
+    pub fn route_partner_via_other_source(&self) {
+        ip_in(
+            &self.host.name,
+            "route replace 198.51.100.50/32 via 203.0.113.1 src 203.0.113.11",
+        );
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The cgroup2 mount of this machine (never hard-coded: hybrid hosts mount it elsewhere).
+pub fn cgroup2_mount() -> PathBuf {
+    let output = run("findmnt", &["-n", "-t", "cgroup2", "-o", "TARGET"]);
+    let mount = String::from_utf8_lossy(&output.stdout);
+    let first = mount.lines().next().expect("cgroup v2 is not mounted");
+    PathBuf::from(first.trim())
+}
+
+/// A cgroup of the test's own under the cgroup2 root, with child cgroups; all removed on
+/// drop (after the processes in them have exited).
+pub struct TestCgroup {
+    pub path: PathBuf,
+    children: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn new(children: &[&str]) -> Self {
+        let path = cgroup2_mount().join(unique_name());
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|error| panic!("creating cgroup {}: {error}", path.display()));
+        let mut cgroup = Self {
+            path,
+            children: Vec::new(),
+        };
+        for child in children {
+            let child_path = cgroup.path.join(child);
+            std::fs::create_dir(&child_path).unwrap_or_else(|error| {
+                panic!("creating cgroup {}: {error}", child_path.display())
+            });
+            cgroup.children.push(child_path);
+        }
+        cgroup
+    }
+
+    pub fn child(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The path relative to the cgroup2 mount, as `srcip` reports it in `cgroup`.
+    pub fn relative(path: &Path) -> String {
+        let mount = cgroup2_mount();
+        format!("/{}", path.strip_prefix(&mount).unwrap().display())
+    }
+
+    pub fn id(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("stat of the cgroup").ino()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for dir in self
+            .children
+            .iter()
+            .rev()
+            .chain(std::iter::once(&self.path))
+        {
+            if let Err(error) = std::fs::remove_dir(dir) {
+                eprintln!("could not remove cgroup {}: {error}", dir.display());
+            }
+        }
+    }
+}
+
+/// What `tcp-client` reports about the connection it started.
+#[derive(Debug, serde::Deserialize)]
+pub struct ClientReport {
+    pub pid: u32,
+    pub src: String,
+    pub src_port: u16,
+}
+
+/// Starts one TCP connection from `cgroup` inside `netns` and returns what the kernel chose.
+pub fn connect(
+    netns: &Netns,
+    cgroup: &Path,
+    bind: Option<&str>,
+    dst: &str,
+    port: u16,
+) -> ClientReport {
+    let cgroup = cgroup.to_str().unwrap();
+    let port = port.to_string();
+    let mut args = vec!["--cgroup", cgroup, "--netns", &netns.name];
+    if let Some(bind) = bind {
+        args.extend(["--bind", bind]);
+    }
+    args.extend([dst, &port]);
+    let output = run(tcp_client_bin().to_str().unwrap(), &args);
+    serde_json::from_slice(&output.stdout).expect("tcp-client prints one JSON line")
+}
+
+/// A policy file in a temporary directory, removed on drop.
+pub struct PolicyFile {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl PolicyFile {
+    pub fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, text).expect("writing the policy");
+        Self { _dir: dir, path }
+    }
+}
+
+/// The incident's policy: the partner accepts only 203.0.113.10 and 2001:db8::10.
+pub const PARTNER_POLICY: &str = r#"
+[[rule]]
+name = "partner"
+destinations = ["198.51.100.50", "2001:db8:50::/64"]
+ports = [443]
+protocol = "tcp"
+allowed_sources = ["203.0.113.10", "2001:db8::10"]
+"#;

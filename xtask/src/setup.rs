@@ -114,7 +114,8 @@ fn llvm_prefix() -> anyhow::Result<PathBuf> {
     let cargo_home = match std::env::var_os("CARGO_HOME") {
         Some(home) => PathBuf::from(home),
         None => PathBuf::from(
-            std::env::var_os("HOME").ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?,
+            std::env::var_os("HOME")
+                .ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?,
         )
         .join(".cargo"),
     };

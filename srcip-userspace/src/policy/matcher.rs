@@ -175,9 +175,7 @@ fn can_match_same_connection(a: &Rule, b: &Rule) -> bool {
 /// The canonical form of an address seen on a socket: IPv4-mapped IPv6 becomes IPv4.
 fn canonical_address(address: IpAddr) -> IpAddr {
     match address {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }

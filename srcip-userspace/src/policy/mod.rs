@@ -175,7 +175,12 @@ impl fmt::Display for InvalidLines<'_> {
                 writeln!(f)?;
             }
             let Location { line, column } = error.location;
-            write!(f, "{}:{line}:{column}: {}", self.path.display(), error.message)?;
+            write!(
+                f,
+                "{}:{line}:{column}: {}",
+                self.path.display(),
+                error.message
+            )?;
         }
         Ok(())
     }

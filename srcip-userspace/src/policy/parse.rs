@@ -341,7 +341,9 @@ mod tests {
 
     fn parse_str(text: &str) -> Result<Policy, Vec<String>> {
         parse(Path::new("policy.toml"), text).map_err(|error| match error {
-            PolicyLoadError::Invalid { .. } => error.to_string().lines().map(String::from).collect(),
+            PolicyLoadError::Invalid { .. } => {
+                error.to_string().lines().map(String::from).collect()
+            }
             PolicyLoadError::Read { .. } => unreachable!("parse does not read files"),
         })
     }
@@ -377,12 +379,24 @@ action = "alert"                         # "alert" (default), "block" or "pin"
                 Destination::Host("api.example.com".into()),
             ]
         );
-        assert_eq!(rule.destinations[0].1, Location { line: 7, column: 17 });
+        assert_eq!(
+            rule.destinations[0].1,
+            Location {
+                line: 7,
+                column: 17
+            }
+        );
         assert_eq!(
             rule.ports,
             Some(vec![
-                PortRange { first: 443, last: 443 },
-                PortRange { first: 8000, last: 8100 }
+                PortRange {
+                    first: 443,
+                    last: 443
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8100
+                }
             ])
         );
         assert_eq!(rule.protocol, ProtocolSelector::Only(Protocol::Tcp));
@@ -420,7 +434,10 @@ action = "alert"                         # "alert" (default), "block" or "pin"
             rule.destinations[1].0,
             Destination::Prefix("198.51.100.0/24".parse().unwrap())
         );
-        assert_eq!(rule.allowed_sources, ["203.0.113.10/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            rule.allowed_sources,
+            ["203.0.113.10/32".parse::<IpNet>().unwrap()]
+        );
     }
 
     #[test]
@@ -475,7 +492,8 @@ allowed_sources = ["203.0.113.10", "203.0.113.0/33"]
             "{errors:?}"
         );
 
-        let errors = parse_str("[[rule]]\nname = \"a\"\ndestinations = [\"192.0.2.1\"]\n").unwrap_err();
+        let errors =
+            parse_str("[[rule]]\nname = \"a\"\ndestinations = [\"192.0.2.1\"]\n").unwrap_err();
         assert_eq!(errors.len(), 1);
         assert!(
             errors[0].starts_with("policy.toml:1:1: missing field `allowed_sources`"),

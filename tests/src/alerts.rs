@@ -1,0 +1,73 @@
+//! The alert stream's schema as the tests hold srcip to it: unknown fields fail the
+//! deserialization, so any drift from CONTRACT.md fails a test.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Line {
+    Started {
+        time: String,
+        host: String,
+        version: String,
+        policy: String,
+        rules: u64,
+        cgroups: Vec<String>,
+    },
+    Violation(Connection),
+    Connect(Connection),
+    Lost {
+        time: String,
+        host: String,
+        count: u64,
+    },
+    Stopped {
+        time: String,
+        host: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Connection {
+    pub time: String,
+    pub host: String,
+    pub rule: Option<String>,
+    pub action: String,
+    pub protocol: String,
+    pub family: String,
+    pub src: String,
+    pub src_port: u16,
+    pub dst: String,
+    pub dst_port: u16,
+    pub allowed_sources: Vec<String>,
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub netns: Option<u64>,
+    pub verdict: String,
+}
+
+impl Line {
+    pub fn parse(text: &str) -> Self {
+        serde_json::from_str(text).unwrap_or_else(|error| {
+            panic!("alert line does not match the contract ({error}): {text}")
+        })
+    }
+
+    pub fn violation(&self) -> Option<&Connection> {
+        match self {
+            Self::Violation(connection) => Some(connection),
+            _ => None,
+        }
+    }
+
+    pub fn connect(&self) -> Option<&Connection> {
+        match self {
+            Self::Connect(connection) => Some(connection),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A running `srcip run`, read line by line; killed and reaped on drop.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, RecvTimeoutError, channel},
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+
+use crate::{Line, srcip_bin};
+
+/// How long any expected line may take. Generous: CI machines are shared and noisy.
+const LINE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    /// Every line read so far, in order.
+    pub seen: Vec<Line>,
+}
+
+impl Daemon {
+    /// Starts `srcip run --policy POLICY --format json ARGS…` and waits for `started`.
+    pub fn start(policy: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(srcip_bin())
+            .arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .args(["--format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning srcip run");
+
+        let (sender, lines) = channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let collected = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buffer = [0; 4096];
+            while let Ok(read @ 1..) = pipe.read(&mut buffer) {
+                collected
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..read]));
+            }
+        });
+
+        let mut daemon = Self {
+            child,
+            lines,
+            stderr,
+            seen: Vec::new(),
+        };
+        daemon.wait_for("started", |line| matches!(line, Line::Started { .. }));
+        daemon
+    }
+
+    /// The next line (after those already seen) that satisfies `wanted`.
+    pub fn wait_for(&mut self, what: &str, wanted: impl Fn(&Line) -> bool) -> Line {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(text) => {
+                    let line = Line::parse(&text);
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.fail(&format!("no {what} line within {LINE_TIMEOUT:?}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.fail(&format!("srcip closed stdout before a {what} line"))
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` and waits for the exit; returns the status and every line read.
+    pub fn stop_with(mut self, signal: Signal) -> (ExitStatus, Vec<Line>) {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signalling srcip");
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for srcip") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!(
+                    "srcip did not exit within {LINE_TIMEOUT:?} of {signal}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(text) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(Line::parse(&text));
+        }
+        (status, std::mem::take(&mut self.seen))
+    }
+
+    fn fail(&self, message: &str) -> ! {
+        panic!(
+            "{message}\nlines so far: {:#?}\nsrcip's stderr:\n{}",
+            self.seen,
+            self.stderr.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Still running only when a test failed: SIGKILL closes srcip's bpf links, which
+        // detaches its programs.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

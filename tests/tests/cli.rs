@@ -1,0 +1,105 @@
+//! Command-line behaviour that needs no kernel programs: policy errors and bad flags.
+
+use std::process::Command;
+
+use srcip_tests::{PolicyFile, srcip_bin};
+
+const BAD_POLICY: &str = r#"[[rule]]
+name = "partner"
+destinations = ["198.51.100.500"]
+allowed_sources = []
+"#;
+
+fn stderr_lines(output: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn validate_reports_every_error_with_its_location_and_exits_2() {
+    let policy = PolicyFile::new(BAD_POLICY);
+    let output = Command::new(srcip_bin())
+        .args(["policy", "validate"])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let file = policy.path.display();
+    assert_eq!(
+        stderr_lines(&output),
+        [
+            format!("{file}:3:17: \"198.51.100.500\" is not a valid IP address or CIDR prefix"),
+            format!("{file}:4:19: rule \"partner\": allowed_sources must not be empty"),
+        ]
+    );
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn run_with_a_bad_policy_exits_2_with_the_location() {
+    let policy = PolicyFile::new(BAD_POLICY);
+    let output = Command::new(srcip_bin())
+        .args(["run", "--policy"])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let first = stderr_lines(&output).into_iter().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("{}:3:17: ", policy.path.display())),
+        "{first}"
+    );
+    assert!(output.stdout.is_empty(), "no alert may be printed");
+}
+
+#[test]
+fn validate_accepts_a_good_policy() {
+    let policy = PolicyFile::new(srcip_tests::PARTNER_POLICY);
+    let output = Command::new(srcip_bin())
+        .args(["policy", "validate"])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(summary.lines().count(), 1, "{summary}");
+    assert!(summary.contains("1 rules"), "{summary}");
+}
+
+#[test]
+fn a_missing_cgroup_exits_2_and_says_what_to_give() {
+    let policy = PolicyFile::new(srcip_tests::PARTNER_POLICY);
+    let output = Command::new(srcip_bin())
+        .args(["run", "--cgroup", "/no-such-srcip-cgroup", "--policy"])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--cgroup /no-such-srcip-cgroup: no such cgroup directory"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn a_missing_policy_file_exits_2_and_names_it() {
+    let output = Command::new(srcip_bin())
+        .args(["run", "--policy", "/nonexistent/srcip.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/srcip.toml: cannot read the policy file"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,251 @@
+//! TCP auditing end to end: the real `srcip run` with its real programs, real connections
+//! inside namespaces and cgroups the tests create. Needs root; fails (never skips) without.
+
+use nix::sys::signal::Signal;
+use srcip_tests::{
+    ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_POLICY,
+    PARTNER_V4, PARTNER_V6, PolicyFile, TestCgroup, Topology, connect,
+};
+
+/// A daemon auditing only `cgroup` (so that other tests' traffic never shows up here).
+fn audit(policy: &PolicyFile, cgroup: &std::path::Path, all: bool) -> Daemon {
+    let cgroup = cgroup.to_str().unwrap();
+    let mut args = vec!["--cgroup", cgroup];
+    if all {
+        args.push("--all");
+    }
+    Daemon::start(&policy.path, &args)
+}
+
+fn is_connect_from(port: u16) -> impl Fn(&Line) -> bool {
+    move |line| line.connect().is_some_and(|c| c.src_port == port)
+}
+
+fn is_violation_from(port: u16) -> impl Fn(&Line) -> bool {
+    move |line| line.violation().is_some_and(|c| c.src_port == port)
+}
+
+#[test]
+fn compliant_connection_gives_no_alert() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, true);
+
+    let client = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    assert_eq!(
+        client.src, ALLOWED_V4,
+        "the kernel should pick the primary address"
+    );
+    let line = daemon.wait_for("connect", is_connect_from(client.src_port));
+    assert_eq!(line.connect().unwrap().verdict, "compliant");
+
+    // A second connection marks the point by which a violation for the first would have
+    // been written (one ring buffer, read in order).
+    let marker = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    daemon.wait_for("connect", is_connect_from(marker.src_port));
+    let violations: Vec<_> = daemon.seen.iter().filter_map(Line::violation).collect();
+    assert!(
+        violations.is_empty(),
+        "unexpected violations: {violations:#?}"
+    );
+}
+
+#[test]
+fn wrong_source_gives_a_violation_with_every_field() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("violation", is_violation_from(client.src_port));
+    let violation = line.violation().unwrap();
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert_eq!(
+        violation,
+        &Connection {
+            time: violation.time.clone(),
+            host,
+            rule: Some("partner".into()),
+            action: "alert".into(),
+            protocol: "tcp".into(),
+            family: "ipv4".into(),
+            src: OTHER_V4.into(),
+            src_port: client.src_port,
+            dst: PARTNER_V4.into(),
+            dst_port: 443,
+            allowed_sources: vec![ALLOWED_V4.into(), ALLOWED_V6.into()],
+            pid: client.pid,
+            comm: "tcp-client".into(),
+            uid: 0,
+            cgroup_id: TestCgroup::id(&cgroup.path),
+            cgroup: Some(TestCgroup::relative(&cgroup.path)),
+            netns: Some(topology.host.inode()),
+            verdict: "violation".into(),
+        }
+    );
+    assert!(
+        violation.time.ends_with('Z') && violation.time.contains('.'),
+        "time must be RFC 3339 UTC with fractional seconds: {}",
+        violation.time
+    );
+}
+
+#[test]
+fn route_change_alone_is_caught() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, true);
+
+    let before = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    assert_eq!(before.src, ALLOWED_V4);
+    let line = daemon.wait_for("connect", is_connect_from(before.src_port));
+    assert_eq!(line.connect().unwrap().verdict, "compliant");
+
+    // The same unmodified program, after a route change: the kernel now picks .11.
+    topology.route_partner_via_other_source();
+    let after = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    assert_eq!(
+        after.src, OTHER_V4,
+        "the route change should change the kernel's choice"
+    );
+    let line = daemon.wait_for("violation", is_violation_from(after.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (violation.src.as_str(), violation.dst.as_str()),
+        (OTHER_V4, PARTNER_V4)
+    );
+    assert_eq!(violation.pid, after.pid);
+}
+
+#[test]
+fn ipv6_violation_is_reported() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, true);
+
+    let good = connect(&topology.host, &cgroup.path, None, PARTNER_V6, 443);
+    assert_eq!(good.src, ALLOWED_V6);
+    let line = daemon.wait_for("connect", is_connect_from(good.src_port));
+    let compliant = line.connect().unwrap();
+    assert_eq!(
+        (compliant.family.as_str(), compliant.verdict.as_str()),
+        ("ipv6", "compliant")
+    );
+
+    let bad = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V6),
+        PARTNER_V6,
+        443,
+    );
+    let line = daemon.wait_for("violation", is_violation_from(bad.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.family, "ipv6");
+    assert_eq!(violation.src, OTHER_V6);
+    assert_eq!(violation.dst, PARTNER_V6);
+    assert_eq!(violation.rule.as_deref(), Some("partner"));
+}
+
+#[test]
+fn ipv4_mapped_connection_is_reported_as_ipv4() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    // An AF_INET6 socket to ::ffff:198.51.100.50, bound to ::ffff:203.0.113.11.
+    let mapped_partner = format!("::ffff:{PARTNER_V4}");
+    let mapped_source = format!("::ffff:{OTHER_V4}");
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(&mapped_source),
+        &mapped_partner,
+        443,
+    );
+    assert_eq!(client.src, mapped_source, "the socket itself is IPv6");
+    let line = daemon.wait_for("violation", is_violation_from(client.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.family, "ipv4");
+    assert_eq!(violation.src, OTHER_V4);
+    assert_eq!(violation.dst, PARTNER_V4);
+    assert_eq!(violation.rule.as_deref(), Some("partner"));
+}
+
+#[test]
+fn process_outside_the_audited_cgroup_is_ignored() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited", "other"]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.child("audited"), true);
+
+    let outside = connect(
+        &topology.host,
+        &cgroup.child("other"),
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let inside = connect(
+        &topology.host,
+        &cgroup.child("audited"),
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    daemon.wait_for("violation", is_violation_from(inside.src_port));
+
+    // The kernel writes records in order, so the outside connection would be before this.
+    let from_outside: Vec<_> = daemon
+        .seen
+        .iter()
+        .filter_map(|line| line.connect().or(line.violation()))
+        .filter(|connection| connection.pid == outside.pid)
+        .collect();
+    assert!(
+        from_outside.is_empty(),
+        "audited a process outside --cgroup: {from_outside:#?}"
+    );
+}
+
+#[test]
+fn descendants_of_the_audited_cgroup_are_audited() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["service", "service/worker"]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.child("service"), false);
+
+    let worker = cgroup.child("service/worker");
+    let client = connect(&topology.host, &worker, Some(OTHER_V4), PARTNER_V4, 443);
+    let line = daemon.wait_for("violation", is_violation_from(client.src_port));
+    assert_eq!(
+        line.violation().unwrap().cgroup,
+        Some(TestCgroup::relative(&worker))
+    );
+}
+
+#[test]
+fn sigterm_and_sigint_give_stopped_and_exit_0() {
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let daemon = audit(&policy, &cgroup.path, false);
+        let (status, lines) = daemon.stop_with(signal);
+        assert_eq!(status.code(), Some(0), "exit status after {signal}");
+        assert!(
+            matches!(lines.last(), Some(Line::Stopped { .. })),
+            "last line after {signal} must be stopped: {lines:#?}"
+        );
+    }
+}
