@@ -67,6 +67,8 @@ pub fn prepare_host() -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // Privileges first: without them nothing else matters, and the policy may be root-only.
+    system::require_privileges()?;
     let matcher = load_policy(&config.policy)?;
     let mount = prepare_host()?;
     let audited = config

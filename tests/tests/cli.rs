@@ -103,3 +103,24 @@ fn a_missing_policy_file_exits_2_and_names_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_without_privileges_says_what_to_do_and_exits_1() {
+    let policy = PolicyFile::new(srcip_tests::PARTNER_POLICY);
+    // setuid to nobody drops every capability.
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(srcip_bin())
+        .args(["run", "--policy"])
+        .arg(&policy.path)
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "srcip needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+        ),
+        "{stderr}"
+    );
+}

@@ -15,7 +15,7 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 use ipnet::IpNet;
 
 pub use matcher::{ConnectionKey, Decision, Matcher};
-pub use parse::load;
+pub use parse::{load, parse};
 pub use resolve::resolve_hosts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

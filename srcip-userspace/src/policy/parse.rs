@@ -49,7 +49,8 @@ pub fn load(path: &Path) -> Result<Policy, PolicyLoadError> {
     parse(path, &text)
 }
 
-pub(super) fn parse(path: &Path, text: &str) -> Result<Policy, PolicyLoadError> {
+/// Validates policy `text`; `path` names it in errors.
+pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyLoadError> {
     let mut validator = Validator {
         text,
         errors: Vec::new(),
