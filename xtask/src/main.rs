@@ -4,8 +4,9 @@
 mod setup;
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -50,7 +51,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::run()?;
             build_release()?;
             let srcip = workspace_root().join("target/release/srcip");
-            exec(
+            run_tests(
                 Command::new(cargo())
                     .current_dir(workspace_root())
                     .args(["test", "--release"])
@@ -97,6 +98,43 @@ pub fn exec(command: &mut Command) -> anyhow::Result<()> {
         bail!("{shown} failed: {status}");
     }
     Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line that totals
+/// every test binary's results: cargo's own last line is that of whichever binary ran last.
+fn run_tests(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            passed += count_before(counts, " passed");
+            failed += count_before(counts, " failed");
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {shown}"))?;
+    println!("total: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+/// In `ok. 15 passed; 0 failed; …`, the number before `label`.
+fn count_before(counts: &str, label: &str) -> u64 {
+    counts
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label))
+        .and_then(|number| number.rsplit(' ').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs a command and returns its stdout, or `None` when it cannot run or fails.
