@@ -10,9 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use srcip_common::record::Counter;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     alerts::{Alert, AlertBody, ConnectionReport, Verdict},
@@ -25,13 +25,16 @@ use crate::{
 
 /// Longest time a record waits in the ring buffer before user space reads it.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// How often the kernel's lost-record counter is read.
-const COUNTER_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the kernel's counters are read and audited cgroups are checked for having been
+/// recreated.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct AuditSession {
     programs: KernelPrograms,
     ring: EventRing,
     counters: PerCpuArray<MapData, u64>,
+    audited: Vec<AuditedCgroup>,
+    audited_ids: HashMap<MapData, u64, u8>,
     matcher: Matcher,
     /// Report every connection (`run --all`), not only violations.
     report_all: bool,
@@ -39,7 +42,7 @@ pub struct AuditSession {
     netns: NetnsInodes,
     lost_reported: u64,
     hook_errors_reported: u64,
-    counters_read_at: Instant,
+    housekeeping_at: Instant,
 }
 
 impl AuditSession {
@@ -56,13 +59,15 @@ impl AuditSession {
             ring: EventRing::new(maps.events)
                 .map_err(|error| anyhow::anyhow!("cannot poll the EVENTS ring buffer: {error}"))?,
             counters: maps.counters,
+            audited: audited.to_vec(),
+            audited_ids: maps.audited_cgroups,
             matcher,
             report_all,
             cgroup_names: CgroupNames::new(cgroup2_mount.to_owned()),
             netns: NetnsInodes::default(),
             lost_reported: 0,
             hook_errors_reported: 0,
-            counters_read_at: Instant::now(),
+            housekeeping_at: Instant::now(),
         })
     }
 
@@ -100,7 +105,9 @@ impl AuditSession {
             }
             Err(error) => warn!("skipping a kernel record: {error}"),
         });
-        if self.counters_read_at.elapsed() >= COUNTER_INTERVAL {
+        if self.housekeeping_at.elapsed() >= HOUSEKEEPING_INTERVAL {
+            self.housekeeping_at = Instant::now();
+            self.follow_recreated_cgroups();
             alerts.extend(self.read_counters());
         }
         alerts
@@ -108,7 +115,6 @@ impl AuditSession {
 
     /// A `lost` alert when the kernel dropped records since the last read.
     fn read_counters(&mut self) -> Option<Alert> {
-        self.counters_read_at = Instant::now();
         let total = |counter: Counter| -> u64 {
             self.counters
                 .get(&(counter as u32), 0)
@@ -129,6 +135,31 @@ impl AuditSession {
             self.lost_reported = lost;
             Alert::now(AlertBody::Lost { count })
         })
+    }
+
+    /// A systemd unit's cgroup gets a new directory, and so a new id, on every restart of the
+    /// unit. Audit the new one; connections made in its first second may be missed.
+    fn follow_recreated_cgroups(&mut self) {
+        for cgroup in &mut self.audited {
+            let Some(id) = cgroup.current_id().filter(|id| *id != cgroup.id) else {
+                continue;
+            };
+            if let Err(error) = self.audited_ids.insert(id, 0, 0) {
+                warn!("cannot audit the recreated cgroup {}: {error}", cgroup.path);
+                continue;
+            }
+            if let Err(error) = self.audited_ids.remove(&cgroup.id) {
+                warn!(
+                    "cannot forget the old id of cgroup {}: {error}",
+                    cgroup.path
+                );
+            }
+            info!(
+                "cgroup {} was recreated; auditing its new instance",
+                cgroup.path
+            );
+            cgroup.id = id;
+        }
     }
 
     fn report(

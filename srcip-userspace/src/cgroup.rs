@@ -37,6 +37,17 @@ pub struct AuditedCgroup {
     pub level: u32,
     /// Path relative to the cgroup2 mount, starting with `/`.
     pub path: String,
+    /// The directory itself, to notice when it is recreated.
+    pub dir: PathBuf,
+}
+
+impl AuditedCgroup {
+    /// The id of the directory now at this path: it differs from `id` once the cgroup was
+    /// removed and created again (as systemd does on every restart of a unit).
+    pub fn current_id(&self) -> Option<u64> {
+        let metadata = std::fs::metadata(&self.dir).ok()?;
+        metadata.is_dir().then(|| metadata.ino())
+    }
 }
 
 /// Resolves a `--cgroup` argument: an absolute path under the cgroup2 mount, or a path
@@ -68,6 +79,7 @@ pub fn resolve_audited(mount: &Path, given: &str) -> Result<AuditedCgroup, Scope
         id: metadata.ino(),
         level: relative.components().count() as u32,
         path: relative_path_string(relative),
+        dir: resolved.clone(),
     })
 }
 

@@ -75,10 +75,12 @@ pub struct KernelPrograms {
     links: Vec<(&'static str, AttachedLink)>,
 }
 
-/// Maps user space reads while auditing.
+/// Maps user space uses while auditing.
 pub struct EventMaps {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Audited cgroup ids, kept current when an audited cgroup is recreated.
+    pub audited_cgroups: HashMap<MapData, u64, u8>,
 }
 
 impl KernelPrograms {
@@ -106,26 +108,20 @@ impl KernelPrograms {
                 "/srcip"
             )))?;
 
-        let mut audited_map: HashMap<_, u64, u8> = HashMap::try_from(
-            ebpf.map_mut(names::AUDITED_CGROUPS)
-                .ok_or(LoadError::Missing(names::AUDITED_CGROUPS))?,
-        )
-        .map_err(|source| LoadError::Map {
-            name: names::AUDITED_CGROUPS,
-            source,
-        })?;
+        let mut audited_cgroups: HashMap<MapData, u64, u8> =
+            take_map(&mut ebpf, names::AUDITED_CGROUPS)?;
         for cgroup in audited {
-            audited_map
+            audited_cgroups
                 .insert(cgroup.id, 0, 0)
                 .map_err(|source| LoadError::Map {
                     name: names::AUDITED_CGROUPS,
                     source,
                 })?;
         }
-
         let maps = EventMaps {
             events: take_map(&mut ebpf, names::EVENTS)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
+            audited_cgroups,
         };
 
         let cgroup_root = File::open(cgroup2_mount).map_err(|source| LoadError::OpenCgroup {

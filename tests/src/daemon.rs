@@ -75,7 +75,20 @@ impl Daemon {
 
     /// The next line (after those already seen) that satisfies `wanted`.
     pub fn wait_for(&mut self, what: &str, wanted: impl Fn(&Line) -> bool) -> Line {
-        let deadline = Instant::now() + LINE_TIMEOUT;
+        match self.wait_at_most(LINE_TIMEOUT, what, wanted) {
+            Some(line) => line,
+            None => self.fail(&format!("no {what} line within {LINE_TIMEOUT:?}")),
+        }
+    }
+
+    /// Like [`Daemon::wait_for`], but `None` when no such line comes within `timeout`.
+    pub fn wait_at_most(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        wanted: impl Fn(&Line) -> bool,
+    ) -> Option<Line> {
+        let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -83,12 +96,10 @@ impl Daemon {
                     let line = Line::parse(&text);
                     self.seen.push(line.clone());
                     if wanted(&line) {
-                        return line;
+                        return Some(line);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.fail(&format!("no {what} line within {LINE_TIMEOUT:?}"))
-                }
+                Err(RecvTimeoutError::Timeout) => return None,
                 Err(RecvTimeoutError::Disconnected) => {
                     self.fail(&format!("srcip closed stdout before a {what} line"))
                 }

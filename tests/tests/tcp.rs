@@ -249,3 +249,59 @@ fn sigterm_and_sigint_give_stopped_and_exit_0() {
         );
     }
 }
+
+#[test]
+fn host_names_in_destinations_are_resolved_at_load() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    // /etc/hosts resolves localhost without any network.
+    let policy = PolicyFile::new(
+        r#"
+[[rule]]
+name = "local-service"
+destinations = ["localhost"]
+allowed_sources = ["127.0.0.2"]
+"#,
+    );
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    let client = connect(&topology.host, &cgroup.path, None, "127.0.0.1", 9);
+    let line = daemon.wait_for("violation", is_violation_from(client.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.rule.as_deref(), Some("local-service"));
+    assert_eq!(
+        (violation.src.as_str(), violation.dst.as_str()),
+        ("127.0.0.1", "127.0.0.1")
+    );
+}
+
+#[test]
+fn an_audited_cgroup_that_is_recreated_stays_audited() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["unit"]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let unit = cgroup.child("unit");
+    let mut daemon = audit(&policy, &unit, false);
+
+    // What systemd does on every restart of a unit: a new directory, with a new id.
+    std::fs::remove_dir(&unit).unwrap();
+    std::fs::create_dir(&unit).unwrap();
+
+    // srcip notices within about a second; until then connections may be missed.
+    for _ in 0..20 {
+        let client = connect(&topology.host, &unit, Some(OTHER_V4), PARTNER_V4, 443);
+        let seen = daemon.wait_at_most(
+            std::time::Duration::from_millis(500),
+            "violation",
+            is_violation_from(client.src_port),
+        );
+        if let Some(line) = seen {
+            assert_eq!(line.violation().unwrap().cgroup_id, TestCgroup::id(&unit));
+            return;
+        }
+    }
+    panic!(
+        "connections from the recreated cgroup were never audited: {:#?}",
+        daemon.seen
+    );
+}
