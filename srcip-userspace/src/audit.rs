@@ -89,14 +89,28 @@ impl AuditSession {
         let report_all = self.report_all;
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
-                let report = Self::report(matcher, cgroup_names, netns, &event);
+                let decision = matcher.decide(&ConnectionKey {
+                    protocol: event.protocol,
+                    src: event.src,
+                    dst: event.dst,
+                    dst_port: event.dst_port,
+                });
+                let violation = matches!(
+                    decision,
+                    Decision::Violation(_) | Decision::UnmatchedViolation
+                );
+                // Attribution costs file-system walks: only for what will be reported.
+                if !violation && !report_all {
+                    return;
+                }
+                let report = Self::report(decision, cgroup_names, netns, &event);
                 if report_all {
                     alerts.push(Alert {
                         time: event.time,
                         body: AlertBody::Connect(report.clone()),
                     });
                 }
-                if report.verdict == Verdict::Violation {
+                if violation {
                     alerts.push(Alert {
                         time: event.time,
                         body: AlertBody::Violation(report),
@@ -163,17 +177,11 @@ impl AuditSession {
     }
 
     fn report(
-        matcher: &Matcher,
+        decision: Decision<'_>,
         cgroup_names: &mut CgroupNames,
         netns: &mut NetnsInodes,
         event: &ConnectEvent,
     ) -> ConnectionReport {
-        let decision = matcher.decide(&ConnectionKey {
-            protocol: event.protocol,
-            src: event.src,
-            dst: event.dst,
-            dst_port: event.dst_port,
-        });
         let (rule, verdict): (Option<&Rule>, Verdict) = match decision {
             Decision::Compliant(rule) => (Some(rule), Verdict::Compliant),
             Decision::Violation(rule) => (Some(rule), Verdict::Violation),

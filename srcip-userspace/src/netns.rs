@@ -29,7 +29,9 @@ sockopt_impl!(
 
 #[derive(Default)]
 pub struct NetnsInodes {
-    inode_by_cookie: HashMap<u64, u64>,
+    /// `None`: searched everywhere and not found. Cookies are never reused, so a namespace
+    /// that could not be found is not searched for again.
+    inode_by_cookie: HashMap<u64, Option<u64>>,
     probed_inodes: HashSet<u64>,
 }
 
@@ -37,8 +39,8 @@ impl NetnsInodes {
     /// The inode of the namespace with `cookie`. `pid` is the process that used it, the most
     /// likely place to find it; after that, named namespaces and every process are tried.
     pub fn inode_of(&mut self, cookie: u64, pid: u32) -> Option<u64> {
-        if let Some(inode) = self.inode_by_cookie.get(&cookie) {
-            return Some(*inode);
+        if let Some(known) = self.inode_by_cookie.get(&cookie) {
+            return *known;
         }
         let first = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let named = dir_entries("/run/netns");
@@ -47,9 +49,10 @@ impl NetnsInodes {
             .map(|process| process.join("ns/net"));
         for candidate in std::iter::once(first).chain(named).chain(every_process) {
             if self.probe(&candidate) == Some(cookie) {
-                return self.inode_by_cookie.get(&cookie).copied();
+                return self.inode_by_cookie.get(&cookie).copied().flatten();
             }
         }
+        self.inode_by_cookie.insert(cookie, None);
         None
     }
 
@@ -60,7 +63,7 @@ impl NetnsInodes {
             return None;
         }
         let cookie = cookie_of(path).ok()?;
-        self.inode_by_cookie.insert(cookie, inode);
+        self.inode_by_cookie.insert(cookie, Some(inode));
         Some(cookie)
     }
 }
