@@ -4,8 +4,9 @@
 //! later hooks (UDP at `cgroup_skb/egress`, in-kernel pin/block decisions) add kinds without
 //! changing the layout of the existing ones.
 
-/// Size of the `EVENTS` ring buffer. A power of two and a multiple of the page size, as the
-/// kernel requires. 256 KiB holds about 2700 connect records.
+/// Default size of the `EVENTS` ring buffer; user space may choose another at load. A power
+/// of two and a multiple of the page size, as the kernel requires. 256 KiB holds about 2500
+/// connect records (each has an 8-byte ring-buffer header).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// Stable numeric record kinds. Never reuse a number.

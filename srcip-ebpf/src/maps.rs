@@ -1,7 +1,7 @@
 //! Maps shared by every hook, and the two ways a hook hands something to user space.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
@@ -32,9 +32,11 @@ pub fn count(counter: Counter) {
 ///
 /// Waking the reader costs the connecting task several microseconds, so records are written
 /// without a wakeup and user space polls on a short timer; the reader is woken only when the
-/// buffer is half full, so that a burst cannot overflow it between two polls.
+/// buffer is half full, so that a burst cannot overflow it between two polls. The size is
+/// read from the map because user space may resize it at load (`--ring-buffer-size`).
 pub fn submit<T: 'static>(record: &T) {
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(EVENTS_RING_BYTES / 2) {
+    let half = EVENTS.query(BPF_RB_RING_SIZE.into()) / 2;
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) > half {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -29,6 +29,16 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// recreated.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What to audit and how.
+pub struct AuditSettings<'a> {
+    pub cgroup2_mount: &'a Path,
+    /// Audit only these cgroups and their descendants; empty: every process.
+    pub audited: &'a [AuditedCgroup],
+    /// Report every connection (`run --all`), not only violations.
+    pub report_all: bool,
+    pub ring_buffer_bytes: u32,
+}
+
 pub struct AuditSession {
     programs: KernelPrograms,
     ring: EventRing,
@@ -36,7 +46,6 @@ pub struct AuditSession {
     audited: Vec<AuditedCgroup>,
     audited_ids: HashMap<MapData, u64, u8>,
     matcher: Matcher,
-    /// Report every connection (`run --all`), not only violations.
     report_all: bool,
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
@@ -47,13 +56,15 @@ pub struct AuditSession {
 
 impl AuditSession {
     /// Loads and attaches the programs. Auditing is live when this returns.
-    pub fn start(
-        matcher: Matcher,
-        cgroup2_mount: &Path,
-        audited: &[AuditedCgroup],
-        report_all: bool,
-    ) -> anyhow::Result<Self> {
-        let (programs, maps) = KernelPrograms::load_and_attach(cgroup2_mount, audited)?;
+    pub fn start(matcher: Matcher, settings: AuditSettings<'_>) -> anyhow::Result<Self> {
+        let AuditSettings {
+            cgroup2_mount,
+            audited,
+            report_all,
+            ring_buffer_bytes,
+        } = settings;
+        let (programs, maps) =
+            KernelPrograms::load_and_attach(cgroup2_mount, audited, ring_buffer_bytes)?;
         Ok(Self {
             programs,
             ring: EventRing::new(maps.events)

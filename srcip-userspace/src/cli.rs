@@ -4,6 +4,8 @@ use std::{io::IsTerminal, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use srcip_common::record::EVENTS_RING_BYTES;
+
 use crate::{alerts::Format, run::RunConfig};
 
 #[derive(Parser)]
@@ -44,6 +46,10 @@ pub struct RunArgs {
     /// Also report every compliant or unmatched connection (`connect` lines).
     #[arg(long)]
     all: bool,
+    /// Size of the kernel→srcip ring buffer: a power of two, at least 4096. Raise it when
+    /// `lost` lines appear.
+    #[arg(long, value_name = "BYTES", default_value_t = EVENTS_RING_BYTES, value_parser = ring_buffer_size)]
+    ring_buffer_size: u32,
 }
 
 impl RunArgs {
@@ -53,6 +59,7 @@ impl RunArgs {
             cgroups: self.cgroups,
             format: self.format.unwrap_or_else(default_format),
             report_all: self.all,
+            ring_buffer_bytes: self.ring_buffer_size,
         }
     }
 }
@@ -71,5 +78,17 @@ fn default_format() -> Format {
         Format::Text
     } else {
         Format::Json
+    }
+}
+
+/// The kernel wants a power of two and a multiple of the page size.
+fn ring_buffer_size(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text
+        .parse()
+        .map_err(|_| format!("{text} is not a number of bytes"))?;
+    if bytes.is_power_of_two() && bytes >= 4096 {
+        Ok(bytes)
+    } else {
+        Err(format!("{bytes} is not a power of two of at least 4096"))
     }
 }

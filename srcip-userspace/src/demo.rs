@@ -22,11 +22,12 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use nix::sched::{CloneFlags, setns};
+use srcip_common::record::EVENTS_RING_BYTES;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     alerts::{Alert, AlertBody, Verdict, text_line},
-    audit::AuditSession,
+    audit::{AuditSession, AuditSettings},
     policy::{self, Matcher},
     run::prepare_host,
 };
@@ -76,7 +77,15 @@ async fn scenario() -> anyhow::Result<()> {
     let partner = Partner::start(&scene.partner)?;
     println!("\nPolicy:\n{POLICY}");
     let matcher = Matcher::new(policy::parse(Path::new("demo-policy.toml"), POLICY)?)?;
-    let mut session = AuditSession::start(matcher, &mount, &[], true)?;
+    let mut session = AuditSession::start(
+        matcher,
+        AuditSettings {
+            cgroup2_mount: &mount,
+            audited: &[],
+            report_all: true,
+            ring_buffer_bytes: EVENTS_RING_BYTES,
+        },
+    )?;
     println!("srcip is auditing every TCP connection on this machine.\n");
 
     println!("1. The payments app connects to the partner, as it does every day:");

@@ -84,11 +84,13 @@ pub struct EventMaps {
 }
 
 impl KernelPrograms {
-    /// Loads the object, restricts it to `audited` cgroups (all processes when empty) and
-    /// attaches every program at the root of the cgroup2 hierarchy at `cgroup2_mount`.
+    /// Loads the object, restricts it to `audited` cgroups (all processes when empty), gives
+    /// the ring buffer `ring_buffer_bytes`, and attaches every program at the root of the
+    /// cgroup2 hierarchy at `cgroup2_mount`.
     pub fn load_and_attach(
         cgroup2_mount: &Path,
         audited: &[AuditedCgroup],
+        ring_buffer_bytes: u32,
     ) -> Result<(Self, EventMaps), LoadError> {
         raise_memlock_limit();
         let mut level_mask = 0u64;
@@ -103,6 +105,7 @@ impl KernelPrograms {
         }
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AUDITED_CGROUP_LEVELS, &level_mask, true)
+            .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/srcip"

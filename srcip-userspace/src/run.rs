@@ -8,7 +8,7 @@ use tracing::info;
 
 use crate::{
     alerts::{Alert, AlertBody, AlertWriter, Format},
-    audit::AuditSession,
+    audit::{AuditSession, AuditSettings},
     cgroup::{self, AuditedCgroup},
     policy::{self, Action, Matcher, Policy},
     system,
@@ -20,6 +20,7 @@ pub struct RunConfig {
     pub cgroups: Vec<String>,
     pub format: Format,
     pub report_all: bool,
+    pub ring_buffer_bytes: u32,
 }
 
 /// A rule asks for something this version does not do yet. Refusing to start is safer than
@@ -81,7 +82,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut writer = AlertWriter::new(config.format);
 
-    let mut session = AuditSession::start(matcher, &mount, &audited, config.report_all)?;
+    let mut session = AuditSession::start(
+        matcher,
+        AuditSettings {
+            cgroup2_mount: &mount,
+            audited: &audited,
+            report_all: config.report_all,
+            ring_buffer_bytes: config.ring_buffer_bytes,
+        },
+    )?;
     let started = AlertBody::Started {
         version: env!("CARGO_PKG_VERSION"),
         policy: config.policy.display().to_string(),

@@ -107,10 +107,14 @@ impl Daemon {
         }
     }
 
-    /// Sends `signal` and waits for the exit; returns the status and every line read.
-    pub fn stop_with(mut self, signal: Signal) -> (ExitStatus, Vec<Line>) {
+    pub fn signal(&self, signal: Signal) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal)
             .expect("signalling srcip");
+    }
+
+    /// Sends `signal` and waits for the exit; returns the status and every line read.
+    pub fn stop_with(mut self, signal: Signal) -> (ExitStatus, Vec<Line>) {
+        self.signal(signal);
         let deadline = Instant::now() + LINE_TIMEOUT;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for srcip") {
@@ -140,8 +144,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // Still running only when a test failed: SIGKILL closes srcip's bpf links, which
-        // detaches its programs.
+        // Still running only when a test failed: SIGKILL (which works on a stopped process
+        // too) closes srcip's bpf links, which detaches its programs.
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -15,6 +15,7 @@ use std::{
 
 pub use alerts::{Connection, Line};
 pub use daemon::Daemon;
+pub use nix::sys::signal::Signal;
 
 /// A name unique to this test process and call: `srcip-t<pid>-<n>`.
 pub fn unique_name() -> String {
@@ -250,15 +251,38 @@ pub fn connect(
     dst: &str,
     port: u16,
 ) -> ClientReport {
+    let mut reports = connect_many(netns, cgroup, bind, dst, port, 1);
+    reports.pop().expect("tcp-client reports its connection")
+}
+
+/// Starts `count` TCP connections from one process; returns what the kernel chose for each.
+pub fn connect_many(
+    netns: &Netns,
+    cgroup: &Path,
+    bind: Option<&str>,
+    dst: &str,
+    port: u16,
+    count: usize,
+) -> Vec<ClientReport> {
     let cgroup = cgroup.to_str().unwrap();
-    let port = port.to_string();
-    let mut args = vec!["--cgroup", cgroup, "--netns", &netns.name];
+    let (port, count) = (port.to_string(), count.to_string());
+    let mut args = vec![
+        "--cgroup",
+        cgroup,
+        "--netns",
+        &netns.name,
+        "--count",
+        &count,
+    ];
     if let Some(bind) = bind {
         args.extend(["--bind", bind]);
     }
     args.extend([dst, &port]);
     let output = run(tcp_client_bin().to_str().unwrap(), &args);
-    serde_json::from_slice(&output.stdout).expect("tcp-client prints one JSON line")
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("tcp-client prints JSON lines"))
+        .collect()
 }
 
 /// A policy file in a temporary directory, removed on drop.

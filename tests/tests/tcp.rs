@@ -1,10 +1,9 @@
 //! TCP auditing end to end: the real `srcip run` with its real programs, real connections
 //! inside namespaces and cgroups the tests create. Needs root; fails (never skips) without.
 
-use nix::sys::signal::Signal;
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_POLICY,
-    PARTNER_V4, PARTNER_V6, PolicyFile, TestCgroup, Topology, connect,
+    PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, connect, connect_many,
 };
 
 /// A daemon auditing only `cgroup` (so that other tests' traffic never shows up here).
@@ -303,5 +302,43 @@ fn an_audited_cgroup_that_is_recreated_stays_audited() {
     panic!(
         "connections from the recreated cgroup were never audited: {:#?}",
         daemon.seen
+    );
+}
+
+#[test]
+fn records_the_kernel_cannot_deliver_are_counted_as_lost() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let path = cgroup.path.to_str().unwrap();
+    // 4 KiB holds 39 records; srcip is stopped while 100 connections are made.
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &["--cgroup", path, "--all", "--ring-buffer-size", "4096"],
+    );
+    daemon.signal(Signal::SIGSTOP);
+    let clients = connect_many(&topology.host, &cgroup.path, None, PARTNER_V4, 443, 100);
+    daemon.signal(Signal::SIGCONT);
+
+    let Line::Lost { count, .. } =
+        daemon.wait_for("lost", |line| matches!(line, Line::Lost { .. }))
+    else {
+        unreachable!()
+    };
+    let ports: Vec<u16> = clients.iter().map(|client| client.src_port).collect();
+    let delivered = daemon
+        .seen
+        .iter()
+        .filter_map(Line::connect)
+        .filter(|connection| ports.contains(&connection.src_port))
+        .count();
+    assert!(
+        delivered > 0 && count > 0,
+        "delivered {delivered}, lost {count}"
+    );
+    assert_eq!(
+        delivered as u64 + count,
+        100,
+        "every connection is either reported or counted"
     );
 }

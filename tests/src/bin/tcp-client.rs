@@ -1,7 +1,7 @@
-//! Test helper: joins a cgroup and a network namespace, starts one TCP connection, and
-//! prints what the kernel chose as one JSON line: `{"pid":…,"src":"…","src_port":…}`.
+//! Test helper: joins a cgroup and a network namespace, starts TCP connections, and prints
+//! what the kernel chose for each as one JSON line: `{"pid":…,"src":"…","src_port":…}`.
 //!
-//! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] DST_ADDR DST_PORT`
+//! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
@@ -20,12 +20,14 @@ fn main() {
     let mut cgroup = None;
     let mut netns = None;
     let mut bind = None;
+    let mut count = 1;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--cgroup" => cgroup = args.next(),
             "--netns" => netns = args.next(),
             "--bind" => bind = args.next(),
+            "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             _ => positional.push(arg),
         }
     }
@@ -45,20 +47,26 @@ fn main() {
     let namespace = File::open(format!("/run/netns/{netns}")).expect("opening the namespace");
     setns(&namespace, CloneFlags::CLONE_NEWNET).expect("entering the namespace");
 
-    let socket = Socket::new(
-        Domain::for_address(SocketAddr::new(dst, port)),
-        Type::STREAM,
-        None,
-    )
-    .expect("socket");
-    if let Some(bind) = bind {
-        let address: IpAddr = bind.parse().expect("--bind ADDR");
+    let bind: Option<IpAddr> = bind.map(|address| address.parse().expect("--bind ADDR"));
+    // Kept open until the end, so that every connection gets its own source port.
+    let sockets: Vec<Socket> = (0..count)
+        .map(|_| start_connection(SocketAddr::new(dst, port), bind))
+        .collect();
+    // Let the handshakes (or the refusals) finish before the sockets close.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(sockets);
+}
+
+/// Starts a non-blocking connection and prints the source the kernel chose for it.
+fn start_connection(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+    if let Some(address) = bind {
         socket
             .bind(&SocketAddr::new(address, 0).into())
             .expect("bind");
     }
     socket.set_nonblocking(true).expect("non-blocking");
-    match socket.connect(&SocketAddr::new(dst, port).into()) {
+    match socket.connect(&dst.into()) {
         Ok(()) => {}
         Err(error) if error.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
         Err(error) => panic!("connect: {error}"),
@@ -76,6 +84,5 @@ fn main() {
             "src_port": local.port(),
         })
     );
-    // Let the handshake (or the refusal) finish before the socket closes.
-    std::thread::sleep(Duration::from_millis(200));
+    socket
 }
