@@ -5,6 +5,7 @@
 //! fails the build if its size ever changes by accident.
 #![no_std]
 
+pub mod policy;
 pub mod record;
 pub mod scope;
 
@@ -19,6 +20,15 @@ pub mod names {
     pub const AUDITED_CGROUPS: &str = "AUDITED_CGROUPS";
     /// Global bit mask of the cgroup levels present in `AUDITED_CGROUPS`.
     pub const AUDITED_CGROUP_LEVELS: &str = "AUDITED_CGROUP_LEVELS";
+    /// LPM tries of destination prefixes → `policy::Candidates`.
+    pub const V4_DESTINATIONS: &str = "V4_DESTINATIONS";
+    pub const V6_DESTINATIONS: &str = "V6_DESTINATIONS";
+    /// Array of `policy::KernelRule`.
+    pub const RULES: &str = "RULES";
+    /// Global: non-zero reports every connection (`run --all`).
+    pub const REPORT_ALL: &str = "REPORT_ALL";
+    /// Global: non-zero reports connections no rule matches (`unmatched = "alert"`).
+    pub const REPORT_UNMATCHED: &str = "REPORT_UNMATCHED";
     /// The sock_ops program that records TCP connects.
     pub const TCP_CONNECT_PROGRAM: &str = "srcip_tcp_connect";
 }

@@ -91,10 +91,12 @@ pub enum Counter {
     LostRecords = 0,
     /// Hook invocations that failed before producing a record (a helper error).
     HookErrors = 1,
+    /// Connections the kernel decided need no report (compliant, or unmatched and ignored).
+    DecidedInKernel = 2,
 }
 
 /// Number of entries in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 2;
+pub const COUNTER_COUNT: u32 = 3;
 
 #[cfg(feature = "user")]
 mod user {

@@ -3,6 +3,7 @@
 #![no_main]
 
 mod maps;
+mod policy;
 mod scope;
 mod tcp;
 

@@ -3,9 +3,10 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use srcip_common::{
+    policy::{Candidates, KernelRule},
     record::{COUNTER_COUNT, Counter, EVENTS_RING_BYTES},
     scope::MAX_AUDITED_CGROUPS,
 };
@@ -15,6 +16,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// The compiled policy, see `srcip_common::policy`. User space sizes these at load to fit
+/// the policy; 1 is a placeholder.
+#[map]
+pub static V4_DESTINATIONS: LpmTrie<[u8; 4], Candidates> = LpmTrie::with_max_entries(1, 0);
+
+#[map]
+pub static V6_DESTINATIONS: LpmTrie<[u8; 16], Candidates> = LpmTrie::with_max_entries(1, 0);
+
+#[map]
+pub static RULES: Array<KernelRule> = Array::with_max_entries(1, 0);
 
 /// Audited cgroup id → unused byte; see `srcip_common::scope`.
 #[map]

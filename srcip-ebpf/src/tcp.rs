@@ -26,6 +26,7 @@ use srcip_common::record::{
 
 use crate::{
     maps::{count, submit},
+    policy::{Connection, must_report},
     scope::current_task_is_audited,
 };
 
@@ -46,6 +47,18 @@ fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
     let Some((family, src_addr, dst_addr)) = addresses(ctx) else {
         return Ok(());
     };
+    let dst_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let connection = Connection {
+        family,
+        protocol: IPPROTO_TCP,
+        src: &src_addr,
+        dst: &dst_addr,
+        dst_port,
+    };
+    if !must_report(&connection) {
+        count(Counter::DecidedInKernel);
+        return Ok(());
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let record = ConnectRecord {
         header: RecordHeader {
@@ -63,7 +76,7 @@ fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
         pid: (pid_tgid >> 32) as u32,
         uid: bpf_get_current_uid_gid() as u32,
         src_port: ctx.local_port() as u16,
-        dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        dst_port,
         family,
         protocol: IPPROTO_TCP,
         reserved: [0; 2],

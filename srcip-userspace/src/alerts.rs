@@ -8,7 +8,8 @@
 //! `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
 //! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
 //! `violation` or `unmatched`). `lost` has `count`. `started` adds `version`, `policy`,
-//! `rules` and `cgroups` (the audited cgroups, empty for all).
+//! `rules` and `cgroups` (the audited cgroups, empty for all). `stopped` adds
+//! `decided_in_kernel`: connections the kernel found needed no report.
 //!
 //! `text`: the same content, one readable line per alert, for a terminal.
 
@@ -40,7 +41,11 @@ pub enum AlertBody {
     Lost {
         count: u64,
     },
-    Stopped,
+    Stopped {
+        /// Connections the kernel found compliant (or unmatched and ignored) and so never
+        /// sent to user space.
+        decided_in_kernel: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -162,7 +167,9 @@ pub fn text_line(alert: &Alert) -> String {
         AlertBody::Lost { count } => {
             format!("{time} LOST {count} events between the kernel and srcip")
         }
-        AlertBody::Stopped => format!("{time} stopped"),
+        AlertBody::Stopped { decided_in_kernel } => format!(
+            "{time} stopped ({decided_in_kernel} connections were found compliant in the kernel)"
+        ),
     }
 }
 

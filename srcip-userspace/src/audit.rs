@@ -5,10 +5,7 @@
 //! the session polls the ring buffer every [`POLL_INTERVAL`] and also wakes when the kernel
 //! forces a wakeup because the buffer is filling up.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use srcip_common::record::Counter;
@@ -18,7 +15,7 @@ use crate::{
     alerts::{Alert, AlertBody, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     events::{ConnectEvent, EventRing, KernelEvent},
-    loader::KernelPrograms,
+    loader::{AuditSettings, KernelPrograms},
     netns::NetnsInodes,
     policy::{ConnectionKey, Decision, Matcher, Rule},
 };
@@ -28,16 +25,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How often the kernel's counters are read and audited cgroups are checked for having been
 /// recreated.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-
-/// What to audit and how.
-pub struct AuditSettings<'a> {
-    pub cgroup2_mount: &'a Path,
-    /// Audit only these cgroups and their descendants; empty: every process.
-    pub audited: &'a [AuditedCgroup],
-    /// Report every connection (`run --all`), not only violations.
-    pub report_all: bool,
-    pub ring_buffer_bytes: u32,
-}
 
 pub struct AuditSession {
     programs: KernelPrograms,
@@ -57,24 +44,17 @@ pub struct AuditSession {
 impl AuditSession {
     /// Loads and attaches the programs. Auditing is live when this returns.
     pub fn start(matcher: Matcher, settings: AuditSettings<'_>) -> anyhow::Result<Self> {
-        let AuditSettings {
-            cgroup2_mount,
-            audited,
-            report_all,
-            ring_buffer_bytes,
-        } = settings;
-        let (programs, maps) =
-            KernelPrograms::load_and_attach(cgroup2_mount, audited, ring_buffer_bytes)?;
+        let (programs, maps) = KernelPrograms::load_and_attach(settings, &matcher.kernel_tables())?;
         Ok(Self {
             programs,
             ring: EventRing::new(maps.events)
                 .map_err(|error| anyhow::anyhow!("cannot poll the EVENTS ring buffer: {error}"))?,
             counters: maps.counters,
-            audited: audited.to_vec(),
+            audited: settings.audited.to_vec(),
             audited_ids: maps.audited_cgroups,
             matcher,
-            report_all,
-            cgroup_names: CgroupNames::new(cgroup2_mount.to_owned()),
+            report_all: settings.report_all,
+            cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns: NetnsInodes::default(),
             lost_reported: 0,
             hook_errors_reported: 0,
@@ -140,13 +120,7 @@ impl AuditSession {
 
     /// A `lost` alert when the kernel dropped records since the last read.
     fn read_counters(&mut self) -> Option<Alert> {
-        let total = |counter: Counter| -> u64 {
-            self.counters
-                .get(&(counter as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
-        let hook_errors = total(Counter::HookErrors);
+        let hook_errors = self.counter_total(Counter::HookErrors);
         if hook_errors > self.hook_errors_reported {
             warn!(
                 "{} kernel hook invocations failed before recording a connection",
@@ -154,12 +128,19 @@ impl AuditSession {
             );
             self.hook_errors_reported = hook_errors;
         }
-        let lost = total(Counter::LostRecords);
+        let lost = self.counter_total(Counter::LostRecords);
         (lost > self.lost_reported).then(|| {
             let count = lost - self.lost_reported;
             self.lost_reported = lost;
             Alert::now(AlertBody::Lost { count })
         })
+    }
+
+    fn counter_total(&self, counter: Counter) -> u64 {
+        self.counters
+            .get(&(counter as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     /// A systemd unit's cgroup gets a new directory, and so a new id, on every restart of the
@@ -227,11 +208,14 @@ impl AuditSession {
     }
 
     /// Detaches every program, then reads what is left in the ring buffer, so that no
-    /// record the kernel wrote goes unreported.
+    /// record the kernel wrote goes unreported. The last alert is `stopped`.
     pub fn stop(mut self) -> Vec<Alert> {
         self.programs.detach();
         let mut alerts = self.drain();
         alerts.extend(self.read_counters());
+        alerts.push(Alert::now(AlertBody::Stopped {
+            decided_in_kernel: self.counter_total(Counter::DecidedInKernel),
+        }));
         alerts
     }
 

@@ -27,7 +27,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     alerts::{Alert, AlertBody, Verdict, text_line},
-    audit::{AuditSession, AuditSettings},
+    audit::AuditSession,
+    loader::AuditSettings,
     policy::{self, Matcher},
     run::prepare_host,
 };

@@ -4,14 +4,18 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, SockOps, sock_ops::SockOpsLinkId},
 };
 use nix::sys::resource::{Resource, setrlimit};
-use srcip_common::{names, scope::MAX_CGROUP_LEVEL};
+use srcip_common::{
+    names,
+    policy::{Candidates, KernelRule},
+    scope::MAX_CGROUP_LEVEL,
+};
 use tracing::{debug, info, warn};
 
-use crate::cgroup::AuditedCgroup;
+use crate::{cgroup::AuditedCgroup, policy::KernelTables};
 
 /// Where a program attaches.
 #[derive(Clone, Copy)]
@@ -75,6 +79,17 @@ pub struct KernelPrograms {
     links: Vec<(&'static str, AttachedLink)>,
 }
 
+/// What to audit and how.
+#[derive(Clone, Copy)]
+pub struct AuditSettings<'a> {
+    pub cgroup2_mount: &'a Path,
+    /// Audit only these cgroups and their descendants; empty: every process.
+    pub audited: &'a [AuditedCgroup],
+    pub ring_buffer_bytes: u32,
+    /// Report every connection (`run --all`), not only those the policy flags.
+    pub report_all: bool,
+}
+
 /// Maps user space uses while auditing.
 pub struct EventMaps {
     pub events: RingBuf<MapData>,
@@ -84,14 +99,18 @@ pub struct EventMaps {
 }
 
 impl KernelPrograms {
-    /// Loads the object, restricts it to `audited` cgroups (all processes when empty), gives
-    /// the ring buffer `ring_buffer_bytes`, and attaches every program at the root of the
-    /// cgroup2 hierarchy at `cgroup2_mount`.
+    /// Loads the object with the compiled `policy` and the `settings`, and attaches every
+    /// program at the root of the cgroup2 hierarchy.
     pub fn load_and_attach(
-        cgroup2_mount: &Path,
-        audited: &[AuditedCgroup],
-        ring_buffer_bytes: u32,
+        settings: AuditSettings<'_>,
+        policy: &KernelTables,
     ) -> Result<(Self, EventMaps), LoadError> {
+        let AuditSettings {
+            cgroup2_mount,
+            audited,
+            ring_buffer_bytes,
+            report_all,
+        } = settings;
         raise_memlock_limit();
         let mut level_mask = 0u64;
         for cgroup in audited {
@@ -103,13 +122,23 @@ impl KernelPrograms {
             }
             level_mask |= 1 << cgroup.level;
         }
+        let report_all = u32::from(report_all);
+        let report_unmatched = u32::from(policy.report_unmatched);
+        // Map sizes fit the policy exactly; a map cannot have zero entries.
+        let entries = |count: usize| u32::try_from(count.max(1)).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AUDITED_CGROUP_LEVELS, &level_mask, true)
+            .override_global(names::REPORT_ALL, &report_all, true)
+            .override_global(names::REPORT_UNMATCHED, &report_unmatched, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
+            .map_max_entries(names::V4_DESTINATIONS, entries(policy.v4.len()))
+            .map_max_entries(names::V6_DESTINATIONS, entries(policy.v6.len()))
+            .map_max_entries(names::RULES, entries(policy.rules.len()))
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/srcip"
             )))?;
+        write_policy(&mut ebpf, policy)?;
 
         let mut audited_cgroups: HashMap<MapData, u64, u8> =
             take_map(&mut ebpf, names::AUDITED_CGROUPS)?;
@@ -195,6 +224,45 @@ impl KernelPrograms {
             }
         }
     }
+}
+
+/// Fills the policy maps; every program reads them, so this happens before any attach.
+fn write_policy(ebpf: &mut Ebpf, policy: &KernelTables) -> Result<(), LoadError> {
+    let map_error = |name| move |source| LoadError::Map { name, source };
+
+    let mut v4: LpmTrie<&mut MapData, [u8; 4], Candidates> = LpmTrie::try_from(
+        ebpf.map_mut(names::V4_DESTINATIONS)
+            .ok_or(LoadError::Missing(names::V4_DESTINATIONS))?,
+    )
+    .map_err(map_error(names::V4_DESTINATIONS))?;
+    for (net, candidates) in &policy.v4 {
+        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+        v4.insert(&key, candidates, 0)
+            .map_err(map_error(names::V4_DESTINATIONS))?;
+    }
+
+    let mut v6: LpmTrie<&mut MapData, [u8; 16], Candidates> = LpmTrie::try_from(
+        ebpf.map_mut(names::V6_DESTINATIONS)
+            .ok_or(LoadError::Missing(names::V6_DESTINATIONS))?,
+    )
+    .map_err(map_error(names::V6_DESTINATIONS))?;
+    for (net, candidates) in &policy.v6 {
+        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+        v6.insert(&key, candidates, 0)
+            .map_err(map_error(names::V6_DESTINATIONS))?;
+    }
+
+    let mut rules: Array<&mut MapData, KernelRule> = Array::try_from(
+        ebpf.map_mut(names::RULES)
+            .ok_or(LoadError::Missing(names::RULES))?,
+    )
+    .map_err(map_error(names::RULES))?;
+    for (index, rule) in policy.rules.iter().enumerate() {
+        rules
+            .set(index as u32, rule, 0)
+            .map_err(map_error(names::RULES))?;
+    }
+    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

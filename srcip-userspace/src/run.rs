@@ -8,8 +8,9 @@ use tracing::info;
 
 use crate::{
     alerts::{Alert, AlertBody, AlertWriter, Format},
-    audit::{AuditSession, AuditSettings},
+    audit::AuditSession,
     cgroup::{self, AuditedCgroup},
+    loader::AuditSettings,
     policy::{self, Action, Matcher, Policy},
     system,
 };
@@ -108,8 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     let last = session.stop();
     if result.is_ok() {
-        result = write_all(&mut writer, &last)
-            .and_then(|()| writer.write(&Alert::now(AlertBody::Stopped)));
+        result = write_all(&mut writer, &last);
     }
     match result {
         // Whoever read our output is gone (`srcip run | head`): a normal way to stop.

@@ -24,6 +24,7 @@ pub enum Line {
     Stopped {
         time: String,
         host: String,
+        decided_in_kernel: u64,
     },
 }
 

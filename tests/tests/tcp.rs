@@ -342,3 +342,39 @@ fn records_the_kernel_cannot_deliver_are_counted_as_lost() {
         "every connection is either reported or counted"
     );
 }
+
+#[test]
+fn compliant_and_ignored_connections_are_decided_in_the_kernel() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    // Three compliant connections, and one no rule matches (the policy ignores those).
+    connect_many(&topology.host, &cgroup.path, None, PARTNER_V4, 443, 3);
+    connect(&topology.host, &cgroup.path, None, "203.0.113.1", 22);
+    let marker = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    daemon.wait_for("violation", is_violation_from(marker.src_port));
+
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    let Some(Line::Stopped {
+        decided_in_kernel, ..
+    }) = lines.last()
+    else {
+        panic!("no stopped line: {lines:#?}")
+    };
+    assert_eq!(*decided_in_kernel, 4, "{lines:#?}");
+    let reported: Vec<_> = lines.iter().filter_map(Line::violation).collect();
+    assert_eq!(
+        reported.len(),
+        1,
+        "only the violation reaches user space: {lines:#?}"
+    );
+}

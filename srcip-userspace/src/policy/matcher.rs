@@ -11,7 +11,10 @@ use std::{collections::HashMap, net::IpAddr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::{Prefix, PrefixMap};
 
-use super::{Destination, Policy, PolicyError, PolicyLoadError, Protocol, Rule, Unmatched};
+use super::{
+    Destination, KernelTables, Policy, PolicyError, PolicyLoadError, Protocol, Rule, Unmatched,
+    kernel,
+};
 
 /// What the policy says about one connection.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +77,16 @@ impl Matcher {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The same tables in the kernel's layout, for in-kernel decisions.
+    pub fn kernel_tables(&self) -> KernelTables {
+        kernel::compile(
+            &self.policy.rules,
+            self.policy.unmatched,
+            &self.v4,
+            &self.v6,
+        )
     }
 
     /// IPv4-mapped addresses are decided as the IPv4 address they carry.

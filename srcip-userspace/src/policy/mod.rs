@@ -6,6 +6,7 @@
 //! longest-prefix lookup, then a short ordered candidate list) so the same layout can later
 //! be written to kernel LPM-trie maps for in-kernel decisions.
 
+mod kernel;
 mod matcher;
 mod parse;
 mod resolve;
@@ -14,6 +15,7 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 
 use ipnet::IpNet;
 
+pub use kernel::KernelTables;
 pub use matcher::{ConnectionKey, Decision, Matcher};
 pub use parse::{load, parse};
 pub use resolve::resolve_hosts;

@@ -1,0 +1,79 @@
+//! The policy compiled for the kernel, so that the kernel can let compliant connections (and
+//! unmatched ones the policy ignores) pass without a record and without waking user space.
+//!
+//! Layout: one LPM trie per family maps each destination prefix named in the policy to its
+//! [`Candidates`], the ordered rules that could apply there (user space has already put the
+//! longest prefix first and, at one prefix, rules with ports before rules without). The
+//! first candidate whose protocol and ports include the connection decides. Rules are
+//! entries of the `RULES` array. Addresses use the record layout: 16 bytes, network order,
+//! IPv4 in the first 4.
+//!
+//! Whatever does not fit these fixed sizes is never decided in the kernel: such a rule is
+//! marked `undecidable`, a prefix with too many candidates `truncated`, and the kernel then
+//! reports the connection for user space to decide.
+
+/// Rules that may apply to one destination prefix.
+pub const MAX_CANDIDATES: usize = 8;
+pub const MAX_PORT_RANGES: usize = 8;
+pub const MAX_ALLOWED_SOURCES: usize = 8;
+
+/// `KernelRule::protocols` bits.
+pub const PROTOCOL_TCP: u32 = 1 << 0;
+pub const PROTOCOL_UDP: u32 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidates {
+    pub count: u32,
+    /// Non-zero: more rules apply here than fit; a connection none of the listed rules
+    /// matches is reported rather than decided.
+    pub truncated: u32,
+    /// Indexes into `RULES`, in priority order.
+    pub rules: [u32; MAX_CANDIDATES],
+}
+
+const _: () = assert!(core::mem::size_of::<Candidates>() == 40);
+
+/// Inclusive, host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// A source is allowed when `family` matches and `source & mask == addr`, byte by byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourcePrefix {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    pub addr: [u8; 16],
+    pub mask: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SourcePrefix>() == 36);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelRule {
+    /// `PROTOCOL_*` bits.
+    pub protocols: u32,
+    /// Non-zero: the rule does not fit these sizes; report what it matches.
+    pub undecidable: u32,
+    /// Zero: every port.
+    pub port_range_count: u32,
+    pub source_count: u32,
+    pub port_ranges: [PortRange; MAX_PORT_RANGES],
+    pub sources: [SourcePrefix; MAX_ALLOWED_SOURCES],
+}
+
+const _: () = assert!(core::mem::size_of::<KernelRule>() == 16 + 32 + 36 * 8);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data with explicit widths and no padding (sizes asserted above).
+    unsafe impl aya::Pod for super::Candidates {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelRule {}
+}

@@ -1,0 +1,117 @@
+//! Deciding in the kernel whether user space must see a connection, from the compiled policy
+//! (`srcip_common::policy`). Compliant connections, and unmatched ones the policy ignores,
+//! need no record: they cost the connecting task a trie lookup and nothing more.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use srcip_common::{
+    policy::{
+        Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP,
+        PROTOCOL_UDP,
+    },
+    record::{AF_INET, IPPROTO_TCP},
+};
+
+use crate::maps::{RULES, V4_DESTINATIONS, V6_DESTINATIONS};
+
+/// Set by the loader; the verifier sees constants.
+#[unsafe(no_mangle)]
+static REPORT_ALL: u32 = 0;
+#[unsafe(no_mangle)]
+static REPORT_UNMATCHED: u32 = 0;
+
+/// The connection as the policy sees it; addresses in the record layout.
+pub struct Connection<'a> {
+    pub family: u8,
+    pub protocol: u8,
+    pub src: &'a [u8; 16],
+    pub dst: &'a [u8; 16],
+    pub dst_port: u16,
+}
+
+/// Whether user space must see `connection`: with `--all` always; otherwise when it
+/// violates the policy, when no rule matches and the policy alerts on that, or when the
+/// kernel cannot decide.
+pub fn must_report(connection: &Connection) -> bool {
+    // SAFETY: globals set by the loader; volatile keeps the default from being folded in.
+    let (report_all, report_unmatched) = unsafe {
+        (
+            core::ptr::read_volatile(&REPORT_ALL),
+            core::ptr::read_volatile(&REPORT_UNMATCHED),
+        )
+    };
+    if report_all != 0 {
+        return true;
+    }
+    let dst = connection.dst;
+    let candidates = if connection.family == AF_INET {
+        V4_DESTINATIONS.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
+    } else {
+        V6_DESTINATIONS.get(Key::new(128, *dst))
+    };
+    let Some(candidates) = candidates else {
+        return report_unmatched != 0;
+    };
+    match first_matching_rule(candidates, connection) {
+        Some(rule) => rule.undecidable != 0 || !allows_source(rule, connection),
+        None => candidates.truncated != 0 || report_unmatched != 0,
+    }
+}
+
+fn first_matching_rule<'a>(
+    candidates: &Candidates,
+    connection: &Connection,
+) -> Option<&'a KernelRule> {
+    let protocol = if connection.protocol == IPPROTO_TCP {
+        PROTOCOL_TCP
+    } else {
+        PROTOCOL_UDP
+    };
+    for index in 0..MAX_CANDIDATES {
+        if index as u32 >= candidates.count {
+            break;
+        }
+        let rule = RULES.get(candidates.rules[index])?;
+        if rule.protocols & protocol != 0 && includes_port(rule, connection.dst_port) {
+            return Some(rule);
+        }
+    }
+    None
+}
+
+fn includes_port(rule: &KernelRule, port: u16) -> bool {
+    if rule.port_range_count == 0 {
+        return true;
+    }
+    for index in 0..MAX_PORT_RANGES {
+        if index as u32 >= rule.port_range_count {
+            break;
+        }
+        let range = &rule.port_ranges[index];
+        if range.first <= port && port <= range.last {
+            return true;
+        }
+    }
+    false
+}
+
+fn allows_source(rule: &KernelRule, connection: &Connection) -> bool {
+    for index in 0..MAX_ALLOWED_SOURCES {
+        if index as u32 >= rule.source_count {
+            break;
+        }
+        let allowed = &rule.sources[index];
+        if allowed.family != u32::from(connection.family) {
+            continue;
+        }
+        let mut inside = true;
+        for byte in 0..16 {
+            if connection.src[byte] & allowed.mask[byte] != allowed.addr[byte] {
+                inside = false;
+            }
+        }
+        if inside {
+            return true;
+        }
+    }
+    false
+}
