@@ -42,13 +42,13 @@ pub fn count(counter: Counter) {
 
 /// Writes `record` to the ring buffer, or counts it as lost when the buffer is full.
 ///
-/// Waking the reader costs the connecting task several microseconds, so records are written
-/// without a wakeup and user space polls on a short timer; the reader is woken only when the
+/// Waking the reader costs the connecting task several microseconds, so only `urgent`
+/// records (violations) wake it; the others wait for user space's next poll, unless the
 /// buffer is half full, so that a burst cannot overflow it between two polls. The size is
 /// read from the map because user space may resize it at load (`--ring-buffer-size`).
-pub fn submit<T: 'static>(record: &T) {
+pub fn submit<T: 'static>(record: &T, urgent: bool) {
     let half = EVENTS.query(BPF_RB_RING_SIZE.into()) / 2;
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) > half {
+    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA.into()) > half {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

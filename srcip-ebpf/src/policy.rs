@@ -28,20 +28,34 @@ pub struct Connection<'a> {
     pub dst_port: u16,
 }
 
-/// Whether user space must see `connection`: with `--all` always; otherwise when it
-/// violates the policy, when no rule matches and the policy alerts on that, or when the
-/// kernel cannot decide.
-pub fn must_report(connection: &Connection) -> bool {
-    // SAFETY: globals set by the loader; volatile keeps the default from being folded in.
-    let (report_all, report_unmatched) = unsafe {
-        (
-            core::ptr::read_volatile(&REPORT_ALL),
-            core::ptr::read_volatile(&REPORT_UNMATCHED),
-        )
-    };
-    if report_all != 0 {
-        return true;
+/// How a connection reaches user space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Not at all: the policy finds nothing to report.
+    Skip,
+    /// With the next poll (`--all` reporting of a connection the policy finds fine).
+    Quiet,
+    /// At once: a violation, or a connection the kernel cannot decide.
+    Urgent,
+}
+
+pub fn delivery(connection: &Connection) -> Delivery {
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    let report_all = unsafe { core::ptr::read_volatile(&REPORT_ALL) };
+    if needs_attention(connection) {
+        Delivery::Urgent
+    } else if report_all != 0 {
+        Delivery::Quiet
+    } else {
+        Delivery::Skip
     }
+}
+
+/// A violation, an unmatched connection the policy alerts on, or one the kernel cannot
+/// decide.
+fn needs_attention(connection: &Connection) -> bool {
+    // SAFETY: as above.
+    let report_unmatched = unsafe { core::ptr::read_volatile(&REPORT_UNMATCHED) };
     let dst = connection.dst;
     let candidates = if connection.family == AF_INET {
         V4_DESTINATIONS.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))

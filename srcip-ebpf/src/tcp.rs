@@ -26,7 +26,7 @@ use srcip_common::record::{
 
 use crate::{
     maps::{count, submit},
-    policy::{Connection, must_report},
+    policy::{Connection, Delivery, delivery},
     scope::current_task_is_audited,
 };
 
@@ -55,7 +55,8 @@ fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
         dst: &dst_addr,
         dst_port,
     };
-    if !must_report(&connection) {
+    let delivery = delivery(&connection);
+    if delivery == Delivery::Skip {
         count(Counter::DecidedInKernel);
         return Ok(());
     }
@@ -82,7 +83,7 @@ fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
         reserved: [0; 2],
         comm: bpf_get_current_comm()?,
     };
-    submit(&record);
+    submit(&record, delivery == Delivery::Urgent);
     Ok(())
 }
 

@@ -1,9 +1,9 @@
 //! A live audit: kernel records in, alerts out.
 //!
 //! kernel → ring buffer → decode → attribute (cgroup path, netns inode) → match → alerts.
-//! The kernel writes records without waking user space (see `srcip-ebpf/src/maps.rs`), so
-//! the session polls the ring buffer every [`POLL_INTERVAL`] and also wakes when the kernel
-//! forces a wakeup because the buffer is filling up.
+//! The kernel wakes user space at once for violations and when the ring buffer is half full;
+//! other records (`--all` reporting of compliant connections) wait for the next poll, every
+//! [`POLL_INTERVAL`] (see `srcip-ebpf/src/maps.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,8 @@ use crate::{
     policy::{ConnectionKey, Decision, Matcher, Rule},
 };
 
-/// Longest time a record waits in the ring buffer before user space reads it.
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest time a record the kernel did not wake us for waits in the ring buffer.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the kernel's counters are read and audited cgroups are checked for having been
 /// recreated.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
