@@ -194,3 +194,59 @@ fn connection_text(report: &ConnectionReport) -> String {
             .map_or_else(|| "?".to_owned(), |inode| inode.to_string()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn violation() -> Alert {
+        Alert {
+            time: SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456),
+            body: AlertBody::Violation(ConnectionReport {
+                rule: Some("partner".into()),
+                action: "alert",
+                protocol: "tcp",
+                family: "ipv6",
+                src: "2001:db8::11".parse().unwrap(),
+                src_port: 40000,
+                dst: "2001:db8:50::50".parse().unwrap(),
+                dst_port: 443,
+                allowed_sources: vec!["2001:db8::10".into()],
+                pid: 42,
+                comm: "curl".into(),
+                uid: 0,
+                cgroup_id: 7,
+                cgroup: Some("/system.slice/payments.service".into()),
+                netns: None,
+                verdict: Verdict::Violation,
+            }),
+        }
+    }
+
+    #[test]
+    fn text_lines_are_readable_and_complete() {
+        assert_eq!(
+            text_line(&violation()),
+            "2025-11-24T16:00:00.123456Z VIOLATION rule=partner tcp [2001:db8::11]:40000 -> \
+             [2001:db8:50::50]:443 allowed=[2001:db8::10] pid=42 comm=curl uid=0 \
+             cgroup=/system.slice/payments.service netns=?"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_type_time_and_host() {
+        let line = serde_json::to_value(JsonLine {
+            body: &violation().body,
+            time: rfc3339(violation().time),
+            host: "web-1",
+        })
+        .unwrap();
+        assert_eq!(line["type"], "violation");
+        assert_eq!(line["time"], "2025-11-24T16:00:00.123456Z");
+        assert_eq!(line["host"], "web-1");
+        assert_eq!(line["netns"], serde_json::Value::Null);
+        assert_eq!(line["src"], "2001:db8::11");
+    }
+}
