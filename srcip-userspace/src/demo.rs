@@ -31,6 +31,7 @@ use crate::{
     loader::AuditSettings,
     policy::{self, Matcher},
     run::prepare_host,
+    system,
 };
 
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -69,6 +70,7 @@ async fn pause() {
 }
 
 async fn scenario() -> anyhow::Result<()> {
+    system::require_privileges()?;
     let mount = prepare_host()?;
     println!(
         "srcip demo: the 2 a.m. multi-IP incident, replayed in throw-away network namespaces\n"

@@ -59,9 +59,9 @@ fn refuse_unenforced_actions(policy: &Policy) -> Result<(), UnenforcedAction> {
     }
 }
 
-/// Everything `run` and `demo` check before loading programs; returns the cgroup2 mount.
+/// What `run` and `demo` need of the host besides privileges (checked first, by each);
+/// returns the cgroup2 mount.
 pub fn prepare_host() -> anyhow::Result<PathBuf> {
-    system::require_privileges()?;
     system::require_btf()?;
     let mount = system::cgroup2_mount()?;
     system::ensure_kernel_file_systems()?;
