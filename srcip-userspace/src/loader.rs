@@ -228,39 +228,47 @@ impl KernelPrograms {
 
 /// Fills the policy maps; every program reads them, so this happens before any attach.
 fn write_policy(ebpf: &mut Ebpf, policy: &KernelTables) -> Result<(), LoadError> {
-    let map_error = |name| move |source| LoadError::Map { name, source };
-
-    let mut v4: LpmTrie<&mut MapData, [u8; 4], Candidates> = LpmTrie::try_from(
-        ebpf.map_mut(names::V4_DESTINATIONS)
-            .ok_or(LoadError::Missing(names::V4_DESTINATIONS))?,
-    )
-    .map_err(map_error(names::V4_DESTINATIONS))?;
-    for (net, candidates) in &policy.v4 {
-        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-        v4.insert(&key, candidates, 0)
-            .map_err(map_error(names::V4_DESTINATIONS))?;
-    }
-
-    let mut v6: LpmTrie<&mut MapData, [u8; 16], Candidates> = LpmTrie::try_from(
-        ebpf.map_mut(names::V6_DESTINATIONS)
-            .ok_or(LoadError::Missing(names::V6_DESTINATIONS))?,
-    )
-    .map_err(map_error(names::V6_DESTINATIONS))?;
-    for (net, candidates) in &policy.v6 {
-        let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-        v6.insert(&key, candidates, 0)
-            .map_err(map_error(names::V6_DESTINATIONS))?;
-    }
-
-    let mut rules: Array<&mut MapData, KernelRule> = Array::try_from(
-        ebpf.map_mut(names::RULES)
-            .ok_or(LoadError::Missing(names::RULES))?,
-    )
-    .map_err(map_error(names::RULES))?;
+    fill_trie(
+        ebpf,
+        names::V4_DESTINATIONS,
+        policy.v4.iter().map(|(net, candidates)| {
+            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+            (key, candidates)
+        }),
+    )?;
+    fill_trie(
+        ebpf,
+        names::V6_DESTINATIONS,
+        policy.v6.iter().map(|(net, candidates)| {
+            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+            (key, candidates)
+        }),
+    )?;
+    let map_error = |source| LoadError::Map {
+        name: names::RULES,
+        source,
+    };
+    let map = ebpf
+        .map_mut(names::RULES)
+        .ok_or(LoadError::Missing(names::RULES))?;
+    let mut rules: Array<&mut MapData, KernelRule> = Array::try_from(map).map_err(map_error)?;
     for (index, rule) in policy.rules.iter().enumerate() {
-        rules
-            .set(index as u32, rule, 0)
-            .map_err(map_error(names::RULES))?;
+        rules.set(index as u32, rule, 0).map_err(map_error)?;
+    }
+    Ok(())
+}
+
+fn fill_trie<'a, K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: impl Iterator<Item = (Key<K>, &'a Candidates)>,
+) -> Result<(), LoadError> {
+    let map_error = |source| LoadError::Map { name, source };
+    let map = ebpf.map_mut(name).ok_or(LoadError::Missing(name))?;
+    let mut trie: LpmTrie<&mut MapData, K, Candidates> =
+        LpmTrie::try_from(map).map_err(map_error)?;
+    for (key, candidates) in entries {
+        trie.insert(&key, candidates, 0).map_err(map_error)?;
     }
     Ok(())
 }
