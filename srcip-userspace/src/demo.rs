@@ -92,7 +92,7 @@ async fn scenario() -> anyhow::Result<()> {
     println!("srcip is auditing every TCP connection on this machine.\n");
 
     println!("1. The payments app connects to the partner, as it does every day:");
-    expect(&mut session, &scene, Verdict::Compliant).await?;
+    connect_and_expect(&mut session, &scene, Verdict::Compliant).await?;
 
     pause().await;
     println!("\n2. A network restart brings back an old route that prefers the secondary address:");
@@ -100,7 +100,7 @@ async fn scenario() -> anyhow::Result<()> {
         &scene.host,
         "route replace 198.51.100.50/32 via 203.0.113.1 src 203.0.113.11",
     )?;
-    expect(&mut session, &scene, Verdict::Violation).await?;
+    connect_and_expect(&mut session, &scene, Verdict::Violation).await?;
 
     pause().await;
     println!(
@@ -108,7 +108,7 @@ async fn scenario() -> anyhow::Result<()> {
     );
     scene.ip(&scene.host, "rule add from 203.0.113.10 table 100")?;
     scene.ip(&scene.host, "route add default via 203.0.113.1 table 100")?;
-    expect(&mut session, &scene, Verdict::Violation).await?;
+    connect_and_expect(&mut session, &scene, Verdict::Violation).await?;
 
     pause().await;
     println!("\n4. Policy routing keyed on the destination, with the allowed source, does:");
@@ -118,7 +118,7 @@ async fn scenario() -> anyhow::Result<()> {
         &scene.host,
         "route replace default via 203.0.113.1 src 203.0.113.10 table 100",
     )?;
-    expect(&mut session, &scene, Verdict::Compliant).await?;
+    connect_and_expect(&mut session, &scene, Verdict::Compliant).await?;
 
     for alert in session.stop() {
         print_partner_alert(&alert);
@@ -131,7 +131,11 @@ async fn scenario() -> anyhow::Result<()> {
 
 /// Connects from the host namespace and waits for srcip's report of that connection, which
 /// must have `verdict`. Prints both sides: what the partner did and what srcip saw.
-async fn expect(session: &mut AuditSession, scene: &Scene, verdict: Verdict) -> anyhow::Result<()> {
+async fn connect_and_expect(
+    session: &mut AuditSession,
+    scene: &Scene,
+    verdict: Verdict,
+) -> anyhow::Result<()> {
     let outcome = connect_from(&scene.host)?;
     match &outcome.reply {
         Some(reply) => println!(

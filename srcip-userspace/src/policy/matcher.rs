@@ -200,7 +200,7 @@ mod tests {
     use super::*;
 
     fn matcher(text: &str) -> Matcher {
-        Matcher::new(super::super::parse::parse(Path::new("p.toml"), text).unwrap()).unwrap()
+        Matcher::new(crate::policy::parse(Path::new("p.toml"), text).unwrap()).unwrap()
     }
 
     fn tcp(src: &str, dst: &str, dst_port: u16) -> ConnectionKey {
