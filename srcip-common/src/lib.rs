@@ -14,6 +14,8 @@ pub mod scope;
 pub mod names {
     /// Ring buffer of [`crate::record`] records, kernel → user space.
     pub const EVENTS: &str = "EVENTS";
+    /// Global: unread bytes in `EVENTS` above which every record wakes the reader.
+    pub const EVENTS_WAKEUP_BYTES: &str = "EVENTS_WAKEUP_BYTES";
     /// Per-CPU `u64` counters indexed by [`crate::record::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Hash of audited cgroup ids, see [`crate::scope`].

@@ -1,7 +1,7 @@
 //! Maps shared by every hook, and the two ways a hook hands something to user space.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
@@ -13,6 +13,11 @@ use srcip_common::{
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Unread bytes in `EVENTS` above which every record wakes the reader: half the buffer,
+/// set by the loader with the size it gives `EVENTS` (`--ring-buffer-size`).
+#[unsafe(no_mangle)]
+static EVENTS_WAKEUP_BYTES: u64 = EVENTS_RING_BYTES as u64 / 2;
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -44,11 +49,11 @@ pub fn count(counter: Counter) {
 ///
 /// Waking the reader costs the connecting task several microseconds, so only `urgent`
 /// records (violations) wake it; the others wait for user space's next poll, unless the
-/// buffer is half full, so that a burst cannot overflow it between two polls. The size is
-/// read from the map because user space may resize it at load (`--ring-buffer-size`).
+/// buffer is half full, so that a burst cannot overflow it between two polls.
 pub fn submit<T: 'static>(record: &T, urgent: bool) {
-    let half = EVENTS.query(BPF_RB_RING_SIZE.into()) / 2;
-    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA.into()) > half {
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    let threshold = unsafe { core::ptr::read_volatile(&EVENTS_WAKEUP_BYTES) };
+    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA.into()) > threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -73,7 +73,7 @@ impl AuditSession {
     }
 
     /// Every alert for the records in the ring buffer now, and for lost records.
-    pub fn drain(&mut self) -> Vec<Alert> {
+    fn drain(&mut self) -> Vec<Alert> {
         let mut alerts = Vec::new();
         let (matcher, cgroup_names, netns) =
             (&self.matcher, &mut self.cgroup_names, &mut self.netns);
@@ -86,15 +86,13 @@ impl AuditSession {
                     dst: event.dst,
                     dst_port: event.dst_port,
                 });
-                let violation = matches!(
-                    decision,
-                    Decision::Violation(_) | Decision::UnmatchedViolation
-                );
+                let (rule, verdict) = rule_and_verdict(decision);
+                let violation = verdict == Verdict::Violation;
                 // Attribution costs file-system walks: only for what will be reported.
                 if !violation && !report_all {
                     return;
                 }
-                let report = Self::report(decision, cgroup_names, netns, &event);
+                let report = Self::report(rule, verdict, cgroup_names, netns, &event);
                 if report_all {
                     alerts.push(Alert {
                         time: event.time,
@@ -169,17 +167,12 @@ impl AuditSession {
     }
 
     fn report(
-        decision: Decision<'_>,
+        rule: Option<&Rule>,
+        verdict: Verdict,
         cgroup_names: &mut CgroupNames,
         netns: &mut NetnsInodes,
         event: &ConnectEvent,
     ) -> ConnectionReport {
-        let (rule, verdict): (Option<&Rule>, Verdict) = match decision {
-            Decision::Compliant(rule) => (Some(rule), Verdict::Compliant),
-            Decision::Violation(rule) => (Some(rule), Verdict::Violation),
-            Decision::UnmatchedViolation => (None, Verdict::Violation),
-            Decision::Unmatched => (None, Verdict::Unmatched),
-        };
         ConnectionReport {
             rule: rule.map(|rule| rule.name.clone()),
             action: rule.map_or("alert", |rule| rule.action.as_str()),
@@ -221,6 +214,15 @@ impl AuditSession {
 
     pub fn matcher(&self) -> &Matcher {
         &self.matcher
+    }
+}
+
+fn rule_and_verdict(decision: Decision<'_>) -> (Option<&Rule>, Verdict) {
+    match decision {
+        Decision::Compliant(rule) => (Some(rule), Verdict::Compliant),
+        Decision::Violation(rule) => (Some(rule), Verdict::Violation),
+        Decision::UnmatchedViolation => (None, Verdict::Violation),
+        Decision::Unmatched => (None, Verdict::Unmatched),
     }
 }
 

@@ -123,6 +123,7 @@ impl KernelPrograms {
             level_mask |= 1 << cgroup.level;
         }
         let report_all = u32::from(report_all);
+        let wakeup_bytes = u64::from(ring_buffer_bytes / 2);
         let report_unmatched = u32::from(policy.report_unmatched);
         // Map sizes fit the policy exactly; a map cannot have zero entries.
         let entries = |count: usize| u32::try_from(count.max(1)).unwrap_or(u32::MAX);
@@ -131,6 +132,7 @@ impl KernelPrograms {
             .override_global(names::REPORT_ALL, &report_all, true)
             .override_global(names::REPORT_UNMATCHED, &report_unmatched, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
+            .override_global(names::EVENTS_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::V4_DESTINATIONS, entries(policy.v4.len()))
             .map_max_entries(names::V6_DESTINATIONS, entries(policy.v6.len()))
             .map_max_entries(names::RULES, entries(policy.rules.len()))
