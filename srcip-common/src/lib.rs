@@ -5,6 +5,7 @@
 //! fails the build if its size ever changes by accident.
 #![no_std]
 
+pub mod owner;
 pub mod policy;
 pub mod record;
 pub mod scope;
@@ -31,6 +32,13 @@ pub mod names {
     pub const REPORT_ALL: &str = "REPORT_ALL";
     /// Global: non-zero reports connections no rule matches (`unmatched = "alert"`).
     pub const REPORT_UNMATCHED: &str = "REPORT_UNMATCHED";
+    /// Socket-local storage of `owner::SocketOwner`.
+    pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
+    /// The `cgroup/sock_create` program that records a socket's owner.
+    pub const SOCK_CREATE_PROGRAM: &str = "srcip_sock_create";
+    /// The `cgroup/connect4` and `connect6` programs that adopt sockets created before srcip.
+    pub const CONNECT4_PROGRAM: &str = "srcip_connect4";
+    pub const CONNECT6_PROGRAM: &str = "srcip_connect6";
     /// The sock_ops program that records TCP connects.
     pub const TCP_CONNECT_PROGRAM: &str = "srcip_tcp_connect";
 }

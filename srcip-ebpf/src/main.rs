@@ -3,6 +3,7 @@
 #![no_main]
 
 mod maps;
+mod owner;
 mod policy;
 mod scope;
 mod tcp;

@@ -1,24 +1,23 @@
 //! TCP: the source address the kernel really chose for an outbound connection.
 //!
-//! Hook: sock_ops at `BPF_SOCK_OPS_TCP_CONNECT_CB` (Linux ≥ 4.13, no callback flags needed).
-//! `tcp_connect()` calls it after the route lookup chose the source address and after the
-//! source port was chosen, in the context of the task calling `connect()`, so the current
-//! pid, comm, uid and cgroup are the connecting process's. Reads `bpf_sock_ops.op`,
-//! `family`, `local_ip4`/`remote_ip4` and `local_ip6`/`remote_ip6` (network order),
-//! `local_port` (host order) and `remote_port` (network order in the upper 16 bits).
+//! Hook: sock_ops at `BPF_SOCK_OPS_TCP_CONNECT_CB` (no callback flags needed). `tcp_connect()`
+//! calls it after the route lookup chose the source address and after the source port was
+//! chosen. Reads `bpf_sock_ops.op`, `family`, `local_ip4`/`remote_ip4` and
+//! `local_ip6`/`remote_ip6` (network order), `local_port` (host order), `remote_port`
+//! (network order in the upper 16 bits) and `sk`.
+//!
+//! Who connected comes from the socket's owner record (`owner.rs`), never from the task on
+//! the CPU: sock_ops may run outside the owner's context, and before Linux 6.10 it may not
+//! call the current-task helpers at all. So this program calls only helpers every supported
+//! kernel allows in sock_ops: socket storage, the ring buffer and the clock.
 //!
 //! Why not earlier: at `cgroup/connect4/6` the source is not chosen yet. Why not the
 //! `sock:inet_sock_set_state` tracepoint: the source port may still be zero there, and it
-//! cannot read the network-namespace cookie.
+//! cannot read socket storage.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_boot_ns},
-    },
-    macros::sock_ops,
-    programs::SockOpsContext,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::generated::bpf_ktime_get_boot_ns,
+    macros::sock_ops, programs::SockOpsContext,
 };
 use srcip_common::record::{
     AF_INET, AF_INET6, ConnectRecord, Counter, IPPROTO_TCP, RecordHeader, RecordKind,
@@ -26,26 +25,32 @@ use srcip_common::record::{
 
 use crate::{
     maps::{count, submit},
+    owner::owner_of,
     policy::{Connection, Delivery, delivery},
-    scope::current_task_is_audited,
 };
 
 #[sock_ops]
 pub fn srcip_tcp_connect(ctx: SockOpsContext) -> u32 {
     // sock_ops runs for several callbacks per connection; only the connect one matters.
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB && try_record_connect(&ctx).is_err() {
-        count(Counter::HookErrors);
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        record_connect(&ctx);
     }
     // The return value is ignored for this callback; the connection always proceeds.
     1
 }
 
-fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
-    if !current_task_is_audited() {
-        return Ok(());
+fn record_connect(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer the kernel passed to this program.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
     }
+    // No owner: the socket's owner is not audited.
+    let Some(owner) = owner_of(sk) else {
+        return;
+    };
     let Some((family, src_addr, dst_addr)) = addresses(ctx) else {
-        return Ok(());
+        return;
     };
     let dst_port = u16::from_be((ctx.remote_port() >> 16) as u16);
     let connection = Connection {
@@ -58,9 +63,8 @@ fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
     let delivery = delivery(&connection);
     if delivery == Delivery::Skip {
         count(Counter::DecidedInKernel);
-        return Ok(());
+        return;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
     let record = ConnectRecord {
         header: RecordHeader {
             kind: RecordKind::Connect as u32,
@@ -68,25 +72,21 @@ fn try_record_connect(ctx: &SockOpsContext) -> Result<(), i32> {
             // SAFETY: helper without arguments.
             boot_time_ns: unsafe { bpf_ktime_get_boot_ns() },
         },
-        // SAFETY: helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        // SAFETY: `ctx.ops` is the program's own context pointer, as the helper expects.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        cgroup_id: owner.cgroup_id,
+        netns_cookie: owner.netns_cookie,
         src_addr,
         dst_addr,
-        pid: (pid_tgid >> 32) as u32,
-        uid: bpf_get_current_uid_gid() as u32,
+        pid: owner.pid,
+        uid: owner.uid,
         src_port: ctx.local_port() as u16,
         dst_port,
         family,
         protocol: IPPROTO_TCP,
         reserved: [0; 2],
-        comm: bpf_get_current_comm()?,
+        comm: owner.comm,
     };
     submit(&record, delivery == Delivery::Urgent);
-    Ok(())
 }
-
 /// The family on the wire and both addresses in network order. An IPv6 socket connecting to
 /// an IPv4-mapped address sends IPv4, so it is reported as IPv4.
 fn addresses(ctx: &SockOpsContext) -> Option<(u8, [u8; 16], [u8; 16])> {

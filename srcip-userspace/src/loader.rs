@@ -5,7 +5,10 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, SockOps, sock_ops::SockOpsLinkId},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, cgroup_sock::CgroupSockLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
+    },
 };
 use nix::sys::resource::{Resource, setrlimit};
 use srcip_common::{
@@ -17,10 +20,12 @@ use tracing::{debug, info, warn};
 
 use crate::{cgroup::AuditedCgroup, policy::KernelTables};
 
-/// Where a program attaches.
+/// Where a program attaches; every hook is on the cgroup2 root.
 #[derive(Clone, Copy)]
 enum Hook {
-    /// sock_ops on the cgroup2 root.
+    /// `cgroup/sock_create` or `cgroup/connect4/6`, whose attach type the object names.
+    CgroupSock,
+    CgroupSockAddr,
     SockOps,
 }
 
@@ -32,13 +37,30 @@ struct ProgramSpec {
     provides: &'static str,
 }
 
-/// Every program srcip attaches. All are required: auditing with a hook missing would
-/// silently miss connections.
-const PROGRAMS: &[ProgramSpec] = &[ProgramSpec {
-    name: names::TCP_CONNECT_PROGRAM,
-    hook: Hook::SockOps,
-    provides: "the source address of TCP connections (sock_ops, Linux ≥ 4.13)",
-}];
+/// Every program srcip attaches, in this order: owners are recorded before any connection
+/// is. All are required: auditing with a hook missing would silently miss connections.
+const PROGRAMS: &[ProgramSpec] = &[
+    ProgramSpec {
+        name: names::SOCK_CREATE_PROGRAM,
+        hook: Hook::CgroupSock,
+        provides: "the owner of each new socket (cgroup/sock_create)",
+    },
+    ProgramSpec {
+        name: names::CONNECT4_PROGRAM,
+        hook: Hook::CgroupSockAddr,
+        provides: "the owner of IPv4 sockets created before srcip started (cgroup/connect4)",
+    },
+    ProgramSpec {
+        name: names::CONNECT6_PROGRAM,
+        hook: Hook::CgroupSockAddr,
+        provides: "the owner of IPv6 sockets created before srcip started (cgroup/connect6)",
+    },
+    ProgramSpec {
+        name: names::TCP_CONNECT_PROGRAM,
+        hook: Hook::SockOps,
+        provides: "the source address of TCP connections (sock_ops)",
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -69,6 +91,8 @@ pub enum LoadError {
 }
 
 enum AttachedLink {
+    CgroupSock(CgroupSockLinkId),
+    CgroupSockAddr(CgroupSockAddrLinkId),
     SockOps(SockOpsLinkId),
 }
 
@@ -194,15 +218,26 @@ impl KernelPrograms {
             .ebpf
             .program_mut(spec.name)
             .ok_or(LoadError::Missing(spec.name))?;
+        // `Single` goes through bpf_link_create, which never locks other programs out of the
+        // cgroup (`AllowMultiple` fails with EINVAL on aya 0.14).
+        let mode = CgroupAttachMode::Single;
         match spec.hook {
+            Hook::CgroupSock => {
+                let program: &mut CgroupSock = program.try_into().map_err(program_error)?;
+                program.load().map_err(program_error)?;
+                let link = program.attach(cgroup_root, mode).map_err(program_error)?;
+                Ok(AttachedLink::CgroupSock(link))
+            }
+            Hook::CgroupSockAddr => {
+                let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
+                program.load().map_err(program_error)?;
+                let link = program.attach(cgroup_root, mode).map_err(program_error)?;
+                Ok(AttachedLink::CgroupSockAddr(link))
+            }
             Hook::SockOps => {
                 let program: &mut SockOps = program.try_into().map_err(program_error)?;
                 program.load().map_err(program_error)?;
-                // `Single` goes through bpf_link_create, which never locks other programs
-                // out of the cgroup (`AllowMultiple` fails with EINVAL on aya 0.14).
-                let link = program
-                    .attach(cgroup_root, CgroupAttachMode::Single)
-                    .map_err(program_error)?;
+                let link = program.attach(cgroup_root, mode).map_err(program_error)?;
                 Ok(AttachedLink::SockOps(link))
             }
         }
@@ -211,11 +246,17 @@ impl KernelPrograms {
     /// Detaches every program, logging (not failing on) a program that will not detach, so
     /// that the others are still removed.
     pub fn detach(&mut self) {
-        for (name, link) in std::mem::take(&mut self.links) {
+        // The reverse of the attach order: connections stop being recorded first.
+        for (name, link) in std::mem::take(&mut self.links).into_iter().rev() {
+            let program = self.ebpf.program_mut(name);
             let result = match link {
-                AttachedLink::SockOps(link) => self
-                    .ebpf
-                    .program_mut(name)
+                AttachedLink::CgroupSock(link) => program
+                    .and_then(|program| <&mut CgroupSock>::try_from(program).ok())
+                    .map(|program| program.detach(link)),
+                AttachedLink::CgroupSockAddr(link) => program
+                    .and_then(|program| <&mut CgroupSockAddr>::try_from(program).ok())
+                    .map(|program| program.detach(link)),
+                AttachedLink::SockOps(link) => program
                     .and_then(|program| <&mut SockOps>::try_from(program).ok())
                     .map(|program| program.detach(link)),
             };

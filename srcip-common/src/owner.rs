@@ -1,0 +1,27 @@
+//! Who owns a socket, as the kernel side keeps it in socket-local storage.
+//!
+//! The hook that sees a TCP connection's final source (sock_ops at `TCP_CONNECT_CB`) may run
+//! outside the owner's context (an io_uring worker, a kernel thread), and on Linux before 6.10
+//! it cannot ask who is current anyway. So the owner is taken where it is certain: when the
+//! socket is created (`cgroup/sock_create`, in the creating task), or, for a socket created
+//! before srcip started, when it connects (`cgroup/connect4/6`, in the connecting task). Both
+//! hooks have every attribution helper on every supported kernel. The storage is freed with
+//! the socket.
+
+/// The socket's owner. Present only for sockets whose owner is audited (`--cgroup`), so an
+/// absent entry means "not ours to report".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOwner {
+    /// cgroup v2 id of the task that created the socket: the socket's own cgroup.
+    pub cgroup_id: u64,
+    /// Cookie of the socket's network namespace.
+    pub netns_cookie: u64,
+    /// Thread-group id of the creating task.
+    pub pid: u32,
+    pub uid: u32,
+    /// Command name of the creating thread, NUL-padded; all zero when the kernel refused it.
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 40);
