@@ -32,6 +32,10 @@ pub mod names {
     pub const REPORT_ALL: &str = "REPORT_ALL";
     /// Global: non-zero reports connections no rule matches (`unmatched = "alert"`).
     pub const REPORT_UNMATCHED: &str = "REPORT_UNMATCHED";
+    /// Global: srcip's own process id; its sockets are recorded but never audited.
+    pub const DAEMON_TGID: &str = "DAEMON_TGID";
+    /// Global: non-zero audits srcip's own sockets too.
+    pub const AUDIT_DAEMON: &str = "AUDIT_DAEMON";
     /// Socket-local storage of `owner::SocketOwner`.
     pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
     /// The `cgroup/sock_create` program that records a socket's owner.

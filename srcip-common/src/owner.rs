@@ -8,8 +8,10 @@
 //! hooks have every attribution helper on every supported kernel. The storage is freed with
 //! the socket.
 
-/// The socket's owner. Present only for sockets whose owner is audited (`--cgroup`), so an
-/// absent entry means "not ours to report".
+/// The socket's owner. Present for sockets whose owner is audited (`--cgroup`), and for
+/// srcip's own sockets, which are never audited: the daemon reads their `netns_cookie` to
+/// learn a namespace's cookie (`srcip-userspace/src/netns.rs`). An absent entry means "not
+/// ours to report".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SocketOwner {
@@ -22,6 +24,16 @@ pub struct SocketOwner {
     pub uid: u32,
     /// Command name of the creating thread, NUL-padded; all zero when the kernel refused it.
     pub comm: [u8; 16],
+    /// Non-zero: the socket's connections are audited.
+    pub audited: u32,
+    /// Explicit padding so the layout has no hidden holes; always zero.
+    pub reserved: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 40);
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 48);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data with explicit widths and no padding (size asserted above).
+    unsafe impl aya::Pod for super::SocketOwner {}
+}

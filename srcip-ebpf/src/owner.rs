@@ -24,6 +24,13 @@ use crate::{maps::count, scope::current_task_is_audited};
 #[btf_map]
 static SOCKET_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
 
+/// srcip's own process id, set by the loader.
+#[unsafe(no_mangle)]
+static DAEMON_TGID: u32 = 0;
+/// Set by the loader for `srcip demo`, whose client is a thread of srcip.
+#[unsafe(no_mangle)]
+static AUDIT_DAEMON: u32 = 0;
+
 /// Both cgroup hooks allow the operation whatever srcip finds: it observes, it never refuses.
 const ALLOW: i32 = 1;
 
@@ -36,9 +43,14 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     let inet = sock.family == u32::from(AF_INET) || sock.family == u32::from(AF_INET6);
     let transport =
         sock.protocol == u32::from(IPPROTO_TCP) || sock.protocol == u32::from(IPPROTO_UDP);
-    if inet && transport && current_task_is_audited() {
+    if !(inet && transport) {
+        return ALLOW;
+    }
+    let daemon = current_task_is_daemon();
+    let audited = (!daemon || audits_daemon()) && current_task_is_audited();
+    if audited || daemon {
         // In this hook the storage helper takes the context itself as the socket.
-        store_current_task_as_owner(ctx.sock.cast(), ctx.sock.cast());
+        store_current_task_as_owner(ctx.sock.cast(), ctx.sock.cast(), audited);
     }
     ALLOW
 }
@@ -61,13 +73,33 @@ fn adopt_unowned(ctx: &SockAddrContext) {
     // SAFETY: the context pointer the kernel passed to this program; `sk` is never null in
     // connect hooks.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    if owner_of(sk).is_none() && current_task_is_audited() {
-        store_current_task_as_owner(ctx.sock_addr.cast(), sk);
+    if owner_of(sk).is_none()
+        && (!current_task_is_daemon() || audits_daemon())
+        && current_task_is_audited()
+    {
+        store_current_task_as_owner(ctx.sock_addr.cast(), sk, true);
     }
 }
 
-/// The owner recorded for `sk`, if it is audited.
-pub fn owner_of(sk: *mut bpf_sock) -> Option<&'static SocketOwner> {
+fn audits_daemon() -> bool {
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    unsafe { core::ptr::read_volatile(&AUDIT_DAEMON) != 0 }
+}
+
+/// srcip does not audit itself, unless told to: its own connections (alert delivery) would
+/// report on the reports.
+fn current_task_is_daemon() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    tgid == unsafe { core::ptr::read_volatile(&DAEMON_TGID) }
+}
+
+/// The owner of `sk` when its connections are audited.
+pub fn audited_owner_of(sk: *mut bpf_sock) -> Option<&'static SocketOwner> {
+    owner_of(sk).filter(|owner| owner.audited != 0)
+}
+
+fn owner_of(sk: *mut bpf_sock) -> Option<&'static SocketOwner> {
     // SAFETY: `sk` is a socket pointer the kernel gave this hook; without the create flag the
     // helper only looks up. The map pointer is the map's own definition, as the helper expects.
     let owner = unsafe {
@@ -79,7 +111,7 @@ pub fn owner_of(sk: *mut bpf_sock) -> Option<&'static SocketOwner> {
 }
 
 /// `ctx` is the program's context, which the namespace helper takes; `sk` the socket.
-fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock) {
+fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock, audited: bool) {
     let owner = SocketOwner {
         // SAFETY: helpers without arguments, or with the program's own context.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -88,6 +120,8 @@ fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock) {
         uid: bpf_get_current_uid_gid() as u32,
         // A missing name must not lose the owner: the connection is still reported.
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        audited: u32::from(audited),
+        reserved: 0,
     };
     // SAFETY: as in `owner_of`; the helper copies `owner` into the new storage.
     let stored = unsafe {

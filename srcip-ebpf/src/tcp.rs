@@ -25,7 +25,7 @@ use srcip_common::record::{
 
 use crate::{
     maps::{count, submit},
-    owner::owner_of,
+    owner::audited_owner_of,
     policy::{Connection, Delivery, delivery},
 };
 
@@ -45,8 +45,7 @@ fn record_connect(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    // No owner: the socket's owner is not audited.
-    let Some(owner) = owner_of(sk) else {
+    let Some(owner) = audited_owner_of(sk) else {
         return;
     };
     let Some((family, src_addr, dst_addr)) = addresses(ctx) else {

@@ -55,7 +55,7 @@ impl AuditSession {
             matcher,
             report_all: settings.report_all,
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
-            netns: NetnsInodes::default(),
+            netns: NetnsInodes::new(maps.socket_owners),
             lost_reported: 0,
             hook_errors_reported: 0,
             housekeeping_at: Instant::now(),

@@ -87,6 +87,8 @@ async fn scenario() -> anyhow::Result<()> {
             audited: &[],
             report_all: true,
             ring_buffer_bytes: EVENTS_RING_BYTES,
+            // The demo's "payments app" is a thread of this process.
+            audit_self: true,
         },
     )?;
     println!("srcip is auditing every TCP connection on this machine.\n");

@@ -4,7 +4,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
@@ -13,6 +13,7 @@ use aya::{
 use nix::sys::resource::{Resource, setrlimit};
 use srcip_common::{
     names,
+    owner::SocketOwner,
     policy::{Candidates, KernelRule},
     scope::MAX_CGROUP_LEVEL,
 };
@@ -112,6 +113,8 @@ pub struct AuditSettings<'a> {
     pub ring_buffer_bytes: u32,
     /// Report every connection (`run --all`), not only those the policy flags.
     pub report_all: bool,
+    /// Audit srcip's own connections too (the demo's client is a thread of srcip).
+    pub audit_self: bool,
 }
 
 /// Maps user space uses while auditing.
@@ -120,6 +123,8 @@ pub struct EventMaps {
     pub counters: PerCpuArray<MapData, u64>,
     /// Audited cgroup ids, kept current when an audited cgroup is recreated.
     pub audited_cgroups: HashMap<MapData, u64, u8>,
+    /// Socket owners; srcip's own sockets' entries tell namespace cookies.
+    pub socket_owners: SkStorage<MapData, SocketOwner>,
 }
 
 impl KernelPrograms {
@@ -134,6 +139,7 @@ impl KernelPrograms {
             audited,
             ring_buffer_bytes,
             report_all,
+            audit_self,
         } = settings;
         raise_memlock_limit();
         let mut level_mask = 0u64;
@@ -149,12 +155,16 @@ impl KernelPrograms {
         let report_all = u32::from(report_all);
         let wakeup_bytes = u64::from(ring_buffer_bytes / 2);
         let report_unmatched = u32::from(policy.report_unmatched);
+        let daemon_tgid = std::process::id();
+        let audit_daemon = u32::from(audit_self);
         // Map sizes fit the policy exactly; a map cannot have zero entries.
         let entries = |count: usize| u32::try_from(count.max(1)).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AUDITED_CGROUP_LEVELS, &level_mask, true)
             .override_global(names::REPORT_ALL, &report_all, true)
             .override_global(names::REPORT_UNMATCHED, &report_unmatched, true)
+            .override_global(names::DAEMON_TGID, &daemon_tgid, true)
+            .override_global(names::AUDIT_DAEMON, &audit_daemon, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .override_global(names::EVENTS_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::V4_DESTINATIONS, entries(policy.v4.len()))
@@ -180,6 +190,7 @@ impl KernelPrograms {
             events: take_map(&mut ebpf, names::EVENTS)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             audited_cgroups,
+            socket_owners: take_map(&mut ebpf, names::SOCKET_OWNERS)?,
         };
 
         let cgroup_root = File::open(cgroup2_mount).map_err(|source| LoadError::OpenCgroup {

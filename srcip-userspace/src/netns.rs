@@ -1,70 +1,71 @@
 //! Network namespaces: the kernel side can only read a namespace's cookie; users know a
-//! namespace by its inode (`lsns`, `/proc/PID/ns/net`, `ip netns`). This maps one to the
-//! other by entering candidate namespaces on a short-lived thread and asking a socket there
-//! for its `SO_NETNS_COOKIE`. Results are cached, so each namespace is probed once.
+//! namespace by its inode (`lsns`, `/proc/PID/ns/net`, `ip netns`).
+//!
+//! To learn a namespace's cookie, a short-lived thread enters it (`setns`, which needs
+//! CAP_SYS_ADMIN), creates a socket there, and reads back the cookie that srcip's own
+//! `cgroup/sock_create` program stored for that socket (`srcip_common::owner`). This works on
+//! every kernel srcip supports; `SO_NETNS_COOKIE`, the direct way, needs Linux 5.14.
+//!
+//! Only two places are searched, both cheap, so that writing an alert never waits on a scan
+//! of every process: the namespace of the socket's owner (`/proc/PID/ns/net`) and the named
+//! ones (`/run/netns`). A namespace found in neither is reported as `null`.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::{self, File},
     io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
+use aya::maps::{MapData, SkStorage};
 use nix::{
-    getsockopt_impl,
     sched::{CloneFlags, setns},
-    sockopt_impl,
-    sys::socket::{AddressFamily, SockFlag, SockType, getsockopt, socket},
+    sys::socket::{AddressFamily, SockFlag, SockType, socket},
 };
+use srcip_common::owner::SocketOwner;
 
-sockopt_impl!(
-    /// `SO_NETNS_COOKIE` (Linux ≥ 5.14): the cookie of the socket's network namespace.
-    NetnsCookie,
-    GetOnly,
-    libc::SOL_SOCKET,
-    libc::SO_NETNS_COOKIE,
-    u64
-);
-
-#[derive(Default)]
 pub struct NetnsInodes {
-    /// `None`: searched everywhere and not found. Cookies are never reused, so a namespace
-    /// that could not be found is not searched for again.
+    owners: SkStorage<MapData, SocketOwner>,
+    /// `None`: searched and not found. A cookie is never reused, so it is not searched again.
     inode_by_cookie: HashMap<u64, Option<u64>>,
-    probed_inodes: HashSet<u64>,
+    /// The cookie each probed inode had. Inodes are reused once a namespace is gone, so a
+    /// probed inode whose cookie differs from the one sought is probed again.
+    cookie_by_inode: HashMap<u64, u64>,
 }
 
 impl NetnsInodes {
-    /// The inode of the namespace with `cookie`. `pid` is the process that used it, the most
-    /// likely place to find it; after that, named namespaces and every process are tried.
+    /// `owners` is the kernel's socket-owner storage, where the probe sockets' cookies land.
+    pub fn new(owners: SkStorage<MapData, SocketOwner>) -> Self {
+        Self {
+            owners,
+            inode_by_cookie: HashMap::new(),
+            cookie_by_inode: HashMap::new(),
+        }
+    }
+
+    /// The inode of the namespace with `cookie`; `pid` is the socket's owner.
     pub fn inode_of(&mut self, cookie: u64, pid: u32) -> Option<u64> {
         if let Some(known) = self.inode_by_cookie.get(&cookie) {
             return *known;
         }
-        let first = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let named = dir_entries("/run/netns");
-        let every_process = dir_entries("/proc")
-            .into_iter()
-            .map(|process| process.join("ns/net"));
-        for candidate in std::iter::once(first).chain(named).chain(every_process) {
-            if self.probe(&candidate) == Some(cookie) {
-                return self.inode_by_cookie.get(&cookie).copied().flatten();
-            }
-        }
-        self.inode_by_cookie.insert(cookie, None);
-        None
+        let owners = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let found = std::iter::once(owners)
+            .chain(dir_entries("/run/netns"))
+            .find_map(|candidate| self.probe(&candidate, cookie));
+        self.inode_by_cookie.insert(cookie, found);
+        found
     }
 
-    /// Records the cookie of the namespace at `path` unless that namespace was probed before.
-    fn probe(&mut self, path: &Path) -> Option<u64> {
+    /// The inode of the namespace at `path` when its cookie is `wanted`.
+    fn probe(&mut self, path: &Path, wanted: u64) -> Option<u64> {
         let inode = fs::metadata(path).ok()?.ino();
-        if !self.probed_inodes.insert(inode) {
-            return None;
+        if self.cookie_by_inode.get(&inode) != Some(&wanted) {
+            let cookie = cookie_of(&self.owners, path).ok()?;
+            self.cookie_by_inode.insert(inode, cookie);
+            self.inode_by_cookie.insert(cookie, Some(inode));
         }
-        let cookie = cookie_of(path).ok()?;
-        self.inode_by_cookie.insert(cookie, Some(inode));
-        Some(cookie)
+        (self.cookie_by_inode.get(&inode) == Some(&wanted)).then_some(inode)
     }
 }
 
@@ -80,19 +81,20 @@ fn dir_entries(dir: &str) -> Vec<PathBuf> {
 
 /// `setns` moves only the calling thread, so a scoped thread enters the namespace and ends
 /// there; the daemon's own threads never leave theirs.
-fn cookie_of(path: &Path) -> io::Result<u64> {
+fn cookie_of(owners: &SkStorage<MapData, SocketOwner>, path: &Path) -> io::Result<u64> {
     let namespace = File::open(path)?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 setns(&namespace, CloneFlags::CLONE_NEWNET)?;
                 let socket = socket(
-                    AddressFamily::Unix,
+                    AddressFamily::Inet,
                     SockType::Datagram,
                     SockFlag::SOCK_CLOEXEC,
                     None,
                 )?;
-                Ok(getsockopt(&socket, NetnsCookie)?)
+                let owner = owners.get(&socket, 0).map_err(io::Error::other)?;
+                Ok(owner.netns_cookie)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace probe thread panicked")))

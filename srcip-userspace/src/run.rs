@@ -90,6 +90,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             audited: &audited,
             report_all: config.report_all,
             ring_buffer_bytes: config.ring_buffer_bytes,
+            audit_self: false,
         },
     )?;
     let started = AlertBody::Started {

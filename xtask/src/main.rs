@@ -1,6 +1,8 @@
 //! `cargo xtask`: what cargo alone cannot do. `setup` installs the eBPF toolchain pieces a
 //! fresh machine lacks, `demo` and `test` set up, build and run as root.
 
+mod kernels;
+mod matrix;
 mod setup;
 
 use std::{
@@ -20,12 +22,16 @@ enum Task {
     Setup,
     /// Set up, build, and run `srcip demo`.
     Demo,
-    /// Set up, build, and run every test: unit tests and the integration tests that load
-    /// the real programs (needs root).
+    /// Set up, build, and run every test (needs root): the unit and integration tests on
+    /// the host's kernel, then the integration tests inside a VM of each kernel of the
+    /// matrix (Debian's 5.10, 6.1 and 6.12). Kernels and VM tools are installed and cached
+    /// on first use.
     Test {
-        /// Extra arguments for `cargo test`, such as a test name.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        cargo_test_args: Vec<String>,
+        /// Run on this kernel only: `host`, or a series of the matrix (`5.10`, `6.1`, `6.12`).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Run only the tests whose name contains this.
+        filter: Option<String>,
     },
 }
 
@@ -47,17 +53,91 @@ fn run(task: Task) -> anyhow::Result<()> {
             build_release()?;
             exec(Command::new(workspace_root().join("target/release/srcip")).arg("demo"))
         }
-        Task::Test { cargo_test_args } => {
-            setup::run()?;
-            build_release()?;
-            let srcip = workspace_root().join("target/release/srcip");
-            run_tests(
-                Command::new(cargo())
-                    .current_dir(workspace_root())
-                    .args(["test", "--release"])
-                    .args(&cargo_test_args)
-                    .env("SRCIP_BIN", srcip),
-            )
+        Task::Test { kernel, filter } => test(kernel.as_deref(), filter.as_deref()),
+    }
+}
+
+/// The host first (its failures show fastest), then each VM; one total per kernel and one
+/// over all of them, the last line of the output.
+fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
+    let on_host = kernel.is_none_or(|kernel| kernel == "host");
+    let series = match kernel {
+        Some("host") => Vec::new(),
+        other => matrix::selected(other)?,
+    };
+    setup::run()?;
+    let vm_tools = if series.is_empty() {
+        None
+    } else {
+        Some(kernels::ensure_vm_tools()?)
+    };
+    let kernels = series
+        .iter()
+        .map(|series| kernels::ensure_kernel(series))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    build_release()?;
+    let srcip = workspace_root().join("target/release/srcip");
+
+    let mut totals: Vec<(String, Tally)> = Vec::new();
+    if on_host {
+        let release = output_of(Command::new("uname").arg("-r")).unwrap_or_default();
+        let tally = run_tests(
+            Command::new(cargo())
+                .current_dir(workspace_root())
+                // Every test binary runs, whatever fails before it.
+                .args(["test", "--release", "--no-fail-fast"])
+                .args(filter)
+                .env("SRCIP_BIN", &srcip),
+        )?;
+        totals.push((format!("host {}", release.trim()), tally));
+    }
+    if let Some(vng_dir) = vm_tools {
+        let binaries = matrix::integration_test_binaries()?;
+        for kernel in &kernels {
+            let tally = matrix::run_in_vm(&vng_dir, kernel, &binaries, &srcip, filter)?;
+            totals.push((format!("{} {}", kernel.series, kernel.release), tally));
+        }
+    }
+
+    let mut overall = Tally::default();
+    for (kernel, tally) in &totals {
+        println!(
+            "kernel {kernel}: {} passed, {} failed",
+            tally.passed, tally.failed
+        );
+        overall.passed += tally.passed;
+        overall.failed += tally.failed;
+    }
+    println!(
+        "total: {} passed, {} failed",
+        overall.passed, overall.failed
+    );
+    if overall.failed > 0 {
+        bail!("{} tests failed", overall.failed);
+    }
+    Ok(())
+}
+
+/// Passed and failed tests, counted from test binaries' `test result:` lines.
+#[derive(Default)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+    /// Whether the test binary running now has printed its result line yet.
+    result_seen: bool,
+}
+
+impl Tally {
+    pub fn read_line(&mut self, line: &str) {
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            self.passed += count_before(counts, " passed");
+            self.failed += count_before(counts, " failed");
+            self.result_seen = true;
+        } else if line.starts_with(matrix::RUNNING) {
+            self.result_seen = false;
+        } else if line.starts_with(matrix::EXITED) && !self.result_seen {
+            // The binary died before it could report: one failure at least.
+            self.failed += 1;
         }
     }
 }
@@ -100,31 +180,28 @@ pub fn exec(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and ends with one line that totals
-/// every test binary's results: cargo's own last line is that of whichever binary ran last.
-fn run_tests(command: &mut Command) -> anyhow::Result<()> {
+/// Runs `cargo test`, passing its output through, and tallies every test binary's results:
+/// cargo's own last line is that of whichever binary ran last. A build failure is an error;
+/// failed tests are in the tally.
+fn run_tests(command: &mut Command) -> anyhow::Result<Tally> {
     let shown = format!("{command:?}");
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {shown}"))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut tally = Tally::default();
     for line in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
         let line = line.context("reading cargo test's output")?;
         println!("{line}");
-        if let Some(counts) = line.strip_prefix("test result: ") {
-            passed += count_before(counts, " passed");
-            failed += count_before(counts, " failed");
-        }
+        tally.read_line(&line);
     }
     let status = child
         .wait()
         .with_context(|| format!("waiting for {shown}"))?;
-    println!("total: {passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("{shown} failed: {status}");
+    if !status.success() && tally.failed == 0 {
+        bail!("{shown} failed before any test failed: {status}");
     }
-    Ok(())
+    Ok(tally)
 }
 
 /// In `ok. 15 passed; 0 failed; …`, the number before `label`.
