@@ -186,13 +186,35 @@ fn connection_text(report: &ConnectionReport) -> String {
         endpoint(report.dst, report.dst_port),
         report.allowed_sources.join(","),
         report.pid,
-        report.comm,
+        escape(&report.comm),
         report.uid,
-        report.cgroup.as_deref().unwrap_or("?"),
+        report.cgroup.as_deref().map_or("?".into(), escape),
         report
             .netns
             .map_or_else(|| "?".to_owned(), |inode| inode.to_string()),
     )
+}
+
+/// A process chooses its own name, and cgroup names are chosen by whoever creates them, so
+/// neither may forge a line or a field: control characters, backslashes and spaces are
+/// written as escapes (`\n`, `\\`, `\x20`, …).
+fn escape(field: &str) -> std::borrow::Cow<'_, str> {
+    let needs_escape = |c: char| c.is_control() || c == '\\' || c == ' ';
+    if !field.contains(needs_escape) {
+        return field.into();
+    }
+    let mut escaped = String::with_capacity(field.len() + 8);
+    for c in field.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            '\\' => escaped.push_str("\\\\"),
+            c if needs_escape(c) => escaped.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
 }
 
 #[cfg(test)]
@@ -233,6 +255,14 @@ mod tests {
              [2001:db8:50::50]:443 allowed=[2001:db8::10] pid=42 comm=curl uid=0 \
              cgroup=/system.slice/payments.service netns=?"
         );
+    }
+
+    #[test]
+    fn text_fields_cannot_forge_lines_or_fields() {
+        assert_eq!(escape("curl"), "curl");
+        assert_eq!(escape("a\nVIOLATION"), "a\\nVIOLATION");
+        assert_eq!(escape("x uid=0"), "x\\x20uid=0");
+        assert_eq!(escape("back\\slash\r\u{1b}"), "back\\\\slash\\r\\x1b");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct AuditSession {
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
     lost_reported: u64,
+    /// Records that could not be decoded; they are reported as lost.
+    undecodable: u64,
     hook_errors_reported: u64,
     housekeeping_at: Instant,
 }
@@ -57,6 +59,7 @@ impl AuditSession {
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns: NetnsInodes::new(maps.socket_owners),
             lost_reported: 0,
+            undecodable: 0,
             hook_errors_reported: 0,
             housekeeping_at: Instant::now(),
         })
@@ -78,6 +81,7 @@ impl AuditSession {
         let (matcher, cgroup_names, netns) =
             (&self.matcher, &mut self.cgroup_names, &mut self.netns);
         let report_all = self.report_all;
+        let undecodable = &mut self.undecodable;
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
                 let decision = matcher.decide(&ConnectionKey {
@@ -106,7 +110,10 @@ impl AuditSession {
                     });
                 }
             }
-            Err(error) => warn!("skipping a kernel record: {error}"),
+            Err(error) => {
+                warn!("a kernel record cannot be decoded, counted as lost: {error}");
+                *undecodable += 1;
+            }
         });
         if self.housekeeping_at.elapsed() >= HOUSEKEEPING_INTERVAL {
             self.housekeeping_at = Instant::now();
@@ -116,7 +123,8 @@ impl AuditSession {
         alerts
     }
 
-    /// A `lost` alert when the kernel dropped records since the last read.
+    /// A `lost` alert when records were dropped (by the kernel, or undecodable) since the
+    /// last read.
     fn read_counters(&mut self) -> Option<Alert> {
         let hook_errors = self.counter_total(Counter::HookErrors);
         if hook_errors > self.hook_errors_reported {
@@ -126,7 +134,7 @@ impl AuditSession {
             );
             self.hook_errors_reported = hook_errors;
         }
-        let lost = self.counter_total(Counter::LostRecords);
+        let lost = self.counter_total(Counter::LostRecords) + self.undecodable;
         (lost > self.lost_reported).then(|| {
             let count = lost - self.lost_reported;
             self.lost_reported = lost;

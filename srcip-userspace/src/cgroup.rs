@@ -1,14 +1,21 @@
 //! cgroup v2: resolving `--cgroup` arguments, and naming the cgroup of an event.
 //!
-//! A cgroup v2 id is the inode number of its directory, which is what the kernel reports.
+//! A cgroup v2 id is the inode number of its directory, which is what the kernel reports. It
+//! is also the cgroup's kernfs file handle, so `open_by_handle_at` on the cgroup2 mount opens
+//! the directory of an id directly (Linux ≥ 5.5, CAP_DAC_READ_SEARCH), without walking the
+//! hierarchy. A removed cgroup can no longer be opened and is named `null`.
 
 use std::{
-    collections::HashMap,
-    os::unix::fs::MetadataExt,
+    fs::File,
+    num::NonZeroUsize,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
-use walkdir::WalkDir;
+use lru::LruCache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScopeError {
@@ -87,42 +94,71 @@ fn relative_path_string(relative: &Path) -> String {
     format!("/{}", relative.display())
 }
 
-/// cgroup id → path relative to the cgroup2 mount, learnt by walking the hierarchy when an
-/// unknown id shows up. One walk records every cgroup it passes, so a steady host walks once.
+/// How many cgroup names are remembered: far more than the cgroups a host reports on at once.
+const CACHED_NAMES: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
+
+/// cgroup id → path relative to the cgroup2 mount, opened by handle and remembered in a
+/// bounded cache.
 pub struct CgroupNames {
     mount: PathBuf,
-    known: HashMap<u64, Option<String>>,
+    /// The mount's root directory, which `open_by_handle_at` resolves handles against.
+    root: Option<File>,
+    known: LruCache<u64, Option<String>>,
 }
 
 impl CgroupNames {
     pub fn new(mount: PathBuf) -> Self {
         Self {
+            root: File::open(&mount).ok(),
             mount,
-            known: HashMap::new(),
+            known: LruCache::new(CACHED_NAMES),
         }
     }
 
-    /// The path of cgroup `id`, or `None` when it no longer exists.
+    /// The path of cgroup `id`, or `None` when it no longer exists. Misses are remembered
+    /// too: cgroup ids are never reused, so a vanished cgroup stays gone.
     pub fn path_of(&mut self, id: u64) -> Option<String> {
         if let Some(known) = self.known.get(&id) {
             return known.clone();
         }
-        for entry in WalkDir::new(&self.mount)
-            .same_file_system(true)
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|entry| entry.file_type().is_dir())
-        {
-            let Ok(metadata) = entry.metadata() else {
-                continue;
-            };
-            let Ok(relative) = entry.path().strip_prefix(&self.mount) else {
-                continue;
-            };
-            self.known
-                .insert(metadata.ino(), Some(relative_path_string(relative)));
+        let path = self.open(id).and_then(|directory| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{}", directory.as_raw_fd()));
+            let target = target.ok()?;
+            target
+                .strip_prefix(&self.mount)
+                .ok()
+                .map(relative_path_string)
+        });
+        self.known.put(id, path.clone());
+        path
+    }
+
+    fn open(&self, id: u64) -> Option<OwnedFd> {
+        /// `struct file_handle` with the 8 bytes a kernfs handle has.
+        #[repr(C)]
+        struct KernfsHandle {
+            handle_bytes: u32,
+            handle_type: i32,
+            id: u64,
         }
-        // Remember misses too: cgroup ids are not reused, so a vanished cgroup stays gone.
-        self.known.entry(id).or_insert(None).clone()
+        /// `FILEID_KERNFS` in the kernel's `include/linux/exportfs.h`.
+        const FILEID_KERNFS: i32 = 0xfe;
+        let mut handle = KernfsHandle {
+            handle_bytes: 8,
+            handle_type: FILEID_KERNFS,
+            id,
+        };
+        let root = self.root.as_ref()?;
+        // SAFETY: `handle` is a valid `file_handle` with `handle_bytes` bytes of payload, and
+        // lives across the call; the returned descriptor is owned by nobody else.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                root.as_raw_fd(),
+                std::ptr::from_mut(&mut handle).cast(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        // SAFETY: a non-negative result is a new descriptor that this process owns.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }

@@ -15,6 +15,7 @@ use srcip_common::record::{
     AF_INET, AF_INET6, ConnectRecord, IPPROTO_TCP, IPPROTO_UDP, RecordHeader, RecordKind,
 };
 use tokio::io::{Interest, unix::AsyncFd};
+use tracing::warn;
 
 use crate::policy::Protocol;
 
@@ -93,6 +94,8 @@ impl BootClock {
 pub struct EventRing {
     ring: AsyncFd<RingBuf<MapData>>,
     clock: BootClock,
+    /// The readiness wait failed once: from then on the reader only polls.
+    polling_only: bool,
 }
 
 impl EventRing {
@@ -103,14 +106,25 @@ impl EventRing {
         Ok(Self {
             ring,
             clock: BootClock::now()?,
+            polling_only: false,
         })
     }
 
-    /// Waits until the kernel wakes the reader, which it does only when the buffer is filling
-    /// up; callers also poll on a timer.
+    /// Waits until the kernel wakes the reader (for a violation, or a buffer filling up);
+    /// callers also poll on a timer. If the wait itself fails, it never returns again, so
+    /// that the caller's poll takes over instead of a loop that spins on the error.
     pub async fn wakeup(&mut self) {
-        if let Ok(mut guard) = self.ring.readable_mut().await {
-            guard.clear_ready();
+        if self.polling_only {
+            return std::future::pending().await;
+        }
+        match self.ring.readable_mut().await {
+            Ok(mut guard) => guard.clear_ready(),
+            Err(error) => {
+                warn!(
+                    "waiting on the EVENTS ring buffer failed ({error}); reading it by polling from now on, so violations may wait up to one poll interval"
+                );
+                self.polling_only = true;
+            }
         }
     }
 
