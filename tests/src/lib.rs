@@ -264,19 +264,27 @@ pub fn connect_many(
     port: u16,
     count: usize,
 ) -> Vec<ClientReport> {
-    let cgroup = cgroup.to_str().unwrap();
-    let (port, count) = (port.to_string(), count.to_string());
-    let mut args = vec![
-        "--cgroup",
-        cgroup,
-        "--netns",
-        &netns.name,
-        "--count",
-        &count,
-    ];
+    let count = count.to_string();
+    let mut options = vec!["--count", &count];
     if let Some(bind) = bind {
-        args.extend(["--bind", bind]);
+        options.extend(["--bind", bind]);
     }
+    client(netns, cgroup, &options, dst, port)
+}
+
+/// Runs `tcp-client` with `options` (see its usage) from `cgroup` inside `netns`; returns
+/// what the kernel chose for each connection.
+pub fn client(
+    netns: &Netns,
+    cgroup: &Path,
+    options: &[&str],
+    dst: &str,
+    port: u16,
+) -> Vec<ClientReport> {
+    let cgroup = cgroup.to_str().unwrap();
+    let port = port.to_string();
+    let mut args = vec!["--cgroup", cgroup, "--netns", &netns.name];
+    args.extend(options);
     args.extend([dst, &port]);
     let output = run(tcp_client_bin().to_str().unwrap(), &args);
     String::from_utf8_lossy(&output.stdout)

@@ -1,9 +1,17 @@
 //! TCP auditing end to end: the real `srcip run` with its real programs, real connections
 //! inside namespaces and cgroups the tests create. Needs root; fails (never skips) without.
 
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_POLICY,
-    PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, connect, connect_many,
+    PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, client, connect,
+    connect_many, srcip_bin,
 };
 
 /// A daemon auditing only `cgroup` (so that other tests' traffic never shows up here).
@@ -377,4 +385,86 @@ fn compliant_and_ignored_connections_are_decided_in_the_kernel() {
         1,
         "only the violation reaches user space: {lines:#?}"
     );
+}
+
+#[test]
+fn a_connection_the_kernel_makes_for_a_socket_is_audited_and_attributed_to_its_owner() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    // The program creates and binds the socket; an io_uring worker connects it, outside the
+    // program's context: a kernel thread in the root cgroup on 5.10, an `iou-wrk` thread with
+    // a name of its own on later kernels.
+    let options = ["--bind", OTHER_V4, "--io-uring"];
+    let client = client(&topology.host, &cgroup.path, &options, PARTNER_V4, 443)
+        .pop()
+        .expect("tcp-client reports its socket");
+    let line = daemon.wait_for("violation", is_violation_from(client.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.src, OTHER_V4);
+    assert_eq!(violation.pid, client.pid);
+    assert_eq!(violation.comm, "tcp-client");
+    assert_eq!(violation.cgroup_id, TestCgroup::id(&cgroup.path));
+    assert_eq!(
+        violation.cgroup.as_deref(),
+        Some(TestCgroup::relative(&cgroup.path).as_str())
+    );
+    assert_eq!(violation.netns, Some(topology.host.inode()));
+}
+
+#[test]
+fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut srcip = Command::new(srcip_bin())
+        .args(["run", "--format", "text", "--policy"])
+        .arg(&policy.path)
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning srcip run");
+    let (sender, lines) = mpsc::channel();
+    let stdout = srcip.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let timeout = Duration::from_secs(15);
+    let mut seen = vec![lines.recv_timeout(timeout).expect("a started line")];
+    assert!(seen[0].contains(" started: "), "{seen:?}");
+
+    // 15 bytes, the most a name holds: what a forged line would start with.
+    let forger = "x\nZ VIOLATION";
+    let options = ["--bind", OTHER_V4, "--comm", forger];
+    let client = client(&topology.host, &cgroup.path, &options, PARTNER_V4, 443)
+        .pop()
+        .expect("tcp-client reports its connection");
+    let port = format!(":{} ", client.src_port);
+    while !seen.last().unwrap().contains(&port) {
+        seen.push(lines.recv_timeout(timeout).expect("the violation's line"));
+    }
+    srcip.kill().unwrap();
+    srcip.wait().unwrap();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        seen.push(line);
+    }
+
+    let violation = seen.last().unwrap();
+    assert!(
+        violation.contains(" VIOLATION ") && violation.contains(" comm=x\\nZ\\x20VIOLATION "),
+        "the name must be escaped: {violation}"
+    );
+    for line in &seen {
+        assert!(
+            line.starts_with("20") && line.contains('Z'),
+            "every line starts with its time: {line:?} in {seen:#?}"
+        );
+    }
 }

@@ -1,19 +1,29 @@
 //! Test helper: joins a cgroup and a network namespace, starts TCP connections, and prints
 //! what the kernel chose for each as one JSON line: `{"pid":…,"src":"…","src_port":…}`.
 //!
-//! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] DST_ADDR DST_PORT`
+//! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME]
+//!            [--io-uring] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
+//!
+//! `--comm NAME` renames the process before it creates its sockets. `--io-uring` has the
+//! kernel make the connection instead, in an io_uring worker (forced with `IOSQE_ASYNC`):
+//! outside this program's context, as a kernel thread on Linux before 5.12 and as an
+//! `iou-wrk` thread after. It needs `--bind` (the source is then known before the connect)
+//! and makes one connection.
 
 use std::{
+    ffi::CString,
     fs::File,
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     time::Duration,
 };
 
+use io_uring::{IoUring, opcode, squeue, types};
 use nix::sched::{CloneFlags, setns};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -21,6 +31,8 @@ fn main() {
     let mut netns = None;
     let mut bind = None;
     let mut count = 1;
+    let mut comm = None;
+    let mut io_uring = false;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -28,11 +40,15 @@ fn main() {
             "--netns" => netns = args.next(),
             "--bind" => bind = args.next(),
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
+            "--comm" => comm = args.next(),
+            "--io-uring" => io_uring = true,
             _ => positional.push(arg),
         }
     }
     let [dst, port] = positional.as_slice() else {
-        panic!("usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] DST_ADDR DST_PORT");
+        panic!(
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--io-uring] DST_ADDR DST_PORT"
+        );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
     let port: u16 = port.parse().expect("DST_PORT");
@@ -47,7 +63,18 @@ fn main() {
     let namespace = File::open(format!("/run/netns/{netns}")).expect("opening the namespace");
     setns(&namespace, CloneFlags::CLONE_NEWNET).expect("entering the namespace");
 
+    if let Some(comm) = comm {
+        let name = CString::new(comm).expect("--comm without NUL bytes");
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        let result = unsafe { nix::libc::prctl(nix::libc::PR_SET_NAME, name.as_ptr()) };
+        assert_eq!(result, 0, "prctl(PR_SET_NAME)");
+    }
     let bind: Option<IpAddr> = bind.map(|address| address.parse().expect("--bind ADDR"));
+    if io_uring {
+        let bind = bind.expect("--io-uring needs --bind");
+        connect_in_io_uring_worker(SocketAddr::new(dst, port), bind);
+        return;
+    }
     // Kept open until the end, so that every connection gets its own source port.
     let sockets: Vec<Socket> = (0..count)
         .map(|_| start_connection(SocketAddr::new(dst, port), bind))
@@ -71,6 +98,12 @@ fn start_connection(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
         Err(error) if error.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
         Err(error) => panic!("connect: {error}"),
     }
+    report(&socket);
+    socket
+}
+
+/// Prints the socket's local address as the kernel has it now.
+fn report(socket: &Socket) {
     let local = socket
         .local_addr()
         .expect("getsockname")
@@ -84,5 +117,37 @@ fn start_connection(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
             "src_port": local.port(),
         })
     );
-    socket
+}
+
+/// Binds a socket here, then has an io_uring worker connect it; prints the source first, as
+/// the connection may be refused before this program sees its outcome.
+fn connect_in_io_uring_worker(dst: SocketAddr, bind: IpAddr) {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::new(bind, 0).into()).expect("bind");
+    report(&socket);
+    let mut ring = IoUring::new(2).expect("io_uring_setup");
+    let address = SockAddr::from(dst);
+    let connect = opcode::Connect::new(
+        types::Fd(socket.as_raw_fd()),
+        address.as_ptr().cast(),
+        address.len(),
+    )
+    .build()
+    // Never tried inline: always handed to a worker.
+    .flags(squeue::Flags::ASYNC);
+    // SAFETY: `address` and the socket outlive the submission, which is waited for below.
+    unsafe {
+        ring.submission()
+            .push(&connect)
+            .expect("queueing the connect")
+    };
+    ring.submit_and_wait(1).expect("io_uring_enter");
+    let completion = ring.completion().next().expect("a completion");
+    // Refused (nobody listens) or connected: either way the SYN left.
+    let result = completion.result();
+    assert!(
+        result == 0 || result == -nix::libc::ECONNREFUSED,
+        "io_uring connect: {}",
+        std::io::Error::from_raw_os_error(-result)
+    );
 }
