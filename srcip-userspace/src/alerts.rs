@@ -8,7 +8,8 @@
 //! `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
 //! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
 //! `violation` or `unmatched`). `lost` has `count`. `started` adds `version`, `policy`,
-//! `rules` and `cgroups` (the audited cgroups, empty for all). `stopped` adds
+//! `rules`, `cgroups` (the audited cgroups, empty for all), `kernel` (the release) and
+//! `degraded` (what srcip cannot report here, and why; empty when all works). `stopped` adds
 //! `decided_in_kernel`: connections the kernel found needed no report.
 //!
 //! `text`: the same content, one readable line per alert, for a terminal.
@@ -35,6 +36,10 @@ pub enum AlertBody {
         policy: String,
         rules: usize,
         cgroups: Vec<String>,
+        /// The kernel release.
+        kernel: String,
+        /// What srcip cannot do here and which fields that affects; empty when all works.
+        degraded: Vec<String>,
     },
     Violation(ConnectionReport),
     Connect(ConnectionReport),
@@ -145,6 +150,8 @@ pub fn text_line(alert: &Alert) -> String {
             policy,
             rules,
             cgroups,
+            kernel,
+            degraded,
             ..
         } => {
             let scope = if cgroups.is_empty() {
@@ -152,7 +159,14 @@ pub fn text_line(alert: &Alert) -> String {
             } else {
                 format!("cgroups {}", cgroups.join(", "))
             };
-            format!("{time} started: policy {policy} ({rules} rules), auditing {scope}")
+            let degraded = if degraded.is_empty() {
+                String::new()
+            } else {
+                format!("; degraded: {}", degraded.join("; "))
+            };
+            format!(
+                "{time} started: policy {policy} ({rules} rules), auditing {scope} on Linux {kernel}{degraded}"
+            )
         }
         AlertBody::Violation(report) => format!("{time} VIOLATION {}", connection_text(report)),
         AlertBody::Connect(report) => format!(

@@ -71,7 +71,7 @@ async fn pause() {
 
 async fn scenario() -> anyhow::Result<()> {
     system::require_privileges()?;
-    let mount = prepare_host()?;
+    let mount = prepare_host()?.cgroup2_mount;
     println!(
         "srcip demo: the 2 a.m. multi-IP incident, replayed in throw-away network namespaces\n"
     );

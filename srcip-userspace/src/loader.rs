@@ -89,6 +89,15 @@ pub enum LoadError {
         provides: &'static str,
         source: aya::programs::ProgramError,
     },
+    /// The verifier refused a program: its one telling line, not the log.
+    #[error(
+        "this kernel refuses {name}, which records {provides}: \"{reason}\"; srcip's feature check did not foresee this, please report it with the output of `uname -r` (SRCIP_LOG=debug shows the verifier's log)"
+    )]
+    Refused {
+        name: &'static str,
+        provides: &'static str,
+        reason: String,
+    },
 }
 
 enum AttachedLink {
@@ -220,11 +229,7 @@ impl KernelPrograms {
         spec: &ProgramSpec,
         cgroup_root: &File,
     ) -> Result<AttachedLink, LoadError> {
-        let program_error = |source| LoadError::Program {
-            name: spec.name,
-            provides: spec.provides,
-            source,
-        };
+        let program_error = |source| refusal(spec, source);
         let program = self
             .ebpf
             .program_mut(spec.name)
@@ -277,6 +282,24 @@ impl KernelPrograms {
                 None => warn!("detaching {name} failed: program not found"),
             }
         }
+    }
+}
+
+/// A verifier refusal becomes its one telling line; the whole log goes to the debug log.
+fn refusal(spec: &ProgramSpec, source: aya::programs::ProgramError) -> LoadError {
+    if let aya::programs::ProgramError::LoadError { verifier_log, .. } = &source {
+        let log = verifier_log.to_string();
+        debug!("the verifier's log for {}:\n{log}", spec.name);
+        return LoadError::Refused {
+            name: spec.name,
+            provides: spec.provides,
+            reason: crate::features::verifier_refusal(&log).to_owned(),
+        };
+    }
+    LoadError::Program {
+        name: spec.name,
+        provides: spec.provides,
+        source,
     }
 }
 

@@ -9,6 +9,7 @@ mod cgroup;
 mod cli;
 mod demo;
 mod events;
+mod features;
 mod loader;
 mod netns;
 mod policy;
@@ -46,6 +47,11 @@ fn main() -> ExitCode {
             if let Some(invalid @ PolicyLoadError::Invalid { .. }) = error.downcast_ref() {
                 // Exactly the FILE:LINE:COL lines, so editors and CI can jump to them.
                 eprintln!("{invalid}");
+            } else if let Some(missing) = error.downcast_ref::<features::MissingFeatures>() {
+                // One error line per missing feature.
+                for line in missing.to_string().lines() {
+                    eprintln!("srcip: error: {line}");
+                }
             } else {
                 eprintln!("srcip: error: {error:#}");
             }

@@ -10,6 +10,7 @@ use crate::{
     alerts::{Alert, AlertBody, AlertWriter, Format},
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
+    features,
     loader::AuditSettings,
     policy::{self, Action, Matcher, Policy},
     system,
@@ -59,20 +60,36 @@ fn refuse_unenforced_actions(policy: &Policy) -> Result<(), UnenforcedAction> {
     }
 }
 
-/// What `run` and `demo` need of the host besides privileges (checked first, by each);
-/// returns the cgroup2 mount.
-pub fn prepare_host() -> anyhow::Result<PathBuf> {
+/// The host as auditing finds it.
+pub struct Host {
+    pub cgroup2_mount: PathBuf,
+    /// The kernel release.
+    pub kernel: String,
+    /// What srcip cannot report here, and why.
+    pub degraded: Vec<String>,
+}
+
+/// What `run` and `demo` need of the host besides privileges (checked first, by each): BTF,
+/// every kernel feature srcip's programs use, cgroup v2, and the kernel file systems.
+pub fn prepare_host() -> anyhow::Result<Host> {
+    let kernel = system::kernel_release()?;
     system::require_btf()?;
-    let mount = system::cgroup2_mount()?;
+    features::check(&kernel)?;
+    let cgroup2_mount = system::cgroup2_mount()?;
     system::ensure_kernel_file_systems()?;
-    Ok(mount)
+    Ok(Host {
+        cgroup2_mount,
+        kernel,
+        degraded: system::degraded_by_privileges()?,
+    })
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Privileges first: without them nothing else matters, and the policy may be root-only.
     system::require_privileges()?;
     let matcher = load_policy(&config.policy)?;
-    let mount = prepare_host()?;
+    let host = prepare_host()?;
+    let mount = host.cgroup2_mount;
     let audited = config
         .cgroups
         .iter()
@@ -98,6 +115,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         policy: config.policy.display().to_string(),
         rules: session.matcher().policy().rules.len(),
         cgroups: audited.iter().map(|cgroup| cgroup.path.clone()).collect(),
+        kernel: host.kernel,
+        degraded: host.degraded,
     };
     let mut result = writer.write(&Alert::now(started));
     while result.is_ok() {

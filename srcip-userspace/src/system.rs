@@ -37,6 +37,7 @@ pub enum SystemError {
 }
 
 /// Capability numbers from `linux/capability.h`.
+const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -45,6 +46,35 @@ const CAP_BPF: u32 = 39;
 /// Loading and attaching cgroup programs needs CAP_BPF + CAP_NET_ADMIN, and reading the
 /// current task's pid and comm in them needs CAP_PERFMON; CAP_SYS_ADMIN implies all three.
 pub fn require_privileges() -> Result<(), SystemError> {
+    let has = effective_capabilities()?;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
+        Ok(())
+    } else {
+        Err(SystemError::NotPrivileged)
+    }
+}
+
+/// What srcip cannot report with the capabilities it has (the `degraded` list of `started`).
+pub fn degraded_by_privileges() -> Result<Vec<String>, SystemError> {
+    let has = effective_capabilities()?;
+    let mut degraded = Vec::new();
+    if !has(CAP_SYS_ADMIN) {
+        degraded.push(
+            "netns: entering a namespace to learn its inode needs CAP_SYS_ADMIN; netns is null"
+                .to_owned(),
+        );
+    }
+    if !has(CAP_DAC_READ_SEARCH) {
+        degraded.push(
+            "cgroup: opening a cgroup by its id needs CAP_DAC_READ_SEARCH; cgroup is null"
+                .to_owned(),
+        );
+    }
+    Ok(degraded)
+}
+
+/// A test for each capability in this process's effective set.
+fn effective_capabilities() -> Result<impl Fn(u32) -> bool, SystemError> {
     let status = fs::read_to_string("/proc/self/status").map_err(|source| SystemError::Read {
         path: "/proc/self/status",
         source,
@@ -54,12 +84,17 @@ pub fn require_privileges() -> Result<(), SystemError> {
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
-        Ok(())
-    } else {
-        Err(SystemError::NotPrivileged)
-    }
+    Ok(move |cap: u32| effective & (1 << cap) != 0)
+}
+
+/// The running kernel's release, as `uname -r` prints it.
+pub fn kernel_release() -> Result<String, SystemError> {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .map_err(|source| SystemError::Read {
+            path: "/proc/sys/kernel/osrelease",
+            source,
+        })
 }
 
 pub fn require_btf() -> Result<(), SystemError> {

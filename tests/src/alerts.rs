@@ -13,6 +13,8 @@ pub enum Line {
         policy: String,
         rules: u64,
         cgroups: Vec<String>,
+        kernel: String,
+        degraded: Vec<String>,
     },
     Violation(Connection),
     Connect(Connection),

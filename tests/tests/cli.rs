@@ -124,3 +124,25 @@ fn run_without_privileges_says_what_to_do_and_exits_1() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_kernel_without_a_feature_gets_one_short_line_per_missing_feature() {
+    let policy = PolicyFile::new("");
+    let output = Command::new(srcip_bin())
+        .args(["run", "--policy"])
+        .arg(&policy.path)
+        // What a user of Linux 5.4 (no ring buffer) sees, on any kernel.
+        .env("SRCIP_TEST_MISSING_FEATURE", "ring-buffer")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(
+        stderr_lines(&output),
+        [format!(
+            "srcip: error: this kernel ({}) lacks BPF ring buffer maps, which srcip needs for passing connection records from the kernel to srcip: run srcip on Linux 5.8 or later",
+            release.trim()
+        )]
+    );
+    assert!(output.stdout.is_empty());
+}

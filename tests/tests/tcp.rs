@@ -243,6 +243,22 @@ fn descendants_of_the_audited_cgroup_are_audited() {
 }
 
 #[test]
+fn started_names_the_kernel_and_nothing_is_degraded_for_root() {
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let daemon = audit(&policy, &cgroup.path, false);
+    let Some(Line::Started {
+        kernel, degraded, ..
+    }) = daemon.seen.first()
+    else {
+        panic!("the first line is not started: {:#?}", daemon.seen);
+    };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(kernel, release.trim());
+    assert!(degraded.is_empty(), "{degraded:?}");
+}
+
+#[test]
 fn sigterm_and_sigint_give_stopped_and_exit_0() {
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(PARTNER_POLICY);
