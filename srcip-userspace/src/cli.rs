@@ -1,4 +1,4 @@
-//! The command line, as CONTRACT.md fixes it.
+//! The command line, as docs/reference.md describes it.
 
 use std::{io::IsTerminal, path::PathBuf};
 

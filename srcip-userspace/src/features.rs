@@ -84,7 +84,7 @@ pub const REQUIREMENTS: &[Requirement] = &[
     Requirement {
         id: "sock-create-storage",
         feature: "bpf_sk_storage_get in cgroup sock_create programs",
-        since: "5.10",
+        since: "5.9",
         used_for: "recording who owns each socket",
         probe: Probe::Helper(ProgramType::CgroupSock, SK_STORAGE_GET),
     },
@@ -167,11 +167,9 @@ pub fn verifier_refusal(log: &str) -> &str {
                 || line.contains("invalid func")
         })
         .or_else(|| {
-            lines()
-                .filter(|line| {
-                    !line.starts_with("processed ") && !line.starts_with("verification time")
-                })
-                .last()
+            lines().rfind(|line| {
+                !line.starts_with("processed ") && !line.starts_with("verification time")
+            })
         })
         .unwrap_or("the verifier gave no reason")
 }

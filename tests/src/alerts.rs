@@ -1,5 +1,5 @@
 //! The alert stream's schema as the tests hold srcip to it: unknown fields fail the
-//! deserialization, so any drift from CONTRACT.md fails a test.
+//! deserialization, so any drift from docs/reference.md fails a test.
 
 use serde::Deserialize;
 

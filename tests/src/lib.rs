@@ -27,23 +27,34 @@ pub fn unique_name() -> String {
     )
 }
 
-/// The `srcip` binary under test.
+/// The `srcip` binary under test: `SRCIP_BIN` (set by `cargo xtask test`), else the one
+/// cargo built beside the test binaries (`cargo build --release`, then `cargo test
+/// --release`).
 pub fn srcip_bin() -> PathBuf {
-    let path = PathBuf::from(std::env::var_os("SRCIP_BIN").expect(
-        "SRCIP_BIN is not set: run the integration tests with `cargo xtask test`, which builds srcip and sets it",
-    ));
-    assert!(path.exists(), "SRCIP_BIN={} does not exist", path.display());
+    let path = std::env::var_os("SRCIP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_profile_dir().join("srcip"));
+    assert!(
+        path.exists(),
+        "{} does not exist: run the integration tests with `cargo xtask test`, which builds srcip and sets SRCIP_BIN",
+        path.display()
+    );
     path
+}
+
+/// `target/<profile>`: test binaries live in its `deps` folder.
+fn target_profile_dir() -> PathBuf {
+    let test_binary = std::env::current_exe().expect("path of the test binary");
+    test_binary
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_owned()
 }
 
 /// The `tcp-client` helper, built by cargo next to the test binaries' `deps` folder.
 pub fn tcp_client_bin() -> PathBuf {
-    let test_binary = std::env::current_exe().expect("path of the test binary");
-    let path = test_binary
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps")
-        .join("tcp-client");
+    let path = target_profile_dir().join("tcp-client");
     assert!(
         path.exists(),
         "{} is missing: build the tests with cargo",

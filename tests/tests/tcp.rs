@@ -411,8 +411,8 @@ fn a_connection_the_kernel_makes_for_a_socket_is_audited_and_attributed_to_its_o
     let mut daemon = audit(&policy, &cgroup.path, false);
 
     // The program creates and binds the socket; an io_uring worker connects it, outside the
-    // program's context: a kernel thread in the root cgroup on 5.10, an `iou-wrk` thread with
-    // a name of its own on later kernels.
+    // program's context: a kernel thread in the root cgroup before Linux 5.12 (and 5.10.162),
+    // an `iou-wrk-TID` thread with a name of its own since.
     let options = ["--bind", OTHER_V4, "--io-uring"];
     let client = client(&topology.host, &cgroup.path, &options, PARTNER_V4, 443)
         .pop()

@@ -349,7 +349,7 @@ mod tests {
         })
     }
 
-    const CONTRACT_EXAMPLE: &str = r#"
+    const REFERENCE_EXAMPLE: &str = r#"
 # Connections whose destination matches no rule: "ignore" (default) or "alert".
 unmatched = "ignore"
 
@@ -364,7 +364,7 @@ action = "alert"                         # "alert" (default), "block" or "pin"
 
     #[test]
     fn contract_example_parses() {
-        let policy = parse_str(CONTRACT_EXAMPLE).unwrap();
+        let policy = parse_str(REFERENCE_EXAMPLE).unwrap();
         assert_eq!(policy.unmatched, Unmatched::Ignore);
         let [rule] = policy.rules.as_slice() else {
             panic!("one rule expected")

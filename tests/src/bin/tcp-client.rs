@@ -9,8 +9,8 @@
 //!
 //! `--comm NAME` renames the process before it creates its sockets. `--io-uring` has the
 //! kernel make the connection instead, in an io_uring worker (forced with `IOSQE_ASYNC`):
-//! outside this program's context, as a kernel thread on Linux before 5.12 and as an
-//! `iou-wrk` thread after. It needs `--bind` (the source is then known before the connect)
+//! outside this program's context, as a kernel thread in the root cgroup before Linux 5.12
+//! (and 5.10.162), and as an `iou-wrk-TID` thread with a name of its own after. It needs `--bind` (the source is then known before the connect)
 //! and makes one connection.
 
 use std::{
