@@ -125,8 +125,17 @@ pub fn ensure_vm_tools() -> anyhow::Result<PathBuf> {
 /// The release that booted Debian's kernels here (TOOLCHAIN notes).
 const VIRTME_NG_VERSION: &str = "1.42";
 
-/// The newest generic kernel of `series`, downloaded and unpacked once.
-pub fn ensure_kernel(series: &Series) -> anyhow::Result<Kernel> {
+/// The newest generic kernel of each series, downloaded and unpacked once; Debian's package
+/// lists are read at most once per call.
+pub fn ensure_kernels(series: &[&'static Series]) -> anyhow::Result<Vec<Kernel>> {
+    let mut apt = None;
+    series
+        .iter()
+        .map(|series| ensure_kernel(series, &mut apt))
+        .collect()
+}
+
+fn ensure_kernel(series: &'static Series, apt: &mut Option<PrivateApt>) -> anyhow::Result<Kernel> {
     let kernels = cache_dir()?.join("kernels");
     if let Some(kernel) = newest_unpacked(&kernels, series)? {
         step(&format!(
@@ -135,8 +144,14 @@ pub fn ensure_kernel(series: &Series) -> anyhow::Result<Kernel> {
         ));
         return link_modules(kernel);
     }
-    let apt = PrivateApt::new(&cache_dir()?.join("apt"))?;
-    apt.update()?;
+    let apt = match apt {
+        Some(apt) => apt,
+        None => {
+            let fresh = PrivateApt::new(&cache_dir()?.join("apt"))?;
+            fresh.update()?;
+            apt.insert(fresh)
+        }
+    };
     let package = apt.newest_generic_image(series)?;
     let archives = cache_dir()?.join("downloads");
     fs::create_dir_all(&archives)?;
@@ -176,7 +191,7 @@ pub fn ensure_kernel(series: &Series) -> anyhow::Result<Kernel> {
     link_modules(kernel)
 }
 
-fn newest_unpacked(kernels: &Path, series: &Series) -> anyhow::Result<Option<Kernel>> {
+fn newest_unpacked(kernels: &Path, series: &'static Series) -> anyhow::Result<Option<Kernel>> {
     let Ok(entries) = fs::read_dir(kernels) else {
         return Ok(None);
     };

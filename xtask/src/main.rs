@@ -71,10 +71,7 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
     } else {
         Some(kernels::ensure_vm_tools()?)
     };
-    let kernels = series
-        .iter()
-        .map(|series| kernels::ensure_kernel(series))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kernels = kernels::ensure_kernels(&series)?;
     build_release()?;
     let srcip = workspace_root().join("target/release/srcip");
 

@@ -1,9 +1,12 @@
 //! Reading and validating a policy file.
 //!
-//! The TOML structure is checked by serde (unknown keys, wrong types); its first error stops
-//! the parse. Every value is then validated on its own, so one run reports all the malformed
-//! addresses, bad ports, duplicate names and conflicting rules at once, each with the line
-//! and column of the offending value.
+//! The TOML is read into a tree that keeps every value's position (recovering from syntax
+//! errors where it can), then walked by hand rather than by serde, so that one run reports
+//! every problem of the file, each with the line and column of the offending key or value:
+//! syntax errors, unknown keys, wrong types, missing keys, malformed addresses and ports,
+//! duplicate names, rules that no connection can satisfy and conflicting rules. Every step is
+//! linear in the file, or n log n: a generated policy of 100,000 rules validates in a
+//! fraction of a second.
 
 use std::{
     collections::HashMap,
@@ -13,32 +16,28 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net};
-use serde::Deserialize;
-use toml::Spanned;
+use toml::{
+    Spanned,
+    de::{DeArray, DeTable, DeValue},
+};
 
 use super::{
     Action, Destination, Location, Policy, PolicyError, PolicyLoadError, PortRange, Protocol,
     ProtocolSelector, Rule, Unmatched, matcher,
 };
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyFile {
-    unmatched: Option<Spanned<String>>,
-    #[serde(default)]
-    rule: Vec<Spanned<RuleTable>>,
-}
+/// A value of the file with its position.
+type Value<'v, 'i> = &'v Spanned<DeValue<'i>>;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RuleTable {
-    name: Spanned<String>,
-    destinations: Spanned<Vec<Spanned<String>>>,
-    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
-    protocol: Option<Spanned<String>>,
-    allowed_sources: Spanned<Vec<Spanned<String>>>,
-    action: Option<Spanned<String>>,
-}
+const TOP_LEVEL_KEYS: &[&str] = &["unmatched", "rule"];
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "destinations",
+    "ports",
+    "protocol",
+    "allowed_sources",
+    "action",
+];
 
 /// Reads and validates the policy at `path`. Host names stay unresolved.
 pub fn load(path: &Path) -> Result<Policy, PolicyLoadError> {
@@ -53,40 +52,47 @@ pub fn load(path: &Path) -> Result<Policy, PolicyLoadError> {
 pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyLoadError> {
     let mut validator = Validator {
         text,
+        line_starts: std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(newline, _)| newline + 1))
+            .collect(),
         errors: Vec::new(),
     };
-    let policy = match toml::from_str::<PolicyFile>(text) {
-        Ok(file) => Some(validator.policy(path.to_owned(), file)),
-        Err(error) => {
-            let span = error.span().unwrap_or(0..0);
-            validator.error(&span, error.message().trim_end().to_owned());
-            None
-        }
-    };
+    let (document, syntax_errors) = DeTable::parse_recoverable(text);
+    for error in &syntax_errors {
+        let span = error.span().unwrap_or(0..0);
+        validator.error(&span, error.message().trim_end().to_owned());
+    }
+    let policy = validator.policy(path.to_owned(), document.get_ref());
     validator
         .errors
         .sort_by_key(|error| (error.location.line, error.location.column));
-    match policy {
-        Some(policy) if validator.errors.is_empty() => Ok(policy),
-        _ => Err(PolicyLoadError::Invalid {
+    validator.errors.dedup();
+    if validator.errors.is_empty() {
+        Ok(policy)
+    } else {
+        Err(PolicyLoadError::Invalid {
             path: path.to_owned(),
             errors: validator.errors,
-        }),
+        })
     }
 }
 
 struct Validator<'a> {
     text: &'a str,
+    /// Byte offset of each line's first character, so that locating a value costs a binary
+    /// search, not a scan of the file: a policy has a location per destination.
+    line_starts: Vec<usize>,
     errors: Vec<PolicyError>,
 }
 
 impl Validator<'_> {
     fn location(&self, offset: usize) -> Location {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let line_start = self.line_starts[line - 1];
         Location {
-            line: before.matches('\n').count() + 1,
-            column: before[line_start..].chars().count() + 1,
+            line,
+            column: self.text[line_start..offset].chars().count() + 1,
         }
     }
 
@@ -97,13 +103,71 @@ impl Validator<'_> {
         });
     }
 
-    fn policy(&mut self, path: PathBuf, file: PolicyFile) -> Policy {
-        let unmatched = match &file.unmatched {
+    /// Reports every key of `table` that is not in `known`.
+    fn unknown_keys(&mut self, table: &DeTable<'_>, known: &[&str], within: &str) {
+        for (key, _) in table.iter() {
+            if !known.contains(&key.get_ref().as_ref()) {
+                self.error(
+                    &key.span(),
+                    format!(
+                        "unknown key \"{}\" {within}: expected {}",
+                        key.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, key: &str, value: Value<'v, '_>) -> Option<&'v str> {
+        let text = value.get_ref().as_str();
+        if text.is_none() {
+            self.wrong_type(key, value, "a string");
+        }
+        text
+    }
+
+    fn array<'v, 'i>(&mut self, key: &str, value: Value<'v, 'i>) -> Option<&'v DeArray<'i>> {
+        let array = value.get_ref().as_array();
+        if array.is_none() {
+            self.wrong_type(key, value, "an array");
+        }
+        array
+    }
+
+    /// The strings of an array of strings; other elements are reported and left out.
+    fn strings<'v, 'i>(&mut self, key: &str, value: Value<'v, 'i>) -> Vec<(&'v str, Range<usize>)> {
+        let Some(array) = self.array(key, value) else {
+            return Vec::new();
+        };
+        array
+            .iter()
+            .filter_map(|element| {
+                let text = self.string(&format!("each of {key}"), element)?;
+                Some((text, element.span()))
+            })
+            .collect()
+    }
+
+    fn wrong_type(&mut self, key: &str, value: Value<'_, '_>, expected: &str) {
+        self.error(
+            &value.span(),
+            format!(
+                "{key} must be {expected}, not {}",
+                article(value.get_ref().type_str())
+            ),
+        );
+    }
+
+    fn policy(&mut self, path: PathBuf, document: &DeTable<'_>) -> Policy {
+        self.unknown_keys(document, TOP_LEVEL_KEYS, "at the top level");
+        let unmatched = match document.get("unmatched") {
             None => Unmatched::Ignore,
-            Some(value) => match value.get_ref().as_str() {
-                "ignore" => Unmatched::Ignore,
-                "alert" => Unmatched::Alert,
-                other => {
+            Some(value) => match self.string("unmatched", value) {
+                None => Unmatched::Ignore,
+                Some("ignore") => Unmatched::Ignore,
+                Some("alert") => Unmatched::Alert,
+                Some(other) => {
                     self.error(
                         &value.span(),
                         format!("unmatched = \"{other}\": expected \"ignore\" or \"alert\""),
@@ -112,24 +176,33 @@ impl Validator<'_> {
                 }
             },
         };
+        let tables = match document.get("rule") {
+            None => Vec::new(),
+            Some(value) => self
+                .array("rule", value)
+                .map_or(Vec::new(), |tables| tables.iter().collect::<Vec<_>>()),
+        };
         let mut first_line_of_name: HashMap<String, usize> = HashMap::new();
         let mut rules = Vec::new();
-        for table in file.rule {
-            let table_span = table.span();
-            let table = table.into_inner();
-            let name = table.name.get_ref().trim().to_owned();
+        for table in tables {
+            let Some(fields) = table.get_ref().as_table() else {
+                self.wrong_type("each rule", table, "a table ([[rule]])");
+                continue;
+            };
+            let Some(rule) = self.rule(table.span(), fields) else {
+                continue;
+            };
+            let name = &rule.rule.name;
             if name.is_empty() {
-                self.error(&table.name.span(), "rule name must not be empty".to_owned());
-            } else if let Some(line) = first_line_of_name.get(&name) {
-                self.error(
-                    &table.name.span(),
-                    format!("duplicate rule name \"{name}\" (first used on line {line})"),
-                );
+                // Already reported.
+            } else if let Some(line) = first_line_of_name.get(name) {
+                let message = format!("duplicate rule name \"{name}\" (first used on line {line})");
+                self.error(&rule.name_span, message);
             } else {
-                let line = self.location(table_span.start).line;
+                let line = self.location(table.span().start).line;
                 first_line_of_name.insert(name.clone(), line);
             }
-            rules.push(self.rule(name, table));
+            rules.push(rule.rule);
         }
         for conflict in matcher::equal_priority_conflicts(&rules) {
             self.errors.push(conflict);
@@ -141,57 +214,86 @@ impl Validator<'_> {
         }
     }
 
-    fn rule(&mut self, name: String, table: RuleTable) -> Rule {
-        if table.destinations.get_ref().is_empty() {
+    /// A rule whose required keys are present (with whatever errors its values have); `None`
+    /// when one is missing, which is reported at the rule.
+    fn rule(&mut self, span: Range<usize>, table: &DeTable<'_>) -> Option<NamedRule> {
+        self.unknown_keys(table, RULE_KEYS, "in a rule");
+        let mut required = |key: &str| {
+            let value = table.get(key);
+            if value.is_none() {
+                self.error(
+                    &span,
+                    format!("this rule has no \"{key}\", which is required"),
+                );
+            }
+            value
+        };
+        let (name, destinations, allowed_sources) = (
+            required("name"),
+            required("destinations"),
+            required("allowed_sources"),
+        );
+        let (name_value, destinations, allowed_sources) = (name?, destinations?, allowed_sources?);
+
+        // A name of the wrong type is reported as such, and the rule goes on without one.
+        let name = self.string("name", name_value).map_or("", str::trim);
+        if name.is_empty() && name_value.get_ref().is_str() {
+            self.error(&name_value.span(), "rule name must not be empty".to_owned());
+        }
+        let name = name.to_owned();
+
+        let destination_texts = self.strings("destinations", destinations);
+        if destination_texts.is_empty() && destinations.get_ref().is_array() {
             self.error(
-                &table.destinations.span(),
+                &destinations.span(),
                 format!("rule \"{name}\": destinations must not be empty"),
             );
         }
-        let destinations = table
-            .destinations
-            .get_ref()
+        let destinations: Vec<(Destination, Location)> = destination_texts
             .iter()
-            .filter_map(|value| {
-                let destination = self.destination(value)?;
-                Some((destination, self.location(value.span().start)))
+            .filter_map(|(text, span)| {
+                let destination = self.destination(text, span)?;
+                Some((destination, self.location(span.start)))
             })
             .collect();
 
-        if table.allowed_sources.get_ref().is_empty() {
+        let source_texts = self.strings("allowed_sources", allowed_sources);
+        if source_texts.is_empty() && allowed_sources.get_ref().is_array() {
             self.error(
-                &table.allowed_sources.span(),
+                &allowed_sources.span(),
                 format!("rule \"{name}\": allowed_sources must not be empty"),
             );
         }
-        let allowed_sources = table
-            .allowed_sources
-            .get_ref()
+        let allowed_sources: Vec<IpNet> = source_texts
             .iter()
-            .filter_map(|value| self.address_or_prefix(value))
+            .filter_map(|(text, span)| self.address_or_prefix(text, span))
             .collect();
+        self.unsatisfiable_families(&name, &destinations, &allowed_sources);
 
-        let ports = table.ports.as_ref().map(|ports| {
-            if ports.get_ref().is_empty() {
+        let ports = table.get("ports").and_then(|ports| {
+            let array = self.array("ports", ports)?;
+            if array.is_empty() {
                 self.error(
                     &ports.span(),
                     "ports must not be empty: leave the key out to match every port".to_owned(),
                 );
             }
-            ports
-                .get_ref()
-                .iter()
-                .filter_map(|port| self.port_range(port))
-                .collect()
+            Some(
+                array
+                    .iter()
+                    .filter_map(|port| self.port_range(port))
+                    .collect(),
+            )
         });
 
-        let protocol = match &table.protocol {
+        let protocol = match table.get("protocol") {
             None => ProtocolSelector::Any,
-            Some(value) => match value.get_ref().as_str() {
-                "tcp" => ProtocolSelector::Only(Protocol::Tcp),
-                "udp" => ProtocolSelector::Only(Protocol::Udp),
-                "any" => ProtocolSelector::Any,
-                other => {
+            Some(value) => match self.string("protocol", value) {
+                None => ProtocolSelector::Any,
+                Some("tcp") => ProtocolSelector::Only(Protocol::Tcp),
+                Some("udp") => ProtocolSelector::Only(Protocol::Udp),
+                Some("any") => ProtocolSelector::Any,
+                Some(other) => {
                     self.error(
                         &value.span(),
                         format!("protocol = \"{other}\": expected \"tcp\", \"udp\" or \"any\""),
@@ -201,13 +303,14 @@ impl Validator<'_> {
             },
         };
 
-        let action = match &table.action {
+        let action = match table.get("action") {
             None => Action::Alert,
-            Some(value) => match value.get_ref().as_str() {
-                "alert" => Action::Alert,
-                "block" => Action::Block,
-                "pin" => Action::Pin,
-                other => {
+            Some(value) => match self.string("action", value) {
+                None => Action::Alert,
+                Some("alert") => Action::Alert,
+                Some("block") => Action::Block,
+                Some("pin") => Action::Pin,
+                Some(other) => {
                     self.error(
                         &value.span(),
                         format!("action = \"{other}\": expected \"alert\", \"block\" or \"pin\""),
@@ -217,48 +320,88 @@ impl Validator<'_> {
             },
         };
 
-        Rule {
-            name,
-            destinations,
-            ports,
-            protocol,
-            allowed_sources,
-            action,
-        }
+        Some(NamedRule {
+            name_span: name_value.span(),
+            rule: Rule {
+                name,
+                destinations,
+                ports,
+                protocol,
+                allowed_sources,
+                action,
+            },
+        })
     }
 
-    fn destination(&mut self, value: &Spanned<String>) -> Option<Destination> {
-        let text = value.get_ref().trim();
+    /// A destination prefix of a family that no allowed source has can never be compliant:
+    /// every connection to it would be a violation, which is never what the author meant.
+    /// Host names are checked once resolved.
+    fn unsatisfiable_families(
+        &mut self,
+        name: &str,
+        destinations: &[(Destination, Location)],
+        allowed_sources: &[IpNet],
+    ) {
+        if allowed_sources.is_empty() {
+            return;
+        }
+        let has_v4 = allowed_sources
+            .iter()
+            .any(|net| matches!(net, IpNet::V4(_)));
+        let has_v6 = allowed_sources
+            .iter()
+            .any(|net| matches!(net, IpNet::V6(_)));
+        for (destination, location) in destinations {
+            let (family, satisfiable) = match destination {
+                Destination::Prefix(IpNet::V4(_)) => ("IPv4", has_v4),
+                Destination::Prefix(IpNet::V6(_)) => ("IPv6", has_v6),
+                Destination::Host(_) => continue,
+            };
+            if !satisfiable {
+                let Destination::Prefix(prefix) = destination else {
+                    continue;
+                };
+                self.errors.push(PolicyError {
+                    location: *location,
+                    message: format!(
+                        "rule \"{name}\": no connection to {prefix} can be compliant: allowed_sources has no {family} address"
+                    ),
+                });
+            }
+        }
+    }
+    fn destination(&mut self, text: &str, span: &Range<usize>) -> Option<Destination> {
+        let text = text.trim();
         if looks_like_address(text) {
-            return self.address_or_prefix(value).map(Destination::Prefix);
+            return self.address_or_prefix(text, span).map(Destination::Prefix);
         }
         if is_host_name(text) {
             return Some(Destination::Host(text.to_ascii_lowercase()));
         }
         self.error(
-            &value.span(),
+            span,
             format!("\"{text}\" is neither an IP address, a CIDR prefix nor a host name"),
         );
         None
     }
 
     /// An address (a host prefix) or a CIDR prefix with no host bits set.
-    fn address_or_prefix(&mut self, value: &Spanned<String>) -> Option<IpNet> {
-        let text = value.get_ref().trim();
+    fn address_or_prefix(&mut self, text: &str, span: &Range<usize>) -> Option<IpNet> {
+        let text = text.trim();
         let parsed = match text.parse::<IpAddr>() {
             Ok(address) => Ok(IpNet::from(address)),
             Err(_) => text.parse::<IpNet>(),
         };
         let Ok(net) = parsed else {
             self.error(
-                &value.span(),
+                span,
                 format!("\"{text}\" is not a valid IP address or CIDR prefix"),
             );
             return None;
         };
         if net != net.trunc() {
             self.error(
-                &value.span(),
+                span,
                 format!(
                     "\"{text}\" has host bits set: did you mean \"{}\"?",
                     net.trunc()
@@ -269,35 +412,53 @@ impl Validator<'_> {
         Some(canonical(net))
     }
 
-    fn port_range(&mut self, value: &Spanned<toml::Value>) -> Option<PortRange> {
-        let range = match value.get_ref() {
-            toml::Value::Integer(port) => port_number(&port.to_string()).map(|port| PortRange {
-                first: port,
-                last: port,
-            }),
-            toml::Value::String(text) => match text.split_once('-') {
-                None => port_number(text).map(|port| PortRange {
-                    first: port,
-                    last: port,
-                }),
-                Some((first, last)) => match (port_number(first), port_number(last)) {
-                    (Some(first), Some(last)) if first <= last => Some(PortRange { first, last }),
-                    _ => None,
-                },
-            },
-            _ => None,
+    fn port_range(&mut self, value: Value<'_, '_>) -> Option<PortRange> {
+        let single = |port| PortRange {
+            first: port,
+            last: port,
+        };
+        let (range, shown) = match value.get_ref() {
+            DeValue::Integer(port) => {
+                let number = i64::from_str_radix(port.as_str(), port.radix()).ok();
+                let shown = number.map_or_else(|| port.to_string(), |number| number.to_string());
+                (port_number(&shown).map(single), shown)
+            }
+            DeValue::String(text) => {
+                let range = match text.split_once('-') {
+                    None => port_number(text).map(single),
+                    Some((first, last)) => match (port_number(first), port_number(last)) {
+                        (Some(first), Some(last)) if first <= last => {
+                            Some(PortRange { first, last })
+                        }
+                        _ => None,
+                    },
+                };
+                (range, format!("\"{text}\""))
+            }
+            other => (None, article(other.type_str())),
         };
         if range.is_none() {
             self.error(
                 &value.span(),
                 format!(
-                    "invalid port {}: expected a number from 1 to 65535 or a range \"FIRST-LAST\"",
-                    value.get_ref()
+                    "invalid port {shown}: expected a number from 1 to 65535 or a range \"FIRST-LAST\""
                 ),
             );
         }
         range
     }
+}
+
+/// A rule and where its name stands, for duplicate-name errors.
+struct NamedRule {
+    rule: Rule,
+    name_span: Range<usize>,
+}
+
+/// "an array", "a string": for type errors.
+fn article(type_name: &str) -> String {
+    let vowel = type_name.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {type_name}", if vowel { "an" } else { "a" })
 }
 
 fn port_number(text: &str) -> Option<u16> {
@@ -487,18 +648,18 @@ allowed_sources = ["203.0.113.10", "203.0.113.0/33"]
             "[[rule]]\nname = \"a\"\ndestinations = [\"192.0.2.1\"]\nallowed_sources = [\"192.0.2.2\"]\nallowed_source = 1\n",
         )
         .unwrap_err();
-        assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0].starts_with("policy.toml:5:1: unknown field `allowed_source`"),
-            "{errors:?}"
+        assert_eq!(
+            errors,
+            [
+                "policy.toml:5:1: unknown key \"allowed_source\" in a rule: expected name, destinations, ports, protocol, allowed_sources, action"
+            ]
         );
 
         let errors =
             parse_str("[[rule]]\nname = \"a\"\ndestinations = [\"192.0.2.1\"]\n").unwrap_err();
-        assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0].starts_with("policy.toml:1:1: missing field `allowed_sources`"),
-            "{errors:?}"
+        assert_eq!(
+            errors,
+            ["policy.toml:1:1: this rule has no \"allowed_sources\", which is required"]
         );
 
         let errors = parse_str("unmatched = \n").unwrap_err();
@@ -535,6 +696,74 @@ allowed_sources = ["203.0.113.11"]
             [
                 "policy.toml:10:17: rules \"a\" and \"b\" can both match 198.51.100.0/24 with equal priority: make their ports or protocols disjoint"
             ]
+        );
+    }
+
+    #[test]
+    fn structure_and_value_errors_are_all_reported_in_one_run() {
+        let errors = parse_str(
+            r#"unmatched = "alert"
+colour = "blue"
+
+[[rule]]
+name = "a"
+destinations = "198.51.100.50"
+allowed_sources = ["203.0.113.300"]
+prots = [443]
+
+[[rule]]
+name = 7
+destinations = ["198.51.100.0/24"]
+allowed_sources = ["2001:db8::10"]
+ports = [true]
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "policy.toml:2:1: unknown key \"colour\" at the top level: expected unmatched, rule",
+                "policy.toml:6:16: destinations must be an array, not a string",
+                r#"policy.toml:7:20: "203.0.113.300" is not a valid IP address or CIDR prefix"#,
+                "policy.toml:8:1: unknown key \"prots\" in a rule: expected name, destinations, ports, protocol, allowed_sources, action",
+                "policy.toml:11:8: name must be a string, not an integer",
+                "policy.toml:12:17: rule \"\": no connection to 198.51.100.0/24 can be compliant: allowed_sources has no IPv4 address",
+                r#"policy.toml:14:10: invalid port a boolean: expected a number from 1 to 65535 or a range "FIRST-LAST""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rule_no_connection_can_satisfy_is_refused_at_its_destination() {
+        let errors = parse_str(
+            "[[rule]]\nname = \"v6-only\"\ndestinations = [\"2001:db8:50::/64\", \"198.51.100.50\"]\nallowed_sources = [\"2001:db8::10\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "policy.toml:3:37: rule \"v6-only\": no connection to 198.51.100.50/32 can be compliant: allowed_sources has no IPv4 address"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_generated_policy_of_100_000_rules_validates() {
+        let mut text = String::from("unmatched = \"alert\"\n");
+        for index in 0..100_000u32 {
+            let [_, a, b, c] = index.to_be_bytes();
+            text.push_str(&format!(
+                "[[rule]]\nname = \"partner-{index}\"\ndestinations = [\"10.{a}.{b}.{c}\"]\nports = [443]\nallowed_sources = [\"203.0.113.10\"]\n"
+            ));
+        }
+        let policy = parse_str(&text).unwrap();
+        assert_eq!(policy.rules.len(), 100_000);
+        assert_eq!(
+            policy.rules[99_999].destinations[0].1,
+            Location {
+                line: 2 + 99_999 * 5 + 2,
+                column: 17
+            }
         );
     }
 }
