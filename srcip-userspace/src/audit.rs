@@ -47,6 +47,10 @@ impl AuditSession {
     /// Loads and attaches the programs. Auditing is live when this returns.
     pub fn start(matcher: Matcher, settings: AuditSettings<'_>) -> anyhow::Result<Self> {
         let (programs, maps) = KernelPrograms::load_and_attach(settings, &matcher.kernel_tables())?;
+        // Parsing and compiling a large policy leaves much freed heap behind (the kernel
+        // tables live in kernel maps now); give it back rather than keep it resident for
+        // the daemon's life. SAFETY: glibc's malloc_trim only releases free memory.
+        unsafe { libc::malloc_trim(0) };
         Ok(Self {
             programs,
             ring: EventRing::new(maps.events)

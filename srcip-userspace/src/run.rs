@@ -118,26 +118,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         kernel: host.kernel,
         degraded: host.degraded,
     };
-    let mut result = writer.write(&Alert::now(started));
+    let mut result = writer.write_batch(&[Alert::now(started)]);
     while result.is_ok() {
         let alerts = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             alerts = session.next_alerts() => alerts,
         };
-        result = write_all(&mut writer, &alerts);
+        result = writer.write_batch(&alerts);
     }
     let last = session.stop();
     if result.is_ok() {
-        result = write_all(&mut writer, &last);
+        result = writer.write_batch(&last);
     }
     match result {
         // Whoever read our output is gone (`srcip run | head`): a normal way to stop.
         Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing alerts to stdout"),
     }
-}
-
-fn write_all(writer: &mut AlertWriter, alerts: &[Alert]) -> io::Result<()> {
-    alerts.iter().try_for_each(|alert| writer.write(alert))
 }

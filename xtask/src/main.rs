@@ -1,6 +1,7 @@
 //! `cargo xtask`: what cargo alone cannot do. `setup` installs the eBPF toolchain pieces a
 //! fresh machine lacks, `demo` and `test` set up, build and run as root.
 
+mod bench;
 mod kernels;
 mod matrix;
 mod setup;
@@ -33,6 +34,16 @@ enum Task {
         /// Run only the tests whose name contains this.
         filter: Option<String>,
     },
+    /// Set up, build, and measure what srcip costs (root; not part of `test`): connect
+    /// storms against a baseline and bpftrace, alert latency, saturation, policy sizes.
+    Bench {
+        /// Rounds of each throughput mode, alternated.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per throughput round.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +65,10 @@ fn run(task: Task) -> anyhow::Result<()> {
             exec(Command::new(workspace_root().join("target/release/srcip")).arg("demo"))
         }
         Task::Test { kernel, filter } => test(kernel.as_deref(), filter.as_deref()),
+        Task::Bench { rounds, seconds } => {
+            setup::run()?;
+            bench::run(&bench::Settings { rounds, seconds })
+        }
     }
 }
 
