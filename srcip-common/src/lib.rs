@@ -5,6 +5,7 @@
 //! fails the build if its size ever changes by accident.
 #![no_std]
 
+pub mod fold;
 pub mod owner;
 pub mod policy;
 pub mod record;
@@ -34,6 +35,10 @@ pub mod names {
     pub const REPORT_UNMATCHED: &str = "REPORT_UNMATCHED";
     /// Global: srcip's own process id; its sockets are recorded but never audited.
     pub const DAEMON_TGID: &str = "DAEMON_TGID";
+    /// Hash of `fold::FoldKey` → `fold::FoldState`: violation windows being folded.
+    pub const FOLDS: &str = "FOLDS";
+    /// Global: the folding window in nanoseconds; zero folds nothing.
+    pub const FOLD_WINDOW_NS: &str = "FOLD_WINDOW_NS";
     /// Global: non-zero audits srcip's own sockets too.
     pub const AUDIT_DAEMON: &str = "AUDIT_DAEMON";
     /// Socket-local storage of `owner::SocketOwner`.

@@ -5,7 +5,7 @@
 //! changing the layout of the existing ones.
 
 /// Default size of the `EVENTS` ring buffer; user space may choose another at load. A power
-/// of two and a multiple of the page size, as the kernel requires. 256 KiB holds about 2500
+/// of two and a multiple of the page size, as the kernel requires. 256 KiB holds about 2300
 /// connect records (each has an 8-byte ring-buffer header).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
@@ -77,11 +77,25 @@ pub struct ConnectRecord {
     pub protocol: u8,
     /// Explicit padding so the layout has no hidden holes; always zero.
     pub reserved: [u8; 2],
-    /// Command name of the connecting thread, NUL-padded.
+    /// Command name of the socket owner's thread, NUL-padded.
     pub comm: [u8; 16],
+    /// Index of the rule the kernel found violated, [`crate::fold::NO_RULE`] for an
+    /// unmatched violation; meaningful with [`RecordFlags::FOLD_WINDOW`] only.
+    pub rule: u32,
+    /// [`RecordFlags`] bits.
+    pub flags: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 96);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 104);
+
+/// `ConnectRecord::flags`.
+pub struct RecordFlags;
+
+impl RecordFlags {
+    /// This violation opened a folding window in `FOLDS`: user space flushes its repeats
+    /// when the window closes.
+    pub const FOLD_WINDOW: u32 = 1 << 0;
+}
 
 /// Indexes of the per-CPU `COUNTERS` map.
 #[repr(u32)]
@@ -93,10 +107,12 @@ pub enum Counter {
     HookErrors = 1,
     /// Connections the kernel decided need no report (compliant, or unmatched and ignored).
     DecidedInKernel = 2,
+    /// Repeated violations counted in a folding window instead of recorded.
+    Folded = 3,
 }
 
 /// Number of entries in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 3;
+pub const COUNTER_COUNT: u32 = 4;
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,7 +1,11 @@
 //! srcip's kernel side. This file only wires the modules; each hook family has its own.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no 64-bit atomic read-modify-write types (fold.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod fold;
 mod maps;
 mod owner;
 mod policy;

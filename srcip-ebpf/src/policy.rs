@@ -4,6 +4,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use srcip_common::{
+    fold::NO_RULE,
     policy::{
         Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP,
         PROTOCOL_UDP,
@@ -35,27 +36,41 @@ pub enum Delivery {
     Skip,
     /// With the next poll (`--all` reporting of a connection the policy finds fine).
     Quiet,
-    /// At once: a violation, or a connection the kernel cannot decide.
-    Urgent,
+    /// At once: a connection the kernel cannot decide.
+    Undecided,
+    /// At once: a violation of rule `rule` (`NO_RULE`: unmatched, and the policy alerts).
+    Violation { rule: u32 },
+}
+
+/// Whether `--all` is on: every connection is recorded.
+pub fn reports_all() -> bool {
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    unsafe { core::ptr::read_volatile(&REPORT_ALL) != 0 }
 }
 
 pub fn delivery(connection: &Connection) -> Delivery {
-    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
-    let report_all = unsafe { core::ptr::read_volatile(&REPORT_ALL) };
-    if needs_attention(connection) {
-        Delivery::Urgent
-    } else if report_all != 0 {
-        Delivery::Quiet
-    } else {
-        Delivery::Skip
+    match verdict(connection) {
+        Verdict::Violation { rule } => Delivery::Violation { rule },
+        Verdict::Undecided => Delivery::Undecided,
+        Verdict::Fine if reports_all() => Delivery::Quiet,
+        Verdict::Fine => Delivery::Skip,
     }
 }
 
-/// A violation, an unmatched connection the policy alerts on, or one the kernel cannot
-/// decide.
-fn needs_attention(connection: &Connection) -> bool {
-    // SAFETY: as above.
-    let report_unmatched = unsafe { core::ptr::read_volatile(&REPORT_UNMATCHED) };
+enum Verdict {
+    Fine,
+    Undecided,
+    Violation { rule: u32 },
+}
+
+fn verdict(connection: &Connection) -> Verdict {
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    let report_unmatched = unsafe { core::ptr::read_volatile(&REPORT_UNMATCHED) } != 0;
+    let unmatched = if report_unmatched {
+        Verdict::Violation { rule: NO_RULE }
+    } else {
+        Verdict::Fine
+    };
     let dst = connection.dst;
     let candidates = if connection.family == AF_INET {
         V4_DESTINATIONS.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
@@ -63,18 +78,24 @@ fn needs_attention(connection: &Connection) -> bool {
         V6_DESTINATIONS.get(Key::new(128, *dst))
     };
     let Some(candidates) = candidates else {
-        return report_unmatched != 0;
+        return unmatched;
     };
     match first_matching_rule(candidates, connection) {
-        Some(rule) => rule.undecidable != 0 || !allows_source(rule, connection),
-        None => candidates.truncated != 0 || report_unmatched != 0,
+        Some((_, rule)) if rule.undecidable != 0 => Verdict::Undecided,
+        Some((index, rule)) if !allows_source(rule, connection) => {
+            Verdict::Violation { rule: index }
+        }
+        Some(_) => Verdict::Fine,
+        None if candidates.truncated != 0 => Verdict::Undecided,
+        None => unmatched,
     }
 }
 
+/// The first candidate rule whose protocol and ports include the connection, with its index.
 fn first_matching_rule<'a>(
     candidates: &Candidates,
     connection: &Connection,
-) -> Option<&'a KernelRule> {
+) -> Option<(u32, &'a KernelRule)> {
     let protocol = if connection.protocol == IPPROTO_TCP {
         PROTOCOL_TCP
     } else {
@@ -84,9 +105,10 @@ fn first_matching_rule<'a>(
         if index as u32 >= candidates.count {
             break;
         }
-        let rule = RULES.get(candidates.rules[index])?;
+        let rule_index = candidates.rules[index];
+        let rule = RULES.get(rule_index)?;
         if rule.protocols & protocol != 0 && includes_port(rule, connection.dst_port) {
-            return Some(rule);
+            return Some((rule_index, rule));
         }
     }
     None

@@ -19,14 +19,19 @@ use aya_ebpf::{
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::generated::bpf_ktime_get_boot_ns,
     macros::sock_ops, programs::SockOpsContext,
 };
-use srcip_common::record::{
-    AF_INET, AF_INET6, ConnectRecord, Counter, IPPROTO_TCP, RecordHeader, RecordKind,
+use srcip_common::{
+    fold::{FoldKey, NO_RULE},
+    record::{
+        AF_INET, AF_INET6, ConnectRecord, Counter, IPPROTO_TCP, RecordFlags, RecordHeader,
+        RecordKind,
+    },
 };
 
 use crate::{
+    fold::{Fold, fold},
     maps::{count, submit},
     owner::audited_owner_of,
-    policy::{Connection, Delivery, delivery},
+    policy::{Connection, Delivery, delivery, reports_all},
 };
 
 #[sock_ops]
@@ -60,16 +65,43 @@ fn record_connect(ctx: &SockOpsContext) {
         dst_port,
     };
     let delivery = delivery(&connection);
-    if delivery == Delivery::Skip {
-        count(Counter::DecidedInKernel);
-        return;
-    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut flags = 0;
+    let rule = match delivery {
+        Delivery::Skip => {
+            count(Counter::DecidedInKernel);
+            return;
+        }
+        // With `--all` every connection gets its own line, so nothing is folded.
+        Delivery::Violation { rule } if !reports_all() => {
+            let key = FoldKey {
+                rule,
+                protocol: IPPROTO_TCP,
+                family,
+                dst_port,
+                cgroup_id: owner.cgroup_id,
+                src: src_addr,
+                dst: dst_addr,
+            };
+            match fold(&key, now) {
+                Fold::Folded => {
+                    count(Counter::Folded);
+                    return;
+                }
+                Fold::OpenedWindow => flags |= RecordFlags::FOLD_WINDOW,
+                Fold::Unfolded => {}
+            }
+            rule
+        }
+        Delivery::Violation { rule } => rule,
+        Delivery::Undecided | Delivery::Quiet => NO_RULE,
+    };
     let record = ConnectRecord {
         header: RecordHeader {
             kind: RecordKind::Connect as u32,
             len: size_of::<ConnectRecord>() as u32,
-            // SAFETY: helper without arguments.
-            boot_time_ns: unsafe { bpf_ktime_get_boot_ns() },
+            boot_time_ns: now,
         },
         cgroup_id: owner.cgroup_id,
         netns_cookie: owner.netns_cookie,
@@ -83,8 +115,10 @@ fn record_connect(ctx: &SockOpsContext) {
         protocol: IPPROTO_TCP,
         reserved: [0; 2],
         comm: owner.comm,
+        rule,
+        flags,
     };
-    submit(&record, delivery == Delivery::Urgent);
+    submit(&record, delivery != Delivery::Quiet);
 }
 /// The family on the wire and both addresses in network order. An IPv6 socket connecting to
 /// an IPv4-mapped address sends IPv4, so it is reported as IPv4.

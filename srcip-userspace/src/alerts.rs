@@ -71,6 +71,19 @@ pub struct ConnectionReport {
     pub cgroup: Option<String>,
     pub netns: Option<u64>,
     pub verdict: Verdict,
+    /// Set on a folded `violation`: the repeats it stands for.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub folded: Option<Folded>,
+}
+
+/// Repeats of a violation written as one line when their window closed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Folded {
+    /// How many connections the line stands for.
+    pub count: u64,
+    /// RFC 3339 times of the first and the last of them.
+    pub first_time: String,
+    pub last_time: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,7 +158,7 @@ impl AlertWriter {
     }
 }
 
-fn rfc3339(time: SystemTime) -> String {
+pub fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_micros(time).to_string()
 }
 
@@ -199,8 +212,14 @@ fn connection_text(report: &ConnectionReport) -> String {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
     };
+    let folded = report.folded.as_ref().map_or_else(String::new, |folded| {
+        format!(
+            " count={} first={} last={}",
+            folded.count, folded.first_time, folded.last_time
+        )
+    });
     format!(
-        "rule={} {} {} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}",
+        "rule={} {} {} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{folded}",
         report.rule.as_deref().unwrap_or("-"),
         report.protocol,
         endpoint(report.src, report.src_port),
@@ -264,6 +283,7 @@ mod tests {
                 cgroup: Some("/system.slice/payments.service".into()),
                 netns: None,
                 verdict: Verdict::Violation,
+                folded: None,
             }),
         }
     }

@@ -14,7 +14,8 @@ use tracing::{info, warn};
 use crate::{
     alerts::{Alert, AlertBody, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
-    events::{ConnectEvent, EventRing, KernelEvent},
+    events::{BootClock, ConnectEvent, EventRing, KernelEvent},
+    folding::Folding,
     loader::{AuditSettings, KernelPrograms},
     netns::NetnsInodes,
     policy::{ConnectionKey, Decision, Matcher, Rule},
@@ -36,6 +37,7 @@ pub struct AuditSession {
     report_all: bool,
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
+    folding: Folding,
     lost_reported: u64,
     /// Records that could not be decoded; they are reported as lost.
     undecodable: u64,
@@ -62,6 +64,7 @@ impl AuditSession {
             report_all: settings.report_all,
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns: NetnsInodes::new(maps.socket_owners),
+            folding: Folding::new(maps.folds, settings.fold_window),
             lost_reported: 0,
             undecodable: 0,
             hook_errors_reported: 0,
@@ -82,8 +85,12 @@ impl AuditSession {
     /// Every alert for the records in the ring buffer now, and for lost records.
     fn drain(&mut self) -> Vec<Alert> {
         let mut alerts = Vec::new();
-        let (matcher, cgroup_names, netns) =
-            (&self.matcher, &mut self.cgroup_names, &mut self.netns);
+        let (matcher, cgroup_names, netns, folding) = (
+            &self.matcher,
+            &mut self.cgroup_names,
+            &mut self.netns,
+            &mut self.folding,
+        );
         let report_all = self.report_all;
         let undecodable = &mut self.undecodable;
         self.ring.drain(|decoded| match decoded {
@@ -101,6 +108,9 @@ impl AuditSession {
                     return;
                 }
                 let report = Self::report(rule, verdict, cgroup_names, netns, &event);
+                if let Some(window) = event.fold_window {
+                    folding.opened(window, report.clone());
+                }
                 if report_all {
                     alerts.push(Alert {
                         time: event.time,
@@ -119,6 +129,8 @@ impl AuditSession {
                 *undecodable += 1;
             }
         });
+        let clock = self.ring.clock();
+        alerts.extend(self.folding.closed(BootClock::boot_ns_now(), clock));
         if self.housekeeping_at.elapsed() >= HOUSEKEEPING_INTERVAL {
             self.housekeeping_at = Instant::now();
             self.follow_recreated_cgroups();
@@ -209,14 +221,17 @@ impl AuditSession {
             cgroup: cgroup_names.path_of(event.cgroup_id),
             netns: netns.inode_of(event.netns_cookie, event.pid),
             verdict,
+            folded: None,
         }
     }
 
-    /// Detaches every program, then reads what is left in the ring buffer, so that no
-    /// record the kernel wrote goes unreported. The last alert is `stopped`.
+    /// Detaches every program, then reads what is left in the ring buffer and in the open
+    /// folding windows, so that no connection the kernel saw goes unreported. The last alert
+    /// is `stopped`.
     pub fn stop(mut self) -> Vec<Alert> {
         self.programs.detach();
         let mut alerts = self.drain();
+        alerts.extend(self.folding.close_all(self.ring.clock()));
         alerts.extend(self.read_counters());
         alerts.push(Alert::now(AlertBody::Stopped {
             decided_in_kernel: self.counter_total(Counter::DecidedInKernel),

@@ -4,7 +4,7 @@ use std::{io::IsTerminal, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use srcip_common::record::EVENTS_RING_BYTES;
+use srcip_common::{fold::DEFAULT_FOLD_ENTRIES, record::EVENTS_RING_BYTES};
 
 use crate::{alerts::Format, run::RunConfig};
 
@@ -50,6 +50,16 @@ pub struct RunArgs {
     /// `lost` lines appear.
     #[arg(long, value_name = "BYTES", default_value_t = EVENTS_RING_BYTES, value_parser = ring_buffer_size)]
     ring_buffer_size: u32,
+    /// Repeats of a violation (same rule, protocol, source, destination, port and cgroup)
+    /// within this window after the first are counted in the kernel and written once, as
+    /// one `violation` with `count`, when the window closes. `0` writes every one. Not with
+    /// `--all`, which writes every connection.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    fold_window: std::time::Duration,
+    /// How many violations can be folded at once; beyond that, repeats are written one by
+    /// one (never lost).
+    #[arg(long, value_name = "ENTRIES", default_value_t = DEFAULT_FOLD_ENTRIES, value_parser = clap::value_parser!(u32).range(1..))]
+    fold_table_size: u32,
 }
 
 impl RunArgs {
@@ -60,6 +70,8 @@ impl RunArgs {
             format: self.format.unwrap_or_else(default_format),
             report_all: self.all,
             ring_buffer_bytes: self.ring_buffer_size,
+            fold_window: self.fold_window,
+            fold_entries: self.fold_table_size,
         }
     }
 }

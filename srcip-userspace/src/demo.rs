@@ -89,6 +89,9 @@ async fn scenario() -> anyhow::Result<()> {
             ring_buffer_bytes: EVENTS_RING_BYTES,
             // The demo's "payments app" is a thread of this process.
             audit_self: true,
+            // Every connection of the demo is shown.
+            fold_window: std::time::Duration::ZERO,
+            fold_entries: 1,
         },
     )?;
     println!("srcip is auditing every TCP connection on this machine.\n");

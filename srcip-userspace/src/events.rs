@@ -11,8 +11,12 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
-use srcip_common::record::{
-    AF_INET, AF_INET6, ConnectRecord, IPPROTO_TCP, IPPROTO_UDP, RecordHeader, RecordKind,
+use srcip_common::{
+    fold::FoldKey,
+    record::{
+        AF_INET, AF_INET6, ConnectRecord, IPPROTO_TCP, IPPROTO_UDP, RecordFlags, RecordHeader,
+        RecordKind,
+    },
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::warn;
@@ -50,6 +54,17 @@ pub struct ConnectEvent {
     pub comm: String,
     pub cgroup_id: u64,
     pub netns_cookie: u64,
+    /// This violation opened a folding window in `FOLDS`; user space flushes the window's
+    /// repeats when it closes.
+    pub fold_window: Option<OpenedWindow>,
+}
+
+/// A folding window the kernel opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenedWindow {
+    pub key: FoldKey,
+    /// `CLOCK_BOOTTIME` nanoseconds of the violation that opened it.
+    pub opened_ns: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +93,12 @@ pub struct BootClock {
 }
 
 impl BootClock {
+    /// `CLOCK_BOOTTIME` now, in the kernel records' unit.
+    pub fn boot_ns_now() -> u64 {
+        clock_gettime(ClockId::CLOCK_BOOTTIME)
+            .map_or(0, |now| Duration::from(now).as_nanos() as u64)
+    }
+
     pub fn now() -> nix::Result<Self> {
         let since_boot = Duration::from(clock_gettime(ClockId::CLOCK_BOOTTIME)?);
         Ok(Self {
@@ -85,7 +106,7 @@ impl BootClock {
         })
     }
 
-    fn wall_time(self, boot_time_ns: u64) -> SystemTime {
+    pub fn wall_time(self, boot_time_ns: u64) -> SystemTime {
         self.boot + Duration::from_nanos(boot_time_ns)
     }
 }
@@ -126,6 +147,10 @@ impl EventRing {
                 self.polling_only = true;
             }
         }
+    }
+
+    pub fn clock(&self) -> BootClock {
+        self.clock
     }
 
     /// Decodes every record in the buffer now, oldest first.
@@ -181,6 +206,18 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         other => return Err(DecodeError::UnknownProtocol(other)),
     };
     let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(16);
+    let fold_window = (record.flags & RecordFlags::FOLD_WINDOW != 0).then_some(OpenedWindow {
+        key: FoldKey {
+            rule: record.rule,
+            protocol: record.protocol,
+            family: record.family,
+            dst_port: record.dst_port,
+            cgroup_id: record.cgroup_id,
+            src: record.src_addr,
+            dst: record.dst_addr,
+        },
+        opened_ns: record.header.boot_time_ns,
+    });
     Ok(ConnectEvent {
         time: clock.wall_time(record.header.boot_time_ns),
         protocol,
@@ -194,6 +231,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
         cgroup_id: record.cgroup_id,
         netns_cookie: record.netns_cookie,
+        fold_window,
     })
 }
 
@@ -241,6 +279,8 @@ mod tests {
             protocol,
             reserved: [0; 2],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            rule: 0,
+            flags: 0,
         }
     }
 

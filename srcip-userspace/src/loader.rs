@@ -12,6 +12,7 @@ use aya::{
 };
 use nix::sys::resource::{Resource, setrlimit};
 use srcip_common::{
+    fold::{FoldKey, FoldState},
     names,
     owner::SocketOwner,
     policy::{Candidates, KernelRule},
@@ -124,6 +125,10 @@ pub struct AuditSettings<'a> {
     pub report_all: bool,
     /// Audit srcip's own connections too (the demo's client is a thread of srcip).
     pub audit_self: bool,
+    /// Fold repeats of a violation within this window; zero folds nothing.
+    pub fold_window: std::time::Duration,
+    /// Capacity of the kernel's folding table.
+    pub fold_entries: u32,
 }
 
 /// Maps user space uses while auditing.
@@ -134,6 +139,8 @@ pub struct EventMaps {
     pub audited_cgroups: HashMap<MapData, u64, u8>,
     /// Socket owners; srcip's own sockets' entries tell namespace cookies.
     pub socket_owners: SkStorage<MapData, SocketOwner>,
+    /// Violation windows being folded; user space flushes and deletes closed ones.
+    pub folds: HashMap<MapData, FoldKey, FoldState>,
 }
 
 impl KernelPrograms {
@@ -149,6 +156,8 @@ impl KernelPrograms {
             ring_buffer_bytes,
             report_all,
             audit_self,
+            fold_window,
+            fold_entries,
         } = settings;
         raise_memlock_limit();
         let mut level_mask = 0u64;
@@ -166,6 +175,7 @@ impl KernelPrograms {
         let report_unmatched = u32::from(policy.report_unmatched);
         let daemon_tgid = std::process::id();
         let audit_daemon = u32::from(audit_self);
+        let fold_window_ns = u64::try_from(fold_window.as_nanos()).unwrap_or(u64::MAX);
         // Map sizes fit the policy exactly; a map cannot have zero entries.
         let entries = |count: usize| u32::try_from(count.max(1)).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
@@ -174,6 +184,8 @@ impl KernelPrograms {
             .override_global(names::REPORT_UNMATCHED, &report_unmatched, true)
             .override_global(names::DAEMON_TGID, &daemon_tgid, true)
             .override_global(names::AUDIT_DAEMON, &audit_daemon, true)
+            .override_global(names::FOLD_WINDOW_NS, &fold_window_ns, true)
+            .map_max_entries(names::FOLDS, fold_entries.max(1))
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .override_global(names::EVENTS_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::V4_DESTINATIONS, entries(policy.v4.len()))
@@ -200,6 +212,7 @@ impl KernelPrograms {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             audited_cgroups,
             socket_owners: take_map(&mut ebpf, names::SOCKET_OWNERS)?,
+            folds: take_map(&mut ebpf, names::FOLDS)?,
         };
 
         let cgroup_root = File::open(cgroup2_mount).map_err(|source| LoadError::OpenCgroup {

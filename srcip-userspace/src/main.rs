@@ -10,6 +10,7 @@ mod cli;
 mod demo;
 mod events;
 mod features;
+mod folding;
 mod loader;
 mod netns;
 mod policy;

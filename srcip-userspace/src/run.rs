@@ -23,6 +23,8 @@ pub struct RunConfig {
     pub format: Format,
     pub report_all: bool,
     pub ring_buffer_bytes: u32,
+    pub fold_window: std::time::Duration,
+    pub fold_entries: u32,
 }
 
 /// A rule asks for something this version does not do yet. Refusing to start is safer than
@@ -108,6 +110,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             report_all: config.report_all,
             ring_buffer_bytes: config.ring_buffer_bytes,
             audit_self: false,
+            fold_window: config.fold_window,
+            fold_entries: config.fold_entries,
         },
     )?;
     let started = AlertBody::Started {

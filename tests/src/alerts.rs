@@ -51,6 +51,13 @@ pub struct Connection {
     pub cgroup: Option<String>,
     pub netns: Option<u64>,
     pub verdict: String,
+    /// On a folded violation: the connections it stands for, the first's and last's times.
+    #[serde(default)]
+    pub count: Option<u64>,
+    #[serde(default)]
+    pub first_time: Option<String>,
+    #[serde(default)]
+    pub last_time: Option<String>,
 }
 
 impl Line {

@@ -96,6 +96,9 @@ fn wrong_source_gives_a_violation_with_every_field() {
             cgroup: Some(TestCgroup::relative(&cgroup.path)),
             netns: Some(topology.host.inode()),
             verdict: "violation".into(),
+            count: None,
+            first_time: None,
+            last_time: None,
         }
     );
     assert!(
