@@ -3,29 +3,17 @@
 //! This file wires the subcommands and owns the exit codes: 0 success, 1 runtime failure,
 //! 2 bad usage or bad policy.
 
-mod alerts;
-mod audit;
-mod cgroup;
-mod cli;
-mod demo;
-mod events;
-mod features;
-mod folding;
-mod loader;
-mod netns;
-mod policy;
-mod run;
-mod system;
-
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
-
-use crate::{
+use srcip_userspace::{
+    cgroup,
     cli::{Cli, Command, PolicyCommand},
-    policy::PolicyLoadError,
+    demo, features,
+    policy::{self, PolicyLoadError},
+    run,
 };
+use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -144,6 +144,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let latency = latency(&bins, &sandbox)?;
     let saturation = saturation(&bins, &sandbox)?;
     let policies = policy_sizes(&bins, &sandbox)?;
+    let matcher = matcher()?;
 
     let results = json!({
         "machine": machine(),
@@ -152,6 +153,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         "latency": latency,
         "saturation": saturation,
         "policies": policies,
+        "matcher": matcher,
     });
     let dir = workspace_root().join("target/bench-results");
     fs::create_dir_all(&dir)?;
@@ -326,11 +328,13 @@ fn storm(bins: &Binaries, sandbox: &Sandbox, args: &[&str]) -> anyhow::Result<Va
     Ok(serde_json::from_str(last)?)
 }
 
+/// `violation` folds repeats (the default); `unfolded` writes every one (`--fold-window 0`).
 const MODES: &[&str] = &[
     "baseline",
     "compliant",
     "all",
     "violation",
+    "unfolded",
     "scoped",
     "bpftrace",
 ];
@@ -356,6 +360,7 @@ fn throughput(
                 "compliant" => Some(srcip_run(bins, &compliant, &[], false)?),
                 "all" => Some(srcip_run(bins, &compliant, &["--all"], false)?),
                 "violation" => Some(srcip_run(bins, &violation, &[], false)?),
+                "unfolded" => Some(srcip_run(bins, &violation, &["--fold-window", "0"], false)?),
                 "scoped" => Some(srcip_run(bins, &compliant, &["--cgroup", &cgroup], false)?),
                 "bpftrace" => Some(Tool::start(
                     Command::new(bpftrace).args(["-e", BPFTRACE_SCRIPT]),
@@ -415,7 +420,9 @@ fn latency(bins: &Binaries, sandbox: &Sandbox) -> anyhow::Result<Value> {
     step("latency: 400 violations at 200 per second");
     let violation = sandbox.policy("violation.toml", &partner_policy("127.0.0.2"))?;
     let cgroup = sandbox.cgroup.to_string_lossy().into_owned();
-    let mut tool = srcip_run(bins, &violation, &["--cgroup", &cgroup], true)?;
+    // Every violation written, so that each connection's latency can be measured.
+    let unfolded = ["--cgroup", &cgroup, "--fold-window", "0"];
+    let mut tool = srcip_run(bins, &violation, &unfolded, true)?;
     let output = Command::new(&bins.storm)
         .arg("--cgroup")
         .arg(&sandbox.cgroup)
@@ -578,6 +585,51 @@ fn policy_sizes(bins: &Binaries, sandbox: &Sandbox) -> anyhow::Result<Value> {
         }));
     }
     Ok(Value::Array(rows))
+}
+
+/// The criterion benchmark of user space's matcher with 100,000 rules.
+fn matcher() -> anyhow::Result<Value> {
+    step("matcher: criterion benchmark, 100,000 rules");
+    let output = Command::new(cargo())
+        .current_dir(workspace_root())
+        .args([
+            "bench",
+            "--package",
+            "srcip-userspace",
+            "--bench",
+            "matcher",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo bench")?;
+    if !output.status.success() {
+        bail!("the matcher benchmark failed");
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    // `thrpt:  [low Melem/s estimate Melem/s high Melem/s]`: the middle one.
+    let estimate = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("thrpt:"))
+        .and_then(|range| {
+            let words: Vec<&str> = range
+                .trim_matches([' ', '[', ']'])
+                .split_whitespace()
+                .collect();
+            let scale = match *words.get(3)? {
+                "Melem/s" => 1e6,
+                "Kelem/s" => 1e3,
+                "Gelem/s" => 1e9,
+                _ => 1.0,
+            };
+            Some(words.get(2)?.parse::<f64>().ok()? * scale)
+        })
+        .ok_or_else(|| anyhow!("no throughput in the matcher benchmark's output"))?;
+    println!(
+        "
+matcher, 100,000 rules: {:.2} M decisions per second on one core",
+        estimate / 1e6
+    );
+    Ok(json!({"rules": 100_000, "decisions_per_second": estimate}))
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -1,0 +1,17 @@
+//! srcip's user space. The `srcip` binary (`main.rs`) wires the subcommands; the benchmarks
+//! (`benches/`) reach the policy matcher through this library. Modules are public only where
+//! one of those two needs them.
+
+pub mod alerts;
+mod audit;
+pub mod cgroup;
+pub mod cli;
+pub mod demo;
+mod events;
+pub mod features;
+mod folding;
+mod loader;
+mod netns;
+pub mod policy;
+pub mod run;
+mod system;
