@@ -10,6 +10,7 @@ pub mod owner;
 pub mod policy;
 pub mod record;
 pub mod scope;
+pub mod udp;
 
 /// Names of the maps and globals in the eBPF object, shared so that a rename breaks the
 /// build instead of failing at load time.
@@ -48,6 +49,12 @@ pub mod names {
     /// The `cgroup/connect4` and `connect6` programs that adopt sockets created before srcip.
     pub const CONNECT4_PROGRAM: &str = "srcip_connect4";
     pub const CONNECT6_PROGRAM: &str = "srcip_connect6";
+    /// The `cgroup/sendmsg4` and `sendmsg6` programs that adopt unconnected UDP sockets
+    /// created before srcip started.
+    pub const SENDMSG4_PROGRAM: &str = "srcip_sendmsg4";
+    pub const SENDMSG6_PROGRAM: &str = "srcip_sendmsg6";
     /// The sock_ops program that records TCP connects.
     pub const TCP_CONNECT_PROGRAM: &str = "srcip_tcp_connect";
+    /// The `cgroup_skb/egress` program that records UDP datagrams' sources.
+    pub const UDP_EGRESS_PROGRAM: &str = "srcip_udp_egress";
 }

@@ -9,8 +9,10 @@ mod fold;
 mod maps;
 mod owner;
 mod policy;
+mod report;
 mod scope;
 mod tcp;
+mod udp;
 
 #[cfg(not(test))]
 #[panic_handler]

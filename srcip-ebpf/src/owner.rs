@@ -55,8 +55,8 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     ALLOW
 }
 
-/// A socket created before srcip started has no owner yet: its connecting task, which is
-/// current here, is the best owner there is.
+/// A socket created before srcip started has no owner yet: the task connecting it (or, for
+/// unconnected UDP, sending on it), which is current here, is the best owner there is.
 #[cgroup_sock_addr(connect4)]
 pub fn srcip_connect4(ctx: SockAddrContext) -> i32 {
     adopt_unowned(&ctx);
@@ -65,6 +65,19 @@ pub fn srcip_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn srcip_connect6(ctx: SockAddrContext) -> i32 {
+    adopt_unowned(&ctx);
+    ALLOW
+}
+
+/// An unconnected UDP socket created before srcip started is adopted by its first sender.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn srcip_sendmsg4(ctx: SockAddrContext) -> i32 {
+    adopt_unowned(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn srcip_sendmsg6(ctx: SockAddrContext) -> i32 {
     adopt_unowned(&ctx);
     ALLOW
 }

@@ -15,24 +15,10 @@
 //! `sock:inet_sock_set_state` tracepoint: the source port may still be zero there, and it
 //! cannot read socket storage.
 
-use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::generated::bpf_ktime_get_boot_ns,
-    macros::sock_ops, programs::SockOpsContext,
-};
-use srcip_common::{
-    fold::{FoldKey, NO_RULE},
-    record::{
-        AF_INET, AF_INET6, ConnectRecord, Counter, IPPROTO_TCP, RecordFlags, RecordHeader,
-        RecordKind,
-    },
-};
+use aya_ebpf::{bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, macros::sock_ops, programs::SockOpsContext};
+use srcip_common::record::{AF_INET, AF_INET6, IPPROTO_TCP};
 
-use crate::{
-    fold::{Fold, fold},
-    maps::{count, submit},
-    owner::audited_owner_of,
-    policy::{Connection, Delivery, delivery, reports_all},
-};
+use crate::{owner::audited_owner_of, policy::Connection, report::report};
 
 #[sock_ops]
 pub fn srcip_tcp_connect(ctx: SockOpsContext) -> u32 {
@@ -56,70 +42,16 @@ fn record_connect(ctx: &SockOpsContext) {
     let Some((family, src_addr, dst_addr)) = addresses(ctx) else {
         return;
     };
-    let dst_port = u16::from_be((ctx.remote_port() >> 16) as u16);
     let connection = Connection {
         family,
         protocol: IPPROTO_TCP,
         src: &src_addr,
         dst: &dst_addr,
-        dst_port,
+        dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
     };
-    let delivery = delivery(&connection);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let mut flags = 0;
-    let rule = match delivery {
-        Delivery::Skip => {
-            count(Counter::DecidedInKernel);
-            return;
-        }
-        // With `--all` every connection gets its own line, so nothing is folded.
-        Delivery::Violation { rule } if !reports_all() => {
-            let key = FoldKey {
-                rule,
-                protocol: IPPROTO_TCP,
-                family,
-                dst_port,
-                cgroup_id: owner.cgroup_id,
-                src: src_addr,
-                dst: dst_addr,
-            };
-            match fold(&key, now) {
-                Fold::Folded => {
-                    count(Counter::Folded);
-                    return;
-                }
-                Fold::OpenedWindow => flags |= RecordFlags::FOLD_WINDOW,
-                Fold::Unfolded => {}
-            }
-            rule
-        }
-        Delivery::Violation { rule } => rule,
-        Delivery::Undecided | Delivery::Quiet => NO_RULE,
-    };
-    let record = ConnectRecord {
-        header: RecordHeader {
-            kind: RecordKind::Connect as u32,
-            len: size_of::<ConnectRecord>() as u32,
-            boot_time_ns: now,
-        },
-        cgroup_id: owner.cgroup_id,
-        netns_cookie: owner.netns_cookie,
-        src_addr,
-        dst_addr,
-        pid: owner.pid,
-        uid: owner.uid,
-        src_port: ctx.local_port() as u16,
-        dst_port,
-        family,
-        protocol: IPPROTO_TCP,
-        reserved: [0; 2],
-        comm: owner.comm,
-        rule,
-        flags,
-    };
-    submit(&record, delivery != Delivery::Quiet);
+    report(owner, &connection, ctx.local_port() as u16);
 }
+
 /// The family on the wire and both addresses in network order. An IPv6 socket connecting to
 /// an IPv4-mapped address sends IPv4, so it is reported as IPv4.
 fn addresses(ctx: &SockOpsContext) -> Option<(u8, [u8; 16], [u8; 16])> {

@@ -36,6 +36,7 @@ enum Probe {
 const ANCESTOR_CGROUP: BpfHelper = BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id;
 const NETNS_COOKIE: BpfHelper = BpfHelper::BPF_FUNC_get_netns_cookie;
 const SK_STORAGE_GET: BpfHelper = BpfHelper::BPF_FUNC_sk_storage_get;
+const SK_FULLSOCK: BpfHelper = BpfHelper::BPF_FUNC_sk_fullsock;
 
 /// In the order a reader would fix them: program types, maps, then helpers per hook.
 pub const REQUIREMENTS: &[Requirement] = &[
@@ -61,6 +62,13 @@ pub const REQUIREMENTS: &[Requirement] = &[
         probe: Probe::Program(ProgramType::CgroupSockAddr),
     },
     Requirement {
+        id: "cgroup-skb",
+        feature: "cgroup_skb programs",
+        since: "4.10",
+        used_for: "seeing the source address of UDP datagrams",
+        probe: Probe::Program(ProgramType::CgroupSkb),
+    },
+    Requirement {
         id: "ring-buffer",
         feature: "BPF ring buffer maps",
         since: "5.8",
@@ -73,6 +81,13 @@ pub const REQUIREMENTS: &[Requirement] = &[
         since: "5.2",
         used_for: "keeping each socket's owner with the socket",
         probe: Probe::Map(MapType::SkStorage),
+    },
+    Requirement {
+        id: "lru-hash",
+        feature: "LRU hash maps",
+        since: "4.10",
+        used_for: "reporting each UDP flow once",
+        probe: Probe::Map(MapType::LruHash),
     },
     Requirement {
         id: "lpm-trie",
@@ -108,6 +123,20 @@ pub const REQUIREMENTS: &[Requirement] = &[
         since: "5.3",
         used_for: "attributing each TCP connection to its socket's owner",
         probe: Probe::Helper(ProgramType::SockOps, SK_STORAGE_GET),
+    },
+    Requirement {
+        id: "egress-fullsock",
+        feature: "bpf_sk_fullsock in cgroup_skb programs",
+        since: "5.1",
+        used_for: "finding the socket of a UDP datagram",
+        probe: Probe::Helper(ProgramType::CgroupSkb, SK_FULLSOCK),
+    },
+    Requirement {
+        id: "egress-storage",
+        feature: "bpf_sk_storage_get in cgroup_skb programs",
+        since: "5.2",
+        used_for: "attributing each UDP datagram to its socket's owner",
+        probe: Probe::Helper(ProgramType::CgroupSkb, SK_STORAGE_GET),
     },
 ];
 

@@ -6,7 +6,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, cgroup_sock::CgroupSockLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
     },
 };
@@ -29,6 +30,8 @@ enum Hook {
     CgroupSock,
     CgroupSockAddr,
     SockOps,
+    /// `cgroup_skb/egress`.
+    Egress,
 }
 
 /// A program of the eBPF object and what srcip loses without it.
@@ -58,9 +61,24 @@ const PROGRAMS: &[ProgramSpec] = &[
         provides: "the owner of IPv6 sockets created before srcip started (cgroup/connect6)",
     },
     ProgramSpec {
+        name: names::SENDMSG4_PROGRAM,
+        hook: Hook::CgroupSockAddr,
+        provides: "the owner of unconnected IPv4 UDP sockets created before srcip started (cgroup/sendmsg4)",
+    },
+    ProgramSpec {
+        name: names::SENDMSG6_PROGRAM,
+        hook: Hook::CgroupSockAddr,
+        provides: "the owner of unconnected IPv6 UDP sockets created before srcip started (cgroup/sendmsg6)",
+    },
+    ProgramSpec {
         name: names::TCP_CONNECT_PROGRAM,
         hook: Hook::SockOps,
         provides: "the source address of TCP connections (sock_ops)",
+    },
+    ProgramSpec {
+        name: names::UDP_EGRESS_PROGRAM,
+        hook: Hook::Egress,
+        provides: "the source address of UDP datagrams (cgroup_skb/egress)",
     },
 ];
 
@@ -102,6 +120,7 @@ pub enum LoadError {
 }
 
 enum AttachedLink {
+    CgroupSkb(CgroupSkbLinkId),
     CgroupSock(CgroupSockLinkId),
     CgroupSockAddr(CgroupSockAddrLinkId),
     SockOps(SockOpsLinkId),
@@ -269,6 +288,14 @@ impl KernelPrograms {
                 let link = program.attach(cgroup_root, mode).map_err(program_error)?;
                 Ok(AttachedLink::SockOps(link))
             }
+            Hook::Egress => {
+                let program: &mut CgroupSkb = program.try_into().map_err(program_error)?;
+                program.load().map_err(program_error)?;
+                let link = program
+                    .attach(cgroup_root, CgroupSkbAttachType::Egress, mode)
+                    .map_err(program_error)?;
+                Ok(AttachedLink::CgroupSkb(link))
+            }
         }
     }
 
@@ -279,6 +306,9 @@ impl KernelPrograms {
         for (name, link) in std::mem::take(&mut self.links).into_iter().rev() {
             let program = self.ebpf.program_mut(name);
             let result = match link {
+                AttachedLink::CgroupSkb(link) => program
+                    .and_then(|program| <&mut CgroupSkb>::try_from(program).ok())
+                    .map(|program| program.detach(link)),
                 AttachedLink::CgroupSock(link) => program
                     .and_then(|program| <&mut CgroupSock>::try_from(program).ok())
                     .map(|program| program.detach(link)),

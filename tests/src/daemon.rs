@@ -107,6 +107,10 @@ impl Daemon {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, signal: Signal) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal)
             .expect("signalling srcip");

@@ -328,3 +328,32 @@ ports = [443]
 protocol = "tcp"
 allowed_sources = ["203.0.113.10", "2001:db8::10"]
 "#;
+
+/// The `udp-client` helper, built by cargo beside `tcp-client`.
+pub fn udp_client_bin() -> PathBuf {
+    target_profile_dir().join("udp-client")
+}
+
+/// What `udp-client` reports: its pid and its socket's port.
+#[derive(Debug, serde::Deserialize)]
+pub struct UdpReport {
+    pub pid: u32,
+    pub src_port: u16,
+}
+
+/// Runs `udp-client` with `options` (see its usage) from `cgroup` inside `netns`.
+pub fn udp_client(
+    netns: &Netns,
+    cgroup: &Path,
+    options: &[&str],
+    destinations: &str,
+    port: u16,
+) -> UdpReport {
+    let cgroup = cgroup.to_str().unwrap();
+    let port = port.to_string();
+    let mut args = vec!["--cgroup", cgroup, "--netns", &netns.name];
+    args.extend(options);
+    args.extend([destinations, &port]);
+    let output = run(udp_client_bin().to_str().unwrap(), &args);
+    serde_json::from_slice(&output.stdout).expect("udp-client prints one JSON line")
+}

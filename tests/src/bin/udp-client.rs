@@ -1,0 +1,236 @@
+//! Test helper: joins a cgroup and a network namespace and sends UDP datagrams the ways
+//! programs do, then prints one JSON line: `{"pid":…,"src_port":…}` (the socket's port).
+//!
+//! `udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC |
+//!            --sendmmsg] [--count N] DST_ADDR[,DST_ADDR…] DST_PORT`
+//!
+//! - default: `sendto()` each destination from one unconnected socket;
+//! - `--connect`: `connect()` to the one destination, then `send()`;
+//! - `--pktinfo SRC`: `sendmsg()` with `IP_PKTINFO`/`IPV6_PKTINFO` choosing the source SRC
+//!   per datagram, as DNS servers on multi-IP hosts do;
+//! - `--sendmmsg`: one `sendmmsg()` call with a datagram to each destination.
+//!
+//! `--count N` sends N datagrams to each destination (with `--sendmmsg`, N calls).
+//! `--spread N` makes the destinations the N consecutive IPv4 addresses from DST_ADDR.
+
+use std::{
+    fs::File,
+    mem::size_of,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+};
+
+use nix::{
+    libc,
+    sched::{CloneFlags, setns},
+};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+enum Mode {
+    SendTo,
+    Connect,
+    PacketInfo(IpAddr),
+    SendMmsg,
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut cgroup, mut netns, mut bind) = (None, None, None);
+    let mut mode = Mode::SendTo;
+    let mut count = 1;
+    let mut spread = None;
+    let mut positional = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--cgroup" => cgroup = args.next(),
+            "--netns" => netns = args.next(),
+            "--bind" => bind = args.next(),
+            "--connect" => mode = Mode::Connect,
+            "--pktinfo" => {
+                let source = args.next().and_then(|text| text.parse().ok());
+                mode = Mode::PacketInfo(source.expect("--pktinfo ADDR"));
+            }
+            "--sendmmsg" => mode = Mode::SendMmsg,
+            "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
+            "--spread" => spread = args.next().and_then(|n| n.parse::<u32>().ok()),
+            _ => positional.push(arg),
+        }
+    }
+    let [destinations, port] = positional.as_slice() else {
+        panic!(
+            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --sendmmsg] [--count N] DST_ADDR[,DST_ADDR...] DST_PORT"
+        );
+    };
+    let port: u16 = port.parse().expect("DST_PORT");
+    let mut destinations: Vec<SocketAddr> = destinations
+        .split(',')
+        .map(|address| SocketAddr::new(address.parse().expect("DST_ADDR"), port))
+        .collect();
+    if let (Some(spread), IpAddr::V4(first)) = (spread, destinations[0].ip()) {
+        destinations = (0..spread)
+            .map(|offset| SocketAddr::new(IpAddr::V4((u32::from(first) + offset).into()), port))
+            .collect();
+    }
+
+    let cgroup = cgroup.expect("--cgroup");
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+    let namespace = File::open(format!("/run/netns/{}", netns.expect("--netns")))
+        .expect("opening the namespace");
+    setns(&namespace, CloneFlags::CLONE_NEWNET).expect("entering the namespace");
+
+    let socket =
+        Socket::new(Domain::for_address(destinations[0]), Type::DGRAM, None).expect("socket");
+    if let Some(address) = bind {
+        let address: IpAddr = address.parse().expect("--bind ADDR");
+        socket
+            .bind(&SocketAddr::new(address, 0).into())
+            .expect("bind");
+    }
+    let payload = b"srcip test datagram";
+    for _ in 0..count {
+        match mode {
+            Mode::SendTo => {
+                for destination in &destinations {
+                    socket
+                        .send_to(payload, &(*destination).into())
+                        .expect("sendto");
+                }
+            }
+            Mode::Connect => {
+                socket.connect(&destinations[0].into()).expect("connect");
+                // Nobody listens: a port-unreachable from an earlier datagram may surface here.
+                match socket.send(payload) {
+                    Err(error) if error.kind() != std::io::ErrorKind::ConnectionRefused => {
+                        panic!("send: {error}")
+                    }
+                    _ => {}
+                }
+            }
+            Mode::PacketInfo(source) => {
+                for destination in &destinations {
+                    send_with_source(&socket, *destination, source, payload);
+                }
+            }
+            Mode::SendMmsg => send_to_all(&socket, &destinations, payload),
+        }
+    }
+    let local = socket
+        .local_addr()
+        .expect("getsockname")
+        .as_socket()
+        .expect("an IP socket");
+    println!(
+        "{}",
+        serde_json::json!({"pid": std::process::id(), "src_port": local.port()})
+    );
+}
+
+/// `sendmsg()` with the source chosen by `IP_PKTINFO` or `IPV6_PKTINFO`.
+fn send_with_source(socket: &Socket, destination: SocketAddr, source: IpAddr, payload: &[u8]) {
+    let address = SockAddr::from(destination);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // Room for either control message, aligned as cmsghdr wants.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_name = address.as_ptr().cast_mut().cast();
+    message.msg_namelen = address.len();
+    message.msg_iov = &raw mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_* compute sizes and pointers inside `control`, which is large enough.
+    unsafe {
+        let (level, kind, length) = match source {
+            IpAddr::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                size_of::<libc::in_pktinfo>(),
+            ),
+            IpAddr::V6(_) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                size_of::<libc::in6_pktinfo>(),
+            ),
+        };
+        message.msg_controllen = libc::CMSG_SPACE(length as u32) as usize;
+        let header = libc::CMSG_FIRSTHDR(&raw const message);
+        (*header).cmsg_level = level;
+        (*header).cmsg_type = kind;
+        (*header).cmsg_len = libc::CMSG_LEN(length as u32) as usize;
+        let data = libc::CMSG_DATA(header);
+        match source {
+            IpAddr::V4(v4) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+            IpAddr::V6(v6) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+        }
+        let sent = libc::sendmsg(socket.as_raw_fd(), &raw const message, 0);
+        assert!(
+            sent >= 0,
+            "sendmsg with a source: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// One `sendmmsg()` call with a datagram to each destination.
+fn send_to_all(socket: &Socket, destinations: &[SocketAddr], payload: &[u8]) {
+    let addresses: Vec<SockAddr> = destinations.iter().map(|&d| SockAddr::from(d)).collect();
+    let mut iovs: Vec<libc::iovec> = destinations
+        .iter()
+        .map(|_| libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        })
+        .collect();
+    let mut messages: Vec<libc::mmsghdr> = addresses
+        .iter()
+        .zip(iovs.iter_mut())
+        .map(|(address, iov)| {
+            // SAFETY: mmsghdr is plain data; its pointers outlive the call below.
+            let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            message.msg_hdr.msg_name = address.as_ptr().cast_mut().cast();
+            message.msg_hdr.msg_namelen = address.len();
+            message.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+            message.msg_hdr.msg_iovlen = 1;
+            message
+        })
+        .collect();
+    // SAFETY: `messages` holds valid headers for the whole call.
+    let sent = unsafe {
+        libc::sendmmsg(
+            socket.as_raw_fd(),
+            messages.as_mut_ptr(),
+            messages.len() as u32,
+            0,
+        )
+    };
+    assert_eq!(
+        sent,
+        messages.len() as i32,
+        "sendmmsg: {}",
+        std::io::Error::last_os_error()
+    );
+}
