@@ -141,6 +141,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
 
     let throughput = throughput(&bins, &bpftrace, &sandbox, settings)?;
+    let datagrams = datagram_throughput(&bins, &sandbox, settings)?;
     let latency = latency(&bins, &sandbox)?;
     let saturation = saturation(&bins, &sandbox)?;
     let policies = policy_sizes(&bins, &sandbox)?;
@@ -150,6 +151,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         "machine": machine(),
         "settings": {"rounds": settings.rounds, "seconds_per_round": settings.seconds},
         "throughput": throughput,
+        "udp_throughput": datagrams,
         "latency": latency,
         "saturation": saturation,
         "policies": policies,
@@ -407,6 +409,62 @@ fn throughput(
                 "rounds": rates[index],
                 "tool_cpu_seconds_per_100k_connections": cpu,
             }),
+        );
+    }
+    Ok(Value::Object(table))
+}
+
+/// UDP send-storm rates: the egress hook runs for every datagram.
+fn datagram_throughput(
+    bins: &Binaries,
+    sandbox: &Sandbox,
+    settings: &Settings,
+) -> anyhow::Result<Value> {
+    let udp_policy = |allowed: &str| {
+        format!(
+            "[[rule]]\nname = \"bench\"\ndestinations = [\"127.0.0.1\"]\nprotocol = \"udp\"\nallowed_sources = [\"{allowed}\"]\n"
+        )
+    };
+    let compliant = sandbox.policy("udp-compliant.toml", &udp_policy("127.0.0.1"))?;
+    let violation = sandbox.policy("udp-violation.toml", &udp_policy("127.0.0.2"))?;
+    let seconds = settings.seconds.to_string();
+    let modes = ["baseline", "compliant", "violation"];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 1..=settings.rounds {
+        step(&format!("UDP round {round} of {}", settings.rounds));
+        for (index, mode) in modes.iter().enumerate() {
+            let tool = match *mode {
+                "baseline" => None,
+                "compliant" => Some(srcip_run(bins, &compliant, &[], false)?),
+                _ => Some(srcip_run(bins, &violation, &[], false)?),
+            };
+            let report = storm(
+                bins,
+                sandbox,
+                &["--udp", "--threads", "2", "--seconds", &seconds],
+            )?;
+            rates[index].push(
+                report["connects"].as_f64().unwrap_or(0.0)
+                    / report["seconds"].as_f64().unwrap_or(1.0),
+            );
+            if let Some(mut tool) = tool {
+                tool.stop();
+            }
+        }
+    }
+    let baseline = median(&rates[0]);
+    println!(
+        "\nUDP send storm ({} rounds of {} s, 2 threads, one socket each)",
+        settings.rounds, settings.seconds
+    );
+    println!("{:<10} {:>14} {:>8}", "mode", "datagrams/s", "ratio");
+    let mut table = serde_json::Map::new();
+    for (index, mode) in modes.iter().enumerate() {
+        let rate = median(&rates[index]);
+        println!("{mode:<10} {rate:>14.0} {:>8.2}", rate / baseline);
+        table.insert(
+            (*mode).to_owned(),
+            json!({"datagrams_per_second_median": rate, "ratio_to_baseline": rate / baseline, "rounds": rates[index]}),
         );
     }
     Ok(Value::Object(table))
