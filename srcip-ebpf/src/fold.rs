@@ -25,6 +25,7 @@ pub enum Fold {
     Unfolded,
 }
 
+#[inline(always)]
 pub fn fold(key: &FoldKey, now: u64) -> Fold {
     // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
     let window = unsafe { core::ptr::read_volatile(&FOLD_WINDOW_NS) };

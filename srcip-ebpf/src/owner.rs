@@ -108,19 +108,21 @@ fn current_task_is_daemon() -> bool {
 }
 
 /// The owner of `sk` when its connections are audited.
-pub fn audited_owner_of(sk: *mut bpf_sock) -> Option<&'static SocketOwner> {
+pub fn audited_owner_of(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
     owner_of(sk).filter(|owner| owner.audited != 0)
 }
 
-fn owner_of(sk: *mut bpf_sock) -> Option<&'static SocketOwner> {
+fn owner_of(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
     // SAFETY: `sk` is a socket pointer the kernel gave this hook; without the create flag the
     // helper only looks up. The map pointer is the map's own definition, as the helper expects.
     let owner = unsafe {
         bpf_sk_storage_get(owners_map(), sk.cast(), ptr::null_mut(), 0).cast::<SocketOwner>()
     };
     // SAFETY: a non-null result points at the socket's storage, which lives as long as the
-    // socket, and so for the whole program run.
-    unsafe { owner.as_ref() }
+    // socket, and so for the whole program run. Other CPUs may write `last_udp_flow` at the
+    // same time; it is one aligned 8-byte word, and every other field is written only when
+    // the storage is created.
+    unsafe { owner.as_mut() }
 }
 
 /// `ctx` is the program's context, which the namespace helper takes; `sk` the socket.
@@ -135,6 +137,7 @@ fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock, audited: boo
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         audited: u32::from(audited),
         reserved: 0,
+        last_udp_flow: 0,
     };
     // SAFETY: as in `owner_of`; the helper copies `owner` into the new storage.
     let stored = unsafe {

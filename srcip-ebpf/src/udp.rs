@@ -40,6 +40,7 @@ pub fn srcip_udp_egress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
+#[inline(always)]
 fn record_datagram(ctx: &SkBuffContext) {
     // SAFETY: the context pointer the kernel passed to this program.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
@@ -58,6 +59,11 @@ fn record_datagram(ctx: &SkBuffContext) {
     let Some(datagram) = Datagram::read(ctx) else {
         return;
     };
+    // The common case, a socket sending to the same place again: one comparison.
+    let fingerprint = datagram.fingerprint();
+    if owner.last_udp_flow == fingerprint {
+        return;
+    }
     let flow = SeenFlow {
         // SAFETY: the context is the helper's argument; it names the packet's socket.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
@@ -68,9 +74,11 @@ fn record_datagram(ctx: &SkBuffContext) {
         reserved: [0; 5],
     };
     // Already reported: the per-datagram cost is this lookup.
-    if UDP_FLOWS.get_ptr(&flow).is_some()
-        || UDP_FLOWS.insert(&flow, &0, BPF_NOEXIST.into()).is_err()
-    {
+    let seen = UDP_FLOWS.get_ptr(&flow).is_some()
+        || UDP_FLOWS.insert(&flow, &0, BPF_NOEXIST.into()).is_err();
+    // Remembered only once decided, so that a matching fingerprint means "reported".
+    owner.last_udp_flow = fingerprint;
+    if seen {
         return;
     }
     let connection = Connection {
@@ -93,34 +101,41 @@ struct Datagram {
 }
 
 impl Datagram {
-    /// At cgroup egress the packet starts with its IP header. IPv6 extension headers are
-    /// not followed: a datagram behind one is not seen.
+    /// At cgroup egress the packet starts with its IP header. One load takes what the
+    /// smallest UDP datagram of either family has (an IPv4 header without options and the
+    /// ports: 28 bytes); only an IPv4 header with options, or IPv6, needs a second.
+    /// IPv6 extension headers are not followed: a datagram behind one is not seen.
+    #[inline(always)]
     fn read(ctx: &SkBuffContext) -> Option<Self> {
-        let first: u8 = ctx.skb.load(0).ok()?;
+        let head: [u8; 28] = ctx.skb.load(0).ok()?;
         let mut src = [0; 16];
         let mut dst = [0; 16];
-        let (family, transport) = match first >> 4 {
+        let (family, ports): (u8, [u8; 4]) = match head[0] >> 4 {
             4 => {
-                let header: [u8; 20] = ctx.skb.load(0).ok()?;
-                if header[9] != IPPROTO_UDP {
+                if head[9] != IPPROTO_UDP {
                     return None;
                 }
-                src[..4].copy_from_slice(&header[12..16]);
-                dst[..4].copy_from_slice(&header[16..20]);
-                (AF_INET, usize::from(header[0] & 0x0f) * 4)
+                src[..4].copy_from_slice(&head[12..16]);
+                dst[..4].copy_from_slice(&head[16..20]);
+                let header_length = usize::from(head[0] & 0x0f) * 4;
+                let ports = if header_length == 20 {
+                    [head[20], head[21], head[22], head[23]]
+                } else {
+                    ctx.skb.load(header_length).ok()?
+                };
+                (AF_INET, ports)
             }
             6 => {
-                let header: [u8; 40] = ctx.skb.load(0).ok()?;
-                if header[6] != IPPROTO_UDP {
+                if head[6] != IPPROTO_UDP {
                     return None;
                 }
+                let header: [u8; 44] = ctx.skb.load(0).ok()?;
                 src.copy_from_slice(&header[8..24]);
                 dst.copy_from_slice(&header[24..40]);
-                (AF_INET6, 40)
+                (AF_INET6, [header[40], header[41], header[42], header[43]])
             }
             _ => return None,
         };
-        let ports: [u8; 4] = ctx.skb.load(transport).ok()?;
         Some(Self {
             family,
             src,
@@ -128,5 +143,38 @@ impl Datagram {
             src_port: u16::from_be_bytes([ports[0], ports[1]]),
             dst_port: u16::from_be_bytes([ports[2], ports[3]]),
         })
+    }
+
+    /// An FNV-style hash of the flow, a word at a time (fixed indexes: the verifier follows
+    /// them without loops). Two flows share one by accident with odds of 2⁻⁶⁴; it is not meant
+    /// to resist a program that crafts destinations to collide with its own last one.
+    fn fingerprint(&self) -> u64 {
+        let word = |bytes: &[u8; 16], half: usize| {
+            let at = half * 8;
+            u64::from_ne_bytes([
+                bytes[at],
+                bytes[at + 1],
+                bytes[at + 2],
+                bytes[at + 3],
+                bytes[at + 4],
+                bytes[at + 5],
+                bytes[at + 6],
+                bytes[at + 7],
+            ])
+        };
+        let words = [
+            word(&self.src, 0),
+            word(&self.src, 1),
+            word(&self.dst, 0),
+            word(&self.dst, 1),
+            u64::from(self.dst_port) << 8 | u64::from(self.family),
+        ];
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for word in words {
+            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
+            hash ^= hash >> 29;
+        }
+        // Zero means "no flow yet".
+        hash | 1
     }
 }

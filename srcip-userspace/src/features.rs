@@ -197,7 +197,9 @@ pub fn verifier_refusal(log: &str) -> &str {
         })
         .or_else(|| {
             lines().rfind(|line| {
-                !line.starts_with("processed ") && !line.starts_with("verification time")
+                !["processed ", "verification time", "stack depth"]
+                    .iter()
+                    .any(|statistics| line.starts_with(statistics))
             })
         })
         .unwrap_or("the verifier gave no reason")
