@@ -70,6 +70,9 @@ pub struct ConnectionReport {
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
     pub netns: Option<u64>,
+    /// The systemd unit and the container the cgroup belongs to, when its path names them.
+    pub unit: Option<String>,
+    pub container: Option<String>,
     pub verdict: Verdict,
     /// Set on a folded `violation`: the repeats it stands for.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -218,8 +221,12 @@ fn connection_text(report: &ConnectionReport) -> String {
             folded.count, folded.first_time, folded.last_time
         )
     });
+    let names: String = [("unit", &report.unit), ("container", &report.container)]
+        .iter()
+        .filter_map(|(key, value)| Some(format!(" {key}={}", escape(value.as_deref()?))))
+        .collect();
     format!(
-        "rule={} {} {} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{folded}",
+        "rule={} {} {} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{names}{folded}",
         report.rule.as_deref().unwrap_or("-"),
         report.protocol,
         endpoint(report.src, report.src_port),
@@ -282,6 +289,8 @@ mod tests {
                 cgroup_id: 7,
                 cgroup: Some("/system.slice/payments.service".into()),
                 netns: None,
+                unit: Some("payments.service".into()),
+                container: None,
                 verdict: Verdict::Violation,
                 folded: None,
             }),
@@ -294,7 +303,7 @@ mod tests {
             text_line(&violation()),
             "2025-11-24T16:00:00.123456Z VIOLATION rule=partner tcp [2001:db8::11]:40000 -> \
              [2001:db8:50::50]:443 allowed=[2001:db8::10] pid=42 comm=curl uid=0 \
-             cgroup=/system.slice/payments.service netns=?"
+             cgroup=/system.slice/payments.service netns=? unit=payments.service"
         );
     }
 

@@ -19,6 +19,7 @@ use crate::{
     loader::{AuditSettings, KernelPrograms},
     netns::NetnsInodes,
     policy::{ConnectionKey, Decision, Matcher, Rule},
+    workload,
 };
 
 /// Longest time a record the kernel did not wake us for waits in the ring buffer.
@@ -197,6 +198,7 @@ impl AuditSession {
         netns: &mut NetnsInodes,
         event: &ConnectEvent,
     ) -> ConnectionReport {
+        let cgroup = cgroup_names.path_of(event.cgroup_id);
         ConnectionReport {
             rule: rule.map(|rule| rule.name.clone()),
             action: rule.map_or("alert", |rule| rule.action.as_str()),
@@ -218,8 +220,16 @@ impl AuditSession {
             comm: event.comm.clone(),
             uid: event.uid,
             cgroup_id: event.cgroup_id,
-            cgroup: cgroup_names.path_of(event.cgroup_id),
             netns: netns.inode_of(event.netns_cookie, event.pid),
+            unit: cgroup
+                .as_deref()
+                .and_then(workload::unit_of)
+                .map(str::to_owned),
+            container: cgroup
+                .as_deref()
+                .and_then(workload::container_of)
+                .map(str::to_owned),
+            cgroup,
             verdict,
             folded: None,
         }

@@ -15,3 +15,4 @@ mod netns;
 pub mod policy;
 pub mod run;
 mod system;
+mod workload;

@@ -50,6 +50,8 @@ pub struct Connection {
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
     pub netns: Option<u64>,
+    pub unit: Option<String>,
+    pub container: Option<String>,
     pub verdict: String,
     /// On a folded violation: the connections it stands for, the first's and last's times.
     #[serde(default)]

@@ -95,6 +95,8 @@ fn wrong_source_gives_a_violation_with_every_field() {
             cgroup_id: TestCgroup::id(&cgroup.path),
             cgroup: Some(TestCgroup::relative(&cgroup.path)),
             netns: Some(topology.host.inode()),
+            unit: None,
+            container: None,
             verdict: "violation".into(),
             count: None,
             first_time: None,
@@ -486,4 +488,41 @@ fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
             "every line starts with its time: {line:?} in {seen:#?}"
         );
     }
+}
+
+#[test]
+fn cgroups_named_like_a_systemd_unit_or_a_container_name_them() {
+    let topology = Topology::new();
+    let id = "4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e";
+    let container_scope = format!("docker-{id}.scope");
+    let cgroup = TestCgroup::new(&["payments.service", &container_scope]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    let unit = connect(
+        &topology.host,
+        &cgroup.child("payments.service"),
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the unit's violation", is_violation_from(unit.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.unit.as_deref(), Some("payments.service"));
+    assert_eq!(violation.container, None);
+
+    let container = connect(
+        &topology.host,
+        &cgroup.child(&container_scope),
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for(
+        "the container's violation",
+        is_violation_from(container.src_port),
+    );
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.container.as_deref(), Some(id));
+    assert_eq!(violation.unit.as_deref(), Some(container_scope.as_str()));
 }
