@@ -17,6 +17,21 @@ pub use alerts::{Connection, Line};
 pub use daemon::Daemon;
 pub use nix::sys::signal::Signal;
 
+/// For the helper binaries: moves this process into the cgroup directory `cgroup` and into
+/// the network namespace `/run/netns/NETNS`. Threads created afterwards inherit both.
+pub fn enter(cgroup: Option<String>, netns: Option<String>) {
+    let cgroup = cgroup.expect("--cgroup DIR");
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+    let namespace = std::fs::File::open(format!("/run/netns/{}", netns.expect("--netns NAME")))
+        .expect("opening the namespace");
+    nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("entering the namespace");
+}
+
 /// A name unique to this test process and call: `srcip-t<pid>-<n>`.
 pub fn unique_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);

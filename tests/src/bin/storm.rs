@@ -13,13 +13,11 @@
 //! `connect()` returned, for latency measurements (use it with a modest `--rate`).
 
 use std::{
-    fs::File,
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Socket, Type};
 
 struct Options {
@@ -68,16 +66,7 @@ fn main() {
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
     options.dst = SocketAddr::new(dst, port.parse().expect("DST_PORT"));
 
-    let cgroup = cgroup.expect("--cgroup");
-    std::fs::write(
-        format!("{cgroup}/cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("joining the cgroup");
-    let namespace = File::open(format!("/run/netns/{}", netns.expect("--netns")))
-        .expect("opening the namespace");
-    // Threads created after this inherit the namespace.
-    setns(&namespace, CloneFlags::CLONE_NEWNET).expect("entering the namespace");
+    srcip_tests::enter(cgroup, netns);
 
     let connects = AtomicU64::new(0);
     let started = Instant::now();

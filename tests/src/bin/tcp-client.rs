@@ -15,14 +15,12 @@
 
 use std::{
     ffi::CString,
-    fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     time::Duration,
 };
 
 use io_uring::{IoUring, opcode, squeue, types};
-use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 fn main() {
@@ -53,15 +51,7 @@ fn main() {
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
     let port: u16 = port.parse().expect("DST_PORT");
 
-    let cgroup = cgroup.expect("--cgroup");
-    std::fs::write(
-        format!("{cgroup}/cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("joining the cgroup");
-    let netns = netns.expect("--netns");
-    let namespace = File::open(format!("/run/netns/{netns}")).expect("opening the namespace");
-    setns(&namespace, CloneFlags::CLONE_NEWNET).expect("entering the namespace");
+    srcip_tests::enter(cgroup, netns);
 
     if let Some(comm) = comm {
         let name = CString::new(comm).expect("--comm without NUL bytes");

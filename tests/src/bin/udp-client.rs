@@ -14,16 +14,12 @@
 //! `--spread N` makes the destinations the N consecutive IPv4 addresses from DST_ADDR.
 
 use std::{
-    fs::File,
     mem::size_of,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
 };
 
-use nix::{
-    libc,
-    sched::{CloneFlags, setns},
-};
+use nix::libc;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 enum Mode {
@@ -72,15 +68,7 @@ fn main() {
             .collect();
     }
 
-    let cgroup = cgroup.expect("--cgroup");
-    std::fs::write(
-        format!("{cgroup}/cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("joining the cgroup");
-    let namespace = File::open(format!("/run/netns/{}", netns.expect("--netns")))
-        .expect("opening the namespace");
-    setns(&namespace, CloneFlags::CLONE_NEWNET).expect("entering the namespace");
+    srcip_tests::enter(cgroup, netns);
 
     let socket =
         Socket::new(Domain::for_address(destinations[0]), Type::DGRAM, None).expect("socket");
