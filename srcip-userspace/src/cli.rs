@@ -29,6 +29,33 @@ pub enum Command {
     /// Reproduce the multi-IP incident in throw-away network namespaces and show srcip
     /// catching it.
     Demo,
+    /// Print shell completions for srcip, for example
+    /// `srcip completions bash > /etc/bash_completion.d/srcip`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// The shells `srcip completions` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl Shell {
+    /// Writes the completion script for this shell to stdout.
+    pub fn print_completions(self) {
+        let shell = match self {
+            Self::Bash => clap_complete::Shell::Bash,
+            Self::Zsh => clap_complete::Shell::Zsh,
+            Self::Fish => clap_complete::Shell::Fish,
+        };
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "srcip", &mut std::io::stdout());
+    }
 }
 
 #[derive(clap::Args)]

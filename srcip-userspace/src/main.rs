@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run::run(args.into_config()))),
         Command::Policy(PolicyCommand::Validate { file }) => validate(&file),
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
+        Command::Completions { shell } => {
+            shell.print_completions();
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

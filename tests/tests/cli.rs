@@ -146,3 +146,40 @@ fn a_kernel_without_a_feature_gets_one_short_line_per_missing_feature() {
     );
     assert!(output.stdout.is_empty());
 }
+
+#[test]
+fn completions_are_printed_for_bash_zsh_and_fish_and_other_shells_are_refused() {
+    for (shell, marker) in [
+        ("bash", "complete -F _srcip"),
+        ("zsh", "#compdef srcip"),
+        ("fish", "complete -c srcip"),
+    ] {
+        let output = Command::new(srcip_bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        // Every subcommand is offered.
+        for subcommand in ["run", "policy", "demo", "completions"] {
+            assert!(script.contains(subcommand), "{shell} lacks {subcommand}");
+        }
+    }
+    let output = Command::new(srcip_bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn version_is_printed() {
+    let output = Command::new(srcip_bin()).arg("--version").output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("srcip {}", env!("CARGO_PKG_VERSION"))
+    );
+}
