@@ -110,6 +110,32 @@ pub enum PolicyCommand {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Watch outbound connections for a while and write the policy that allows exactly the
+    /// sources seen per destination (and port and protocol).
+    Learn(LearnArgs),
+}
+
+#[derive(clap::Args)]
+pub struct LearnArgs {
+    /// How long to watch; `0` watches until Ctrl-C (SIGINT) or SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Watch only processes in this cgroup v2 directory and below it; repeatable.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    cgroups: Vec<String>,
+    /// Write the policy here instead of to stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+impl LearnArgs {
+    pub fn into_config(self) -> crate::learn::LearnConfig {
+        crate::learn::LearnConfig {
+            duration: self.duration,
+            cgroups: self.cgroups,
+            output: self.output,
+        }
+    }
 }
 
 fn default_format() -> Format {

@@ -10,6 +10,7 @@ pub mod demo;
 mod events;
 pub mod features;
 mod folding;
+pub mod learn;
 mod loader;
 mod netns;
 pub mod policy;

@@ -9,7 +9,7 @@ use clap::Parser as _;
 use srcip_userspace::{
     cgroup,
     cli::{Cli, Command, PolicyCommand},
-    demo, features,
+    demo, features, learn,
     policy::{self, PolicyLoadError},
     run,
 };
@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run::run(args.into_config()))),
         Command::Policy(PolicyCommand::Validate { file }) => validate(&file),
+        Command::Policy(PolicyCommand::Learn(args)) => {
+            runtime().and_then(|rt| rt.block_on(learn::learn(args.into_config())))
+        }
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
         Command::Completions { shell } => {
             shell.print_completions();

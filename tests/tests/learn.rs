@@ -1,0 +1,96 @@
+//! `srcip policy learn` writes a policy that allows exactly the traffic it saw.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use srcip_tests::{
+    ALLOWED_V4, ALLOWED_V6, Daemon, Line, OTHER_V4, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
+    TestCgroup, Topology, connect, udp_client,
+};
+
+#[test]
+fn a_learnt_policy_validates_and_allows_exactly_the_sources_seen() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let learnt = dir.path().join("learnt.toml");
+    let mut learn = Command::new(srcip_tests::srcip_bin())
+        .args(["policy", "learn", "--duration", "4s", "--cgroup"])
+        .arg(&cgroup.path)
+        .arg("--output")
+        .arg(&learnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning srcip policy learn");
+    let (sender, lines) = mpsc::channel();
+    let stderr = learn.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    while !said
+        .iter()
+        .any(|line: &String| line.contains("learning outbound connections"))
+    {
+        said.push(
+            lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("learn says it is learning"),
+        );
+    }
+
+    // The host's everyday traffic, from the addresses the kernel picks.
+    let tcp = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    let tcp6 = connect(&topology.host, &cgroup.path, None, PARTNER_V6, 443);
+    udp_client(&topology.host, &cgroup.path, &[], PARTNER_V4, 53);
+    assert_eq!(
+        (tcp.src.as_str(), tcp6.src.as_str()),
+        (ALLOWED_V4, ALLOWED_V6)
+    );
+
+    let status = learn.wait().unwrap();
+    said.extend(lines.try_iter());
+    assert!(status.success(), "{said:#?}");
+    assert!(
+        said.iter()
+            .any(|line| line.contains("learnt 3 connections to 2 destinations")),
+        "{said:#?}"
+    );
+    let text = std::fs::read_to_string(&learnt).unwrap();
+    let validate = Command::new(srcip_tests::srcip_bin())
+        .args(["policy", "validate"])
+        .arg(&learnt)
+        .output()
+        .unwrap();
+    assert_eq!(validate.status.code(), Some(0), "{text}");
+
+    // The same traffic under the learnt policy: no alert; another source: a violation.
+    let policy = PolicyFile::new(&text);
+    let mut daemon = Daemon::start(&policy.path, &["--cgroup", cgroup.path.to_str().unwrap()]);
+    connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    connect(&topology.host, &cgroup.path, None, PARTNER_V6, 443);
+    udp_client(&topology.host, &cgroup.path, &[], PARTNER_V4, 53);
+    let other = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the other source's violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == other.src_port)
+    });
+    assert!(line.violation().unwrap().rule.is_some(), "{text}");
+    let (_, lines) = daemon.stop_with(Signal::SIGTERM);
+    let violations: Vec<_> = lines.iter().filter_map(Line::violation).collect();
+    assert_eq!(violations.len(), 1, "{violations:#?}\n{text}");
+}
