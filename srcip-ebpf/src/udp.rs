@@ -73,10 +73,12 @@ fn record_datagram(ctx: &SkBuffContext) {
         family: datagram.family,
         reserved: [0; 5],
     };
-    // Already reported: the per-datagram cost is this lookup.
+    // A flow this socket sent before, though not last (a resolver): one lookup. An insert
+    // that loses a race with another CPU leaves the report to that CPU.
     let seen = UDP_FLOWS.get_ptr(&flow).is_some()
         || UDP_FLOWS.insert(&flow, &0, BPF_NOEXIST.into()).is_err();
-    // Remembered only once decided, so that a matching fingerprint means "reported".
+    // The flow is decided below, in this same run, so a matching fingerprint later means
+    // "already reported".
     owner.last_udp_flow = fingerprint;
     if seen {
         return;
