@@ -3,7 +3,7 @@
 //! `violation` with `count`, and delete the entry so that the next violation opens a new
 //! window.
 
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use aya::maps::{HashMap, MapData};
 use srcip_common::fold::{FoldKey, FoldState};
@@ -21,7 +21,10 @@ const GRACE: Duration = Duration::from_millis(200);
 pub struct Folding {
     folds: HashMap<MapData, FoldKey, FoldState>,
     window: Duration,
-    open: Vec<OpenWindow>,
+    /// Oldest first. Every window lasts as long, so this is also the order in which they
+    /// close (records from different CPUs may arrive microseconds out of order, which only
+    /// delays such a window to the next read).
+    open: VecDeque<OpenWindow>,
 }
 
 struct OpenWindow {
@@ -36,29 +39,27 @@ impl Folding {
         Self {
             folds,
             window,
-            open: Vec::new(),
+            open: VecDeque::new(),
         }
     }
 
     pub fn opened(&mut self, window: OpenedWindow, report: ConnectionReport) {
         let length = u64::try_from((self.window + GRACE).as_nanos()).unwrap_or(u64::MAX);
-        self.open.push(OpenWindow {
+        self.open.push_back(OpenWindow {
             closes_ns: window.opened_ns.saturating_add(length),
             key: window.key,
             report,
         });
     }
 
-    /// The folded lines of every window that has closed by `now_ns` (`CLOCK_BOOTTIME`).
+    /// The folded lines of every window that has closed by `now_ns` (`CLOCK_BOOTTIME`). Called
+    /// on every read of the ring buffer, so it looks only at the windows that are due.
     pub fn closed(&mut self, now_ns: u64, clock: BootClock) -> Vec<Alert> {
-        let (closed, open) = std::mem::take(&mut self.open)
-            .into_iter()
-            .partition(|window| window.closes_ns <= now_ns);
-        self.open = open;
-        closed
-            .into_iter()
-            .filter_map(|window| self.flush(window, clock))
-            .collect()
+        let mut alerts = Vec::new();
+        while let Some(window) = self.open.pop_front_if(|window| window.closes_ns <= now_ns) {
+            alerts.extend(self.flush(window, clock));
+        }
+        alerts
     }
 
     /// Every window, closed or not: for shutdown, once the programs are detached and can no

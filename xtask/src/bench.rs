@@ -31,32 +31,8 @@ pub struct Settings {
 struct Sandbox {
     netns: String,
     cgroup: PathBuf,
-    dir: tempfile_dir::Dir,
-}
-
-/// A temporary folder for policies, removed on drop (std only: xtask keeps few crates).
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new(name: &str) -> std::io::Result<Self> {
-            let path = std::env::temp_dir().join(name);
-            std::fs::create_dir_all(&path)?;
-            Ok(Self(path))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    /// Policies of the bench, removed on drop.
+    dir: tempfile::TempDir,
 }
 
 impl Sandbox {
@@ -67,7 +43,7 @@ impl Sandbox {
         let sandbox = Self {
             netns: name.clone(),
             cgroup,
-            dir: tempfile_dir::Dir::new(&name)?,
+            dir: tempfile::Builder::new().prefix(&name).tempdir()?,
         };
         exec(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
         fs::create_dir(&sandbox.cgroup)

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 
-use crate::{exec, output_of, step};
+use crate::{exec, home_folder, output_of, step};
 
 /// A kernel series of the matrix: the Debian release that carries it and the long-term
 /// kernels it stands for.
@@ -65,15 +65,7 @@ pub struct Kernel {
 /// Where kernels, apt state and virtme-ng live between runs: outside `target/`, so that a
 /// `cargo clean` does not download them again.
 pub fn cache_dir() -> anyhow::Result<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(
-            std::env::var_os("HOME")
-                .ok_or_else(|| anyhow!("neither XDG_CACHE_HOME nor HOME is set"))?,
-        )
-        .join(".cache"),
-    };
-    Ok(base.join("srcip-vm"))
+    Ok(home_folder("XDG_CACHE_HOME", ".cache")?.join("srcip-vm"))
 }
 
 /// qemu, the module tools virtme-ng calls, busybox for its initramfs, and virtme-ng itself in

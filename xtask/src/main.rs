@@ -170,6 +170,16 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// `$VARIABLE`, else `$HOME/fallback`: where cargo's and the cache's folders live.
+pub fn home_folder(variable: &str, fallback: &str) -> anyhow::Result<PathBuf> {
+    if let Some(folder) = std::env::var_os(variable) {
+        return Ok(PathBuf::from(folder));
+    }
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow::anyhow!("neither {variable} nor HOME is set"))?;
+    Ok(PathBuf::from(home).join(fallback))
+}
+
 /// The cargo that runs this xtask, so that a toolchain override carries over.
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())

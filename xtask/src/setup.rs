@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::{cargo, exec, output_of, step};
+use crate::{cargo, exec, home_folder, output_of, step};
 
 /// The bpf-linker release that builds against the nightly's LLVM 22 on these machines.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -111,15 +111,7 @@ fn nightly_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {
 /// bpf-linker's RUNPATH points into this folder, so it must outlive the build: it lives
 /// beside cargo's own files, never in target/ or /tmp.
 fn llvm_prefix() -> anyhow::Result<PathBuf> {
-    let cargo_home = match std::env::var_os("CARGO_HOME") {
-        Some(home) => PathBuf::from(home),
-        None => PathBuf::from(
-            std::env::var_os("HOME")
-                .ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?,
-        )
-        .join(".cargo"),
-    };
-    Ok(cargo_home.join("bpf-linker-llvm"))
+    Ok(home_folder("CARGO_HOME", ".cargo")?.join("bpf-linker-llvm"))
 }
 
 /// `<prefix>/lib` holds `libLLVM.so` and a link named like the library's soname (its file
