@@ -11,8 +11,9 @@
 /// `FoldKey::rule` of a violation no rule matched (`unmatched = "alert"`).
 pub const NO_RULE: u32 = u32::MAX;
 
-/// What makes two violations the same: rule, protocol, source, destination, destination port
-/// and cgroup (the source port differs from connection to connection).
+/// What makes two violations the same: rule, protocol, source (the socket's and the wire's),
+/// destination, destination port and cgroup (the source port differs from connection to
+/// connection).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FoldKey {
@@ -23,10 +24,11 @@ pub struct FoldKey {
     pub cgroup_id: u64,
     /// Addresses in the record layout.
     pub src: [u8; 16],
+    pub wire_src: [u8; 16],
     pub dst: [u8; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<FoldKey>() == 48);
+const _: () = assert!(core::mem::size_of::<FoldKey>() == 64);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -53,8 +53,7 @@ pub mod names {
     /// created before srcip started.
     pub const SENDMSG4_PROGRAM: &str = "srcip_sendmsg4";
     pub const SENDMSG6_PROGRAM: &str = "srcip_sendmsg6";
-    /// The sock_ops program that records TCP connects.
-    pub const TCP_CONNECT_PROGRAM: &str = "srcip_tcp_connect";
-    /// The `cgroup_skb/egress` program that records UDP datagrams' sources.
-    pub const UDP_EGRESS_PROGRAM: &str = "srcip_udp_egress";
+    /// The `cgroup_skb/egress` program that records the source TCP SYNs and UDP datagrams
+    /// leave with.
+    pub const EGRESS_PROGRAM: &str = "srcip_egress";
 }

@@ -1,6 +1,6 @@
 //! Who owns a socket, as the kernel side keeps it in socket-local storage.
 //!
-//! The hook that sees a TCP connection's final source (sock_ops at `TCP_CONNECT_CB`) may run
+//! The hook that sees a connection's final source (the packet at `cgroup_skb/egress`) may run
 //! outside the owner's context (an io_uring worker, a kernel thread), and on Linux before 6.10
 //! it cannot ask who is current anyway. So the owner is taken where it is certain: when the
 //! socket is created (`cgroup/sock_create`, in the creating task), or, for a socket created
@@ -28,10 +28,11 @@ pub struct SocketOwner {
     pub audited: u32,
     /// Explicit padding so the layout has no hidden holes; always zero.
     pub reserved: u32,
-    /// Fingerprint of the last UDP flow (source, destination, port) this socket's datagrams
-    /// were decided for: a datagram of the same flow costs a comparison, not a map lookup.
+    /// Fingerprint of the last flow (source, destination, port) this socket's packets were
+    /// decided for: a UDP datagram of the same flow, or a retransmitted SYN, costs a
+    /// comparison, not a map lookup.
     /// Written in one aligned 8-byte store, so a reader never sees half of it.
-    pub last_udp_flow: u64,
+    pub last_flow: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56);

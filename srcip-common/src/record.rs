@@ -1,11 +1,11 @@
 //! Records the kernel writes to the `EVENTS` ring buffer.
 //!
 //! Each record starts with a [`RecordHeader`] whose `kind` says which payload follows, so
-//! later hooks (UDP at `cgroup_skb/egress`, in-kernel pin/block decisions) add kinds without
+//! later hooks (in-kernel pin and block decisions) add kinds without
 //! changing the layout of the existing ones.
 
 /// Default size of the `EVENTS` ring buffer; user space may choose another at load. A power
-/// of two and a multiple of the page size, as the kernel requires. 256 KiB holds about 2300
+/// of two and a multiple of the page size, as the kernel requires. 256 KiB holds about 2000
 /// connect records (each has an 8-byte ring-buffer header).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
@@ -61,8 +61,12 @@ pub struct ConnectRecord {
     pub cgroup_id: u64,
     /// Cookie of the socket's network namespace; user space maps it to the inode.
     pub netns_cookie: u64,
-    /// Source address in network byte order; an IPv4 address fills the first 4 bytes.
+    /// Source address the kernel chose for the socket (or, for unconnected UDP, the one the
+    /// datagram left with), in network byte order; an IPv4 address fills the first 4 bytes.
     pub src_addr: [u8; 16],
+    /// Source address the packet carried on the wire, laid out like `src_addr`: the same
+    /// unless [`RecordFlags::TRANSLATED`].
+    pub wire_src_addr: [u8; 16],
     /// Destination address, laid out like `src_addr`.
     pub dst_addr: [u8; 16],
     /// Thread-group id, the process id users see.
@@ -86,7 +90,7 @@ pub struct ConnectRecord {
     pub flags: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 120);
 
 /// `ConnectRecord::flags`.
 pub struct RecordFlags;
@@ -95,6 +99,9 @@ impl RecordFlags {
     /// This violation opened a folding window in `FOLDS`: user space flushes its repeats
     /// when the window closes.
     pub const FOLD_WINDOW: u32 = 1 << 0;
+    /// Address translation on this host (SNAT, MASQUERADE) changed the source between the
+    /// socket and the wire: `wire_src_addr` differs from `src_addr`.
+    pub const TRANSLATED: u32 = 1 << 1;
 }
 
 /// Indexes of the per-CPU `COUNTERS` map.
@@ -105,14 +112,20 @@ pub enum Counter {
     LostRecords = 0,
     /// Hook invocations that failed before producing a record (a helper error).
     HookErrors = 1,
-    /// Connections the kernel decided need no report (compliant, or unmatched and ignored).
-    DecidedInKernel = 2,
+    /// TCP connections the kernel decided need no report (compliant, or unmatched and
+    /// ignored).
+    DecidedInKernelTcp = 2,
     /// Repeated violations counted in a folding window instead of recorded.
     Folded = 3,
+    /// UDP flows the kernel decided need no report.
+    DecidedInKernelUdp = 4,
+    /// TCP connections and new UDP flows the kernel decided, whatever the outcome.
+    ObservedTcp = 5,
+    ObservedUdp = 6,
 }
 
 /// Number of entries in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 4;
+pub const COUNTER_COUNT: u32 = 7;
 
 #[cfg(feature = "user")]
 mod user {

@@ -5,13 +5,13 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod egress;
 mod fold;
 mod maps;
 mod owner;
 mod policy;
 mod report;
 mod scope;
-mod tcp;
 mod udp;
 
 #[cfg(not(test))]
@@ -20,7 +20,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-// GPL-compatible licence: sock_ops and ring-buffer helpers are GPL-only.
+// GPL-compatible licence: the ring-buffer helpers are GPL-only.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

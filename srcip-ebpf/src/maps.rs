@@ -45,12 +45,16 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// Writes `record` to the ring buffer, or counts it as lost when the buffer is full.
+/// Reserves room for a `T` in the ring buffer and has `fill` write it there, then submits
+/// it; counts it as lost when the buffer is full. The record is written in place, never on
+/// the stack: the verifier allows 512 bytes of stack for the whole call chain, and 5.10
+/// counts each frame at its largest. `fill` must write every field.
 ///
 /// Waking the reader costs the connecting task several microseconds, so only `urgent`
 /// records (violations) wake it; the others wait for user space's next poll, unless the
 /// buffer is half full, so that a burst cannot overflow it between two polls.
-pub fn submit<T: 'static>(record: &T, urgent: bool) {
+#[inline(always)]
+pub fn submit<T: 'static>(urgent: bool, fill: impl FnOnce(*mut T)) {
     // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
     let threshold = unsafe { core::ptr::read_volatile(&EVENTS_WAKEUP_BYTES) };
     let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA.into()) > threshold {
@@ -58,7 +62,11 @@ pub fn submit<T: 'static>(record: &T, urgent: bool) {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    if EVENTS.output::<T>(record, flags.into()).is_err() {
-        count(Counter::LostRecords);
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            fill(entry.as_mut_ptr());
+            entry.submit(flags.into());
+        }
+        None => count(Counter::LostRecords),
     }
 }

@@ -1,6 +1,6 @@
 //! Recording each audited socket's owner in socket-local storage (see
-//! `srcip_common::owner`), so that the TCP hook attributes a connection to the socket's owner
-//! and scopes it by the socket's cgroup, whoever is on the CPU when the SYN is built.
+//! `srcip_common::owner`), so that the egress hook attributes a connection to the socket's
+//! owner and scopes it by the socket's cgroup, whoever is on the CPU when the packet leaves.
 
 use core::{ffi::c_void, ptr};
 
@@ -119,7 +119,7 @@ fn owner_of(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
         bpf_sk_storage_get(owners_map(), sk.cast(), ptr::null_mut(), 0).cast::<SocketOwner>()
     };
     // SAFETY: a non-null result points at the socket's storage, which lives as long as the
-    // socket, and so for the whole program run. Other CPUs may write `last_udp_flow` at the
+    // socket, and so for the whole program run. Other CPUs may write `last_flow` at the
     // same time; it is one aligned 8-byte word, and every other field is written only when
     // the storage is created.
     unsafe { owner.as_mut() }
@@ -137,7 +137,7 @@ fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock, audited: boo
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         audited: u32::from(audited),
         reserved: 0,
-        last_udp_flow: 0,
+        last_flow: 0,
     };
     // SAFETY: as in `owner_of`; the helper copies `owner` into the new storage.
     let stored = unsafe {

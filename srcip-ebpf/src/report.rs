@@ -5,7 +5,7 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use srcip_common::{
     fold::{FoldKey, NO_RULE},
     owner::SocketOwner,
-    record::{ConnectRecord, Counter, RecordFlags, RecordHeader, RecordKind},
+    record::{ConnectRecord, Counter, IPPROTO_TCP, RecordFlags, RecordHeader, RecordKind},
 };
 
 use crate::{
@@ -14,19 +14,35 @@ use crate::{
     policy::{Connection, Delivery, delivery, reports_all},
 };
 
-/// Decides `connection` (from source port `src_port`) against the policy, folds a repeated
-/// violation, and records what user space must see. Inlined, like the functions it calls, so
+/// Decides `connection` against the policy, folds a repeated violation, and records what user
+/// space must see. `connection.src` is the source on the wire, which the policy judges;
+/// `socket_src` the one the kernel chose for the socket (the same unless this host translated
+/// it), and `src_port` the socket's port. Inlined, like the functions it calls, so
 /// that the caller's frame and its own share one stack: the verifier allows 512 bytes for
 /// the whole call chain, and 5.10 counts each frame at its largest.
 #[inline(always)]
-pub fn report(owner: &SocketOwner, connection: &Connection, src_port: u16) {
+pub fn report(owner: &SocketOwner, connection: &Connection, socket_src: &[u8; 16], src_port: u16) {
+    let tcp = connection.protocol == IPPROTO_TCP;
+    count(if tcp {
+        Counter::ObservedTcp
+    } else {
+        Counter::ObservedUdp
+    });
     let delivery = delivery(connection);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let mut flags = 0;
+    let mut flags = if socket_src == connection.src {
+        0
+    } else {
+        RecordFlags::TRANSLATED
+    };
     let rule = match delivery {
         Delivery::Skip => {
-            count(Counter::DecidedInKernel);
+            count(if tcp {
+                Counter::DecidedInKernelTcp
+            } else {
+                Counter::DecidedInKernelUdp
+            });
             return;
         }
         // With `--all` every connection gets its own line, so nothing is folded.
@@ -37,7 +53,8 @@ pub fn report(owner: &SocketOwner, connection: &Connection, src_port: u16) {
                 family: connection.family,
                 dst_port: connection.dst_port,
                 cgroup_id: owner.cgroup_id,
-                src: *connection.src,
+                src: *socket_src,
+                wire_src: *connection.src,
                 dst: *connection.dst,
             };
             match fold(&key, now) {
@@ -53,26 +70,28 @@ pub fn report(owner: &SocketOwner, connection: &Connection, src_port: u16) {
         Delivery::Violation { rule } => rule,
         Delivery::Undecided | Delivery::Quiet => NO_RULE,
     };
-    let record = ConnectRecord {
-        header: RecordHeader {
+    // SAFETY (each write): `record` points at a reserved ring-buffer slot of a whole
+    // `ConnectRecord`; every field is written, none is read.
+    submit::<ConnectRecord>(delivery != Delivery::Quiet, |record| unsafe {
+        (&raw mut (*record).header).write(RecordHeader {
             kind: RecordKind::Connect as u32,
             len: size_of::<ConnectRecord>() as u32,
             boot_time_ns: now,
-        },
-        cgroup_id: owner.cgroup_id,
-        netns_cookie: owner.netns_cookie,
-        src_addr: *connection.src,
-        dst_addr: *connection.dst,
-        pid: owner.pid,
-        uid: owner.uid,
-        src_port,
-        dst_port: connection.dst_port,
-        family: connection.family,
-        protocol: connection.protocol,
-        reserved: [0; 2],
-        comm: owner.comm,
-        rule,
-        flags,
-    };
-    submit(&record, delivery != Delivery::Quiet);
+        });
+        (&raw mut (*record).cgroup_id).write(owner.cgroup_id);
+        (&raw mut (*record).netns_cookie).write(owner.netns_cookie);
+        (&raw mut (*record).src_addr).write(*socket_src);
+        (&raw mut (*record).wire_src_addr).write(*connection.src);
+        (&raw mut (*record).dst_addr).write(*connection.dst);
+        (&raw mut (*record).pid).write(owner.pid);
+        (&raw mut (*record).uid).write(owner.uid);
+        (&raw mut (*record).src_port).write(src_port);
+        (&raw mut (*record).dst_port).write(connection.dst_port);
+        (&raw mut (*record).family).write(connection.family);
+        (&raw mut (*record).protocol).write(connection.protocol);
+        (&raw mut (*record).reserved).write([0; 2]);
+        (&raw mut (*record).comm).write(owner.comm);
+        (&raw mut (*record).rule).write(rule);
+        (&raw mut (*record).flags).write(flags);
+    });
 }

@@ -4,8 +4,8 @@
 //! `json`: one object per line. Every line has `type`, `time` (RFC 3339, UTC, microseconds)
 //! and `host`. Types: `started`, `violation`, `connect` (with `--all`), `lost`, `stopped`.
 //! Connection lines carry `rule` (null when no rule matched), `action`, `protocol`,
-//! `family` (on the wire), `src`, `src_port`, `dst`, `dst_port`, `allowed_sources`, `pid`,
-//! `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
+//! `family` (on the wire), `src`, `wire_src` (null unless this host translated `src`),
+//! `src_port`, `dst`, `dst_port`, `allowed_sources`, `pid`, `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
 //! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
 //! `violation` or `unmatched`). `lost` has `count`. `started` adds `version`, `policy`,
 //! `rules`, `cgroups` (the audited cgroups, empty for all), `kernel` (the release) and
@@ -45,6 +45,10 @@ pub enum AlertBody {
     Connect(ConnectionReport),
     Lost {
         count: u64,
+        /// The sink that lost them, when one did (its queue or spool was full); absent when
+        /// they were lost between the kernel and srcip.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sink: Option<String>,
     },
     Stopped {
         /// Connections the kernel found compliant (or unmatched and ignored) and so never
@@ -60,6 +64,9 @@ pub struct ConnectionReport {
     pub protocol: &'static str,
     pub family: &'static str,
     pub src: IpAddr,
+    /// The source on the wire when address translation on this host changed `src`; the
+    /// policy judged this one.
+    pub wire_src: Option<IpAddr>,
     pub src_port: u16,
     pub dst: IpAddr,
     pub dst_port: u16,
@@ -120,29 +127,35 @@ struct JsonLine<'a> {
     host: &'a str,
 }
 
-/// Writes alerts to stdout, one line each. A batch (everything one read of the ring buffer
-/// produced) goes out in one write: a violation is never held back, and `--all` on a busy
-/// host does not cost a system call per line.
-pub struct AlertWriter {
-    format: Format,
-    host: String,
-    out: io::BufWriter<io::Stdout>,
+/// The host name every JSON line carries.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-impl AlertWriter {
-    pub fn new(format: Format) -> Self {
-        let host = nix::unistd::gethostname()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "unknown".to_owned());
+/// Writes alerts one line each. A batch goes out in one write: a violation is never held
+/// back, and `--all` on a busy host does not cost a system call per line.
+pub struct AlertWriter<W: Write> {
+    format: Format,
+    host: String,
+    out: io::BufWriter<W>,
+}
+
+impl<W: Write> AlertWriter<W> {
+    pub fn new(format: Format, host: String, out: W) -> Self {
         Self {
             format,
             host,
-            out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
+            out: io::BufWriter::with_capacity(64 * 1024, out),
         }
     }
 
     /// Writes `alerts` and flushes them.
-    pub fn write_batch(&mut self, alerts: &[Alert]) -> io::Result<()> {
+    pub fn write_batch<'a>(
+        &mut self,
+        alerts: impl IntoIterator<Item = &'a Alert>,
+    ) -> io::Result<()> {
         for alert in alerts {
             match self.format {
                 Format::Json => serde_json::to_writer(
@@ -159,6 +172,16 @@ impl AlertWriter {
         }
         self.out.flush()
     }
+
+    /// What it writes to (after `write_batch`, everything written has reached it).
+    pub fn get_ref(&self) -> &W {
+        self.out.get_ref()
+    }
+
+    /// As `get_ref`; for writers into memory, to take what was written.
+    pub fn get_mut(&mut self) -> &mut W {
+        self.out.get_mut()
+    }
 }
 
 pub fn rfc3339(time: SystemTime) -> String {
@@ -167,8 +190,12 @@ pub fn rfc3339(time: SystemTime) -> String {
 
 /// One readable line, for terminals and the demo.
 pub fn text_line(alert: &Alert) -> String {
-    let time = rfc3339(alert.time);
-    match &alert.body {
+    format!("{} {}", rfc3339(alert.time), text_message(&alert.body))
+}
+
+/// The readable line without its time, for formats that carry the time apart (syslog).
+pub fn text_message(body: &AlertBody) -> String {
+    match body {
         AlertBody::Started {
             policy,
             rules,
@@ -188,12 +215,12 @@ pub fn text_line(alert: &Alert) -> String {
                 format!("; degraded: {}", degraded.join("; "))
             };
             format!(
-                "{time} started: policy {policy} ({rules} rules), auditing {scope} on Linux {kernel}{degraded}"
+                "started: policy {policy} ({rules} rules), auditing {scope} on Linux {kernel}{degraded}"
             )
         }
-        AlertBody::Violation(report) => format!("{time} VIOLATION {}", connection_text(report)),
+        AlertBody::Violation(report) => format!("VIOLATION {}", connection_text(report)),
         AlertBody::Connect(report) => format!(
-            "{time} connect ({}) {}",
+            "connect ({}) {}",
             match report.verdict {
                 Verdict::Compliant => "compliant",
                 Verdict::Violation => "violation",
@@ -201,12 +228,16 @@ pub fn text_line(alert: &Alert) -> String {
             },
             connection_text(report)
         ),
-        AlertBody::Lost { count } => {
-            format!("{time} LOST {count} events between the kernel and srcip")
+        AlertBody::Lost { count, sink: None } => {
+            format!("LOST {count} events between the kernel and srcip")
         }
-        AlertBody::Stopped { decided_in_kernel } => format!(
-            "{time} stopped ({decided_in_kernel} connections were found compliant in the kernel)"
-        ),
+        AlertBody::Lost {
+            count,
+            sink: Some(sink),
+        } => format!("LOST {count} alerts that sink {sink} could not take"),
+        AlertBody::Stopped { decided_in_kernel } => {
+            format!("stopped ({decided_in_kernel} connections were found compliant in the kernel)")
+        }
     }
 }
 
@@ -221,12 +252,15 @@ fn connection_text(report: &ConnectionReport) -> String {
             folded.count, folded.first_time, folded.last_time
         )
     });
+    let wire = report
+        .wire_src
+        .map_or_else(String::new, |wire| format!(" (on the wire {wire})"));
     let names: String = [("unit", &report.unit), ("container", &report.container)]
         .iter()
         .filter_map(|(key, value)| Some(format!(" {key}={}", escape(value.as_deref()?))))
         .collect();
     format!(
-        "rule={} {} {} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{names}{folded}",
+        "rule={} {} {}{wire} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{names}{folded}",
         report.rule.as_deref().unwrap_or("-"),
         report.protocol,
         endpoint(report.src, report.src_port),
@@ -279,6 +313,7 @@ mod tests {
                 protocol: "tcp",
                 family: "ipv6",
                 src: "2001:db8::11".parse().unwrap(),
+                wire_src: None,
                 src_port: 40000,
                 dst: "2001:db8:50::50".parse().unwrap(),
                 dst_port: 443,
@@ -328,5 +363,6 @@ mod tests {
         assert_eq!(line["host"], "web-1");
         assert_eq!(line["netns"], serde_json::Value::Null);
         assert_eq!(line["src"], "2001:db8::11");
+        assert!(line["wire_src"].is_null(), "wire_src is always present");
     }
 }

@@ -5,7 +5,10 @@
 //! other records (`--all` reporting of compliant connections) wait for the next poll, every
 //! [`POLL_INTERVAL`] (see `srcip-ebpf/src/maps.rs`).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use srcip_common::record::Counter;
@@ -17,6 +20,7 @@ use crate::{
     events::{BootClock, ConnectEvent, EventRing, KernelEvent},
     folding::Folding,
     loader::{AuditSettings, KernelPrograms},
+    metrics::{Metrics, ProtocolLabels},
     netns::NetnsInodes,
     policy::{ConnectionKey, Decision, Matcher, Rule},
     workload,
@@ -39,6 +43,7 @@ pub struct AuditSession {
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
     folding: Folding,
+    metrics: Arc<Metrics>,
     lost_reported: u64,
     /// Records that could not be decoded; they are reported as lost.
     undecodable: u64,
@@ -48,7 +53,11 @@ pub struct AuditSession {
 
 impl AuditSession {
     /// Loads and attaches the programs. Auditing is live when this returns.
-    pub fn start(matcher: Matcher, settings: AuditSettings<'_>) -> anyhow::Result<Self> {
+    pub fn start(
+        matcher: Matcher,
+        settings: AuditSettings<'_>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let (programs, maps) = KernelPrograms::load_and_attach(settings, &matcher.kernel_tables())?;
         // Parsing and compiling a large policy leaves much freed heap behind (the kernel
         // tables live in kernel maps now); give it back rather than keep it resident for
@@ -66,6 +75,7 @@ impl AuditSession {
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns: NetnsInodes::new(maps.socket_owners),
             folding: Folding::new(maps.folds, settings.fold_window),
+            metrics,
             lost_reported: 0,
             undecodable: 0,
             hook_errors_reported: 0,
@@ -96,9 +106,10 @@ impl AuditSession {
         let undecodable = &mut self.undecodable;
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
+                // The partner sees the wire source: that is the one the policy judges.
                 let decision = matcher.decide(&ConnectionKey {
                     protocol: event.protocol,
-                    src: event.src,
+                    src: event.wire_src.unwrap_or(event.src),
                     dst: event.dst,
                     dst_port: event.dst_port,
                 });
@@ -141,9 +152,26 @@ impl AuditSession {
     }
 
     /// A `lost` alert when records were dropped (by the kernel, or undecodable) since the
-    /// last read.
+    /// last read. Brings the metrics the kernel counts up to date.
     fn read_counters(&mut self) -> Option<Alert> {
+        for (protocol, observed, decided) in [
+            ("tcp", Counter::ObservedTcp, Counter::DecidedInKernelTcp),
+            ("udp", Counter::ObservedUdp, Counter::DecidedInKernelUdp),
+        ] {
+            let labels = ProtocolLabels {
+                protocol: protocol.to_owned(),
+            };
+            Metrics::set_total(
+                &self.metrics.observed.get_or_create(&labels),
+                self.counter_total(observed),
+            );
+            Metrics::set_total(
+                &self.metrics.decided_in_kernel.get_or_create(&labels),
+                self.counter_total(decided),
+            );
+        }
         let hook_errors = self.counter_total(Counter::HookErrors);
+        Metrics::set_total(&self.metrics.hook_errors, hook_errors);
         if hook_errors > self.hook_errors_reported {
             warn!(
                 "{} kernel hook invocations failed before recording a connection",
@@ -155,7 +183,7 @@ impl AuditSession {
         (lost > self.lost_reported).then(|| {
             let count = lost - self.lost_reported;
             self.lost_reported = lost;
-            Alert::now(AlertBody::Lost { count })
+            Alert::now(AlertBody::Lost { count, sink: None })
         })
     }
 
@@ -205,6 +233,7 @@ impl AuditSession {
             protocol: event.protocol.as_str(),
             family: event.family.as_str(),
             src: event.src,
+            wire_src: event.wire_src,
             src_port: event.src_port,
             dst: event.dst,
             dst_port: event.dst_port,
@@ -244,7 +273,8 @@ impl AuditSession {
         alerts.extend(self.folding.close_all(self.ring.clock()));
         alerts.extend(self.read_counters());
         alerts.push(Alert::now(AlertBody::Stopped {
-            decided_in_kernel: self.counter_total(Counter::DecidedInKernel),
+            decided_in_kernel: self.counter_total(Counter::DecidedInKernelTcp)
+                + self.counter_total(Counter::DecidedInKernelUdp),
         }));
         alerts
     }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 
 use srcip_common::{fold::DEFAULT_FOLD_ENTRIES, record::EVENTS_RING_BYTES};
 
-use crate::{alerts::Format, run::RunConfig};
+use crate::{
+    alerts::Format,
+    delivery::{DEFAULT_SOCKET, SinkSpec},
+    run::RunConfig,
+};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +30,12 @@ pub enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Stream the alerts of a running `srcip run` as they happen (JSON lines).
+    Watch {
+        /// The unix socket `srcip run` listens on.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Reproduce the multi-IP incident in throw-away network namespaces and show srcip
     /// catching it.
     Demo,
@@ -73,6 +83,18 @@ pub struct RunArgs {
     /// Also report every compliant or unmatched connection (`connect` lines).
     #[arg(long)]
     all: bool,
+    /// Write no alerts to stdout (the sinks and the watch socket still get them).
+    #[arg(long)]
+    quiet: bool,
+    /// Also deliver alerts here; repeatable: file:PATH (JSON lines appended).
+    #[arg(long = "sink", value_name = "URL")]
+    sinks: Vec<SinkSpec>,
+    /// The unix socket `srcip watch` reads (root-only).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Size of the kernel→srcip ring buffer: a power of two, at least 4096. Raise it when
     /// `lost` lines appear.
     #[arg(long, value_name = "BYTES", default_value_t = EVENTS_RING_BYTES, value_parser = ring_buffer_size)]
@@ -95,6 +117,10 @@ impl RunArgs {
             policy: self.policy,
             cgroups: self.cgroups,
             format: self.format.unwrap_or_else(default_format),
+            quiet: self.quiet,
+            sinks: self.sinks,
+            socket: self.socket,
+            metrics: self.metrics,
             report_all: self.all,
             ring_buffer_bytes: self.ring_buffer_size,
             fold_window: self.fold_window,

@@ -93,6 +93,8 @@ async fn scenario() -> anyhow::Result<()> {
             fold_window: std::time::Duration::ZERO,
             fold_entries: 1,
         },
+        // Nobody scrapes them here.
+        Default::default(),
     )?;
     println!("srcip is auditing every TCP connection on this machine.\n");
 

@@ -45,7 +45,10 @@ pub struct ConnectEvent {
     pub protocol: Protocol,
     /// The family on the wire; IPv4-mapped connections are IPv4.
     pub family: Family,
+    /// The source the kernel chose for the socket (for unconnected UDP: the datagram's).
     pub src: IpAddr,
+    /// The source on the wire when address translation on this host changed `src`.
+    pub wire_src: Option<IpAddr>,
     pub src_port: u16,
     pub dst: IpAddr,
     pub dst_port: u16,
@@ -187,19 +190,13 @@ fn read_record<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
 }
 
 fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEvent, DecodeError> {
-    let (family, src, dst) = match record.family {
-        AF_INET => (
-            Family::Ipv4,
-            IpAddr::V4(ipv4(&record.src_addr)),
-            IpAddr::V4(ipv4(&record.dst_addr)),
-        ),
-        AF_INET6 => (
-            Family::Ipv6,
-            IpAddr::V6(Ipv6Addr::from(record.src_addr)),
-            IpAddr::V6(Ipv6Addr::from(record.dst_addr)),
-        ),
+    let (family, address): (Family, fn(&[u8; 16]) -> IpAddr) = match record.family {
+        AF_INET => (Family::Ipv4, |bytes| IpAddr::V4(ipv4(bytes))),
+        AF_INET6 => (Family::Ipv6, |bytes| IpAddr::V6(Ipv6Addr::from(*bytes))),
         other => return Err(DecodeError::UnknownFamily(other)),
     };
+    let wire_src =
+        (record.flags & RecordFlags::TRANSLATED != 0).then(|| address(&record.wire_src_addr));
     let protocol = match record.protocol {
         IPPROTO_TCP => Protocol::Tcp,
         IPPROTO_UDP => Protocol::Udp,
@@ -214,6 +211,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
             dst_port: record.dst_port,
             cgroup_id: record.cgroup_id,
             src: record.src_addr,
+            wire_src: record.wire_src_addr,
             dst: record.dst_addr,
         },
         opened_ns: record.header.boot_time_ns,
@@ -222,9 +220,10 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         time: clock.wall_time(record.header.boot_time_ns),
         protocol,
         family,
-        src,
+        src: address(&record.src_addr),
+        wire_src,
         src_port: record.src_port,
-        dst,
+        dst: address(&record.dst_addr),
         dst_port: record.dst_port,
         pid: record.pid,
         uid: record.uid,
@@ -270,6 +269,7 @@ mod tests {
             cgroup_id: 42,
             netns_cookie: 3,
             src_addr,
+            wire_src_addr: src_addr,
             dst_addr,
             pid: 1234,
             uid: 1000,
@@ -292,6 +292,7 @@ mod tests {
         let KernelEvent::Connect(event) =
             decode(&as_bytes(&record(AF_INET, IPPROTO_TCP)), clock).unwrap();
         assert_eq!(event.src, IpAddr::from([203, 0, 113, 11]));
+        assert_eq!(event.wire_src, None);
         assert_eq!(event.dst, IpAddr::from([198, 51, 100, 50]));
         assert_eq!((event.src_port, event.dst_port), (40000, 443));
         assert_eq!(event.family, Family::Ipv4);
@@ -299,6 +300,17 @@ mod tests {
         assert_eq!(event.comm, "curl");
         assert_eq!((event.pid, event.uid, event.cgroup_id), (1234, 1000, 42));
         assert_eq!(event.time, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_translated_source_is_decoded_as_wire_src() {
+        let mut translated = record(AF_INET, IPPROTO_UDP);
+        translated.wire_src_addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        translated.flags = RecordFlags::TRANSLATED;
+        let KernelEvent::Connect(event) =
+            decode(&as_bytes(&translated), BootClock::now().unwrap()).unwrap();
+        assert_eq!(event.src, IpAddr::from([203, 0, 113, 11]));
+        assert_eq!(event.wire_src, Some(IpAddr::from([192, 0, 2, 7])));
     }
 
     #[test]

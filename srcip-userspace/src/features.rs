@@ -41,13 +41,6 @@ const SK_FULLSOCK: BpfHelper = BpfHelper::BPF_FUNC_sk_fullsock;
 /// In the order a reader would fix them: program types, maps, then helpers per hook.
 pub const REQUIREMENTS: &[Requirement] = &[
     Requirement {
-        id: "sock-ops",
-        feature: "sock_ops programs",
-        since: "4.13",
-        used_for: "seeing the source address of TCP connections",
-        probe: Probe::Program(ProgramType::SockOps),
-    },
-    Requirement {
         id: "cgroup-sock",
         feature: "cgroup sock_create programs",
         since: "4.10",
@@ -65,7 +58,7 @@ pub const REQUIREMENTS: &[Requirement] = &[
         id: "cgroup-skb",
         feature: "cgroup_skb programs",
         since: "4.10",
-        used_for: "seeing the source address of UDP datagrams",
+        used_for: "seeing the source address TCP connections and UDP datagrams leave with",
         probe: Probe::Program(ProgramType::CgroupSkb),
     },
     Requirement {
@@ -118,24 +111,17 @@ pub const REQUIREMENTS: &[Requirement] = &[
         probe: Probe::Helper(ProgramType::CgroupSock, ANCESTOR_CGROUP),
     },
     Requirement {
-        id: "sock-ops-storage",
-        feature: "bpf_sk_storage_get in sock_ops programs",
-        since: "5.3",
-        used_for: "attributing each TCP connection to its socket's owner",
-        probe: Probe::Helper(ProgramType::SockOps, SK_STORAGE_GET),
-    },
-    Requirement {
         id: "egress-fullsock",
         feature: "bpf_sk_fullsock in cgroup_skb programs",
         since: "5.1",
-        used_for: "finding the socket of a UDP datagram",
+        used_for: "finding the socket of a packet, and whether it is a TCP SYN",
         probe: Probe::Helper(ProgramType::CgroupSkb, SK_FULLSOCK),
     },
     Requirement {
         id: "egress-storage",
         feature: "bpf_sk_storage_get in cgroup_skb programs",
         since: "5.2",
-        used_for: "attributing each UDP datagram to its socket's owner",
+        used_for: "attributing each connection and datagram to its socket's owner",
         probe: Probe::Helper(ProgramType::CgroupSkb, SK_STORAGE_GET),
     },
 ];

@@ -67,6 +67,8 @@ pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
             fold_window: Duration::ZERO,
             fold_entries: 1,
         },
+        // Nobody scrapes them here.
+        Default::default(),
     )?;
     let until = if config.duration.is_zero() {
         "until Ctrl-C".to_owned()
@@ -168,7 +170,8 @@ impl Seen {
             .or_default()
             .entry((report.protocol, report.dst_port))
             .or_default()
-            .insert(report.src);
+            // The policy judges what the partner sees.
+            .insert(report.wire_src.unwrap_or(report.src));
         self.makers
             .entry((report.dst, report.protocol, report.dst_port))
             .or_insert_with(|| report.unit.clone().unwrap_or_else(|| report.comm.clone()));

@@ -6,9 +6,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
     },
 };
 use nix::sys::resource::{Resource, setrlimit};
@@ -29,7 +29,6 @@ enum Hook {
     /// `cgroup/sock_create` or `cgroup/connect4/6`, whose attach type the object names.
     CgroupSock,
     CgroupSockAddr,
-    SockOps,
     /// `cgroup_skb/egress`.
     Egress,
 }
@@ -71,14 +70,9 @@ const PROGRAMS: &[ProgramSpec] = &[
         provides: "the owner of unconnected IPv6 UDP sockets created before srcip started (cgroup/sendmsg6)",
     },
     ProgramSpec {
-        name: names::TCP_CONNECT_PROGRAM,
-        hook: Hook::SockOps,
-        provides: "the source address of TCP connections (sock_ops)",
-    },
-    ProgramSpec {
-        name: names::UDP_EGRESS_PROGRAM,
+        name: names::EGRESS_PROGRAM,
         hook: Hook::Egress,
-        provides: "the source address of UDP datagrams (cgroup_skb/egress)",
+        provides: "the source address of TCP connections and UDP datagrams (cgroup_skb/egress)",
     },
 ];
 
@@ -120,10 +114,9 @@ pub enum LoadError {
 }
 
 enum AttachedLink {
-    CgroupSkb(CgroupSkbLinkId),
-    CgroupSock(CgroupSockLinkId),
-    CgroupSockAddr(CgroupSockAddrLinkId),
-    SockOps(SockOpsLinkId),
+    Egress(CgroupSkbLinkId),
+    Sock(CgroupSockLinkId),
+    SockAddr(CgroupSockAddrLinkId),
 }
 
 /// The loaded object with its programs attached. Detach with [`KernelPrograms::detach`];
@@ -274,19 +267,13 @@ impl KernelPrograms {
                 let program: &mut CgroupSock = program.try_into().map_err(program_error)?;
                 program.load().map_err(program_error)?;
                 let link = program.attach(cgroup_root, mode).map_err(program_error)?;
-                Ok(AttachedLink::CgroupSock(link))
+                Ok(AttachedLink::Sock(link))
             }
             Hook::CgroupSockAddr => {
                 let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
                 program.load().map_err(program_error)?;
                 let link = program.attach(cgroup_root, mode).map_err(program_error)?;
-                Ok(AttachedLink::CgroupSockAddr(link))
-            }
-            Hook::SockOps => {
-                let program: &mut SockOps = program.try_into().map_err(program_error)?;
-                program.load().map_err(program_error)?;
-                let link = program.attach(cgroup_root, mode).map_err(program_error)?;
-                Ok(AttachedLink::SockOps(link))
+                Ok(AttachedLink::SockAddr(link))
             }
             Hook::Egress => {
                 let program: &mut CgroupSkb = program.try_into().map_err(program_error)?;
@@ -294,7 +281,7 @@ impl KernelPrograms {
                 let link = program
                     .attach(cgroup_root, CgroupSkbAttachType::Egress, mode)
                     .map_err(program_error)?;
-                Ok(AttachedLink::CgroupSkb(link))
+                Ok(AttachedLink::Egress(link))
             }
         }
     }
@@ -306,17 +293,14 @@ impl KernelPrograms {
         for (name, link) in std::mem::take(&mut self.links).into_iter().rev() {
             let program = self.ebpf.program_mut(name);
             let result = match link {
-                AttachedLink::CgroupSkb(link) => program
+                AttachedLink::Egress(link) => program
                     .and_then(|program| <&mut CgroupSkb>::try_from(program).ok())
                     .map(|program| program.detach(link)),
-                AttachedLink::CgroupSock(link) => program
+                AttachedLink::Sock(link) => program
                     .and_then(|program| <&mut CgroupSock>::try_from(program).ok())
                     .map(|program| program.detach(link)),
-                AttachedLink::CgroupSockAddr(link) => program
+                AttachedLink::SockAddr(link) => program
                     .and_then(|program| <&mut CgroupSockAddr>::try_from(program).ok())
-                    .map(|program| program.detach(link)),
-                AttachedLink::SockOps(link) => program
-                    .and_then(|program| <&mut SockOps>::try_from(program).ok())
                     .map(|program| program.detach(link)),
             };
             match result {

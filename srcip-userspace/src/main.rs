@@ -9,7 +9,7 @@ use clap::Parser as _;
 use srcip_userspace::{
     cgroup,
     cli::{Cli, Command, PolicyCommand},
-    demo, features, learn,
+    delivery, demo, features, learn,
     policy::{self, PolicyLoadError},
     run,
 };
@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Learn(args)) => {
             runtime().and_then(|rt| rt.block_on(learn::learn(args.into_config())))
         }
+        Command::Watch { socket } => delivery::watch(&socket),
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
         Command::Completions { shell } => {
             shell.print_completions();

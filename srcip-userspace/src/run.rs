@@ -1,17 +1,19 @@
 //! `srcip run`: audit until SIGINT or SIGTERM.
 
-use std::{io, path::PathBuf};
+use std::{io, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 use crate::{
-    alerts::{Alert, AlertBody, AlertWriter, Format},
+    alerts::{Alert, AlertBody, Format},
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
+    delivery::{Delivery, SinkSpec, WatchServer},
     features,
     loader::AuditSettings,
+    metrics::{self, Metrics},
     policy::{self, Action, Matcher, Policy},
     system,
 };
@@ -21,6 +23,13 @@ pub struct RunConfig {
     /// `--cgroup` arguments as given; empty: audit every process.
     pub cgroups: Vec<String>,
     pub format: Format,
+    /// No alerts on stdout (`--quiet`).
+    pub quiet: bool,
+    pub sinks: Vec<SinkSpec>,
+    /// The unix socket `srcip watch` reads.
+    pub socket: PathBuf,
+    /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     pub report_all: bool,
     pub ring_buffer_bytes: u32,
     pub fold_window: std::time::Duration,
@@ -100,7 +109,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut writer = AlertWriter::new(config.format);
+    let metrics = Arc::new(Metrics::new());
+    if let Some(address) = config.metrics {
+        metrics::serve(address, Arc::clone(&metrics)).await?;
+    }
+    let watch = WatchServer::bind(&config.socket)?;
+    let mut delivery = Delivery::start(
+        config.format,
+        config.quiet,
+        &config.sinks,
+        Some(watch),
+        Arc::clone(&metrics),
+    )?;
 
     let mut session = AuditSession::start(
         matcher,
@@ -113,6 +133,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             fold_window: config.fold_window,
             fold_entries: config.fold_entries,
         },
+        metrics,
     )?;
     let started = AlertBody::Started {
         version: env!("CARGO_PKG_VERSION"),
@@ -122,22 +143,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         kernel: host.kernel,
         degraded: host.degraded,
     };
-    let mut result = writer.write_batch(&[Alert::now(started)]);
-    while result.is_ok() {
+    delivery.deliver(vec![Alert::now(started)]);
+    let stdout_error = loop {
         let alerts = tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break }
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break None }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None }
+            error = delivery.stdout_failed() => break Some(error),
             alerts = session.next_alerts() => alerts,
         };
-        result = writer.write_batch(&alerts);
-    }
-    let last = session.stop();
-    if result.is_ok() {
-        result = writer.write_batch(&last);
-    }
-    match result {
+        delivery.deliver(alerts);
+    };
+    delivery.deliver(session.stop());
+    delivery.stop().await;
+    match stdout_error {
         // Whoever read our output is gone (`srcip run | head`): a normal way to stop.
-        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing alerts to stdout"),
+        None => Ok(()),
+        Some(error) if error.kind() == io::ErrorKind::BrokenPipe => {
+            info!("stdout was closed: stopping");
+            Ok(())
+        }
+        Some(error) => Err(anyhow::Error::new(error).context("writing alerts to stdout")),
     }
 }

@@ -22,6 +22,9 @@ pub enum Line {
         time: String,
         host: String,
         count: u64,
+        /// The sink that lost them; absent for records lost between the kernel and srcip.
+        #[serde(default)]
+        sink: Option<String>,
     },
     Stopped {
         time: String,
@@ -40,6 +43,10 @@ pub struct Connection {
     pub protocol: String,
     pub family: String,
     pub src: String,
+    /// Required, unlike the folding fields: with `deserialize_with` serde does not default
+    /// a missing `Option` to `None`.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub wire_src: Option<String>,
     pub src_port: u16,
     pub dst: String,
     pub dst_port: u16,

@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
@@ -24,16 +24,24 @@ pub struct Daemon {
     stderr: Arc<Mutex<String>>,
     /// Every line read so far, in order.
     pub seen: Vec<Line>,
+    /// The socket `srcip watch` attaches to: one per daemon, so that tests run in parallel.
+    pub socket: PathBuf,
+    _socket_dir: tempfile::TempDir,
 }
 
 impl Daemon {
-    /// Starts `srcip run --policy POLICY --format json ARGS…` and waits for `started`.
+    /// Starts `srcip run --policy POLICY --format json --socket (its own) ARGS…` and waits
+    /// for `started`.
     pub fn start(policy: &Path, args: &[&str]) -> Self {
+        let socket_dir = tempfile::tempdir().expect("a folder for the watch socket");
+        let socket = socket_dir.path().join("srcip.sock");
         let mut child = Command::new(srcip_bin())
             .arg("run")
             .arg("--policy")
             .arg(policy)
             .args(["--format", "json"])
+            .arg("--socket")
+            .arg(&socket)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -68,6 +76,8 @@ impl Daemon {
             lines,
             stderr,
             seen: Vec::new(),
+            socket,
+            _socket_dir: socket_dir,
         };
         daemon.wait_for("started", |line| matches!(line, Line::Started { .. }));
         daemon

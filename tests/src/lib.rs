@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod daemon;
+pub mod rsyslog;
 
 use std::{
     path::{Path, PathBuf},
@@ -30,6 +31,14 @@ pub fn enter(cgroup: Option<String>, netns: Option<String>) {
         .expect("opening the namespace");
     nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
         .expect("entering the namespace");
+}
+
+/// A loopback port nobody listens on now, for a server to be started on later.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 /// A name unique to this test process and call: `srcip-t<pid>-<n>`.
@@ -98,6 +107,12 @@ pub fn ip_in(namespace: &str, args: &str) {
     let mut full = vec!["-n", namespace];
     full.extend(args.split_whitespace());
     run("ip", &full);
+}
+
+/// `nft COMMANDS` inside `namespace` (commands separated by `;`). What it adds lives in the
+/// namespace and goes with it.
+pub fn nft_in(namespace: &str, commands: &str) {
+    run("ip", &["netns", "exec", namespace, "nft", commands]);
 }
 
 /// A network namespace, deleted on drop.
@@ -186,6 +201,22 @@ impl Topology {
         ip_in(
             &self.host.name,
             "route replace 198.51.100.50/32 via 203.0.113.1 src 203.0.113.11",
+        );
+    }
+}
+
+impl Topology {
+    /// Address translation on the host, as a NAT gateway or container host has it: the
+    /// source of packets matching `selector` (nft syntax) is rewritten by `translation`
+    /// (`snat ip to ADDR`, `masquerade`, …) on the way out.
+    pub fn translate(&self, selector: &str, translation: &str) {
+        nft_in(
+            &self.host.name,
+            &format!(
+                "add table inet srcip_test; \
+                 add chain inet srcip_test postrouting {{ type nat hook postrouting priority 100; }}; \
+                 add rule inet srcip_test postrouting {selector} {translation}"
+            ),
         );
     }
 }

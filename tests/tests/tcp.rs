@@ -85,6 +85,7 @@ fn wrong_source_gives_a_violation_with_every_field() {
             protocol: "tcp".into(),
             family: "ipv4".into(),
             src: OTHER_V4.into(),
+            wire_src: None,
             src_port: client.src_port,
             dst: PARTNER_V4.into(),
             dst_port: 443,
@@ -440,9 +441,12 @@ fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(PARTNER_POLICY);
+    let socket = tempfile::tempdir().unwrap();
     let mut srcip = Command::new(srcip_bin())
         .args(["run", "--format", "text", "--policy"])
         .arg(&policy.path)
+        .arg("--socket")
+        .arg(socket.path().join("srcip.sock"))
         .arg("--cgroup")
         .arg(&cgroup.path)
         .stdin(Stdio::null())

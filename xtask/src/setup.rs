@@ -21,7 +21,13 @@ pub fn run() -> anyhow::Result<()> {
     require_nightly()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_iproute2()?;
+    // `ip` builds the namespaces of the demo and of the integration tests.
+    ensure_package("iproute2", "ip", "-V")?;
+    // `nft` puts address translation in the tests' namespaces (`wire_src`).
+    ensure_package("nftables", "nft", "--version")?;
+    // A real syslog receiver for the syslog sink tests (`apt-get install` starts no daemon
+    // on a machine without an init; the tests start their own).
+    ensure_package("rsyslog", "rsyslogd", "-v")?;
     step("setup complete");
     Ok(())
 }
@@ -129,17 +135,17 @@ fn link_llvm_prefix(prefix: &Path, library: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ip` builds the namespaces of the demo and of the integration tests.
-fn ensure_iproute2() -> anyhow::Result<()> {
-    if output_of(Command::new("ip").arg("-V")).is_some() {
-        step("iproute2: present");
+/// Installs Debian's `package` with apt unless `command version_flag` already runs.
+fn ensure_package(package: &str, command: &str, version_flag: &str) -> anyhow::Result<()> {
+    if output_of(Command::new(command).arg(version_flag)).is_some() {
+        step(&format!("{package}: present"));
         return Ok(());
     }
-    step("iproute2: installing with apt-get");
+    step(&format!("{package}: installing with apt-get"));
     exec(Command::new("apt-get").arg("update"))?;
     exec(
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "iproute2"])
+            .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

@@ -1,0 +1,212 @@
+//! The source address a connection really leaves with, TCP and UDP: the packet on its way
+//! out, at `cgroup_skb/egress`.
+//!
+//! Why here:
+//! - It runs after the output path's netfilter hooks (`ip_finish_output`,
+//!   `ip6_finish_output`), so the packet carries the address the partner will see, after any
+//!   SNAT or MASQUERADE on this host, while the socket still holds the address the kernel
+//!   chose for the program. The policy judges the packet's; a difference is `wire_src`.
+//! - A TCP connection's SYN leaves while its socket is in `SYN_SENT`, which is a field of
+//!   the socket: every later packet of the connection costs that one read and nothing more.
+//!   Source address and port are both chosen by then.
+//! - UDP has no callback that sees the chosen source: a connected socket gets it in
+//!   `ip4_datagram_connect`, after `cgroup/connect4/6`, an unconnected one per datagram in
+//!   `udp_sendmsg`, after `cgroup/sendmsg4/6`, and a program may set it per datagram
+//!   (`IP_PKTINFO`). Only the packet has it.
+//!
+//! The hook runs for every packet of every socket, so it leaves at once for anything but a
+//! TCP SYN or a UDP datagram of a socket with an audited owner. Attribution comes from that
+//! owner record (`owner.rs`): the current-task helpers are not allowed here before 6.10, and
+//! the sender is not always current anyway.
+
+use aya_ebpf::{
+    bindings::{BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock},
+    helpers::generated::bpf_sk_fullsock,
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use srcip_common::record::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{owner::audited_owner_of, policy::Connection, report::report, udp};
+
+/// cgroup_skb programs decide whether the packet may leave: srcip always lets it.
+const PASS: i32 = 1;
+
+#[cgroup_skb(egress)]
+pub fn srcip_egress(ctx: SkBuffContext) -> i32 {
+    observe(&ctx);
+    PASS
+}
+
+#[inline(always)]
+fn observe(ctx: &SkBuffContext) {
+    // SAFETY: the context pointer the kernel passed to this program.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: `sk` is the packet's socket, as the kernel gave it; the helper checks it.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a non-null full socket is readable for this program run.
+    let socket = unsafe { &*sk };
+    let protocol = socket.protocol as u8;
+    let wanted = match protocol {
+        // Only the SYN: a connection's one packet sent in SYN_SENT (or its retransmission).
+        IPPROTO_TCP => socket.state == BPF_TCP_SYN_SENT,
+        IPPROTO_UDP => true,
+        _ => false,
+    };
+    if !wanted {
+        return;
+    }
+    let Some(owner) = audited_owner_of(sk) else {
+        return;
+    };
+    let Some(packet) = Packet::read(ctx, protocol) else {
+        return;
+    };
+    // The common case, a socket sending to the same place again (a UDP flow, a retransmitted
+    // SYN): one comparison.
+    let fingerprint = packet.fingerprint();
+    if owner.last_flow == fingerprint {
+        return;
+    }
+    // A flow this UDP socket sent before, though not last (a resolver): one lookup.
+    let seen = protocol == IPPROTO_UDP && udp::seen_before(ctx, &packet);
+    // The flow is decided below, in this same run, so a matching fingerprint later means
+    // "already reported".
+    owner.last_flow = fingerprint;
+    if seen {
+        return;
+    }
+    let socket_src = socket_source(socket, packet.family).unwrap_or(packet.src);
+    let connection = Connection {
+        family: packet.family,
+        protocol,
+        src: &packet.src,
+        dst: &packet.dst,
+        dst_port: packet.dst_port,
+    };
+    // The socket's own port: the packet's may have been translated with its address.
+    report(owner, &connection, &socket_src, socket.src_port as u16);
+}
+
+/// The source address the socket itself holds for a packet of `family`, in the record
+/// layout, when that is the address the packet left with before any translation: a TCP
+/// socket's and a connected UDP socket's. An unconnected UDP socket's source is chosen per
+/// datagram (route, `IP_PKTINFO`), so the socket cannot tell it: `None`.
+#[inline(always)]
+fn socket_source(socket: &bpf_sock, family: u8) -> Option<[u8; 16]> {
+    let connected =
+        socket.protocol == u32::from(IPPROTO_TCP) || socket.state == BPF_TCP_ESTABLISHED;
+    if !connected {
+        return None;
+    }
+    // Each word is read on its own, at a constant offset: the verifier allows no arithmetic
+    // on a socket pointer, so the words cannot be copied by a loop.
+    let word = |index: usize| socket.src_ip6[index].to_ne_bytes();
+    let mut src = [0; 16];
+    match (socket.family as u8, family) {
+        (AF_INET, AF_INET) => src[..4].copy_from_slice(&socket.src_ip4.to_ne_bytes()),
+        // An IPv6 socket sending to an IPv4-mapped address holds `::ffff:a.b.c.d`.
+        (AF_INET6, AF_INET) => src[..4].copy_from_slice(&word(3)),
+        (AF_INET6, AF_INET6) => {
+            src[..4].copy_from_slice(&word(0));
+            src[4..8].copy_from_slice(&word(1));
+            src[8..12].copy_from_slice(&word(2));
+            src[12..].copy_from_slice(&word(3));
+        }
+        _ => return None,
+    }
+    (src != [0; 16]).then_some(src)
+}
+
+/// The addresses and ports a TCP or UDP packet carries, in the record layout.
+pub struct Packet {
+    pub family: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub dst_port: u16,
+}
+
+impl Packet {
+    /// At cgroup egress the packet starts with its IP header. One load takes what the
+    /// smallest packet of either protocol has (an IPv4 header without options and the ports,
+    /// which TCP and UDP place alike: 24 bytes); only an IPv4 header with options, or IPv6,
+    /// needs a second. IPv6 extension headers are not followed: a packet behind one is not
+    /// seen.
+    #[inline(always)]
+    fn read(ctx: &SkBuffContext, protocol: u8) -> Option<Self> {
+        let head: [u8; 24] = ctx.skb.load(0).ok()?;
+        let mut src = [0; 16];
+        let mut dst = [0; 16];
+        let (family, dst_port): (u8, [u8; 2]) = match head[0] >> 4 {
+            4 => {
+                if head[9] != protocol {
+                    return None;
+                }
+                src[..4].copy_from_slice(&head[12..16]);
+                dst[..4].copy_from_slice(&head[16..20]);
+                let header_length = usize::from(head[0] & 0x0f) * 4;
+                let dst_port = if header_length == 20 {
+                    [head[22], head[23]]
+                } else {
+                    ctx.skb.load(header_length + 2).ok()?
+                };
+                (AF_INET, dst_port)
+            }
+            6 => {
+                if head[6] != protocol {
+                    return None;
+                }
+                let header: [u8; 44] = ctx.skb.load(0).ok()?;
+                src.copy_from_slice(&header[8..24]);
+                dst.copy_from_slice(&header[24..40]);
+                (AF_INET6, [header[42], header[43]])
+            }
+            _ => return None,
+        };
+        Some(Self {
+            family,
+            src,
+            dst,
+            dst_port: u16::from_be_bytes(dst_port),
+        })
+    }
+
+    /// An FNV-style hash of the flow, a word at a time (fixed indexes: the verifier follows
+    /// them without loops). Two flows share one by accident with odds of 2⁻⁶⁴; it is not meant
+    /// to resist a program that crafts destinations to collide with its own last one.
+    fn fingerprint(&self) -> u64 {
+        let word = |bytes: &[u8; 16], half: usize| {
+            let at = half * 8;
+            u64::from_ne_bytes([
+                bytes[at],
+                bytes[at + 1],
+                bytes[at + 2],
+                bytes[at + 3],
+                bytes[at + 4],
+                bytes[at + 5],
+                bytes[at + 6],
+                bytes[at + 7],
+            ])
+        };
+        let words = [
+            word(&self.src, 0),
+            word(&self.src, 1),
+            word(&self.dst, 0),
+            word(&self.dst, 1),
+            u64::from(self.dst_port) << 8 | u64::from(self.family),
+        ];
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for word in words {
+            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
+            hash ^= hash >> 29;
+        }
+        // Zero means "no flow yet".
+        hash | 1
+    }
+}

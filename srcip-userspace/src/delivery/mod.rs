@@ -1,0 +1,241 @@
+//! Where alerts go once the audit has produced them.
+//!
+//! audit → [`Delivery::deliver`] → one bounded queue per sink → the sink's own thread (stdout,
+//! `file:`, syslog), and the watch socket's subscribers (`watch.rs`).
+//!
+//! Each sink consumes at its own pace, so a slow or dead sink never slows the kernel reader
+//! or the other sinks. What a full queue cannot take is counted, never dropped silently: the
+//! next delivery carries a `lost` line that names the sink, to every sink.
+
+mod sink;
+mod syslog;
+mod watch;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tracing::warn;
+
+pub use sink::SinkSpec;
+pub use watch::{DEFAULT_SOCKET, WatchServer, watch};
+
+use crate::{
+    alerts::{Alert, AlertBody, Format},
+    metrics::{Metrics, SinkLabels},
+};
+
+/// Alerts a sink's queue holds before further ones are counted as lost for it: several
+/// seconds of `--all` on a busy host.
+const SINK_QUEUE_ALERTS: usize = 65_536;
+
+/// How long `stop` waits for each sink to write what it was given.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Delivery {
+    sinks: Vec<SinkQueue>,
+    metrics: Arc<Metrics>,
+    watch: Option<WatchServer>,
+    /// Says why stdout failed: its reader has gone (`srcip run | head`, a normal way to
+    /// stop), or another error.
+    stdout_closed: Option<tokio::sync::oneshot::Receiver<std::io::Error>>,
+}
+
+/// The sending end of one sink's queue.
+struct SinkQueue {
+    name: String,
+    queue: mpsc::SyncSender<Arc<Alert>>,
+    counters: SinkCounters,
+    thread: JoinHandle<()>,
+}
+
+/// What the delivery stage and a sink's thread count for the sink.
+#[derive(Clone)]
+pub(super) struct SinkCounters {
+    /// Alerts the sink could not take (its queue was full) or write, and no `lost` line has
+    /// reported yet.
+    unreported_lost: Arc<AtomicU64>,
+    /// The sink's metrics.
+    delivered: Counter,
+    failed: Counter,
+    backlog: Gauge,
+}
+
+impl SinkCounters {
+    fn new(metrics: &Metrics, name: &str) -> Self {
+        let labels = SinkLabels {
+            sink: name.to_owned(),
+        };
+        Self {
+            unreported_lost: Arc::default(),
+            delivered: metrics.sink_delivered.get_or_create(&labels).clone(),
+            failed: metrics.sink_failed.get_or_create(&labels).clone(),
+            backlog: metrics.sink_backlog.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// `count` alerts were written or sent.
+    pub(super) fn written(&self, count: usize) {
+        self.delivered.inc_by(count as u64);
+        self.backlog.dec_by(count as i64);
+    }
+
+    /// `count` queued alerts could not be written, for good.
+    pub(super) fn not_written(&self, count: usize) {
+        self.backlog.dec_by(count as i64);
+        self.lost(count);
+    }
+
+    fn lost(&self, count: usize) {
+        self.unreported_lost
+            .fetch_add(count as u64, Ordering::Relaxed);
+        self.failed.inc_by(count as u64);
+    }
+}
+
+impl Delivery {
+    /// Starts a thread per sink: stdout (in `format`) unless `quiet`, and each of `sinks`.
+    pub fn start(
+        format: Format,
+        quiet: bool,
+        sinks: &[SinkSpec],
+        watch: Option<WatchServer>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let mut delivery = Self {
+            sinks: Vec::new(),
+            metrics,
+            watch,
+            stdout_closed: None,
+        };
+        if !quiet {
+            let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+            delivery.stdout_closed = Some(closed_rx);
+            delivery.add(sink::Sink::Stdout {
+                format,
+                closed: closed_tx,
+            })?;
+        }
+        for spec in sinks {
+            delivery.add(sink::Sink::open(spec)?)?;
+        }
+        Ok(delivery)
+    }
+
+    fn add(&mut self, sink: sink::Sink) -> anyhow::Result<()> {
+        let (queue, alerts) = mpsc::sync_channel(SINK_QUEUE_ALERTS);
+        let name = sink.name();
+        let counters = SinkCounters::new(&self.metrics, &name);
+        let thread = sink.spawn(alerts, counters.clone())?;
+        self.sinks.push(SinkQueue {
+            name,
+            queue,
+            counters,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Hands `alerts` to every sink, without waiting for any.
+    pub fn deliver(&mut self, alerts: Vec<Alert>) {
+        let alerts: Vec<Arc<Alert>> = alerts.into_iter().map(Arc::new).collect();
+        for alert in &alerts {
+            self.metrics.observe(alert);
+        }
+        for sink in &self.sinks {
+            for alert in &alerts {
+                sink.offer(alert);
+            }
+        }
+        if let Some(watch) = &self.watch {
+            for alert in &alerts {
+                watch.publish(alert);
+            }
+        }
+        self.report_lost();
+    }
+
+    /// A `lost` line for each sink that dropped alerts, to every sink. A line a sink cannot
+    /// take either is counted with the rest and reported once it has room.
+    fn report_lost(&mut self) {
+        let lost: Vec<Arc<Alert>> = self
+            .sinks
+            .iter()
+            .filter_map(|sink| {
+                let count = sink.counters.unreported_lost.swap(0, Ordering::Relaxed);
+                (count > 0).then(|| {
+                    warn!("sink {} lost {count} alerts", sink.name);
+                    Arc::new(Alert::now(AlertBody::Lost {
+                        count,
+                        sink: Some(sink.name.clone()),
+                    }))
+                })
+            })
+            .collect();
+        for alert in &lost {
+            for sink in &self.sinks {
+                sink.offer(alert);
+            }
+            if let Some(watch) = &self.watch {
+                watch.publish(alert);
+            }
+        }
+    }
+
+    /// Resolves with stdout's error when writing to it failed; never, with `--quiet`.
+    pub async fn stdout_failed(&mut self) -> std::io::Error {
+        if let Some(closed) = &mut self.stdout_closed {
+            let result = closed.await;
+            self.stdout_closed = None;
+            if let Ok(error) = result {
+                return error;
+            }
+        }
+        // The stdout thread ended without an error, or there is none.
+        std::future::pending().await
+    }
+
+    /// Closes every queue and waits, up to a few seconds per sink, until each has written
+    /// what it was given. Watchers get what was published and are disconnected.
+    pub async fn stop(self) {
+        for sink in self.sinks {
+            drop(sink.queue);
+            let deadline = std::time::Instant::now() + STOP_GRACE;
+            while !sink.thread.is_finished() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if sink.thread.is_finished() {
+                let _ = sink.thread.join();
+            } else {
+                warn!(
+                    "sink {} did not finish writing within {} s; its last alerts may be missing",
+                    sink.name,
+                    STOP_GRACE.as_secs()
+                );
+            }
+        }
+        if let Some(watch) = self.watch {
+            watch.stop().await;
+        }
+    }
+}
+
+impl SinkQueue {
+    fn offer(&self, alert: &Arc<Alert>) {
+        // Full, or the sink's thread has ended (stdout's reader is gone): either way the
+        // sink will not write this alert.
+        match self.queue.try_send(Arc::clone(alert)) {
+            Ok(()) => {
+                self.counters.backlog.inc();
+            }
+            Err(_) => self.counters.lost(1),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The sinks, each on a thread of its own: stdout, `file:` and syslog (`syslog.rs`).
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::PathBuf,
+    sync::{Arc, mpsc},
+    thread::JoinHandle,
+};
+
+use anyhow::Context as _;
+use tracing::warn;
+
+use super::{
+    SinkCounters,
+    syslog::{SyslogTarget, write_syslog},
+};
+use crate::alerts::{Alert, AlertWriter, Format, host_name};
+
+/// Alerts written in one go, at most: a batch is one write and one flush.
+const BATCH_ALERTS: usize = 1024;
+
+/// A `--sink URL`, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// `file:PATH`: JSON lines appended to PATH.
+    File(PathBuf),
+    /// `syslog:[PATH]`, `syslog+udp://HOST:PORT`, `syslog+tcp://HOST:PORT`.
+    Syslog(SyslogTarget),
+}
+
+/// Sink schemes that are part of srcip's interface but not of this version yet.
+const NOT_YET: &[&str] = &["http://", "https://", "nats://"];
+
+impl std::str::FromStr for SinkSpec {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("file:") {
+            // `file:///var/log/x` and `file:/var/log/x` name the same file.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("file: needs a path, e.g. file:/var/log/srcip/alerts.json".into());
+            }
+            return Ok(Self::File(PathBuf::from(path)));
+        }
+        if let Some(target) = SyslogTarget::parse(url) {
+            return target.map(Self::Syslog);
+        }
+        if let Some(scheme) = NOT_YET.iter().find(|scheme| url.starts_with(**scheme)) {
+            return Err(format!(
+                "{scheme} sinks are not in this version of srcip yet; it writes to file:PATH and syslog sinks (and stdout)"
+            ));
+        }
+        Err(format!(
+            "{url} is not a sink URL: expected file:PATH, syslog:[PATH], syslog+udp://HOST:PORT or syslog+tcp://HOST:PORT"
+        ))
+    }
+}
+
+/// A sink ready to write.
+pub(super) enum Sink {
+    Stdout {
+        format: Format,
+        /// Told why stdout failed, and so why srcip should stop.
+        closed: tokio::sync::oneshot::Sender<io::Error>,
+    },
+    File {
+        path: PathBuf,
+        file: File,
+    },
+    /// Connects on its own thread: a receiver that is down at start is retried there.
+    Syslog(SyslogTarget),
+}
+
+impl Sink {
+    /// Opens what the sink writes to now, so that a path srcip cannot write stops it at
+    /// start with a message, not at the first alert.
+    pub fn open(spec: &SinkSpec) -> anyhow::Result<Self> {
+        match spec {
+            SinkSpec::File(path) => Ok(Self::File {
+                file: open_append(path)
+                    .with_context(|| format!("cannot open the sink file:{}", path.display()))?,
+                path: path.clone(),
+            }),
+            SinkSpec::Syslog(target) => Ok(Self::Syslog(target.clone())),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Self::Stdout { .. } => "stdout".to_owned(),
+            Self::File { path, .. } => format!("file:{}", path.display()),
+            Self::Syslog(target) => target.url(),
+        }
+    }
+
+    /// Writes what arrives in `alerts` on a thread of its own until the queue is closed,
+    /// counting in `counters` what it writes and what it cannot.
+    pub fn spawn(
+        self,
+        alerts: mpsc::Receiver<Arc<Alert>>,
+        counters: SinkCounters,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let name = self.name();
+        std::thread::Builder::new()
+            .name(format!("sink {name}"))
+            .spawn(move || match self {
+                Self::Stdout { format, closed } => {
+                    write_stdout(format, closed, &alerts, &counters);
+                }
+                Self::File { path, file } => write_file(&path, file, &alerts, &counters),
+                Self::Syslog(target) => write_syslog(&target, &alerts, &counters),
+            })
+            .with_context(|| format!("cannot start the thread of sink {name}"))
+    }
+}
+
+/// The next batch: waits for one alert, then takes what else is queued. `None`: the queue
+/// is closed and empty.
+pub(super) fn next_batch(alerts: &mpsc::Receiver<Arc<Alert>>) -> Option<Vec<Arc<Alert>>> {
+    let first = alerts.recv().ok()?;
+    let mut batch = vec![first];
+    batch.extend(alerts.try_iter().take(BATCH_ALERTS - 1));
+    Some(batch)
+}
+
+fn write_stdout(
+    format: Format,
+    closed: tokio::sync::oneshot::Sender<io::Error>,
+    alerts: &mpsc::Receiver<Arc<Alert>>,
+    counters: &SinkCounters,
+) {
+    let mut writer = AlertWriter::new(format, host_name(), io::stdout());
+    while let Some(batch) = next_batch(alerts) {
+        if let Err(error) = writer.write_batch(batch.iter().map(|alert| &**alert)) {
+            counters.not_written(batch.len());
+            // Whoever read stdout is gone (or it broke): srcip stops, as the reader asked.
+            let _ = closed.send(error);
+            return;
+        }
+        counters.written(batch.len());
+    }
+}
+
+/// Appends JSON lines to `path`. When the file is renamed or removed (logrotate), the next
+/// batch goes to a new file at `path`. A batch that cannot be written is counted as lost,
+/// and the file is reopened for the next.
+fn write_file(
+    path: &std::path::Path,
+    file: File,
+    alerts: &mpsc::Receiver<Arc<Alert>>,
+    counters: &SinkCounters,
+) {
+    let mut writer = Some(AlertWriter::new(Format::Json, host_name(), file));
+    let mut failing = false;
+    while let Some(batch) = next_batch(alerts) {
+        let current = match writer.take() {
+            Some(open) if still_at(open.get_ref(), path) => Ok(open),
+            _ => open_append(path).map(|file| AlertWriter::new(Format::Json, host_name(), file)),
+        };
+        let result = current.and_then(|mut open| {
+            open.write_batch(batch.iter().map(|alert| &**alert))?;
+            writer = Some(open);
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                counters.written(batch.len());
+                failing = false;
+            }
+            Err(error) => {
+                counters.not_written(batch.len());
+                if !failing {
+                    warn!("cannot write alerts to {}: {error}", path.display());
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Appending, created when missing, readable by its owner and group only: alerts name
+/// processes, users and addresses.
+fn open_append(path: &std::path::Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+}
+
+/// Whether `file` is still the file at `path` (not renamed away or removed).
+fn still_at(file: &File, path: &std::path::Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sink_urls_parse_or_say_what_is_expected() {
+        assert_eq!(
+            "file:/var/log/srcip.json".parse(),
+            Ok(SinkSpec::File("/var/log/srcip.json".into()))
+        );
+        assert_eq!(
+            "file:///var/log/srcip.json".parse(),
+            Ok(SinkSpec::File("/var/log/srcip.json".into()))
+        );
+        assert!(
+            "file:"
+                .parse::<SinkSpec>()
+                .unwrap_err()
+                .contains("needs a path")
+        );
+        assert_eq!(
+            "syslog+udp://127.0.0.1:514".parse(),
+            Ok(SinkSpec::Syslog(SyslogTarget::Udp("127.0.0.1:514".into())))
+        );
+        assert!(
+            "nats://127.0.0.1:4222/alerts?stream=SRCIP"
+                .parse::<SinkSpec>()
+                .unwrap_err()
+                .contains("not in this version")
+        );
+        assert!(
+            "ftp://x"
+                .parse::<SinkSpec>()
+                .unwrap_err()
+                .contains("expected file:PATH")
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! `--socket`: the unix socket that `srcip watch` reads, and `srcip watch` itself.
+//!
+//! Every watcher gets the daemon's `started` line first (what it is attached to), then every
+//! alert as it is delivered, as JSON lines. Watchers share one broadcast queue of
+//! [`WATCH_BACKLOG`] alerts; one that falls further behind, or whose socket takes nothing for
+//! [`STALLED_WRITE`], is cut loose: it is told how many alerts it missed (when it still
+//! reads) and disconnected, and the daemon and other watchers go on unaffected.
+
+use std::{
+    io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{UnixListener, UnixStream},
+    sync::{Notify, broadcast},
+    task::{JoinHandle, JoinSet},
+};
+use tracing::{debug, info, warn};
+
+use crate::alerts::{Alert, AlertBody, AlertWriter, Format, host_name};
+
+/// Where `srcip run` listens and `srcip watch` connects unless `--socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/srcip/srcip.sock";
+/// How far a watcher may fall behind before it is cut loose.
+const WATCH_BACKLOG: usize = 4096;
+/// A watcher whose socket takes no bytes for this long is cut loose.
+const STALLED_WRITE: Duration = Duration::from_secs(60);
+/// How long stopping waits for watchers to receive the last lines.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+pub struct WatchServer {
+    path: PathBuf,
+    alerts: broadcast::Sender<Arc<Alert>>,
+    /// The daemon's `started` line, which every watcher gets first.
+    started: Arc<Mutex<Option<Arc<Alert>>>>,
+    shutdown: Arc<Notify>,
+    accepting: JoinHandle<()>,
+}
+
+impl WatchServer {
+    /// Listens on `path`, root-only. Creates its folder (mode 0700) when missing, replaces a
+    /// socket left by a daemon that died, and refuses when another daemon listens there.
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        if let Some(folder) = path.parent().filter(|folder| !folder.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(folder)
+                .with_context(|| format!("cannot create {} for --socket", folder.display()))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another srcip run is listening on {}: stop it, or give this one another --socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on {} (--socket)", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} root-only", path.display()))?;
+        let (alerts, _) = broadcast::channel(WATCH_BACKLOG);
+        let started = Arc::new(Mutex::new(None));
+        let shutdown = Arc::new(Notify::new());
+        let accepting = tokio::spawn(accept(
+            listener,
+            alerts.clone(),
+            Arc::clone(&started),
+            Arc::clone(&shutdown),
+        ));
+        info!("srcip watch can attach at {}", path.display());
+        Ok(Self {
+            path: path.to_owned(),
+            alerts,
+            started,
+            shutdown,
+            accepting,
+        })
+    }
+
+    /// Sends `alert` to every watcher; never waits.
+    pub fn publish(&self, alert: &Arc<Alert>) {
+        if matches!(alert.body, AlertBody::Started { .. }) {
+            *self
+                .started
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::clone(alert));
+        }
+        // An error only means that nobody watches.
+        let _ = self.alerts.send(Arc::clone(alert));
+    }
+
+    /// Stops accepting, lets each watcher write what it was sent (up to a moment), and
+    /// removes the socket.
+    pub async fn stop(self) {
+        self.shutdown.notify_one();
+        drop(self.alerts);
+        if tokio::time::timeout(STOP_GRACE, self.accepting)
+            .await
+            .is_err()
+        {
+            debug!("watchers did not finish in time");
+        }
+        if let Err(error) = std::fs::remove_file(&self.path) {
+            warn!("cannot remove the socket {}: {error}", self.path.display());
+        }
+    }
+}
+
+async fn accept(
+    listener: UnixListener,
+    alerts: broadcast::Sender<Arc<Alert>>,
+    started: Arc<Mutex<Option<Arc<Alert>>>>,
+    shutdown: Arc<Notify>,
+) {
+    let host: Arc<str> = host_name().into();
+    let mut watchers = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.notified() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let first = started.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+                    debug!("a watcher attached");
+                    watchers.spawn(serve(stream, first, alerts.subscribe(), Arc::clone(&host)));
+                }
+                Err(error) => warn!("accepting a watcher failed: {error}"),
+            },
+            // Reap finished watchers as they go.
+            Some(_) = watchers.join_next(), if !watchers.is_empty() => {}
+        }
+    }
+    // The queue is closed now: each watcher writes what is left, then ends.
+    drop(alerts);
+    while watchers.join_next().await.is_some() {}
+}
+
+/// One watcher: `first` (the `started` line), then every alert, until the daemon stops or
+/// the watcher falls behind.
+async fn serve(
+    mut stream: UnixStream,
+    first: Option<Arc<Alert>>,
+    mut alerts: broadcast::Receiver<Arc<Alert>>,
+    host: Arc<str>,
+) {
+    let mut lines = AlertWriter::new(Format::Json, host.to_string(), Vec::new());
+    let mut pending: Vec<Arc<Alert>> = first.into_iter().collect();
+    loop {
+        let mut missed = None;
+        if pending.is_empty() {
+            match alerts.recv().await {
+                Ok(alert) => pending.push(alert),
+                Err(broadcast::error::RecvError::Lagged(count)) => missed = Some(count),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+        // Whatever else is queued goes in the same write.
+        while missed.is_none() {
+            match alerts.try_recv() {
+                Ok(alert) => pending.push(alert),
+                Err(broadcast::error::TryRecvError::Lagged(count)) => missed = Some(count),
+                Err(_) => break,
+            }
+        }
+        if let Some(count) = missed {
+            pending.push(Arc::new(Alert::now(AlertBody::Lost {
+                count,
+                sink: Some("watch".to_owned()),
+            })));
+        }
+        if send(&mut stream, &mut lines, &pending).await.is_err() || missed.is_some() {
+            debug!("a watcher was cut loose or went away");
+            return;
+        }
+        pending.clear();
+    }
+}
+
+async fn send(
+    stream: &mut UnixStream,
+    lines: &mut AlertWriter<Vec<u8>>,
+    batch: &[Arc<Alert>],
+) -> io::Result<()> {
+    lines.write_batch(batch.iter().map(|alert| &**alert))?;
+    let bytes = std::mem::take(lines.get_mut());
+    match tokio::time::timeout(STALLED_WRITE, stream.write_all(&bytes)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the watcher stopped reading",
+        )),
+    }
+}
+
+/// `srcip watch`: prints the alerts of the daemon listening on `socket` as they come, until
+/// it stops.
+pub fn watch(socket: &Path) -> anyhow::Result<()> {
+    let stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|error| match error.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+                "no srcip run is listening on {}: start `srcip run`, or give the --socket it uses",
+                socket.display()
+            ),
+            io::ErrorKind::PermissionDenied => {
+                anyhow::anyhow!("{} is root-only: run srcip watch as root", socket.display())
+            }
+            _ => {
+                anyhow::Error::new(error).context(format!("cannot connect to {}", socket.display()))
+            }
+        })?;
+    let mut stdout = io::stdout().lock();
+    match io::copy(
+        &mut io::BufReader::new(stream),
+        &mut LineFlushing(&mut stdout),
+    ) {
+        Ok(_) => Ok(()),
+        // Whoever read our output is gone (`srcip watch | head`).
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => Err(anyhow::Error::new(error).context("reading from the daemon")),
+    }
+}
+
+/// Flushes after each write, so that a watcher on a pipe sees each alert when it comes.
+struct LineFlushing<'a, W: io::Write>(&'a mut W);
+
+impl<W: io::Write> io::Write for LineFlushing<'_, W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let written = self.0.write(bytes)?;
+        self.0.flush()?;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}

@@ -1,0 +1,211 @@
+//! `--metrics ADDR`: Prometheus (OpenMetrics) text at `http://ADDR/metrics`.
+//!
+//! The audit and the delivery stage update the metrics as they go (the kernel's counters
+//! once a second, with the rest of the audit's housekeeping); a scrape only encodes them, so
+//! it never waits on the kernel or a sink.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tracing::{info, warn};
+
+use crate::alerts::{Alert, AlertBody};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    /// Empty for a violation no rule matched (`unmatched = "alert"`).
+    rule: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub sink: String,
+}
+
+/// Every metric srcip serves. Counters named `x` are served as `x_total`.
+pub struct Metrics {
+    registry: Registry,
+    /// Connections (TCP) and flows (UDP) the kernel saw, by protocol.
+    pub observed: Family<ProtocolLabels, Counter>,
+    /// Of those, the ones the kernel found compliant (or unmatched and ignored) itself.
+    pub decided_in_kernel: Family<ProtocolLabels, Counter>,
+    violations: Family<RuleLabels, Counter>,
+    /// Records lost between the kernel and srcip.
+    lost_records: Counter,
+    pub hook_errors: Counter,
+    /// Per sink: alerts written, alerts lost (not taken, or not written), and waiting now.
+    pub sink_delivered: Family<SinkLabels, Counter>,
+    pub sink_failed: Family<SinkLabels, Counter>,
+    pub sink_backlog: Family<SinkLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut metrics = Self {
+            registry: Registry::with_prefix("srcip"),
+            observed: Family::default(),
+            decided_in_kernel: Family::default(),
+            violations: Family::default(),
+            lost_records: Counter::default(),
+            hook_errors: Counter::default(),
+            sink_delivered: Family::default(),
+            sink_failed: Family::default(),
+            sink_backlog: Family::default(),
+        };
+        let registry = &mut metrics.registry;
+        registry.register(
+            "connections_observed",
+            "Outbound connections (TCP) and flows (UDP) srcip saw, by protocol",
+            metrics.observed.clone(),
+        );
+        registry.register(
+            "connections_decided_in_kernel",
+            "Connections the kernel found compliant, or unmatched and ignored, without waking srcip",
+            metrics.decided_in_kernel.clone(),
+        );
+        registry.register(
+            "violations",
+            "Connections from a source their rule does not allow, by rule and action (rule empty: no rule matched)",
+            metrics.violations.clone(),
+        );
+        registry.register(
+            "lost_records",
+            "Records lost between the kernel and srcip",
+            metrics.lost_records.clone(),
+        );
+        registry.register(
+            "kernel_hook_errors",
+            "Kernel hook runs that failed before recording a connection",
+            metrics.hook_errors.clone(),
+        );
+        registry.register(
+            "sink_delivered",
+            "Alerts a sink wrote or sent",
+            metrics.sink_delivered.clone(),
+        );
+        registry.register(
+            "sink_failed",
+            "Alerts a sink lost: its queue was full, or writing or sending failed for good",
+            metrics.sink_failed.clone(),
+        );
+        registry.register(
+            "sink_backlog",
+            "Alerts waiting in a sink's queue",
+            metrics.sink_backlog.clone(),
+        );
+        metrics
+    }
+
+    /// Counts what `alert` stands for: violations (a folded line for its `count`) and
+    /// records lost before any sink.
+    pub fn observe(&self, alert: &Alert) {
+        match &alert.body {
+            AlertBody::Violation(report) => {
+                let labels = RuleLabels {
+                    rule: report.rule.clone().unwrap_or_default(),
+                    action: report.action.to_owned(),
+                };
+                let count = report.folded.as_ref().map_or(1, |folded| folded.count);
+                self.violations.get_or_create(&labels).inc_by(count);
+            }
+            AlertBody::Lost { count, sink: None } => {
+                self.lost_records.inc_by(*count);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sets a counter the kernel keeps (a running total) to its current value.
+    pub fn set_total(counter: &Counter, total: u64) {
+        counter
+            .inner()
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `metrics` on `address` until the runtime stops. Binds now, so that a busy or
+/// unusable address stops `srcip run` at start with a message.
+pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot serve metrics on {address} (--metrics)"))?;
+    info!("Prometheus metrics at http://{address}/metrics");
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    warn!("accepting a metrics connection failed: {error}");
+                    continue;
+                }
+            };
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let response = respond(&metrics, &request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                if let Err(error) = connection.await {
+                    warn!("serving metrics failed: {error}");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    if request.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "srcip serves /metrics only\n".into(),
+        );
+    }
+    match metrics.encode() {
+        Ok(text) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        Err(_) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "encoding the metrics failed\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,106 @@
+//! Syslog sinks against a real rsyslogd: the local socket, UDP and TCP, each message with the
+//! alert's fields as RFC 5424 structured data; and a TCP receiver that comes up late.
+
+use srcip_tests::{
+    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology, connect,
+    free_port, rsyslog::Rsyslog,
+};
+
+#[test]
+fn each_syslog_transport_delivers_the_violation_with_its_fields() {
+    let port = free_port();
+    let rsyslog = Rsyslog::start(port);
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let local = format!("syslog:{}", rsyslog.socket.display());
+    let udp = format!("syslog+udp://127.0.0.1:{port}");
+    let tcp = format!("syslog+tcp://127.0.0.1:{port}");
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &[
+            "--sink",
+            &local,
+            "--sink",
+            &udp,
+            "--sink",
+            &tcp,
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+        ],
+    );
+
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    daemon.wait_for("the violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == client.src_port)
+    });
+    let port_field = format!("src_port=\"{}\"", client.src_port);
+    for input in ["imuxsock", "imudp", "imtcp"] {
+        let lines = rsyslog.wait_for(input, |line| {
+            line.starts_with(&format!("{input}|")) && line.contains(&port_field)
+        });
+        let line = lines
+            .iter()
+            .find(|line| line.starts_with(&format!("{input}|")) && line.contains(&port_field))
+            .unwrap();
+        let fields: Vec<&str> = line.splitn(5, '|').collect();
+        assert_eq!(fields[1], "srcip", "{line}");
+        assert_eq!(fields[2], "violation", "{line}");
+        let data = fields[3];
+        assert!(data.starts_with("[srcip@32473 "), "{line}");
+        for expected in [
+            format!("src=\"{OTHER_V4}\""),
+            format!("dst=\"{PARTNER_V4}\""),
+            "rule=\"partner\"".to_owned(),
+            format!("pid=\"{}\"", client.pid),
+            "allowed_sources=\"203.0.113.10,2001:db8::10\"".to_owned(),
+        ] {
+            assert!(data.contains(&expected), "{expected} missing: {line}");
+        }
+        assert!(fields[4].contains("VIOLATION rule=partner"), "{line}");
+    }
+}
+
+#[test]
+fn a_tcp_receiver_that_comes_up_late_gets_what_waited_for_it() {
+    let port = free_port();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let tcp = format!("syslog+tcp://127.0.0.1:{port}");
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &["--sink", &tcp, "--cgroup", cgroup.path.to_str().unwrap()],
+    );
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    daemon.wait_for("the violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == client.src_port)
+    });
+    // Nothing listens yet: the sink retries with backoff until rsyslogd is up.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let rsyslog = Rsyslog::start(port);
+    let port_field = format!("src_port=\"{}\"", client.src_port);
+    let lines = rsyslog.wait_for("the waiting violation", |line| {
+        line.starts_with("imtcp|") && line.contains(&port_field)
+    });
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.starts_with("imtcp|srcip|started|")),
+        "the started line waited too: {lines:#?}"
+    );
+}
