@@ -28,12 +28,12 @@ pub mod names {
     /// LPM tries of destination prefixes → `policy::Candidates`.
     pub const V4_DESTINATIONS: &str = "V4_DESTINATIONS";
     pub const V6_DESTINATIONS: &str = "V6_DESTINATIONS";
-    /// Array of `policy::KernelRule`.
+    /// Array of `policy::KernelRule`, in two halves: a reload writes the half not in use.
     pub const RULES: &str = "RULES";
+    /// One `policy::PolicyState`: what a reload changes besides the tables.
+    pub const POLICY_STATE: &str = "POLICY_STATE";
     /// Global: non-zero reports every connection (`run --all`).
     pub const REPORT_ALL: &str = "REPORT_ALL";
-    /// Global: non-zero reports connections no rule matches (`unmatched = "alert"`).
-    pub const REPORT_UNMATCHED: &str = "REPORT_UNMATCHED";
     /// Global: srcip's own process id; its sockets are recorded but never audited.
     pub const DAEMON_TGID: &str = "DAEMON_TGID";
     /// Hash of `fold::FoldKey` → `fold::FoldState`: violation windows being folded.

@@ -8,6 +8,12 @@
 //! entries of the `RULES` array. Addresses use the record layout: 16 bytes, network order,
 //! IPv4 in the first 4.
 //!
+//! A reload changes the policy while programs run, and no connection may see half of it: the
+//! new rules go to the half of `RULES` the current policy does not use, then each trie entry
+//! is replaced (each one atomically, and each decision reads one entry, whose candidates all
+//! point into one half), then prefixes the new policy no longer has are deleted, and last
+//! [`PolicyState`] is written.
+//!
 //! Whatever does not fit these fixed sizes is never decided in the kernel: such a rule is
 //! marked `undecidable`, a prefix with too many candidates `truncated`, and the kernel then
 //! reports the connection for user space to decide.
@@ -70,8 +76,28 @@ pub struct KernelRule {
 
 const _: () = assert!(core::mem::size_of::<KernelRule>() == 16 + 32 + 36 * 8);
 
+/// The single entry of `POLICY_STATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// Non-zero: connections no rule matches are reported (`unmatched = "alert"`).
+    pub report_unmatched: u32,
+    /// Counts reloads. Flows decided under an earlier generation are decided again (UDP
+    /// flows are remembered per generation).
+    pub generation: u32,
+}
+
+/// Rules (and prefixes per family) a policy map has room for when the policy had `count` at
+/// start: a reload may grow the policy by a quarter, or 256, before srcip must restart. The
+/// `RULES` array holds two halves of this size.
+pub const fn reload_room(count: usize) -> usize {
+    count + count / 4 + 256
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: plain-old-data with explicit widths and no padding.
+    unsafe impl aya::Pod for super::PolicyState {}
     // SAFETY: plain-old-data with explicit widths and no padding (sizes asserted above).
     unsafe impl aya::Pod for super::Candidates {}
     // SAFETY: as above.

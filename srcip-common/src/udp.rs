@@ -12,7 +12,9 @@ pub struct SeenFlow {
     pub dst_port: u16,
     pub family: u8,
     /// Explicit padding so the layout has no hidden holes; always zero.
-    pub reserved: [u8; 5],
+    pub reserved: u8,
+    /// `PolicyState::generation` the flow was decided under: a reload decides it again.
+    pub generation: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<SeenFlow>() == 48);

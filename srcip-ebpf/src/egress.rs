@@ -27,7 +27,12 @@ use aya_ebpf::{
 };
 use srcip_common::record::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{owner::audited_owner_of, policy::Connection, report::report, udp};
+use crate::{
+    owner::audited_owner_of,
+    policy::{self, Connection},
+    report::report,
+    udp,
+};
 
 /// cgroup_skb programs decide whether the packet may leave: srcip always lets it.
 const PASS: i32 = 1;
@@ -69,13 +74,14 @@ fn observe(ctx: &SkBuffContext) {
         return;
     };
     // The common case, a socket sending to the same place again (a UDP flow, a retransmitted
-    // SYN): one comparison.
-    let fingerprint = packet.fingerprint();
+    // SYN): one comparison. A reload changes the generation, so flows are decided again.
+    let generation = policy::state().generation;
+    let fingerprint = packet.fingerprint(generation);
     if owner.last_flow == fingerprint {
         return;
     }
     // A flow this UDP socket sent before, though not last (a resolver): one lookup.
-    let seen = protocol == IPPROTO_UDP && udp::seen_before(ctx, &packet);
+    let seen = protocol == IPPROTO_UDP && udp::seen_before(ctx, &packet, generation);
     // The flow is decided below, in this same run, so a matching fingerprint later means
     // "already reported".
     owner.last_flow = fingerprint;
@@ -177,10 +183,10 @@ impl Packet {
         })
     }
 
-    /// An FNV-style hash of the flow, a word at a time (fixed indexes: the verifier follows
+    /// An FNV-style hash of the flow and the policy `generation`, a word at a time (fixed indexes: the verifier follows
     /// them without loops). Two flows share one by accident with odds of 2⁻⁶⁴; it is not meant
     /// to resist a program that crafts destinations to collide with its own last one.
-    fn fingerprint(&self) -> u64 {
+    fn fingerprint(&self, generation: u32) -> u64 {
         let word = |bytes: &[u8; 16], half: usize| {
             let at = half * 8;
             u64::from_ne_bytes([
@@ -199,7 +205,7 @@ impl Packet {
             word(&self.src, 1),
             word(&self.dst, 0),
             word(&self.dst, 1),
-            u64::from(self.dst_port) << 8 | u64::from(self.family),
+            u64::from(generation) << 32 | u64::from(self.dst_port) << 8 | u64::from(self.family),
         ];
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for word in words {

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use srcip_common::{
-    policy::{Candidates, KernelRule},
+    policy::{Candidates, KernelRule, PolicyState},
     record::{COUNTER_COUNT, Counter, EVENTS_RING_BYTES},
     scope::MAX_AUDITED_CGROUPS,
 };
@@ -32,6 +32,9 @@ pub static V6_DESTINATIONS: LpmTrie<[u8; 16], Candidates> = LpmTrie::with_max_en
 
 #[map]
 pub static RULES: Array<KernelRule> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static POLICY_STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
 
 /// Audited cgroup id → unused byte; see `srcip_common::scope`.
 #[map]

@@ -7,18 +7,16 @@ use srcip_common::{
     fold::NO_RULE,
     policy::{
         Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP,
-        PROTOCOL_UDP,
+        PROTOCOL_UDP, PolicyState,
     },
     record::{AF_INET, IPPROTO_TCP},
 };
 
-use crate::maps::{RULES, V4_DESTINATIONS, V6_DESTINATIONS};
+use crate::maps::{POLICY_STATE, RULES, V4_DESTINATIONS, V6_DESTINATIONS};
 
-/// Set by the loader; the verifier sees constants.
+/// Set by the loader; the verifier sees a constant.
 #[unsafe(no_mangle)]
 static REPORT_ALL: u32 = 0;
-#[unsafe(no_mangle)]
-static REPORT_UNMATCHED: u32 = 0;
 
 /// The connection as the policy sees it; addresses in the record layout.
 pub struct Connection<'a> {
@@ -40,6 +38,11 @@ pub enum Delivery {
     Undecided,
     /// At once: a violation of rule `rule` (`NO_RULE`: unmatched, and the policy alerts).
     Violation { rule: u32 },
+}
+
+/// What a reload changes besides the tables. The entry always exists (an array's).
+pub fn state() -> PolicyState {
+    POLICY_STATE.get(0).copied().unwrap_or_default()
 }
 
 /// Whether `--all` is on: every connection is recorded.
@@ -64,9 +67,7 @@ enum Verdict {
 }
 
 fn verdict(connection: &Connection) -> Verdict {
-    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
-    let report_unmatched = unsafe { core::ptr::read_volatile(&REPORT_UNMATCHED) } != 0;
-    let unmatched = if report_unmatched {
+    let unmatched = if state().report_unmatched != 0 {
         Verdict::Violation { rule: NO_RULE }
     } else {
         Verdict::Fine

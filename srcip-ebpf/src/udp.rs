@@ -15,10 +15,10 @@ use crate::egress::Packet;
 #[map]
 static UDP_FLOWS: LruHashMap<SeenFlow, u8> = LruHashMap::with_max_entries(SEEN_DATAGRAM_FLOWS, 0);
 
-/// Whether this socket's datagrams of `packet`'s flow were decided before; remembers the flow
-/// if not. An insert that loses a race with another CPU leaves the report to that CPU.
+/// Whether this socket's datagrams of `packet`'s flow were decided before, under the policy
+/// of `generation`; remembers the flow if not. An insert that loses a race with another CPU leaves the report to that CPU.
 #[inline(always)]
-pub fn seen_before(ctx: &SkBuffContext, packet: &Packet) -> bool {
+pub fn seen_before(ctx: &SkBuffContext, packet: &Packet, generation: u32) -> bool {
     let flow = SeenFlow {
         // SAFETY: the context is the helper's argument; it names the packet's socket.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
@@ -26,7 +26,8 @@ pub fn seen_before(ctx: &SkBuffContext, packet: &Packet) -> bool {
         dst: packet.dst,
         dst_port: packet.dst_port,
         family: packet.family,
-        reserved: [0; 5],
+        reserved: 0,
+        generation,
     };
     UDP_FLOWS.get_ptr(&flow).is_some() || UDP_FLOWS.insert(&flow, &0, BPF_NOEXIST.into()).is_err()
 }

@@ -2,14 +2,16 @@
 //!
 //! # Format
 //! `json`: one object per line. Every line has `type`, `time` (RFC 3339, UTC, microseconds)
-//! and `host`. Types: `started`, `violation`, `connect` (with `--all`), `lost`, `stopped`.
+//! and `host`. Types: `started`, `violation`, `connect` (with `--all`), `reloaded`,
+//! `policy_error`, `lost`, `stopped`.
 //! Connection lines carry `rule` (null when no rule matched), `action`, `protocol`,
 //! `family` (on the wire), `src`, `wire_src` (null unless this host translated `src`),
 //! `src_port`, `dst`, `dst_port`, `allowed_sources`, `pid`, `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
 //! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
 //! `violation` or `unmatched`). `lost` has `count`. `started` adds `version`, `policy`,
 //! `rules`, `cgroups` (the audited cgroups, empty for all), `kernel` (the release) and
-//! `degraded` (what srcip cannot report here, and why; empty when all works). `stopped` adds
+//! `degraded` (what srcip cannot report here, and why; empty when all works). `reloaded` has
+//! `policy` and `rules`, `policy_error` `policy` and `errors`. `stopped` adds
 //! `decided_in_kernel`: connections the kernel found needed no report.
 //!
 //! `text`: the same content, one readable line per alert, for a terminal.
@@ -50,11 +52,36 @@ pub enum AlertBody {
         #[serde(skip_serializing_if = "Option::is_none")]
         sink: Option<String>,
     },
+    /// The policy file was read again (SIGHUP, or the file changed) and is now in force.
+    Reloaded {
+        policy: String,
+        rules: usize,
+    },
+    /// A reload was refused; the policy in force stays. `errors`: each located message.
+    PolicyError {
+        policy: String,
+        errors: Vec<String>,
+    },
     Stopped {
         /// Connections the kernel found compliant (or unmatched and ignored) and so never
         /// sent to user space.
         decided_in_kernel: u64,
     },
+}
+
+impl AlertBody {
+    /// The line's `type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Started { .. } => "started",
+            Self::Violation(_) => "violation",
+            Self::Connect(_) => "connect",
+            Self::Lost { .. } => "lost",
+            Self::Reloaded { .. } => "reloaded",
+            Self::PolicyError { .. } => "policy_error",
+            Self::Stopped { .. } => "stopped",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -235,6 +262,13 @@ pub fn text_message(body: &AlertBody) -> String {
             count,
             sink: Some(sink),
         } => format!("LOST {count} alerts that sink {sink} could not take"),
+        AlertBody::Reloaded { policy, rules } => {
+            format!("reloaded: policy {policy} ({rules} rules) is in force")
+        }
+        AlertBody::PolicyError { policy, errors } => format!(
+            "POLICY ERROR: {policy} was not loaded, the previous policy stays in force: {}",
+            errors.join("; ")
+        ),
         AlertBody::Stopped { decided_in_kernel } => {
             format!("stopped ({decided_in_kernel} connections were found compliant in the kernel)")
         }

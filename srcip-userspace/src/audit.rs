@@ -23,6 +23,7 @@ use crate::{
     metrics::{Metrics, ProtocolLabels},
     netns::NetnsInodes,
     policy::{ConnectionKey, Decision, Matcher, Rule},
+    policy_maps::{KernelPolicy, WriteError},
     workload,
 };
 
@@ -39,6 +40,7 @@ pub struct AuditSession {
     audited: Vec<AuditedCgroup>,
     audited_ids: HashMap<MapData, u64, u8>,
     matcher: Matcher,
+    policy: KernelPolicy,
     report_all: bool,
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
@@ -71,6 +73,7 @@ impl AuditSession {
             audited: settings.audited.to_vec(),
             audited_ids: maps.audited_cgroups,
             matcher,
+            policy: maps.policy,
             report_all: settings.report_all,
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns: NetnsInodes::new(maps.socket_owners),
@@ -281,6 +284,15 @@ impl AuditSession {
 
     pub fn matcher(&self) -> &Matcher {
         &self.matcher
+    }
+
+    /// Decides with `matcher` from the next connection on, in the kernel and here. Records
+    /// the kernel made before are decided again with it when they are read. On error the
+    /// current policy stays, whole.
+    pub fn reload(&mut self, matcher: Matcher) -> Result<(), WriteError> {
+        self.policy.replace(&matcher.kernel_tables())?;
+        self.matcher = matcher;
+        Ok(())
     }
 }
 

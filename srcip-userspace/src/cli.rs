@@ -8,7 +8,7 @@ use srcip_common::{fold::DEFAULT_FOLD_ENTRIES, record::EVENTS_RING_BYTES};
 
 use crate::{
     alerts::Format,
-    delivery::{DEFAULT_SOCKET, SinkSpec},
+    delivery::{DEFAULT_SOCKET, SinkSpec, SpoolSettings},
     run::RunConfig,
 };
 
@@ -45,6 +45,19 @@ pub enum Command {
         #[arg(value_enum)]
         shell: Shell,
     },
+    /// Write the man pages, srcip(1) and one per subcommand, into DIR (for packaging).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// Writes `srcip.1` and a page per subcommand (`srcip-run.1`, `srcip-policy-learn.1`, …)
+/// into `dir`.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    let command = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(command, dir)
 }
 
 /// The shells `srcip completions` writes for.
@@ -86,12 +99,24 @@ pub struct RunArgs {
     /// Write no alerts to stdout (the sinks and the watch socket still get them).
     #[arg(long)]
     quiet: bool,
-    /// Also deliver alerts here; repeatable: file:PATH (JSON lines appended).
+    /// Also deliver alerts here; repeatable: file:PATH, syslog:[PATH],
+    /// syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT, nats://HOST:PORT/SUBJECT?stream=NAME,
+    /// https://… (a webhook).
     #[arg(long = "sink", value_name = "URL")]
     sinks: Vec<SinkSpec>,
+    /// CA certificates (PEM) that https:// sinks trust instead of the system's.
+    #[arg(long, value_name = "FILE")]
+    sink_ca: Option<PathBuf>,
     /// The unix socket `srcip watch` reads (root-only).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Where network sinks keep alerts their receiver has not taken yet, across restarts.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/srcip/spool")]
+    spool: PathBuf,
+    /// Bytes each network sink's spool may hold (suffixes K, M, G: 1024-based); beyond it
+    /// the oldest alerts are dropped and counted in a `lost` line.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = byte_size)]
+    spool_max: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9477.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -120,6 +145,11 @@ impl RunArgs {
             quiet: self.quiet,
             sinks: self.sinks,
             socket: self.socket,
+            spool: SpoolSettings {
+                folder: self.spool,
+                max_bytes: self.spool_max,
+            },
+            sink_ca: self.sink_ca,
             metrics: self.metrics,
             report_all: self.all,
             ring_buffer_bytes: self.ring_buffer_size,
@@ -170,6 +200,31 @@ fn default_format() -> Format {
     } else {
         Format::Json
     }
+}
+
+/// `1048576`, `512K`, `256M`, `2G`.
+fn byte_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1 << 10,
+        "M" | "m" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text}: expected a number of bytes, with K, M or G"
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|number| number.checked_mul(scale))
+        .filter(|bytes| *bytes > 0)
+        .ok_or_else(|| format!("{text}: expected a number of bytes above 0, with K, M or G"))
 }
 
 /// The kernel wants a power of two and a multiple of the page size.

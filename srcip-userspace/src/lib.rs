@@ -16,6 +16,8 @@ mod loader;
 mod metrics;
 mod netns;
 pub mod policy;
+mod policy_maps;
+mod reload;
 pub mod run;
 mod system;
 mod workload;

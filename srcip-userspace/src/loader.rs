@@ -4,7 +4,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, SkStorage},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
@@ -16,12 +16,12 @@ use srcip_common::{
     fold::{FoldKey, FoldState},
     names,
     owner::SocketOwner,
-    policy::{Candidates, KernelRule},
+    policy::reload_room,
     scope::MAX_CGROUP_LEVEL,
 };
 use tracing::{debug, info, warn};
 
-use crate::{cgroup::AuditedCgroup, policy::KernelTables};
+use crate::{cgroup::AuditedCgroup, policy::KernelTables, policy_maps::KernelPolicy};
 
 /// Where a program attaches; every hook is on the cgroup2 root.
 #[derive(Clone, Copy)]
@@ -153,6 +153,8 @@ pub struct EventMaps {
     pub socket_owners: SkStorage<MapData, SocketOwner>,
     /// Violation windows being folded; user space flushes and deletes closed ones.
     pub folds: HashMap<MapData, FoldKey, FoldState>,
+    /// The policy the kernel decides with; a reload replaces it.
+    pub policy: KernelPolicy,
 }
 
 impl KernelPrograms {
@@ -184,30 +186,31 @@ impl KernelPrograms {
         }
         let report_all = u32::from(report_all);
         let wakeup_bytes = u64::from(ring_buffer_bytes / 2);
-        let report_unmatched = u32::from(policy.report_unmatched);
         let daemon_tgid = std::process::id();
         let audit_daemon = u32::from(audit_self);
         let fold_window_ns = u64::try_from(fold_window.as_nanos()).unwrap_or(u64::MAX);
-        // Map sizes fit the policy exactly; a map cannot have zero entries.
-        let entries = |count: usize| u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+        // Room for the policy and a reload that grows it by a quarter; the trie holds the old
+        // and the new prefixes while a reload replaces them, `RULES` two halves.
+        let room = reload_room(policy.rules.len().max(policy.v4.len()).max(policy.v6.len()));
+        let entries = |count: usize| u32::try_from(count).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AUDITED_CGROUP_LEVELS, &level_mask, true)
             .override_global(names::REPORT_ALL, &report_all, true)
-            .override_global(names::REPORT_UNMATCHED, &report_unmatched, true)
             .override_global(names::DAEMON_TGID, &daemon_tgid, true)
             .override_global(names::AUDIT_DAEMON, &audit_daemon, true)
             .override_global(names::FOLD_WINDOW_NS, &fold_window_ns, true)
             .map_max_entries(names::FOLDS, fold_entries.max(1))
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .override_global(names::EVENTS_WAKEUP_BYTES, &wakeup_bytes, true)
-            .map_max_entries(names::V4_DESTINATIONS, entries(policy.v4.len()))
-            .map_max_entries(names::V6_DESTINATIONS, entries(policy.v6.len()))
-            .map_max_entries(names::RULES, entries(policy.rules.len()))
+            .map_max_entries(names::V4_DESTINATIONS, entries(2 * room))
+            .map_max_entries(names::V6_DESTINATIONS, entries(2 * room))
+            .map_max_entries(names::RULES, entries(2 * room))
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/srcip"
             )))?;
-        write_policy(&mut ebpf, policy)?;
+        // Every program reads the policy maps, so they are written before any attach.
+        let kernel_policy = KernelPolicy::new(&mut ebpf, room, policy)?;
 
         let mut audited_cgroups: HashMap<MapData, u64, u8> =
             take_map(&mut ebpf, names::AUDITED_CGROUPS)?;
@@ -225,6 +228,7 @@ impl KernelPrograms {
             audited_cgroups,
             socket_owners: take_map(&mut ebpf, names::SOCKET_OWNERS)?,
             folds: take_map(&mut ebpf, names::FOLDS)?,
+            policy: kernel_policy,
         };
 
         let cgroup_root = File::open(cgroup2_mount).map_err(|source| LoadError::OpenCgroup {
@@ -328,53 +332,6 @@ fn refusal(spec: &ProgramSpec, source: aya::programs::ProgramError) -> LoadError
         provides: spec.provides,
         source,
     }
-}
-
-/// Fills the policy maps; every program reads them, so this happens before any attach.
-fn write_policy(ebpf: &mut Ebpf, policy: &KernelTables) -> Result<(), LoadError> {
-    fill_trie(
-        ebpf,
-        names::V4_DESTINATIONS,
-        policy.v4.iter().map(|(net, candidates)| {
-            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            (key, candidates)
-        }),
-    )?;
-    fill_trie(
-        ebpf,
-        names::V6_DESTINATIONS,
-        policy.v6.iter().map(|(net, candidates)| {
-            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            (key, candidates)
-        }),
-    )?;
-    let map_error = |source| LoadError::Map {
-        name: names::RULES,
-        source,
-    };
-    let map = ebpf
-        .map_mut(names::RULES)
-        .ok_or(LoadError::Missing(names::RULES))?;
-    let mut rules: Array<&mut MapData, KernelRule> = Array::try_from(map).map_err(map_error)?;
-    for (index, rule) in policy.rules.iter().enumerate() {
-        rules.set(index as u32, rule, 0).map_err(map_error)?;
-    }
-    Ok(())
-}
-
-fn fill_trie<'a, K: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    entries: impl Iterator<Item = (Key<K>, &'a Candidates)>,
-) -> Result<(), LoadError> {
-    let map_error = |source| LoadError::Map { name, source };
-    let map = ebpf.map_mut(name).ok_or(LoadError::Missing(name))?;
-    let mut trie: LpmTrie<&mut MapData, K, Candidates> =
-        LpmTrie::try_from(map).map_err(map_error)?;
-    for (key, candidates) in entries {
-        trie.insert(&key, candidates, 0).map_err(map_error)?;
-    }
-    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

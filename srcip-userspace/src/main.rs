@@ -8,7 +8,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use clap::Parser as _;
 use srcip_userspace::{
     cgroup,
-    cli::{Cli, Command, PolicyCommand},
+    cli::{self, Cli, Command, PolicyCommand},
     delivery, demo, features, learn,
     policy::{self, PolicyLoadError},
     run,
@@ -37,6 +37,9 @@ fn main() -> ExitCode {
             shell.print_completions();
             Ok(())
         }
+        Command::Manpages { dir } => cli::write_man_pages(&dir).map_err(|error| {
+            anyhow::anyhow!("cannot write man pages to {}: {error}", dir.display())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

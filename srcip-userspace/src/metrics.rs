@@ -31,6 +31,12 @@ struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    /// `ok` or `error`.
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
     pub sink: String,
 }
@@ -49,7 +55,10 @@ pub struct Metrics {
     /// Per sink: alerts written, alerts lost (not taken, or not written), and waiting now.
     pub sink_delivered: Family<SinkLabels, Counter>,
     pub sink_failed: Family<SinkLabels, Counter>,
+    /// Alerts a network sink put in its spool before sending.
+    pub sink_spooled: Family<SinkLabels, Counter>,
     pub sink_backlog: Family<SinkLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -63,7 +72,9 @@ impl Metrics {
             hook_errors: Counter::default(),
             sink_delivered: Family::default(),
             sink_failed: Family::default(),
+            sink_spooled: Family::default(),
             sink_backlog: Family::default(),
+            reloads: Family::default(),
         };
         let registry = &mut metrics.registry;
         registry.register(
@@ -102,11 +113,31 @@ impl Metrics {
             metrics.sink_failed.clone(),
         );
         registry.register(
+            "sink_spooled",
+            "Alerts a network sink put in its spool before sending",
+            metrics.sink_spooled.clone(),
+        );
+        registry.register(
             "sink_backlog",
-            "Alerts waiting in a sink's queue",
+            "Alerts waiting in a sink's queue or spool",
             metrics.sink_backlog.clone(),
         );
+        registry.register(
+            "policy_reloads",
+            "Policy reloads, by result (ok, or error: the previous policy stayed)",
+            metrics.reloads.clone(),
+        );
         metrics
+    }
+
+    /// Counts a reload.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts what `alert` stands for: violations (a folded line for its `count`) and

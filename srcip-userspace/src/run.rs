@@ -10,11 +10,12 @@ use crate::{
     alerts::{Alert, AlertBody, Format},
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
-    delivery::{Delivery, SinkSpec, WatchServer},
+    delivery::{Delivery, SinkSpec, SpoolSettings, WatchServer},
     features,
     loader::AuditSettings,
     metrics::{self, Metrics},
     policy::{self, Action, Matcher, Policy},
+    reload::{PolicyWatch, reload},
     system,
 };
 
@@ -28,6 +29,10 @@ pub struct RunConfig {
     pub sinks: Vec<SinkSpec>,
     /// The unix socket `srcip watch` reads.
     pub socket: PathBuf,
+    /// Where network sinks keep what their receiver has not taken.
+    pub spool: SpoolSettings,
+    /// CA certificates (PEM) webhook sinks trust instead of the system's.
+    pub sink_ca: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
     pub report_all: bool,
@@ -95,6 +100,14 @@ pub fn prepare_host() -> anyhow::Result<Host> {
     })
 }
 
+/// Resolves when the policy file changed; never without a watch.
+async fn changed(watch: &mut Option<PolicyWatch>) {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Privileges first: without them nothing else matters, and the policy may be root-only.
     system::require_privileges()?;
@@ -108,6 +121,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .collect::<Result<Vec<AuditedCgroup>, _>>()?;
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut policy_watch = PolicyWatch::new(&config.policy);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = config.metrics {
@@ -118,6 +133,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.format,
         config.quiet,
         &config.sinks,
+        &config.spool,
+        config.sink_ca.as_deref(),
         Some(watch),
         Arc::clone(&metrics),
     )?;
@@ -133,7 +150,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             fold_window: config.fold_window,
             fold_entries: config.fold_entries,
         },
-        metrics,
+        Arc::clone(&metrics),
     )?;
     let started = AlertBody::Started {
         version: env!("CARGO_PKG_VERSION"),
@@ -149,6 +166,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None }
             error = delivery.stdout_failed() => break Some(error),
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading {}", config.policy.display());
+                vec![reload(&mut session, &config.policy, &metrics)]
+            }
+            () = changed(&mut policy_watch) => {
+                info!("{} changed: reloading it", config.policy.display());
+                vec![reload(&mut session, &config.policy, &metrics)]
+            }
             alerts = session.next_alerts() => alerts,
         };
         delivery.deliver(alerts);

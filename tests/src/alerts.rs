@@ -18,6 +18,18 @@ pub enum Line {
     },
     Violation(Connection),
     Connect(Connection),
+    Reloaded {
+        time: String,
+        host: String,
+        policy: String,
+        rules: u64,
+    },
+    PolicyError {
+        time: String,
+        host: String,
+        policy: String,
+        errors: Vec<String>,
+    },
     Lost {
         time: String,
         host: String,

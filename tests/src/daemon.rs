@@ -26,22 +26,28 @@ pub struct Daemon {
     pub seen: Vec<Line>,
     /// The socket `srcip watch` attaches to: one per daemon, so that tests run in parallel.
     pub socket: PathBuf,
-    _socket_dir: tempfile::TempDir,
+    /// Holds the socket, and the spool unless the test gives its own `--spool`.
+    _folder: tempfile::TempDir,
 }
 
 impl Daemon {
-    /// Starts `srcip run --policy POLICY --format json --socket (its own) ARGS…` and waits
-    /// for `started`.
+    /// Starts `srcip run --policy POLICY --format json --socket (its own) ARGS…`, with a
+    /// spool of its own unless ARGS give `--spool`, and waits for `started`.
     pub fn start(policy: &Path, args: &[&str]) -> Self {
-        let socket_dir = tempfile::tempdir().expect("a folder for the watch socket");
-        let socket = socket_dir.path().join("srcip.sock");
-        let mut child = Command::new(srcip_bin())
+        let folder = tempfile::tempdir().expect("a folder for the watch socket and spool");
+        let socket = folder.path().join("srcip.sock");
+        let mut command = Command::new(srcip_bin());
+        command
             .arg("run")
             .arg("--policy")
             .arg(policy)
             .args(["--format", "json"])
             .arg("--socket")
-            .arg(&socket)
+            .arg(&socket);
+        if !args.contains(&"--spool") {
+            command.arg("--spool").arg(folder.path().join("spool"));
+        }
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -77,7 +83,7 @@ impl Daemon {
             stderr,
             seen: Vec::new(),
             socket,
-            _socket_dir: socket_dir,
+            _folder: folder,
         };
         daemon.wait_for("started", |line| matches!(line, Line::Started { .. }));
         daemon

@@ -6,7 +6,9 @@
 
 pub mod alerts;
 pub mod daemon;
+pub mod nats;
 pub mod rsyslog;
+pub mod webhook;
 
 use std::{
     path::{Path, PathBuf},

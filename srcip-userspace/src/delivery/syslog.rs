@@ -5,31 +5,31 @@
 //! Each message carries the alert's fields as structured data (`[srcip@32473 key="value"
 //! …]`, 32473 being the enterprise number RFC 5612 reserves for examples and documentation)
 //! and its readable line as the message, so that both a person reading the log and a
-//! collector parsing it get everything. A send that fails is retried, with exponential
-//! backoff and jitter, on a new connection, until it succeeds or srcip stops: a receiver
-//! that restarts loses nothing that fits in the sink's queue meanwhile.
+//! collector parsing it get everything. Messages go through the sink's spool (`spool.rs`):
+//! a receiver that is down, even across a restart of srcip, gets them when it is back. A
+//! failed send is retried on a new connection.
 
 use std::{
     io::{self, Write as _},
-    net::{TcpStream, UdpSocket},
+    net::{TcpStream, ToSocketAddrs as _, UdpSocket},
     os::unix::net::UnixDatagram,
     path::PathBuf,
     sync::{Arc, mpsc},
     time::Duration,
 };
 
-use backon::{BlockingRetryable as _, ExponentialBuilder};
 use serde_json::Value;
-use tracing::{info, warn};
 
+use super::{
+    SinkCounters,
+    spool::{MAX_BACKOFF, Spool, forward},
+};
 use crate::alerts::{Alert, AlertBody, host_name, rfc3339, text_message};
-
-use super::{SinkCounters, sink::next_batch};
 
 /// The local syslog socket of `syslog:`.
 const LOCAL_SOCKET: &str = "/dev/log";
-/// The longest wait between two attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long connecting to a TCP receiver may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a syslog sink sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,30 +97,44 @@ impl Connection {
                 Self::Udp(socket)
             }
             SyslogTarget::Tcp(address) => {
-                let stream = TcpStream::connect(address)?;
+                // Bounded, so that srcip stops in time even when the receiver's host is
+                // unreachable.
+                let mut last_error = io::Error::other(format!("{address} names no address"));
+                let mut connected = None;
+                for candidate in address.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT) {
+                        Ok(stream) => {
+                            connected = Some(stream);
+                            break;
+                        }
+                        Err(error) => last_error = error,
+                    }
+                }
+                let stream = connected.ok_or(last_error)?;
                 stream.set_write_timeout(Some(MAX_BACKOFF))?;
                 Self::Tcp(stream)
             }
         })
     }
 
-    fn send(&mut self, messages: &[String]) -> io::Result<()> {
+    fn send(&mut self, messages: &[Vec<u8>]) -> io::Result<()> {
         match self {
             Self::Local(socket) => {
                 for message in messages {
-                    socket.send(message.as_bytes())?;
+                    socket.send(message)?;
                 }
             }
             Self::Udp(socket) => {
                 for message in messages {
-                    socket.send(message.as_bytes())?;
+                    socket.send(message)?;
                 }
             }
             // RFC 6587 octet counting: a message may then hold any byte, newlines included.
             Self::Tcp(stream) => {
                 let mut framed = Vec::new();
                 for message in messages {
-                    write!(framed, "{} {message}", message.len())?;
+                    write!(framed, "{} ", message.len())?;
+                    framed.extend_from_slice(message);
                 }
                 stream.write_all(&framed)?;
             }
@@ -129,62 +143,41 @@ impl Connection {
     }
 }
 
-/// Sends what arrives in `alerts` until the queue is closed.
+/// Sends what arrives in `alerts` until the queue is closed, through `spool`.
 pub(super) fn write_syslog(
     target: &SyslogTarget,
     alerts: &mpsc::Receiver<Arc<Alert>>,
     counters: &SinkCounters,
+    spool: Spool,
 ) {
     let host = host_name();
     let pid = std::process::id();
     let mut connection: Option<Connection> = None;
-    while let Some(batch) = next_batch(alerts) {
-        let messages: Vec<String> = batch
-            .iter()
-            .map(|alert| rfc5424(alert, &host, pid))
-            .collect();
-        let attempt = || -> io::Result<()> {
-            let open = match &mut connection {
-                Some(open) => open,
-                empty => empty.insert(Connection::open(target)?),
-            };
-            open.send(&messages).inspect_err(|_| connection = None)
+    let send = |messages: &[Vec<u8>]| -> io::Result<()> {
+        let open = match &mut connection {
+            Some(open) => open,
+            empty => empty.insert(Connection::open(target)?),
         };
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(MAX_BACKOFF)
-            .with_jitter()
-            .without_max_times();
-        let mut failed = false;
-        // Retried until it succeeds: the queue holds what arrives meanwhile, and counts
-        // what it cannot hold.
-        let _ = attempt
-            .retry(backoff)
-            .sleep(std::thread::sleep)
-            .notify(|error, wait| {
-                if !failed {
-                    warn!(
-                        "cannot send alerts to {}: {error}; retrying (next in {wait:?})",
-                        target.url()
-                    );
-                }
-                failed = true;
-            })
-            .call();
-        counters.written(batch.len());
-        if failed {
-            info!("sending alerts to {} again", target.url());
-        }
-    }
+        // A connection that failed once is not trusted again.
+        open.send(messages).inspect_err(|_| connection = None)
+    };
+    forward(
+        &target.url(),
+        alerts,
+        counters,
+        spool,
+        |alert| rfc5424(alert, &host, pid).into_bytes(),
+        send,
+    );
 }
 
 /// Facility `daemon` (3), with a severity per alert type.
 fn priority(body: &AlertBody) -> u8 {
     let severity = match body {
-        AlertBody::Violation(_) => 4,                               // warning
-        AlertBody::Lost { .. } => 3,                                // error
-        AlertBody::Started { .. } | AlertBody::Stopped { .. } => 5, // notice
-        AlertBody::Connect(_) => 6,                                 // informational
+        AlertBody::Violation(_) => 4,                                // warning
+        AlertBody::Lost { .. } | AlertBody::PolicyError { .. } => 3, // error
+        AlertBody::Started { .. } | AlertBody::Stopped { .. } | AlertBody::Reloaded { .. } => 5, // notice
+        AlertBody::Connect(_) => 6, // informational
     };
     3 * 8 + severity
 }
@@ -192,7 +185,7 @@ fn priority(body: &AlertBody) -> u8 {
 /// `<PRI>1 TIMESTAMP HOSTNAME srcip PROCID TYPE [srcip@32473 FIELDS] MESSAGE`.
 pub fn rfc5424(alert: &Alert, host: &str, pid: u32) -> String {
     let fields = serde_json::to_value(&alert.body).unwrap_or(Value::Null);
-    let kind = fields["type"].as_str().unwrap_or("alert").to_owned();
+    let kind = alert.body.type_name();
     let mut data = String::from("[srcip@32473");
     if let Value::Object(fields) = &fields {
         for (key, value) in fields.iter().filter(|(key, _)| *key != "type") {

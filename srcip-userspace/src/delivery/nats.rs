@@ -1,0 +1,205 @@
+//! The NATS JetStream sink: `nats://HOST:PORT/SUBJECT?stream=NAME`.
+//!
+//! Each alert is published to `SUBJECT.HOST.TYPE` (the host name with anything but letters,
+//! digits, `-` and `_` made `_`, so that it stays one subject token) and counts as delivered only when the stream has
+//! acknowledged it. The stream, covering `SUBJECT.>`, is created when missing. A fleet's
+//! alerts then sit in one durable, replayable stream that any number of consumers read.
+//! Each message carries a `Nats-Msg-Id` made from its content, so the stream drops a
+//! duplicate that a retry sends within its deduplication window (2 minutes by default).
+//! Messages go through the sink's spool (`spool.rs`), as every network sink's do.
+
+use std::{
+    io,
+    sync::{Arc, mpsc},
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+
+use super::{
+    SinkCounters,
+    spool::{Spool, forward},
+};
+use crate::alerts::{Alert, AlertWriter, Format, host_name};
+
+/// How long connecting, creating the stream, or one batch of publishes may take.
+const NATS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a NATS sink publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsTarget {
+    /// `HOST:PORT`.
+    pub server: String,
+    pub subject: String,
+    pub stream: String,
+}
+
+impl NatsTarget {
+    /// `nats://HOST:PORT/SUBJECT?stream=NAME`; `None` for other schemes.
+    pub fn parse(url: &str) -> Option<Result<Self, String>> {
+        let rest = url.strip_prefix("nats://")?;
+        let usage = || {
+            format!(
+                "{url}: expected nats://HOST:PORT/SUBJECT?stream=NAME, e.g. nats://nats.example.net:4222/srcip?stream=SRCIP"
+            )
+        };
+        let parsed = (|| {
+            let (server, path) = rest.split_once('/')?;
+            let (subject, query) = path.split_once('?')?;
+            let stream = query.strip_prefix("stream=")?;
+            let valid = |token: &str| {
+                !token.is_empty()
+                    && token
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+            };
+            let subject_ok = subject.split('.').all(valid);
+            (server.contains(':') && subject_ok && valid(stream)).then(|| Self {
+                server: server.to_owned(),
+                subject: subject.to_owned(),
+                stream: stream.to_owned(),
+            })
+        })();
+        Some(parsed.ok_or_else(usage))
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "nats://{}/{}?stream={}",
+            self.server, self.subject, self.stream
+        )
+    }
+}
+
+/// A connection with its JetStream context, the stream known to exist.
+struct Connection {
+    jetstream: jetstream::Context,
+}
+
+impl Connection {
+    async fn open(target: &NatsTarget) -> io::Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(NATS_TIMEOUT)
+            .connect(target.server.as_str())
+            .await
+            .map_err(io::Error::other)?;
+        let jetstream = jetstream::new(client);
+        jetstream
+            .get_or_create_stream(jetstream::stream::Config {
+                name: target.stream.clone(),
+                subjects: vec![format!("{}.>", target.subject)],
+                ..Default::default()
+            })
+            .await
+            .map_err(io::Error::other)?;
+        Ok(Self { jetstream })
+    }
+
+    /// Publishes each spooled message (`TYPE JSON`) and waits for every acknowledgement.
+    async fn publish(
+        &self,
+        target: &NatsTarget,
+        host: &str,
+        messages: &[Vec<u8>],
+    ) -> io::Result<()> {
+        let mut acks = Vec::with_capacity(messages.len());
+        for message in messages {
+            let split = message.iter().position(|&byte| byte == b' ').unwrap_or(0);
+            let (kind, json) = (&message[..split], &message[split + 1..]);
+            let subject = format!(
+                "{}.{host}.{}",
+                target.subject,
+                String::from_utf8_lossy(kind)
+            );
+            let publish = PublishMessage::build()
+                .payload(json.to_vec().into())
+                .message_id(format!("{:016x}", fnv1a(json)));
+            acks.push(
+                self.jetstream
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(io::Error::other)?,
+            );
+        }
+        for ack in acks {
+            ack.await.map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes what arrives in `alerts` until the queue is closed, through `spool`.
+pub(super) fn write_nats(
+    target: &NatsTarget,
+    alerts: &mpsc::Receiver<Arc<Alert>>,
+    counters: &SinkCounters,
+    spool: Spool,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("cannot start the NATS sink {}: {error}", target.url());
+            return;
+        }
+    };
+    let host = host_name();
+    // One subject token: NATS separates tokens with dots and gives `*` and `>` meanings.
+    let subject_host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut lines = AlertWriter::new(Format::Json, host, Vec::new());
+    let mut connection: Option<Connection> = None;
+    let send = |messages: &[Vec<u8>]| -> io::Result<()> {
+        runtime.block_on(async {
+            let result = tokio::time::timeout(NATS_TIMEOUT, async {
+                if connection.is_none() {
+                    connection = Some(Connection::open(target).await?);
+                }
+                let open = connection.as_ref().expect("just opened");
+                open.publish(target, &subject_host, messages).await
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "NATS did not answer in time",
+                ))
+            });
+            // A connection that failed once is not trusted again.
+            if result.is_err() {
+                connection = None;
+            }
+            result
+        })
+    };
+    let render = |alert: &Alert| -> Vec<u8> {
+        let _ = lines.write_batch([alert]);
+        let mut json = std::mem::take(lines.get_mut());
+        json.pop(); // the newline
+        let kind = alert.body.type_name();
+        // Spooled as `TYPE JSON`: the subject needs the type when the message is sent.
+        let mut message = Vec::with_capacity(kind.len() + 1 + json.len());
+        message.extend_from_slice(kind.as_bytes());
+        message.push(b' ');
+        message.append(&mut json);
+        message
+    };
+    forward(&target.url(), alerts, counters, spool, render, send);
+}
+
+/// FNV-1a, 64 bits: a stable id for a message's content.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,304 @@
+//! A network sink's spool: the alerts its receiver has not yet acknowledged, on disk, so
+//! that an outage, or a restart of srcip during one, loses none of them.
+//!
+//! One redb file per sink under `--spool DIR`, named after the sink's URL. redb is a
+//! single-file ACID B-tree: an append is one committed (fsynced) transaction, batched, and
+//! a crash leaves the last committed state. Entries are keyed by a sequence number, so
+//! reading from the start gives the oldest first. `--spool-max` bounds the bytes of the
+//! entries; appending beyond it evicts the oldest, which the caller counts as lost.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use tracing::{info, warn};
+
+use super::{SinkCounters, sink::BATCH_ALERTS};
+use crate::alerts::Alert;
+
+const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
+
+/// Spooled alerts handed to the receiver in one send, at most.
+const SEND_BATCH: usize = 256;
+/// The longest wait between two attempts to reach a receiver that is down.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Moves what arrives in `alerts` through `spool` to a receiver, until the queue is closed:
+/// each alert is rendered by `render` and committed to the spool first, and leaves it once
+/// `send` has taken it. A failed send is retried, oldest first, after an exponential
+/// backoff with jitter (200 ms up to [`MAX_BACKOFF`]), while new alerts keep going to the
+/// spool. When srcip stops, one last attempt is made; what is still spooled then is sent
+/// when srcip runs again.
+pub(super) fn forward(
+    name: &str,
+    alerts: &mpsc::Receiver<Arc<Alert>>,
+    counters: &SinkCounters,
+    mut spool: Spool,
+    mut render: impl FnMut(&Alert) -> Vec<u8>,
+    mut send: impl FnMut(&[Vec<u8>]) -> io::Result<()>,
+) {
+    let new_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(MAX_BACKOFF)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    if !spool.is_empty() {
+        info!(
+            "{} alerts for {name} waited in the spool {}; sending them first",
+            spool.len(),
+            spool.path().display()
+        );
+        counters.waiting_from_before(spool.len());
+    }
+    let mut backoff = new_backoff();
+    let mut next_attempt = Instant::now();
+    let mut failing = false;
+    loop {
+        // Take in what arrived; wait for more only until the next attempt is due.
+        let arrived = if spool.is_empty() {
+            alerts.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            alerts.recv_timeout(next_attempt.saturating_duration_since(Instant::now()))
+        };
+        match arrived {
+            Ok(first) => {
+                let batch: Vec<Arc<Alert>> = std::iter::once(first)
+                    .chain(alerts.try_iter().take(BATCH_ALERTS - 1))
+                    .collect();
+                let rendered: Vec<Vec<u8>> = batch.iter().map(|alert| render(alert)).collect();
+                match spool.append(&rendered) {
+                    Ok(evicted) => {
+                        counters.spooled(rendered.len());
+                        if evicted > 0 {
+                            warn!(
+                                "the spool of {name} is full (--spool-max): its {evicted} oldest alerts are dropped"
+                            );
+                            counters.not_written(evicted as usize);
+                        }
+                    }
+                    Err(error) => {
+                        warn!("cannot spool alerts for {name}: {error}");
+                        counters.not_written(rendered.len());
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                // srcip stops: one last attempt, no waiting.
+                while !spool.is_empty() && send_oldest(&mut spool, &mut send, counters).is_ok() {}
+                if !spool.is_empty() {
+                    info!(
+                        "{} alerts for {name} stay in the spool {} until srcip runs again",
+                        spool.len(),
+                        spool.path().display()
+                    );
+                }
+                return;
+            }
+        }
+        if spool.is_empty() || Instant::now() < next_attempt {
+            continue;
+        }
+        match send_oldest(&mut spool, &mut send, counters) {
+            Ok(()) => {
+                if failing {
+                    info!("{name} takes alerts again");
+                    failing = false;
+                }
+                backoff = new_backoff();
+            }
+            Err(error) => {
+                let wait = backoff.next().unwrap_or(MAX_BACKOFF);
+                if !failing {
+                    warn!(
+                        "cannot send alerts to {name}: {error}; they wait in the spool, next attempt in {wait:?}"
+                    );
+                    failing = true;
+                }
+                next_attempt = Instant::now() + wait;
+            }
+        }
+    }
+}
+
+/// Sends the oldest spooled alerts and removes them once sent.
+fn send_oldest(
+    spool: &mut Spool,
+    send: &mut impl FnMut(&[Vec<u8>]) -> io::Result<()>,
+    counters: &SinkCounters,
+) -> io::Result<()> {
+    let (messages, last) = spool.oldest(SEND_BATCH).map_err(io::Error::other)?;
+    send(&messages)?;
+    spool.remove_through(last).map_err(io::Error::other)?;
+    counters.written(messages.len());
+    Ok(())
+}
+
+pub struct Spool {
+    db: Database,
+    path: PathBuf,
+    /// The key of the next entry.
+    next: u64,
+    entries: u64,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool of `sink` in `folder`, and counts what a previous run
+    /// left in it.
+    pub fn open(folder: &Path, sink: &str, max_bytes: u64) -> anyhow::Result<Self> {
+        let name: String = sink
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = folder.join(format!("{name}.redb"));
+        let db = Database::create(&path).with_context(|| {
+            format!(
+                "cannot open the spool {} of sink {sink} (is another srcip run using this --spool?)",
+                path.display()
+            )
+        })?;
+        let mut spool = Self {
+            db,
+            path,
+            next: 0,
+            entries: 0,
+            bytes: 0,
+            max_bytes,
+        };
+        let read = spool.db.begin_write()?;
+        {
+            let table = read.open_table(ALERTS)?;
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                spool.next = key.value() + 1;
+                spool.entries += 1;
+                spool.bytes += value.value().len() as u64;
+            }
+        }
+        read.commit()?;
+        Ok(spool)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Appends `messages` in one transaction; returns how many of the oldest entries had to
+    /// go to stay within `--spool-max`.
+    pub fn append(&mut self, messages: &[Vec<u8>]) -> Result<u64, redb::Error> {
+        let write = self.db.begin_write()?;
+        let mut evicted = 0;
+        {
+            let mut table = write.open_table(ALERTS)?;
+            for message in messages {
+                table.insert(self.next, message.as_slice())?;
+                self.next += 1;
+                self.entries += 1;
+                self.bytes += message.len() as u64;
+            }
+            while self.bytes > self.max_bytes {
+                let Some((_, value)) = table.pop_first()? else {
+                    break;
+                };
+                self.bytes -= value.value().len() as u64;
+                self.entries -= 1;
+                evicted += 1;
+            }
+        }
+        write.commit()?;
+        Ok(evicted)
+    }
+
+    /// Up to `limit` of the oldest entries, with the key of the last.
+    pub fn oldest(&self, limit: usize) -> Result<(Vec<Vec<u8>>, u64), redb::Error> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(ALERTS)?;
+        let mut messages = Vec::new();
+        let mut last = 0;
+        for entry in table.iter()?.take(limit) {
+            let (key, value) = entry?;
+            last = key.value();
+            messages.push(value.value().to_vec());
+        }
+        Ok((messages, last))
+    }
+
+    /// Removes every entry up to and including `last`: the receiver has them.
+    pub fn remove_through(&mut self, last: u64) -> Result<(), redb::Error> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(ALERTS)?;
+            for entry in table.extract_from_if(..=last, |_, _| true)? {
+                let (_, value) = entry?;
+                self.bytes -= value.value().len() as u64;
+                self.entries -= 1;
+            }
+        }
+        write.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_survive_a_reopen_and_leave_oldest_first() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(folder.path(), "syslog+tcp://127.0.0.1:514", 1 << 20).unwrap();
+        spool.append(&[b"one".to_vec(), b"two".to_vec()]).unwrap();
+        drop(spool);
+        let mut spool = Spool::open(folder.path(), "syslog+tcp://127.0.0.1:514", 1 << 20).unwrap();
+        assert_eq!(spool.len(), 2);
+        spool.append(&[b"three".to_vec()]).unwrap();
+        let (oldest, last) = spool.oldest(2).unwrap();
+        assert_eq!(oldest, [b"one".to_vec(), b"two".to_vec()]);
+        spool.remove_through(last).unwrap();
+        assert_eq!(spool.oldest(10).unwrap().0, [b"three".to_vec()]);
+        assert_eq!(spool.len(), 1);
+    }
+
+    #[test]
+    fn the_bound_evicts_the_oldest_and_says_how_many() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(folder.path(), "nats://x/y", 10).unwrap();
+        assert_eq!(
+            spool.append(&[b"aaaa".to_vec(), b"bbbb".to_vec()]).unwrap(),
+            0
+        );
+        assert_eq!(spool.append(&[b"cccc".to_vec()]).unwrap(), 1);
+        assert_eq!(
+            spool.oldest(10).unwrap().0,
+            [b"bbbb".to_vec(), b"cccc".to_vec()]
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The compiled policy in the kernel's maps, written at start and replaced on reload without
+//! a moment in which a connection sees no policy, or half of one (the order is in
+//! `srcip_common::policy`).
+
+use std::collections::HashSet;
+
+use aya::maps::{Array, LpmTrie, MapData, lpm_trie::Key};
+use ipnet::{Ipv4Net, Ipv6Net};
+use srcip_common::{
+    names,
+    policy::{Candidates, KernelRule, PolicyState},
+};
+
+use crate::{loader::LoadError, policy::KernelTables};
+
+/// A reload that cannot be written: the maps were sized at start.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the new policy has {rules} rules and {prefixes} destination prefixes; this srcip run has room for {room} of each, a quarter more than at start: restart srcip to load it"
+)]
+pub struct TooLarge {
+    rules: usize,
+    prefixes: usize,
+    room: usize,
+}
+
+pub struct KernelPolicy {
+    v4: LpmTrie<MapData, [u8; 4], Candidates>,
+    v6: LpmTrie<MapData, [u8; 16], Candidates>,
+    rules: Array<MapData, KernelRule>,
+    state: Array<MapData, PolicyState>,
+    /// Rules (and prefixes per family) that fit: half of `RULES`.
+    room: usize,
+    generation: u32,
+    /// The prefixes written, so that a reload deletes those the new policy does not have.
+    v4_written: HashSet<Ipv4Net>,
+    v6_written: HashSet<Ipv6Net>,
+}
+
+impl KernelPolicy {
+    /// Takes the policy maps, sized for `room` rules per half, and writes `tables` as
+    /// generation 0.
+    pub fn new(
+        ebpf: &mut aya::Ebpf,
+        room: usize,
+        tables: &KernelTables,
+    ) -> Result<Self, LoadError> {
+        let mut policy = Self {
+            v4: take(ebpf, names::V4_DESTINATIONS)?,
+            v6: take(ebpf, names::V6_DESTINATIONS)?,
+            rules: take(ebpf, names::RULES)?,
+            state: take(ebpf, names::POLICY_STATE)?,
+            room,
+            generation: 0,
+            v4_written: HashSet::new(),
+            v6_written: HashSet::new(),
+        };
+        policy.write(tables, 0).map_err(|error| match error {
+            WriteError::TooLarge(_) => unreachable!("the maps were sized for this policy"),
+            WriteError::Map { name, source } => LoadError::Map { name, source },
+        })?;
+        Ok(policy)
+    }
+
+    /// Replaces the policy: the next decision of every connection uses `tables`.
+    pub fn replace(&mut self, tables: &KernelTables) -> Result<(), WriteError> {
+        self.write(tables, self.generation.wrapping_add(1))
+    }
+
+    fn write(&mut self, tables: &KernelTables, generation: u32) -> Result<(), WriteError> {
+        let prefixes = tables.v4.len().max(tables.v6.len());
+        if tables.rules.len() > self.room || prefixes > self.room {
+            return Err(WriteError::TooLarge(TooLarge {
+                rules: tables.rules.len(),
+                prefixes,
+                room: self.room,
+            }));
+        }
+        // The half the current policy does not use.
+        let offset = (generation % 2) * self.room as u32;
+        for (index, rule) in tables.rules.iter().enumerate() {
+            self.rules
+                .set(offset + index as u32, rule, 0)
+                .map_err(map_error(names::RULES))?;
+        }
+        let shifted = |candidates: &Candidates| {
+            let mut shifted = *candidates;
+            for rule in shifted.rules.iter_mut().take(candidates.count as usize) {
+                *rule += offset;
+            }
+            shifted
+        };
+        let mut v4_new = HashSet::new();
+        for (net, candidates) in &tables.v4 {
+            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+            self.v4
+                .insert(&key, shifted(candidates), 0)
+                .map_err(map_error(names::V4_DESTINATIONS))?;
+            v4_new.insert(*net);
+        }
+        let mut v6_new = HashSet::new();
+        for (net, candidates) in &tables.v6 {
+            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+            self.v6
+                .insert(&key, shifted(candidates), 0)
+                .map_err(map_error(names::V6_DESTINATIONS))?;
+            v6_new.insert(*net);
+        }
+        for gone in self.v4_written.difference(&v4_new) {
+            let key = Key::new(u32::from(gone.prefix_len()), gone.network().octets());
+            self.v4
+                .remove(&key)
+                .map_err(map_error(names::V4_DESTINATIONS))?;
+        }
+        for gone in self.v6_written.difference(&v6_new) {
+            let key = Key::new(u32::from(gone.prefix_len()), gone.network().octets());
+            self.v6
+                .remove(&key)
+                .map_err(map_error(names::V6_DESTINATIONS))?;
+        }
+        self.v4_written = v4_new;
+        self.v6_written = v6_new;
+        let state = PolicyState {
+            report_unmatched: u32::from(tables.report_unmatched),
+            generation,
+        };
+        self.state
+            .set(0, state, 0)
+            .map_err(map_error(names::POLICY_STATE))?;
+        self.generation = generation;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    TooLarge(TooLarge),
+    #[error("writing the kernel map {name} failed")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
+    move |source| WriteError::Map { name, source }
+}
+
+fn take<M>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}

@@ -1,0 +1,149 @@
+//! Reloading the policy while auditing: on SIGHUP, and when the policy file changes.
+//!
+//! The file's folder is watched with inotify rather than the file, so that an editor or a
+//! configuration tool that writes a new file and renames it over the old one is noticed as
+//! well as one that writes in place. A burst of events (a write, then a rename) is one
+//! reload.
+
+use std::{
+    ffi::OsString,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+use crate::{
+    alerts::{Alert, AlertBody},
+    audit::AuditSession,
+    metrics::Metrics,
+    policy::PolicyLoadError,
+    run::load_policy,
+};
+
+/// How long after a change the file is read: the rest of a burst of events arrives first.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// The inotify descriptor, made pollable for tokio.
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd as _;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Changes to the policy file.
+pub struct PolicyWatch {
+    inotify: AsyncFd<InotifyFd>,
+    name: OsString,
+    /// When the change seen last has settled. Kept here, not in a future, because the
+    /// caller's `select!` drops `changed()` whenever another branch wins.
+    settles_at: Option<tokio::time::Instant>,
+}
+
+impl PolicyWatch {
+    /// Watches `policy`'s folder. Without inotify (a kernel without it, or no watches left)
+    /// srcip says so and reloads on SIGHUP only.
+    pub fn new(policy: &Path) -> Option<Self> {
+        let folder = match policy.parent() {
+            Some(folder) if !folder.as_os_str().is_empty() => folder.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let name = policy.file_name()?.to_owned();
+        let watch = || -> nix::Result<Inotify> {
+            let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+            inotify.add_watch(
+                &folder,
+                AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_CREATE,
+            )?;
+            Ok(inotify)
+        };
+        // SAFETY: `InotifyFd` owns the descriptor and keeps it open, unchanged, for as long as
+        // the AsyncFd holds it.
+        match watch().map_err(std::io::Error::from).and_then(|inotify| {
+            unsafe { AsyncFd::register(InotifyFd(inotify)) }.map_err(|error| error.into_parts().1)
+        }) {
+            Ok(inotify) => Some(Self {
+                inotify,
+                name,
+                settles_at: None,
+            }),
+            Err(error) => {
+                warn!(
+                    "cannot watch {} for changes ({error}); the policy is reloaded on SIGHUP only",
+                    folder.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Resolves once the policy file has changed and settled. Cancel-safe.
+    pub async fn changed(&mut self) {
+        loop {
+            if let Some(at) = self.settles_at {
+                tokio::time::sleep_until(at).await;
+                self.settles_at = None;
+                // What came meanwhile belongs to the same change.
+                let _ = self.inotify.get_ref().0.read_events();
+                return;
+            }
+            if self.named_event().await {
+                self.settles_at = Some(tokio::time::Instant::now() + SETTLE);
+            }
+        }
+    }
+
+    /// Waits for events; whether one names the policy file.
+    async fn named_event(&mut self) -> bool {
+        let Ok(mut ready) = self.inotify.readable().await else {
+            return std::future::pending().await;
+        };
+        match ready.try_io(|inotify| inotify.get_ref().0.read_events().map_err(Into::into)) {
+            Ok(Ok(events)) => events
+                .iter()
+                .any(|event| event.name.as_deref() == Some(self.name.as_os_str())),
+            Ok(Err(error)) => {
+                warn!("reading inotify events failed: {error}");
+                false
+            }
+            // Not readable after all: wait again.
+            Err(_) => false,
+        }
+    }
+}
+
+/// Reads `path` again and puts it in force; the alert says which happened. A policy that
+/// does not load keeps the one in force, whole.
+pub fn reload(session: &mut AuditSession, path: &Path, metrics: &Metrics) -> Alert {
+    let policy = path.display().to_string();
+    let result = load_policy(path).and_then(|matcher| {
+        let rules = matcher.policy().rules.len();
+        session.reload(matcher)?;
+        Ok(rules)
+    });
+    metrics.reloaded(result.is_ok());
+    match result {
+        Ok(rules) => {
+            info!("reloaded {policy}: {rules} rules");
+            Alert::now(AlertBody::Reloaded { policy, rules })
+        }
+        Err(error) => {
+            let errors: Vec<String> = match error.downcast_ref::<PolicyLoadError>() {
+                Some(invalid @ PolicyLoadError::Invalid { .. }) => {
+                    invalid.to_string().lines().map(str::to_owned).collect()
+                }
+                _ => vec![format!("{error:#}")],
+            };
+            warn!("{policy} was not reloaded: {}", errors.join("; "));
+            Alert::now(AlertBody::PolicyError { policy, errors })
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The NATS JetStream sink against a real nats-server: every alert lands in the stream,
+//! acknowledged, and a consumer started afterwards replays them all; alerts made while the
+//! server is down wait in the spool.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures_util::StreamExt as _;
+use srcip_tests::{
+    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
+    connect, free_port, nats::NatsServer,
+};
+
+/// Every message of `stream` on the server at `port`, read by a new consumer from the
+/// start: (subject, the alert's `type`, the alert's `src_port` if any). `None` while the
+/// stream does not exist.
+fn replay(port: u16, stream: &str) -> Option<Vec<(String, String, Option<u64>)>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let jetstream = jetstream::new(client);
+        let stream = jetstream.get_stream(stream).await.ok()?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        let mut replayed = Vec::new();
+        while let Some(message) = messages.next().await {
+            let message = message.unwrap();
+            let alert: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            replayed.push((
+                message.subject.to_string(),
+                alert["type"].as_str().unwrap().to_owned(),
+                alert["src_port"].as_u64(),
+            ));
+            message.ack().await.unwrap();
+        }
+        Some(replayed)
+    })
+}
+
+fn host_token() -> String {
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_stream_holds_every_alert_and_a_later_consumer_replays_them() {
+    let server = NatsServer::start(free_port());
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let sink = format!("nats://127.0.0.1:{}/srcip.alerts?stream=SRCIP", server.port);
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &[
+            "--sink",
+            &sink,
+            "--fold-window",
+            "0",
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+        ],
+    );
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        let client = connect(
+            &topology.host,
+            &cgroup.path,
+            Some(OTHER_V4),
+            PARTNER_V4,
+            443,
+        );
+        daemon.wait_for("the violation", |line| {
+            line.violation()
+                .is_some_and(|v| v.src_port == client.src_port)
+        });
+        ports.push(u64::from(client.src_port));
+    }
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+
+    let replayed = replay(server.port, "SRCIP").expect("the sink created the stream");
+    let host = host_token();
+    let kinds: Vec<&str> = replayed.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["started", "violation", "violation", "stopped"],
+        "{replayed:#?}"
+    );
+    for (subject, kind, _) in &replayed {
+        assert_eq!(subject, &format!("srcip.alerts.{host}.{kind}"));
+    }
+    let violation_ports: Vec<u64> = replayed.iter().filter_map(|(_, _, port)| *port).collect();
+    assert_eq!(violation_ports, ports);
+}
+
+#[test]
+fn alerts_made_while_the_server_is_down_reach_the_stream_when_it_is_back() {
+    let port = free_port();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let sink = format!("nats://127.0.0.1:{port}/srcip.alerts?stream=SRCIP");
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &["--sink", &sink, "--cgroup", cgroup.path.to_str().unwrap()],
+    );
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    daemon.wait_for("the violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == client.src_port)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let server = NatsServer::start(port);
+    // The sink retries with backoff; wait until both spooled alerts are in the stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(replayed) = replay(server.port, "SRCIP")
+            && replayed.iter().any(|(_, kind, port)| {
+                kind == "violation" && *port == Some(u64::from(client.src_port))
+            })
+        {
+            assert_eq!(replayed[0].1, "started", "{replayed:#?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spooled violation never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
