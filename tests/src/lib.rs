@@ -314,6 +314,29 @@ pub fn connect(
     reports.pop().expect("tcp-client reports its connection")
 }
 
+/// Connects from the host's other address (which `PARTNER_POLICY` does not allow) to the
+/// partner's port 443, and waits until `daemon` writes the violation.
+pub fn make_violation(daemon: &mut Daemon, topology: &Topology, cgroup: &Path) -> ClientReport {
+    let client = connect(&topology.host, cgroup, Some(OTHER_V4), PARTNER_V4, 443);
+    daemon.wait_for("the violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == client.src_port)
+    });
+    client
+}
+
+/// Waits until something listens on loopback `port` (a test server starting).
+pub fn wait_until_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not start listening on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Starts `count` TCP connections from one process; returns what the kernel chose for each.
 pub fn connect_many(
     netns: &Netns,

@@ -5,7 +5,6 @@
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 pub struct NatsServer {
@@ -52,14 +51,7 @@ impl NatsServer {
             _store: store,
             port,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_until_listening(port, "nats-server");
         server
     }
 }

@@ -98,14 +98,7 @@ impl WebhookReceiver {
             out,
             _folder: folder,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the webhook receiver did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_until_listening(port, "the webhook receiver");
         receiver
     }
 

@@ -11,7 +11,7 @@ use std::{
 
 use srcip_tests::{
     Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
-    connect, srcip_bin, udp_client,
+    connect, make_violation, srcip_bin, udp_client,
 };
 
 /// The JSON lines of `path` once `done` holds for them, waiting up to 15 s.
@@ -168,17 +168,7 @@ fn watchers_get_the_started_line_then_every_alert_until_the_daemon_stops() {
         }
     }
 
-    let client = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
-    daemon.wait_for("the violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == client.src_port)
-    });
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
     for watcher in &watchers {
         let line = watcher.next();
         let violation = line.violation().expect("the violation, next");

@@ -8,8 +8,8 @@ use std::{
 };
 
 use srcip_tests::{
-    ALLOWED_V4, Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology,
-    connect, free_port,
+    ALLOWED_V4, Daemon, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology, connect,
+    free_port, make_violation,
 };
 
 /// `GET /metrics`: the content type and the parsed samples.
@@ -86,17 +86,7 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
     let compliant = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
     assert_eq!(compliant.src, ALLOWED_V4);
     for _ in 0..2 {
-        let client = connect(
-            &topology.host,
-            &cgroup.path,
-            Some(OTHER_V4),
-            PARTNER_V4,
-            443,
-        );
-        daemon.wait_for("the violation", |line| {
-            line.violation()
-                .is_some_and(|v| v.src_port == client.src_port)
-        });
+        make_violation(&mut daemon, &topology, &cgroup.path);
     }
 
     // The kernel's counters are read once a second.

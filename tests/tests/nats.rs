@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures_util::StreamExt as _;
 use srcip_tests::{
-    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
-    connect, free_port, nats::NatsServer,
+    Daemon, PARTNER_POLICY, PolicyFile, Signal, TestCgroup, Topology, free_port, make_violation,
+    nats::NatsServer,
 };
 
 /// Every message of `stream` on the server at `port`, read by a new consumer from the
@@ -89,17 +89,7 @@ fn the_stream_holds_every_alert_and_a_later_consumer_replays_them() {
     );
     let mut ports = Vec::new();
     for _ in 0..2 {
-        let client = connect(
-            &topology.host,
-            &cgroup.path,
-            Some(OTHER_V4),
-            PARTNER_V4,
-            443,
-        );
-        daemon.wait_for("the violation", |line| {
-            line.violation()
-                .is_some_and(|v| v.src_port == client.src_port)
-        });
+        let client = make_violation(&mut daemon, &topology, &cgroup.path);
         ports.push(u64::from(client.src_port));
     }
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
@@ -131,17 +121,7 @@ fn alerts_made_while_the_server_is_down_reach_the_stream_when_it_is_back() {
         &policy.path,
         &["--sink", &sink, "--cgroup", cgroup.path.to_str().unwrap()],
     );
-    let client = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
-    daemon.wait_for("the violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == client.src_port)
-    });
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
     std::thread::sleep(Duration::from_millis(500));
     let server = NatsServer::start(port);
     // The sink retries with backoff; wait until both spooled alerts are in the stream.

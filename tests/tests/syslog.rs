@@ -2,8 +2,8 @@
 //! alert's fields as RFC 5424 structured data; and a TCP receiver that comes up late.
 
 use srcip_tests::{
-    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology, connect,
-    free_port, rsyslog::Rsyslog,
+    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology, free_port,
+    make_violation, rsyslog::Rsyslog,
 };
 
 #[test]
@@ -30,17 +30,7 @@ fn each_syslog_transport_delivers_the_violation_with_its_fields() {
         ],
     );
 
-    let client = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
-    daemon.wait_for("the violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == client.src_port)
-    });
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
     let port_field = format!("src_port=\"{}\"", client.src_port);
     for input in ["imuxsock", "imudp", "imtcp"] {
         let lines = rsyslog.wait_for(input, |line| {
@@ -79,17 +69,7 @@ fn a_tcp_receiver_that_comes_up_late_gets_what_waited_for_it() {
         &policy.path,
         &["--sink", &tcp, "--cgroup", cgroup.path.to_str().unwrap()],
     );
-    let client = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
-    daemon.wait_for("the violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == client.src_port)
-    });
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
     // Nothing listens yet: the sink retries with backoff until rsyslogd is up.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let rsyslog = Rsyslog::start(port);
@@ -125,17 +105,7 @@ fn alerts_wait_in_the_spool_across_a_restart_until_the_receiver_is_back() {
     let mut ports = Vec::new();
     for _ in 0..2 {
         let mut daemon = Daemon::start(&policy.path, &args);
-        let client = connect(
-            &topology.host,
-            &cgroup.path,
-            Some(OTHER_V4),
-            PARTNER_V4,
-            443,
-        );
-        daemon.wait_for("the violation", |line| {
-            line.violation()
-                .is_some_and(|v| v.src_port == client.src_port)
-        });
+        let client = make_violation(&mut daemon, &topology, &cgroup.path);
         ports.push(client.src_port);
         if ports.len() == 1 {
             let (status, _) = daemon.stop_with(srcip_tests::Signal::SIGTERM);

@@ -2,8 +2,7 @@
 //! daemon restarts: every alert arrives at least once, none missing.
 
 use srcip_tests::{
-    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
-    connect, free_port,
+    Daemon, PARTNER_POLICY, PolicyFile, Signal, TestCgroup, Topology, free_port, make_violation,
     webhook::{TestCertificates, WebhookReceiver},
 };
 
@@ -29,17 +28,7 @@ fn a_receiver_down_across_a_daemon_restart_gets_every_alert() {
     let mut violations = Vec::new();
     let mut daemon = Daemon::start(&policy.path, &args);
     for round in 0..2 {
-        let client = connect(
-            &topology.host,
-            &cgroup.path,
-            Some(OTHER_V4),
-            PARTNER_V4,
-            443,
-        );
-        daemon.wait_for("the violation", |line| {
-            line.violation()
-                .is_some_and(|v| v.src_port == client.src_port)
-        });
+        let client = make_violation(&mut daemon, &topology, &cgroup.path);
         violations.push(u64::from(client.src_port));
         if round == 0 {
             // The receiver is still down: the daemon restarts during the outage.

@@ -320,7 +320,7 @@ impl PrivateApt {
 
 /// The Debian archive the machine's apt already uses, so that no address is configured
 /// twice; `SRCIP_DEBIAN_ARCHIVE` overrides it.
-fn debian_archive() -> anyhow::Result<String> {
+pub fn debian_archive() -> anyhow::Result<String> {
     if let Ok(archive) = std::env::var("SRCIP_DEBIAN_ARCHIVE") {
         return Ok(archive);
     }

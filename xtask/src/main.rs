@@ -2,6 +2,7 @@
 //! fresh machine lacks, `demo` and `test` set up, build and run as root.
 
 mod bench;
+mod install_check;
 mod kernels;
 mod matrix;
 mod package;
@@ -37,6 +38,10 @@ enum Task {
     },
     /// Set up, build, and make the Debian package `target/debian/srcip_VERSION_amd64.deb`.
     Package,
+    /// Build the package and install it on a fresh Debian 12 made with debootstrap (root;
+    /// cached after the first run): dpkg -i, --version, man, the example policy, the unit.
+    /// `test` runs it too, after the host's tests.
+    InstallCheck,
     /// Set up, build, and measure what srcip costs (root; not part of `test`): connect
     /// storms against a baseline and bpftrace, alert latency, saturation, policy sizes.
     Bench {
@@ -73,6 +78,10 @@ fn run(task: Task) -> anyhow::Result<()> {
             let deb = package::run()?;
             println!("{}", deb.display());
             Ok(())
+        }
+        Task::InstallCheck => {
+            setup::run()?;
+            install_check::run(&package::run()?)
         }
         Task::Bench { rounds, seconds } => {
             setup::run()?;
@@ -114,6 +123,19 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
                 .env("SRCIP_NATS_SERVER", setup::nats_server()?),
         )?;
         totals.push((format!("host {}", release.trim()), tally));
+        // The package on a fresh Debian: one check, counted like a test.
+        let installed = install_check::run(&deb);
+        if let Err(error) = &installed {
+            eprintln!("[xtask] install check failed: {error:#}");
+        }
+        totals.push((
+            "fresh Debian bookworm (package install check)".to_owned(),
+            Tally {
+                passed: u64::from(installed.is_ok()),
+                failed: u64::from(installed.is_err()),
+                ..Tally::default()
+            },
+        ));
     }
     if let Some(vng_dir) = vm_tools {
         let binaries = matrix::integration_test_binaries()?;

@@ -1,0 +1,112 @@
+//! `cargo xtask install-check` (and `cargo xtask test`, after the host's tests): the package
+//! on a fresh Debian 12, made from Debian's own
+//! packages with debootstrap (minbase, plus man-db and systemd, which a server has).
+//!
+//! The base system is built once and cached; each check copies it, installs the package
+//! with `dpkg -i`, and runs what an operator runs first: `srcip --version`, `man srcip`,
+//! `srcip policy validate /etc/srcip/policy.toml` and `systemd-analyze verify` on the unit.
+//! Everything runs in a mount namespace of its own (`unshare`), so the /proc mounted for
+//! the chroot vanishes with it, and the copy is removed afterwards, also on failure.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::{exec, kernels, output_of, step};
+
+/// The Debian release whose fresh install the package must work on.
+const SUITE: &str = "bookworm";
+
+pub fn run(deb: &Path) -> anyhow::Result<()> {
+    let base = ensure_base()?;
+    let fresh = tempfile::Builder::new()
+        .prefix("srcip-install-check-")
+        .tempdir()
+        .context("a folder for the fresh system")?;
+    let root = fresh.path().join("root");
+    step("copying the fresh Debian system");
+    exec(Command::new("cp").arg("-a").arg(&base).arg(&root))?;
+    std::fs::copy(deb, root.join("tmp/srcip.deb")).context("copying the package in")?;
+    let checks = [
+        ("dpkg -i", "dpkg -i /tmp/srcip.deb"),
+        ("srcip --version", "srcip --version"),
+        (
+            "man srcip",
+            "MANPAGER=cat MANWIDTH=100 man srcip | grep -q 'srcip-run(1)'",
+        ),
+        (
+            "srcip policy validate",
+            "srcip policy validate /etc/srcip/policy.toml",
+        ),
+        (
+            "systemd-analyze verify",
+            "systemd-analyze verify /usr/lib/systemd/system/srcip.service",
+        ),
+    ];
+    for (name, command) in checks {
+        step(&format!("on a fresh Debian {SUITE}: {name}"));
+        let script = format!(
+            "mount -t proc proc '{root}/proc' && chroot '{root}' /bin/sh -ec \"{command}\"",
+            root = root.display()
+        );
+        let output = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-ec", &script])
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .output()
+            .context("running unshare")?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() || said.contains("srcip.service:") {
+            bail!("{name} failed on a fresh Debian {SUITE}:\n{said}");
+        }
+        for line in said.lines().filter(|line| !line.trim().is_empty()).take(3) {
+            eprintln!("    {line}");
+        }
+    }
+    step(&format!(
+        "the package installs and works on a fresh Debian {SUITE}"
+    ));
+    Ok(())
+}
+
+/// The cached base system: debootstrap's minbase with man-db, procps and systemd.
+fn ensure_base() -> anyhow::Result<std::path::PathBuf> {
+    let base = kernels::cache_dir()?.join(format!("debian-{SUITE}"));
+    if base.join("usr/bin/systemd-analyze").exists() {
+        step(&format!("fresh Debian {SUITE}: cached"));
+        return Ok(base);
+    }
+    if output_of(Command::new("sh").args(["-c", "command -v debootstrap"])).is_none() {
+        step("debootstrap: installing with apt-get");
+        exec(Command::new("apt-get").arg("update"))?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "debootstrap"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let archive = kernels::debian_archive()?;
+    step(&format!(
+        "fresh Debian {SUITE}: debootstrap from {archive} (a few minutes, once)"
+    ));
+    let building = base.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&building);
+    exec(
+        Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                "--include=man-db,procps,systemd",
+                SUITE,
+            ])
+            .arg(&building)
+            .arg(&archive),
+    )?;
+    std::fs::rename(&building, &base).context("keeping the fresh system")?;
+    Ok(base)
+}
