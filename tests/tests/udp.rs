@@ -65,6 +65,26 @@ fn connected_udp_from_a_wrong_source_is_a_violation_over_ipv4_and_ipv6() {
 }
 
 #[test]
+fn connected_udp_to_an_ipv4_mapped_address_is_reported_as_ipv4() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(DNS_POLICY);
+    let mut daemon = audit(&policy, &cgroup, &[]);
+    // An AF_INET6 socket bound to ::ffff:203.0.113.11, connected to ::ffff:198.51.100.50:
+    // IPv4 on the wire, and the socket holds its source as ::ffff:a.b.c.d.
+    let source = format!("::ffff:{OTHER_V4}");
+    let partner = format!("::ffff:{PARTNER_V4}");
+    let options = ["--bind", &source, "--connect", "--count", "3"];
+    let client = udp_client(&topology.host, &cgroup.path, &options, &partner, 53);
+    let line = daemon.wait_for("a UDP violation", violation_to(PARTNER_V4));
+    let violation = line.violation().unwrap();
+    assert_udp_violation(violation, OTHER_V4, PARTNER_V4, client.pid);
+    assert_eq!(violation.family, "ipv4");
+    assert_eq!(violation.wire_src, None, "nothing translated it");
+    assert_eq!(violation.src_port, client.src_port);
+}
+
+#[test]
 fn unconnected_sendto_reports_the_source_each_datagram_carries() {
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);

@@ -122,14 +122,14 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
                 .env("SRCIP_DEB", &deb)
                 .env("SRCIP_NATS_SERVER", setup::nats_server()?),
         )?;
-        totals.push((format!("host {}", release.trim()), tally));
+        totals.push((format!("kernel host {}", release.trim()), tally));
         // The package on a fresh Debian: one check, counted like a test.
         let installed = install_check::run(&deb);
         if let Err(error) = &installed {
             eprintln!("[xtask] install check failed: {error:#}");
         }
         totals.push((
-            "fresh Debian bookworm (package install check)".to_owned(),
+            "package install check on a fresh Debian bookworm".to_owned(),
             Tally {
                 passed: u64::from(installed.is_ok()),
                 failed: u64::from(installed.is_err()),
@@ -141,16 +141,16 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
         let binaries = matrix::integration_test_binaries()?;
         for kernel in &kernels {
             let tally = matrix::run_in_vm(&vng_dir, kernel, &binaries, &srcip, &deb, filter)?;
-            totals.push((format!("{} {}", kernel.series, kernel.release), tally));
+            totals.push((
+                format!("kernel {} {}", kernel.series, kernel.release),
+                tally,
+            ));
         }
     }
 
     let mut overall = Tally::default();
-    for (kernel, tally) in &totals {
-        println!(
-            "kernel {kernel}: {} passed, {} failed",
-            tally.passed, tally.failed
-        );
+    for (what, tally) in &totals {
+        println!("{what}: {} passed, {} failed", tally.passed, tally.failed);
         overall.passed += tally.passed;
         overall.failed += tally.failed;
     }
