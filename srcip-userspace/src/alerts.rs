@@ -154,6 +154,17 @@ struct JsonLine<'a> {
     host: &'a str,
 }
 
+/// One alert as the JSON object of its line (no newline), for sinks that frame alerts
+/// themselves.
+pub fn json_object(alert: &Alert, host: &str) -> Vec<u8> {
+    serde_json::to_vec(&JsonLine {
+        body: &alert.body,
+        time: rfc3339(alert.time),
+        host,
+    })
+    .expect("alerts serialize: their fields are strings, numbers and addresses")
+}
+
 /// The host name every JSON line carries.
 pub fn host_name() -> String {
     nix::unistd::gethostname()

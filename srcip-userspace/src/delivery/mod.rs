@@ -65,6 +65,16 @@ impl SpoolSettings {
     }
 }
 
+/// A runtime for a network client (NATS, HTTP) inside its sink's thread: the sink's sends
+/// block that thread only. `None`, said in the log, when it cannot be made.
+fn client_runtime(sink: &str) -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .inspect_err(|error| tracing::error!("cannot start the sink {sink}: {error}"))
+        .ok()
+}
+
 /// How long `stop` waits for each sink to write what it was given.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 

@@ -17,10 +17,10 @@ use std::{
 use async_nats::jetstream::{self, message::PublishMessage};
 
 use super::{
-    SinkCounters,
+    SinkCounters, client_runtime,
     spool::{Spool, forward},
 };
-use crate::alerts::{Alert, AlertWriter, Format, host_name};
+use crate::alerts::{Alert, host_name, json_object};
 
 /// How long connecting, creating the stream, or one batch of publishes may take.
 const NATS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -135,15 +135,8 @@ pub(super) fn write_nats(
     counters: &SinkCounters,
     spool: Spool,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!("cannot start the NATS sink {}: {error}", target.url());
-            return;
-        }
+    let Some(runtime) = client_runtime(&target.url()) else {
+        return;
     };
     let host = host_name();
     // One subject token: NATS separates tokens with dots and gives `*` and `>` meanings.
@@ -157,7 +150,6 @@ pub(super) fn write_nats(
             }
         })
         .collect();
-    let mut lines = AlertWriter::new(Format::Json, host, Vec::new());
     let mut connection: Option<Connection> = None;
     let send = |messages: &[Vec<u8>]| -> io::Result<()> {
         runtime.block_on(async {
@@ -183,9 +175,7 @@ pub(super) fn write_nats(
         })
     };
     let render = |alert: &Alert| -> Vec<u8> {
-        let _ = lines.write_batch([alert]);
-        let mut json = std::mem::take(lines.get_mut());
-        json.pop(); // the newline
+        let mut json = json_object(alert, &host);
         let kind = alert.body.type_name();
         // Spooled as `TYPE JSON`: the subject needs the type when the message is sent.
         let mut message = Vec::with_capacity(kind.len() + 1 + json.len());

@@ -16,10 +16,10 @@ use std::{
 use anyhow::Context as _;
 
 use super::{
-    SinkCounters,
+    SinkCounters, client_runtime,
     spool::{Spool, forward},
 };
-use crate::alerts::{Alert, AlertWriter, Format, host_name};
+use crate::alerts::{Alert, host_name, json_object};
 
 /// How long one POST, connecting included, may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,23 +74,11 @@ pub(super) fn write_webhook(
     counters: &SinkCounters,
     spool: Spool,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!("cannot start the webhook sink {}: {error}", target.url);
-            return;
-        }
+    let Some(runtime) = client_runtime(&target.url) else {
+        return;
     };
-    let mut lines = AlertWriter::new(Format::Json, host_name(), Vec::new());
-    let render = |alert: &Alert| -> Vec<u8> {
-        let _ = lines.write_batch([alert]);
-        let mut json = std::mem::take(lines.get_mut());
-        json.pop(); // the newline
-        json
-    };
+    let host = host_name();
+    let render = |alert: &Alert| json_object(alert, &host);
     let send = |messages: &[Vec<u8>]| -> io::Result<()> {
         let mut body = Vec::with_capacity(messages.iter().map(Vec::len).sum::<usize>() + 2);
         body.push(b'[');
