@@ -31,12 +31,21 @@ fn replace(policy: &PolicyFile, text: &str) {
     std::fs::rename(&next, &policy.path).unwrap();
 }
 
-fn verdict_of(daemon: &mut Daemon, port: u16) -> (String, Option<String>) {
+/// Connects from `bind` (the kernel's choice when `None`) and returns the connect line's
+/// verdict and rule, with the source the kernel chose.
+fn verdict_of_connection(
+    daemon: &mut Daemon,
+    topology: &Topology,
+    cgroup: &TestCgroup,
+    bind: Option<&str>,
+) -> (String, Option<String>, String) {
+    let client = connect(&topology.host, &cgroup.path, bind, PARTNER_V4, 443);
     let line = daemon.wait_for("the connect line", |line| {
-        line.connect().is_some_and(|c| c.src_port == port)
+        line.connect()
+            .is_some_and(|c| c.src_port == client.src_port)
     });
     let connect = line.connect().unwrap();
-    (connect.verdict.clone(), connect.rule.clone())
+    (connect.verdict.clone(), connect.rule.clone(), client.src)
 }
 
 #[test]
@@ -62,42 +71,33 @@ fn a_bad_reload_keeps_the_policy_and_a_good_one_decides_the_next_connection() {
         "located errors expected: {errors:#?}"
     );
     // The old policy is still in force, in the kernel and in srcip.
-    let other = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
     assert_eq!(
-        verdict_of(&mut daemon, other.src_port),
-        ("violation".into(), Some("partner".into()))
+        verdict_of_connection(&mut daemon, &topology, &cgroup, Some(OTHER_V4)),
+        ("violation".into(), Some("partner".into()), OTHER_V4.into())
     );
 
     replace(&policy, NEW_POLICY);
     let line = daemon.wait_for("reloaded", |line| matches!(line, Line::Reloaded { .. }));
     assert!(matches!(line, Line::Reloaded { rules: 1, .. }), "{line:?}");
-    let other = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
     assert_eq!(
-        verdict_of(&mut daemon, other.src_port),
-        ("compliant".into(), Some("partner-moved".into()))
+        verdict_of_connection(&mut daemon, &topology, &cgroup, Some(OTHER_V4)),
+        (
+            "compliant".into(),
+            Some("partner-moved".into()),
+            OTHER_V4.into()
+        )
     );
-    let primary = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
-    assert_eq!(primary.src, ALLOWED_V4);
+    // The kernel's own choice, .10, is now the wrong one.
     assert_eq!(
-        verdict_of(&mut daemon, primary.src_port),
-        ("violation".into(), Some("partner-moved".into()))
+        verdict_of_connection(&mut daemon, &topology, &cgroup, None),
+        (
+            "violation".into(),
+            Some("partner-moved".into()),
+            ALLOWED_V4.into()
+        )
     );
-    daemon.wait_for("the violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == primary.src_port)
-    });
+    let line = daemon.wait_for("the violation", |line| line.violation().is_some());
+    assert_eq!(line.violation().unwrap().src, ALLOWED_V4);
 
     // SIGHUP reads the file again, changed or not.
     daemon.signal(Signal::SIGHUP);

@@ -185,9 +185,11 @@ impl Spool {
             bytes: 0,
             max_bytes,
         };
-        let read = spool.db.begin_write()?;
+        // A write transaction, though it only counts: it creates the table in a new spool,
+        // so that readers later find it.
+        let write = spool.db.begin_write()?;
         {
-            let table = read.open_table(ALERTS)?;
+            let table = write.open_table(ALERTS)?;
             for entry in table.iter()? {
                 let (key, value) = entry?;
                 spool.next = key.value() + 1;
@@ -195,7 +197,7 @@ impl Spool {
                 spool.bytes += value.value().len() as u64;
             }
         }
-        read.commit()?;
+        write.commit()?;
         Ok(spool)
     }
 
