@@ -49,10 +49,6 @@ pub mod names {
     /// The `cgroup/connect4` and `connect6` programs that adopt sockets created before srcip.
     pub const CONNECT4_PROGRAM: &str = "srcip_connect4";
     pub const CONNECT6_PROGRAM: &str = "srcip_connect6";
-    /// The `cgroup/sendmsg4` and `sendmsg6` programs that adopt unconnected UDP sockets
-    /// created before srcip started.
-    pub const SENDMSG4_PROGRAM: &str = "srcip_sendmsg4";
-    pub const SENDMSG6_PROGRAM: &str = "srcip_sendmsg6";
     /// The `cgroup_skb/egress` program that records the source TCP SYNs and UDP datagrams
     /// leave with.
     pub const EGRESS_PROGRAM: &str = "srcip_egress";

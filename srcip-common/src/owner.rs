@@ -1,15 +1,21 @@
-//! Who owns a socket, as the kernel side keeps it in socket-local storage.
+//! Who owns a socket, as the kernel side keeps it: in a preallocated LRU hash keyed by socket
+//! cookie for TCP, in socket-local storage for UDP (`srcip-ebpf/src/owner.rs` says why).
 //!
 //! The hook that sees a connection's final source (the packet at `cgroup_skb/egress`) may run
 //! outside the owner's context (an io_uring worker, a kernel thread), and on Linux before 6.10
 //! it cannot ask who is current anyway. So the owner is taken where it is certain: when the
 //! socket is created (`cgroup/sock_create`, in the creating task), or, for a socket created
 //! before srcip started, when it connects (`cgroup/connect4/6`, in the connecting task). Both
-//! hooks have every attribution helper on every supported kernel. The storage is freed with
-//! the socket.
+//! hooks have every attribution helper on every supported kernel. Socket storage is freed
+//! with the socket; the TCP table forgets the least recently used entry first.
+
+/// Entries of the TCP owner table: TCP sockets that may be created, and not yet have sent
+/// their SYN, at the same time. 32,768 entries of 56 bytes and the kernel's per-element
+/// overhead take about 4 MiB of kernel memory, allocated when srcip starts.
+pub const TCP_OWNER_ENTRIES: u32 = 32 * 1024;
 
 /// The socket's owner. Present for sockets whose owner is audited (`--cgroup`), and for
-/// srcip's own sockets, which are never audited: the daemon reads their `netns_cookie` to
+/// srcip's own UDP sockets, which are never audited: the daemon reads their `netns_cookie` to
 /// learn a namespace's cookie (`srcip-userspace/src/netns.rs`). An absent entry means "not
 /// ours to report".
 #[repr(C)]

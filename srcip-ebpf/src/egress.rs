@@ -21,14 +21,17 @@
 
 use aya_ebpf::{
     bindings::{BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock},
-    helpers::generated::bpf_sk_fullsock,
+    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use srcip_common::record::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+use srcip_common::{
+    owner::SocketOwner,
+    record::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+};
 
 use crate::{
-    owner::audited_owner_of,
+    owner::{audited_udp_owner, take_tcp_owner},
     policy::{self, Connection},
     report::report,
     udp,
@@ -57,41 +60,54 @@ fn observe(ctx: &SkBuffContext) {
     }
     // SAFETY: a non-null full socket is readable for this program run.
     let socket = unsafe { &*sk };
-    let protocol = socket.protocol as u8;
-    let wanted = match protocol {
+    match socket.protocol as u8 {
         // Only the SYN: a connection's one packet sent in SYN_SENT (or its retransmission).
-        IPPROTO_TCP => socket.state == BPF_TCP_SYN_SENT,
-        IPPROTO_UDP => true,
-        _ => false,
-    };
-    if !wanted {
-        return;
+        IPPROTO_TCP if socket.state == BPF_TCP_SYN_SENT => {
+            // SAFETY: the context is the helper's argument; it names the packet's socket.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+            // Taken, not read: the owner is needed for this one packet, and a retransmitted
+            // SYN finds nothing, so it is not reported twice.
+            let Some(owner) = take_tcp_owner(cookie) else {
+                return;
+            };
+            let Some(packet) = Packet::read(ctx, IPPROTO_TCP) else {
+                return;
+            };
+            decide(socket, &owner, &packet);
+        }
+        IPPROTO_UDP => {
+            let Some(owner) = audited_udp_owner(sk) else {
+                return;
+            };
+            let Some(packet) = Packet::read(ctx, IPPROTO_UDP) else {
+                return;
+            };
+            // The common case, a socket sending to the same place again: one comparison. A
+            // reload changes the generation, so flows are decided again.
+            let generation = policy::state().generation;
+            let fingerprint = packet.fingerprint(generation);
+            if owner.last_flow == fingerprint {
+                return;
+            }
+            // A flow this socket sent before, though not last (a resolver): one lookup.
+            let seen = udp::seen_before(ctx, &packet, generation);
+            // The flow is decided below, in this same run, so a matching fingerprint later
+            // means "already reported".
+            owner.last_flow = fingerprint;
+            if !seen {
+                decide(socket, owner, &packet);
+            }
+        }
+        _ => {}
     }
-    let Some(owner) = audited_owner_of(sk) else {
-        return;
-    };
-    let Some(packet) = Packet::read(ctx, protocol) else {
-        return;
-    };
-    // The common case, a socket sending to the same place again (a UDP flow, a retransmitted
-    // SYN): one comparison. A reload changes the generation, so flows are decided again.
-    let generation = policy::state().generation;
-    let fingerprint = packet.fingerprint(generation);
-    if owner.last_flow == fingerprint {
-        return;
-    }
-    // A flow this UDP socket sent before, though not last (a resolver): one lookup.
-    let seen = protocol == IPPROTO_UDP && udp::seen_before(ctx, &packet, generation);
-    // The flow is decided below, in this same run, so a matching fingerprint later means
-    // "already reported".
-    owner.last_flow = fingerprint;
-    if seen {
-        return;
-    }
+}
+
+#[inline(always)]
+fn decide(socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) {
     let socket_src = socket_source(socket, packet.family).unwrap_or(packet.src);
     let connection = Connection {
         family: packet.family,
-        protocol,
+        protocol: socket.protocol as u8,
         src: &packet.src,
         dst: &packet.dst,
         dst_port: packet.dst_port,

@@ -1,6 +1,17 @@
-//! Recording each audited socket's owner in socket-local storage (see
-//! `srcip_common::owner`), so that the egress hook attributes a connection to the socket's
-//! owner and scopes it by the socket's cgroup, whoever is on the CPU when the packet leaves.
+//! Recording each audited socket's owner (see `srcip_common::owner`), so that the egress
+//! hook attributes a connection to the socket's owner and scopes it by the socket's cgroup,
+//! whoever is on the CPU when the packet leaves.
+//!
+//! Two stores, by how long the owner is needed:
+//! - A TCP socket needs it from creation to its SYN, which `connect()` sends at once: a
+//!   preallocated LRU hash keyed by the socket cookie. Inserting there takes an element from
+//!   a free list; socket-local storage would allocate (and charge to a memory cgroup) at
+//!   every `socket()` and free it through RCU at every close, which cost compliant TCP
+//!   traffic about a tenth of a refused-connect storm's rate (docs/BENCHMARKS.md). An entry
+//!   evicted before its socket connects (a socket created and left unconnected while
+//!   `TCP_OWNER_ENTRIES` others were made) is taken again at `connect4/6` from the
+//!   connecting task, the owner in all but the io_uring case.
+//! - A UDP socket sends for as long as it lives: socket-local storage, freed with it.
 
 use core::{ffi::c_void, ptr};
 
@@ -9,20 +20,31 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_sk_storage_get},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_sk_storage_get,
+        },
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, map},
+    maps::LruHashMap,
     programs::{SockAddrContext, SockContext},
 };
 use srcip_common::{
-    owner::SocketOwner,
+    owner::{SocketOwner, TCP_OWNER_ENTRIES},
     record::{AF_INET, AF_INET6, Counter, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{maps::count, scope::current_task_is_audited};
 
+/// UDP sockets' owners (and srcip's own UDP sockets', see `srcip_common::owner`).
 #[btf_map]
 static SOCKET_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
+
+/// Audited TCP sockets' owners, by socket cookie. Cookies are never reused, so an entry
+/// left behind by a closed socket is only a slot the LRU will take back.
+#[map]
+static TCP_OWNERS: LruHashMap<u64, SocketOwner> =
+    LruHashMap::with_max_entries(TCP_OWNER_ENTRIES, 0);
 
 /// srcip's own process id, set by the loader.
 #[unsafe(no_mangle)]
@@ -41,22 +63,33 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer the kernel passed to this program.
     let sock = unsafe { &*ctx.sock };
     let inet = sock.family == u32::from(AF_INET) || sock.family == u32::from(AF_INET6);
-    let transport =
-        sock.protocol == u32::from(IPPROTO_TCP) || sock.protocol == u32::from(IPPROTO_UDP);
-    if !(inet && transport) {
+    if !inet {
         return ALLOW;
     }
     let daemon = current_task_is_daemon();
     let audited = (!daemon || audits_daemon()) && current_task_is_audited();
-    if audited || daemon {
-        // In this hook the storage helper takes the context itself as the socket.
-        store_current_task_as_owner(ctx.sock.cast(), ctx.sock.cast(), audited);
+    // In this hook the helpers take the context itself as the socket.
+    let context = ctx.sock.cast();
+    match sock.protocol as u8 {
+        IPPROTO_TCP if audited => {
+            // SAFETY: the program's context, as the helper expects in this hook.
+            let cookie = unsafe { bpf_get_socket_cookie(context) };
+            store_tcp_owner(cookie, &current_task_as_owner(context, true));
+        }
+        // srcip's own UDP sockets are recorded too: the daemon learns namespace cookies
+        // from them.
+        IPPROTO_UDP if audited || daemon => {
+            store_udp_owner(ctx.sock, &current_task_as_owner(context, audited));
+        }
+        _ => {}
     }
     ALLOW
 }
 
-/// A socket created before srcip started has no owner yet: the task connecting it (or, for
-/// unconnected UDP, sending on it), which is current here, is the best owner there is.
+/// A socket created before srcip started has no owner yet: the task connecting it, which is
+/// current here, is the best owner there is. (Unconnected UDP sockets made earlier are
+/// adopted by user space at start, `srcip-userspace/src/adopt.rs`: a `sendmsg4/6` program
+/// would make the kernel lock every such socket for every datagram.)
 #[cgroup_sock_addr(connect4)]
 pub fn srcip_connect4(ctx: SockAddrContext) -> i32 {
     adopt_unowned(&ctx);
@@ -69,28 +102,31 @@ pub fn srcip_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// An unconnected UDP socket created before srcip started is adopted by its first sender.
-#[cgroup_sock_addr(sendmsg4)]
-pub fn srcip_sendmsg4(ctx: SockAddrContext) -> i32 {
-    adopt_unowned(&ctx);
-    ALLOW
-}
-
-#[cgroup_sock_addr(sendmsg6)]
-pub fn srcip_sendmsg6(ctx: SockAddrContext) -> i32 {
-    adopt_unowned(&ctx);
-    ALLOW
-}
-
 fn adopt_unowned(ctx: &SockAddrContext) {
+    let context = ctx.sock_addr.cast();
     // SAFETY: the context pointer the kernel passed to this program; `sk` is never null in
-    // connect hooks.
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    if owner_of(sk).is_none()
-        && (!current_task_is_daemon() || audits_daemon())
-        && current_task_is_audited()
-    {
-        store_current_task_as_owner(ctx.sock_addr.cast(), sk, true);
+    // these hooks.
+    let (sk, protocol) = unsafe {
+        (
+            (*ctx.sock_addr).__bindgen_anon_1.sk,
+            (*ctx.sock_addr).protocol,
+        )
+    };
+    let may_adopt = || (!current_task_is_daemon() || audits_daemon()) && current_task_is_audited();
+    match protocol as u8 {
+        IPPROTO_TCP => {
+            // SAFETY: the program's context, as the helper expects in this hook.
+            let cookie = unsafe { bpf_get_socket_cookie(context) };
+            if !tcp_owner_exists(cookie) && may_adopt() {
+                store_tcp_owner(cookie, &current_task_as_owner(context, true));
+            }
+        }
+        IPPROTO_UDP => {
+            if udp_owner(sk).is_none() && may_adopt() {
+                store_udp_owner(sk, &current_task_as_owner(context, true));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -107,12 +143,27 @@ fn current_task_is_daemon() -> bool {
     tgid == unsafe { core::ptr::read_volatile(&DAEMON_TGID) }
 }
 
-/// The owner of `sk` when its connections are audited.
-pub fn audited_owner_of(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
-    owner_of(sk).filter(|owner| owner.audited != 0)
+fn tcp_owner_exists(cookie: u64) -> bool {
+    TCP_OWNERS.get_ptr(&cookie).is_some()
 }
 
-fn owner_of(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
+/// The owner of the TCP socket with `cookie`, removed from the table: only audited sockets
+/// have one, and only until their SYN.
+pub fn take_tcp_owner(cookie: u64) -> Option<SocketOwner> {
+    // SAFETY: a value of a preallocated map stays readable for the program run; it is copied
+    // before the entry is removed, after which the slot may be given to another socket.
+    let owner = unsafe { *TCP_OWNERS.get_ptr(&cookie)? };
+    // A failed removal (another CPU took it first) leaves nothing to undo.
+    let _ = TCP_OWNERS.remove(&cookie);
+    Some(owner)
+}
+
+/// The owner of the UDP socket `sk` when its datagrams are audited.
+pub fn audited_udp_owner(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
+    udp_owner(sk).filter(|owner| owner.audited != 0)
+}
+
+fn udp_owner(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
     // SAFETY: `sk` is a socket pointer the kernel gave this hook; without the create flag the
     // helper only looks up. The map pointer is the map's own definition, as the helper expects.
     let owner = unsafe {
@@ -125,9 +176,9 @@ fn owner_of(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
     unsafe { owner.as_mut() }
 }
 
-/// `ctx` is the program's context, which the namespace helper takes; `sk` the socket.
-fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock, audited: bool) {
-    let owner = SocketOwner {
+/// `ctx` is the program's context, which the namespace helper takes.
+fn current_task_as_owner(ctx: *mut c_void, audited: bool) -> SocketOwner {
+    SocketOwner {
         // SAFETY: helpers without arguments, or with the program's own context.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx) },
@@ -138,13 +189,26 @@ fn store_current_task_as_owner(ctx: *mut c_void, sk: *mut bpf_sock, audited: boo
         audited: u32::from(audited),
         reserved: 0,
         last_flow: 0,
-    };
-    // SAFETY: as in `owner_of`; the helper copies `owner` into the new storage.
+    }
+}
+
+fn store_tcp_owner(cookie: u64, owner: &SocketOwner) {
+    // Out of memory cannot happen in a preallocated map; a failure here is a kernel's
+    // surprise, counted like the storage's.
+    if TCP_OWNERS.insert(&cookie, owner, 0).is_err() {
+        count(Counter::HookErrors);
+    }
+}
+
+/// `sk` is the socket, or in `sock_create` the program's context, which the helper takes
+/// as the socket there.
+fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) {
+    // SAFETY: as in `udp_owner`; the helper copies `owner` into the new storage.
     let stored = unsafe {
         bpf_sk_storage_get(
             owners_map(),
             sk.cast(),
-            ptr::from_ref(&owner).cast_mut().cast(),
+            ptr::from_ref(owner).cast_mut().cast(),
             BPF_SK_STORAGE_GET_F_CREATE.into(),
         )
     };

@@ -15,6 +15,7 @@ use srcip_common::record::Counter;
 use tracing::{info, warn};
 
 use crate::{
+    adopt::{self, adopt_udp_sockets},
     alerts::{Alert, AlertBody, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     events::{BootClock, ConnectEvent, EventRing, KernelEvent},
@@ -61,6 +62,15 @@ impl AuditSession {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let (programs, maps) = KernelPrograms::load_and_attach(settings, &matcher.kernel_tables())?;
+        let mut netns = NetnsInodes::new(maps.socket_owners);
+        // After the attach, so that no socket falls between the scan and `sock_create`.
+        adopt_udp_sockets(
+            &mut netns,
+            &adopt::Scope {
+                cgroup2_mount: settings.cgroup2_mount,
+                audited: settings.audited,
+            },
+        );
         // Parsing and compiling a large policy leaves much freed heap behind (the kernel
         // tables live in kernel maps now); give it back rather than keep it resident for
         // the daemon's life. SAFETY: glibc's malloc_trim only releases free memory.
@@ -76,7 +86,7 @@ impl AuditSession {
             policy: maps.policy,
             report_all: settings.report_all,
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
-            netns: NetnsInodes::new(maps.socket_owners),
+            netns,
             folding: Folding::new(maps.folds, settings.fold_window),
             metrics,
             lost_reported: 0,

@@ -2,6 +2,7 @@
 //! (`benches/`) reach the policy matcher through this library. Modules are public only where
 //! one of those two needs them.
 
+mod adopt;
 pub mod alerts;
 mod audit;
 pub mod cgroup;

@@ -60,16 +60,6 @@ const PROGRAMS: &[ProgramSpec] = &[
         provides: "the owner of IPv6 sockets created before srcip started (cgroup/connect6)",
     },
     ProgramSpec {
-        name: names::SENDMSG4_PROGRAM,
-        hook: Hook::CgroupSockAddr,
-        provides: "the owner of unconnected IPv4 UDP sockets created before srcip started (cgroup/sendmsg4)",
-    },
-    ProgramSpec {
-        name: names::SENDMSG6_PROGRAM,
-        hook: Hook::CgroupSockAddr,
-        provides: "the owner of unconnected IPv6 UDP sockets created before srcip started (cgroup/sendmsg6)",
-    },
-    ProgramSpec {
         name: names::EGRESS_PROGRAM,
         hook: Hook::Egress,
         provides: "the source address of TCP connections and UDP datagrams (cgroup_skb/egress)",

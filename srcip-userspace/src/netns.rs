@@ -57,6 +57,23 @@ impl NetnsInodes {
         found
     }
 
+    /// The cookie of the namespace at `path` (such as `/proc/PID/ns/net`).
+    pub fn cookie_at(&mut self, path: &Path) -> Option<u64> {
+        let inode = fs::metadata(path).ok()?.ino();
+        if let Some(cookie) = self.cookie_by_inode.get(&inode) {
+            return Some(*cookie);
+        }
+        let cookie = cookie_of(&self.owners, path).ok()?;
+        self.cookie_by_inode.insert(inode, cookie);
+        self.inode_by_cookie.insert(cookie, Some(inode));
+        Some(cookie)
+    }
+
+    /// The socket-owner storage itself, which adoption (`adopt.rs`) writes.
+    pub fn owners_mut(&mut self) -> &mut SkStorage<MapData, SocketOwner> {
+        &mut self.owners
+    }
+
     /// The inode of the namespace at `path` when its cookie is `wanted`.
     fn probe(&mut self, path: &Path, wanted: u64) -> Option<u64> {
         let inode = fs::metadata(path).ok()?.ino();

@@ -39,6 +39,7 @@ pub enum SystemError {
 /// Capability numbers from `linux/capability.h`.
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -67,6 +68,12 @@ pub fn degraded_by_privileges() -> Result<Vec<String>, SystemError> {
     if !has(CAP_DAC_READ_SEARCH) {
         degraded.push(
             "cgroup: opening a cgroup by its id needs CAP_DAC_READ_SEARCH; cgroup is null"
+                .to_owned(),
+        );
+    }
+    if !has(CAP_SYS_PTRACE) {
+        degraded.push(
+            "udp: adopting other processes' UDP sockets made before srcip started needs CAP_SYS_PTRACE (pidfd_getfd); their datagrams are not audited"
                 .to_owned(),
         );
     }

@@ -12,7 +12,7 @@ pub mod webhook;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -410,6 +410,62 @@ pub fn udp_client_bin() -> PathBuf {
 pub struct UdpReport {
     pub pid: u32,
     pub src_port: u16,
+}
+
+/// A `udp-client --wait` that has made its socket and waits to send; killed when dropped.
+pub struct WaitingUdpClient {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl WaitingUdpClient {
+    /// Starts `udp-client --wait` like [`udp_client`] and returns once its socket exists.
+    pub fn start(
+        netns: &Netns,
+        cgroup: &Path,
+        options: &[&str],
+        destinations: &str,
+        port: u16,
+    ) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new(udp_client_bin())
+            .args(["--cgroup", cgroup.to_str().unwrap(), "--netns", &netns.name])
+            .arg("--wait")
+            .args(options)
+            .args([destinations, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn udp-client");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).expect("udp-client stdout");
+        assert_eq!(ready.trim(), "ready", "udp-client did not get ready");
+        Self { child, stdout }
+    }
+
+    /// Lets it send, and returns its report.
+    pub fn send(mut self) -> UdpReport {
+        use std::io::{BufRead as _, Write as _};
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").expect("udp-client stdin");
+        let mut report = String::new();
+        self.stdout
+            .read_line(&mut report)
+            .expect("udp-client stdout");
+        let status = self.child.wait().expect("udp-client exit");
+        assert!(status.success(), "udp-client failed: {status}");
+        serde_json::from_str(&report).expect("udp-client prints one JSON line")
+    }
+}
+
+impl Drop for WaitingUdpClient {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Runs `udp-client` with `options` (see its usage) from `cgroup` inside `netns`.

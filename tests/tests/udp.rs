@@ -2,7 +2,7 @@
 
 use srcip_tests::{
     ALLOWED_V4, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile,
-    Signal, TestCgroup, Topology, udp_client,
+    Signal, TestCgroup, Topology, WaitingUdpClient, udp_client,
 };
 
 /// The partner's resolver takes DNS only from .10 and ::10.
@@ -166,6 +166,63 @@ fn sendmmsg_to_several_destinations_reports_each_destination() {
         let line = daemon.wait_for("a violation per destination", violation_to(destination));
         assert_udp_violation(line.violation().unwrap(), OTHER_V4, destination, client.pid);
     }
+}
+
+/// srcip attaches no hook that sees an unconnected datagram's sender (see
+/// srcip-userspace/src/adopt.rs): sockets made before it started are adopted at start.
+#[test]
+fn udp_sockets_made_before_srcip_started_are_audited_and_attributed_to_their_process() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let outside = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(DNS_POLICY);
+    let unconnected = WaitingUdpClient::start(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V4],
+        PARTNER_V4,
+        53,
+    );
+    let connected = WaitingUdpClient::start(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V6, "--connect"],
+        PARTNER_V6,
+        53,
+    );
+    let unaudited = WaitingUdpClient::start(
+        &topology.host,
+        &outside.path,
+        &["--bind", OTHER_V4],
+        PARTNER_V4,
+        53,
+    );
+    let mut daemon = audit(&policy, &cgroup, &[]);
+
+    let unaudited = unaudited.send();
+    let unconnected = unconnected.send();
+    let line = daemon.wait_for(
+        "the unconnected socket's violation",
+        violation_to(PARTNER_V4),
+    );
+    let violation = line.violation().unwrap();
+    assert_udp_violation(violation, OTHER_V4, PARTNER_V4, unconnected.pid);
+    assert_eq!(violation.src_port, unconnected.src_port);
+    let audited = TestCgroup::relative(&cgroup.path);
+    assert_eq!(violation.cgroup.as_deref(), Some(audited.as_str()));
+
+    let connected = connected.send();
+    let line = daemon.wait_for("the connected socket's violation", violation_to(PARTNER_V6));
+    let violation = line.violation().unwrap();
+    assert_udp_violation(violation, OTHER_V6, PARTNER_V6, connected.pid);
+
+    let (_, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(
+        !lines.iter().any(|line| line
+            .violation()
+            .is_some_and(|v| v.src_port == unaudited.src_port)),
+        "a process outside the audited cgroup was adopted: {lines:#?}"
+    );
 }
 
 #[test]

@@ -25,6 +25,25 @@ use crate::{cargo, exec, output_of, step, workspace_root};
 pub struct Settings {
     pub rounds: usize,
     pub seconds: f64,
+    /// Empty: every part.
+    pub only: Vec<Part>,
+}
+
+/// The parts of a bench run, each a section of its JSON.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Tcp,
+    Udp,
+    Latency,
+    Saturation,
+    Policies,
+    Matcher,
+}
+
+impl Settings {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 /// The bench's own namespace and cgroup; removed on drop.
@@ -116,12 +135,23 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let bpftrace = ensure_bpftrace()?;
     let sandbox = Sandbox::new()?;
 
-    let throughput = throughput(&bins, &bpftrace, &sandbox, settings)?;
-    let datagrams = datagram_throughput(&bins, &sandbox, settings)?;
-    let latency = latency(&bins, &sandbox)?;
-    let saturation = saturation(&bins, &sandbox)?;
-    let policies = policy_sizes(&bins, &sandbox)?;
-    let matcher = matcher()?;
+    let part = |part: Part, measure: &dyn Fn() -> anyhow::Result<Value>| {
+        if settings.runs(part) {
+            measure()
+        } else {
+            Ok(Value::Null)
+        }
+    };
+    let throughput = part(Part::Tcp, &|| {
+        throughput(&bins, &bpftrace, &sandbox, settings)
+    })?;
+    let datagrams = part(Part::Udp, &|| {
+        datagram_throughput(&bins, &sandbox, settings)
+    })?;
+    let latency = part(Part::Latency, &|| latency(&bins, &sandbox))?;
+    let saturation = part(Part::Saturation, &|| saturation(&bins, &sandbox))?;
+    let policies = part(Part::Policies, &|| policy_sizes(&bins, &sandbox))?;
+    let matcher = part(Part::Matcher, &matcher)?;
 
     let results = json!({
         "machine": machine(),

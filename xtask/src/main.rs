@@ -51,6 +51,11 @@ enum Task {
         /// Seconds per throughput round.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Run only these parts (comma-separated): tcp, udp, latency, saturation, policies,
+        /// matcher. All of them by default; a partial run is for iterating, not for
+        /// BENCHMARKS.md.
+        #[arg(long, value_delimiter = ',', value_enum)]
+        only: Vec<bench::Part>,
     },
 }
 
@@ -83,9 +88,17 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::run()?;
             install_check::run(&package::run()?)
         }
-        Task::Bench { rounds, seconds } => {
+        Task::Bench {
+            rounds,
+            seconds,
+            only,
+        } => {
             setup::run()?;
-            bench::run(&bench::Settings { rounds, seconds })
+            bench::run(&bench::Settings {
+                rounds,
+                seconds,
+                only,
+            })
         }
     }
 }

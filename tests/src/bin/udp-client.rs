@@ -11,6 +11,8 @@
 //! - `--sendmmsg`: one `sendmmsg()` call with a datagram to each destination.
 //!
 //! `--count N` sends N datagrams to each destination (with `--sendmmsg`, N calls).
+//! `--wait` makes the socket (bound and connected as asked), prints `ready`, and sends only
+//! after a line on stdin: a socket made before srcip started.
 //! `--spread N` makes the destinations the N consecutive IPv4 addresses from DST_ADDR.
 
 use std::{
@@ -35,6 +37,7 @@ fn main() {
     let mut mode = Mode::SendTo;
     let mut count = 1;
     let mut spread = None;
+    let mut wait = false;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -49,6 +52,7 @@ fn main() {
             "--sendmmsg" => mode = Mode::SendMmsg,
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--spread" => spread = args.next().and_then(|n| n.parse::<u32>().ok()),
+            "--wait" => wait = true,
             _ => positional.push(arg),
         }
     }
@@ -78,6 +82,14 @@ fn main() {
             .bind(&SocketAddr::new(address, 0).into())
             .expect("bind");
     }
+    if let Mode::Connect = mode {
+        socket.connect(&destinations[0].into()).expect("connect");
+    }
+    if wait {
+        println!("ready");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).expect("stdin");
+    }
     let payload = b"srcip test datagram";
     for _ in 0..count {
         match mode {
@@ -89,7 +101,6 @@ fn main() {
                 }
             }
             Mode::Connect => {
-                socket.connect(&destinations[0].into()).expect("connect");
                 // Nobody listens: a port-unreachable from an earlier datagram may surface here.
                 match socket.send(payload) {
                     Err(error) if error.kind() != std::io::ErrorKind::ConnectionRefused => {
