@@ -24,6 +24,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::check::DestinationCheck;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Json,
@@ -52,6 +54,10 @@ pub enum AlertBody {
         #[serde(skip_serializing_if = "Option::is_none")]
         sink: Option<String>,
     },
+    /// The kernel would now choose a disallowed source for a destination of the policy.
+    RouteDrift(DestinationCheck),
+    /// A destination that drifted is allowed again.
+    RouteRecovered(DestinationCheck),
     /// The policy file was read again (SIGHUP, or the file changed) and is now in force.
     Reloaded {
         policy: String,
@@ -77,6 +83,8 @@ impl AlertBody {
             Self::Violation(_) => "violation",
             Self::Connect(_) => "connect",
             Self::Lost { .. } => "lost",
+            Self::RouteDrift(_) => "route_drift",
+            Self::RouteRecovered(_) => "route_recovered",
             Self::Reloaded { .. } => "reloaded",
             Self::PolicyError { .. } => "policy_error",
             Self::Stopped { .. } => "stopped",
@@ -273,6 +281,28 @@ pub fn text_message(body: &AlertBody) -> String {
             count,
             sink: Some(sink),
         } => format!("LOST {count} alerts that sink {sink} could not take"),
+        AlertBody::RouteDrift(check) => format!(
+            "ROUTE DRIFT rule {}: the kernel would now choose {} for {} ({}), allowed: {}; {}; fix: {}",
+            check.rule,
+            check
+                .predicted_src
+                .map_or_else(|| "no source".to_owned(), |src| src.to_string()),
+            check.destination,
+            check.dst,
+            check.allowed_sources.join(", "),
+            check.reason,
+            check.fix.first().map_or("-", String::as_str)
+        ),
+        AlertBody::RouteRecovered(check) => format!(
+            "route recovered rule {}: the kernel would choose {} for {} ({}) again; {}",
+            check.rule,
+            check
+                .predicted_src
+                .map_or_else(|| "no source".to_owned(), |src| src.to_string()),
+            check.destination,
+            check.dst,
+            check.reason
+        ),
         AlertBody::Reloaded { policy, rules } => {
             format!("reloaded: policy {policy} ({rules} rules) is in force")
         }

@@ -23,7 +23,7 @@ use crate::{
     loader::{AuditSettings, KernelPrograms},
     metrics::{Metrics, ProtocolLabels},
     netns::NetnsInodes,
-    policy::{ConnectionKey, Decision, Matcher, Rule},
+    policy::{self, ConnectionKey, Decision, Matcher, Rule},
     policy_maps::{KernelPolicy, WriteError},
     workload,
 };
@@ -254,7 +254,7 @@ impl AuditSession {
                 .map(|rule| {
                     rule.allowed_sources
                         .iter()
-                        .map(|net| display_net(*net))
+                        .map(|net| policy::display_net(*net))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -312,14 +312,5 @@ fn rule_and_verdict(decision: Decision<'_>) -> (Option<&Rule>, Verdict) {
         Decision::Violation(rule) => (Some(rule), Verdict::Violation),
         Decision::UnmatchedViolation => (None, Verdict::Violation),
         Decision::Unmatched => (None, Verdict::Unmatched),
-    }
-}
-
-/// A single address prints as the address, as the user wrote it; a prefix as CIDR.
-fn display_net(net: ipnet::IpNet) -> String {
-    if net.prefix_len() == net.max_prefix_len() {
-        net.addr().to_string()
-    } else {
-        net.to_string()
     }
 }

@@ -30,6 +30,9 @@ pub enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Ask the kernel which source it would choose now for every destination of the policy,
+    /// and say why and how to fix it; exit 3 when any is not allowed. Sends nothing.
+    Check(CheckArgs),
     /// Stream the alerts of a running `srcip run` as they happen (JSON lines).
     Watch {
         /// The unix socket `srcip run` listens on.
@@ -155,6 +158,26 @@ impl RunArgs {
             ring_buffer_bytes: self.ring_buffer_size,
             fold_window: self.fold_window,
             fold_entries: self.fold_table_size,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// Policy file (TOML).
+    #[arg(long, value_name = "FILE", default_value = "/etc/srcip/policy.toml")]
+    policy: PathBuf,
+    /// Output format; default: text on a terminal, json (one object per destination)
+    /// otherwise.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+}
+
+impl CheckArgs {
+    pub fn into_config(self) -> crate::check::CheckConfig {
+        crate::check::CheckConfig {
+            policy: self.policy,
+            format: self.format.unwrap_or_else(default_format),
         }
     }
 }

@@ -1,13 +1,14 @@
 //! srcip: audits the source address the kernel chooses for outbound connections.
 //!
 //! This file wires the subcommands and owns the exit codes: 0 success, 1 runtime failure,
-//! 2 bad usage or bad policy.
+//! 2 bad usage or bad policy, 3 `check` found a destination whose predicted source is not
+//! allowed.
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use srcip_userspace::{
-    cgroup,
+    cgroup, check,
     cli::{self, Cli, Command, PolicyCommand},
     delivery, demo, features, learn,
     policy::{self, PolicyLoadError},
@@ -26,6 +27,13 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
+        Command::Check(args) => {
+            match runtime().and_then(|rt| rt.block_on(check::check(args.into_config()))) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(3),
+                Err(error) => Err(error),
+            }
+        }
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run::run(args.into_config()))),
         Command::Policy(PolicyCommand::Validate { file }) => validate(&file),
         Command::Policy(PolicyCommand::Learn(args)) => {

@@ -9,6 +9,7 @@ use std::{
     ffi::OsString,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -19,6 +20,7 @@ use tracing::{info, warn};
 use crate::{
     alerts::{Alert, AlertBody},
     audit::AuditSession,
+    drift::DriftWatch,
     metrics::Metrics,
     policy::PolicyLoadError,
     run::load_policy,
@@ -120,13 +122,20 @@ impl PolicyWatch {
     }
 }
 
-/// Reads `path` again and puts it in force; the alert says which happened. A policy that
-/// does not load keeps the one in force, whole.
-pub fn reload(session: &mut AuditSession, path: &Path, metrics: &Metrics) -> Alert {
+/// Reads `path` again and puts it in force, for auditing and for the drift watch; the alert
+/// says which happened. A policy that does not load keeps the one in force, whole.
+pub fn reload(
+    session: &mut AuditSession,
+    path: &Path,
+    metrics: &Metrics,
+    drift: &DriftWatch,
+) -> Alert {
     let policy = path.display().to_string();
     let result = load_policy(path).and_then(|matcher| {
         let rules = matcher.policy().rules.len();
+        let for_drift = Arc::new(matcher.policy().clone());
         session.reload(matcher)?;
+        drift.policy_changed(for_drift);
         Ok(rules)
     });
     metrics.reloaded(result.is_ok());

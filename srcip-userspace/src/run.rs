@@ -11,6 +11,7 @@ use crate::{
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
     delivery::{Delivery, SinkSpec, SpoolSettings, WatchServer},
+    drift::DriftWatch,
     features,
     loader::AuditSettings,
     metrics::{self, Metrics},
@@ -161,6 +162,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         degraded: host.degraded,
     };
     delivery.deliver(vec![Alert::now(started)]);
+    let mut drift = DriftWatch::start(Arc::new(session.matcher().policy().clone()))
+        .context("watching routes for drift")?;
     let stdout_error = loop {
         let alerts = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None }
@@ -168,13 +171,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             error = delivery.stdout_failed() => break Some(error),
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", config.policy.display());
-                vec![reload(&mut session, &config.policy, &metrics)]
+                vec![reload(&mut session, &config.policy, &metrics, &drift)]
             }
             () = changed(&mut policy_watch) => {
                 info!("{} changed: reloading it", config.policy.display());
-                vec![reload(&mut session, &config.policy, &metrics)]
+                vec![reload(&mut session, &config.policy, &metrics, &drift)]
             }
             alerts = session.next_alerts() => alerts,
+            alerts = drift.next_alerts() => alerts,
         };
         delivery.deliver(alerts);
     };

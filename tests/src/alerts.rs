@@ -18,6 +18,8 @@ pub enum Line {
     },
     Violation(Connection),
     Connect(Connection),
+    RouteDrift(RouteCheck),
+    RouteRecovered(RouteCheck),
     Reloaded {
         time: String,
         host: String,
@@ -81,7 +83,45 @@ pub struct Connection {
     pub last_time: Option<String>,
 }
 
+/// A destination's predicted source: the fields of `route_drift` and `route_recovered`
+/// (and of a `srcip check --format json` row, without `time` and `host`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCheck {
+    pub time: String,
+    pub host: String,
+    pub rule: String,
+    pub destination: String,
+    pub dst: String,
+    pub protocol: Option<String>,
+    pub dst_port: Option<u16>,
+    pub predicted_src: Option<String>,
+    pub oif: Option<String>,
+    pub gateway: Option<String>,
+    pub table: Option<String>,
+    pub allowed_sources: Vec<String>,
+    pub compliant: bool,
+    pub reason: String,
+    pub fix: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
 impl Line {
+    /// The line's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Started { .. } => "started",
+            Self::Violation(_) => "violation",
+            Self::Connect(_) => "connect",
+            Self::RouteDrift(_) => "route_drift",
+            Self::RouteRecovered(_) => "route_recovered",
+            Self::Reloaded { .. } => "reloaded",
+            Self::PolicyError { .. } => "policy_error",
+            Self::Lost { .. } => "lost",
+            Self::Stopped { .. } => "stopped",
+        }
+    }
+
     pub fn parse(text: &str) -> Self {
         serde_json::from_str(text).unwrap_or_else(|error| {
             panic!("alert line does not match the contract ({error}): {text}")
@@ -98,6 +138,20 @@ impl Line {
     pub fn connect(&self) -> Option<&Connection> {
         match self {
             Self::Connect(connection) => Some(connection),
+            _ => None,
+        }
+    }
+
+    pub fn route_drift(&self) -> Option<&RouteCheck> {
+        match self {
+            Self::RouteDrift(check) => Some(check),
+            _ => None,
+        }
+    }
+
+    pub fn route_recovered(&self) -> Option<&RouteCheck> {
+        match self {
+            Self::RouteRecovered(check) => Some(check),
             _ => None,
         }
     }

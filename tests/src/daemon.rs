@@ -13,7 +13,7 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use crate::{Line, srcip_bin};
+use crate::{Line, Netns, srcip_bin};
 
 /// How long any expected line may take. Generous: CI machines are shared and noisy.
 const LINE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -34,9 +34,23 @@ impl Daemon {
     /// Starts `srcip run --policy POLICY --format json --socket (its own) ARGS…`, with a
     /// spool of its own unless ARGS give `--spool`, and waits for `started`.
     pub fn start(policy: &Path, args: &[&str]) -> Self {
+        Self::start_with(Command::new(srcip_bin()), policy, args)
+    }
+
+    /// As [`Daemon::start`], with the daemon in network namespace `netns`: its drift watch
+    /// then predicts that namespace's routes. (Auditing is the same from any namespace.)
+    pub fn start_in(netns: &Netns, policy: &Path, args: &[&str]) -> Self {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", netns.name))
+            .arg(srcip_bin());
+        Self::start_with(command, policy, args)
+    }
+
+    /// `command` runs srcip (nsenter execs it, so the child is srcip itself).
+    fn start_with(mut command: Command, policy: &Path, args: &[&str]) -> Self {
         let folder = tempfile::tempdir().expect("a folder for the watch socket and spool");
         let socket = folder.path().join("srcip.sock");
-        let mut command = Command::new(srcip_bin());
         command
             .arg("run")
             .arg("--policy")

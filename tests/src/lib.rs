@@ -390,6 +390,42 @@ impl PolicyFile {
     }
 }
 
+/// `srcip check --format json --policy POLICY` run inside `netns`: its exit code and its
+/// rows.
+pub fn check_in(netns: &Netns, policy: &Path) -> (i32, Vec<serde_json::Value>) {
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", netns.name))
+        .arg(srcip_bin())
+        .args(["check", "--format", "json", "--policy"])
+        .arg(policy)
+        .output()
+        .expect("run srcip check");
+    let rows = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("srcip check prints JSON lines"))
+        .collect();
+    let code = output.status.code().unwrap_or_else(|| {
+        panic!(
+            "srcip check was killed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (code, rows)
+}
+
+/// A shell command (such as a `fix` of `srcip check`) run as printed inside `netns`.
+pub fn shell_in(netns: &Netns, command: &str) {
+    run(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{}", netns.name),
+            "sh",
+            "-c",
+            command,
+        ],
+    );
+}
+
 /// The incident's policy: the partner accepts only 203.0.113.10 and 2001:db8::10.
 pub const PARTNER_POLICY: &str = r#"
 [[rule]]

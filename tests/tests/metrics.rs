@@ -8,13 +8,25 @@ use std::{
 };
 
 use srcip_tests::{
-    ALLOWED_V4, Daemon, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology, connect,
-    free_port, make_violation,
+    ALLOWED_V4, Daemon, Netns, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology,
+    connect, free_port, make_violation,
 };
 
-/// `GET /metrics`: the content type and the parsed samples.
-fn scrape(port: u16) -> (String, prometheus_parse::Scrape) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting to /metrics");
+/// `GET /metrics` on the loopback of `netns`, where the daemon runs: the content type and
+/// the parsed samples.
+fn scrape(netns: &Netns, port: u16) -> (String, prometheus_parse::Scrape) {
+    let namespace = std::fs::File::open(format!("/run/netns/{}", netns.name)).unwrap();
+    // setns moves only the calling thread: a thread of its own enters the namespace.
+    let mut stream = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("entering the daemon's namespace");
+                TcpStream::connect(("127.0.0.1", port)).expect("connecting to /metrics")
+            })
+            .join()
+            .unwrap()
+    });
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: srcip\r\n\r\n")
         .unwrap();
@@ -71,7 +83,10 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
     let policy = PolicyFile::new(PARTNER_POLICY);
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start(
+    // In the topology's namespace, where the partner's routes are compliant: no drift lines
+    // to count.
+    let mut daemon = Daemon::start_in(
+        &topology.host,
         &policy.path,
         &[
             "--metrics",
@@ -92,7 +107,7 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
     // The kernel's counters are read once a second.
     let deadline = Instant::now() + Duration::from_secs(15);
     let scrape = loop {
-        let (content_type, scrape) = scrape(port);
+        let (content_type, scrape) = scrape(&topology.host, port);
         assert!(
             content_type.starts_with("application/openmetrics-text"),
             "{content_type}"

@@ -174,10 +174,13 @@ pub(super) fn write_syslog(
 /// Facility `daemon` (3), with a severity per alert type.
 fn priority(body: &AlertBody) -> u8 {
     let severity = match body {
-        AlertBody::Violation(_) => 4,                                // warning
+        AlertBody::Violation(_) | AlertBody::RouteDrift(_) => 4, // warning
         AlertBody::Lost { .. } | AlertBody::PolicyError { .. } => 3, // error
-        AlertBody::Started { .. } | AlertBody::Stopped { .. } | AlertBody::Reloaded { .. } => 5, // notice
-        AlertBody::Connect(_) => 6, // informational
+        AlertBody::Started { .. }
+        | AlertBody::Stopped { .. }
+        | AlertBody::Reloaded { .. }
+        | AlertBody::RouteRecovered(_) => 5, // notice
+        AlertBody::Connect(_) => 6,                              // informational
     };
     3 * 8 + severity
 }

@@ -20,6 +20,15 @@ pub use matcher::{ConnectionKey, Decision, Matcher};
 pub use parse::{load, parse};
 pub use resolve::resolve_hosts;
 
+/// A single address prints as the address, as the user wrote it; a prefix as CIDR.
+pub fn display_net(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmatched {
     Ignore,

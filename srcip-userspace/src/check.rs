@@ -1,0 +1,188 @@
+//! `srcip check`: for every destination of a policy, the source the kernel would choose now,
+//! whether the policy allows it, why the kernel chose it, and how to fix it. Nothing is
+//! sent and no eBPF is loaded; it needs only the routing tables (any user may run it).
+
+use std::{
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    alerts::Format,
+    policy::{self, Destination, ProtocolSelector, Rule},
+    route::{self, Fix, HostRouting, Query, Router},
+};
+
+pub struct CheckConfig {
+    pub policy: PathBuf,
+    pub format: Format,
+}
+
+/// One destination of the policy, as `check --format json` prints it, and as `route_drift`
+/// and `route_recovered` alerts carry it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationCheck {
+    pub rule: String,
+    /// The policy's destination, as a prefix (host names resolved).
+    pub destination: String,
+    /// The address looked up: the destination itself, or a representative of its prefix.
+    pub dst: IpAddr,
+    pub protocol: Option<&'static str>,
+    pub dst_port: Option<u16>,
+    pub predicted_src: Option<IpAddr>,
+    pub oif: Option<String>,
+    pub gateway: Option<IpAddr>,
+    pub table: Option<String>,
+    pub allowed_sources: Vec<String>,
+    pub compliant: bool,
+    pub reason: String,
+    pub fix: Vec<String>,
+    /// Source-keyed rules that do not protect this destination (`explain.rs`).
+    pub warnings: Vec<String>,
+}
+
+/// Checks every destination; `Ok(true)` when every one is compliant.
+pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
+    let policy = policy::resolve_hosts(policy::load(&config.policy)?)?;
+    let router = Router::new()?;
+    let host = router.host().await?;
+    let mut all_compliant = true;
+    let mut stdout = std::io::stdout().lock();
+    if config.format == Format::Text {
+        print_header(&mut stdout, &config.policy)?;
+    }
+    for rule in &policy.rules {
+        for (destination, _) in &rule.destinations {
+            let Destination::Prefix(prefix) = destination else {
+                continue;
+            };
+            let row = check_destination(&router, &host, rule, *prefix).await?;
+            all_compliant &= row.compliant;
+            match config.format {
+                Format::Json => writeln!(stdout, "{}", serde_json::to_string(&row)?)?,
+                Format::Text => print_row(&mut stdout, &row)?,
+            }
+        }
+    }
+    Ok(all_compliant)
+}
+
+/// The lookup a connection of `rule` to `dst` would make: with the protocol and the first
+/// port when the rule names them, so that port- and protocol-keyed policy routing applies.
+pub fn query_for(rule: &Rule, dst: IpAddr) -> Query {
+    let dst_port = rule
+        .ports
+        .as_ref()
+        .and_then(|ranges| ranges.first())
+        .map(|range| range.first);
+    let protocol = match rule.protocol {
+        ProtocolSelector::Only(protocol) => Some(protocol),
+        ProtocolSelector::Any => dst_port.map(|_| policy::Protocol::Tcp),
+    };
+    Query {
+        dst,
+        protocol,
+        dst_port,
+    }
+}
+
+/// The address a prefix is checked with: the address itself for a single host, else the
+/// first address after the network's own (one a host could have).
+pub fn representative(prefix: IpNet) -> IpAddr {
+    let network = prefix.network();
+    if prefix.prefix_len() + 1 >= prefix.max_prefix_len() {
+        return network;
+    }
+    match network {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) + 1).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) + 1).into()),
+    }
+}
+
+/// Predicts `destination` of `rule` (checked at its representative address).
+pub async fn check_destination(
+    router: &Router,
+    host: &HostRouting,
+    rule: &Rule,
+    destination: IpNet,
+) -> anyhow::Result<DestinationCheck> {
+    let dst = representative(destination);
+    let query = query_for(rule, dst);
+    let prediction = router.predict(&query, host).await?;
+    let compliant = prediction.src.is_some_and(|src| rule.allows_source(src));
+    let fix = if compliant {
+        Vec::new()
+    } else {
+        route::fixes(&Fix {
+            rule,
+            destination,
+            prediction: &prediction,
+            host,
+        })
+    };
+    Ok(DestinationCheck {
+        rule: rule.name.clone(),
+        destination: policy::display_net(destination),
+        dst,
+        protocol: query.protocol.map(policy::Protocol::as_str),
+        dst_port: query.dst_port,
+        predicted_src: prediction.src,
+        oif: prediction.oif.clone(),
+        gateway: prediction.gateway,
+        table: prediction.table.map(route::table_name),
+        allowed_sources: rule
+            .allowed_sources
+            .iter()
+            .map(|net| policy::display_net(*net))
+            .collect(),
+        compliant,
+        reason: route::reason(&query, &prediction, host),
+        warnings: route::unprotecting_rules(rule, &query, &prediction, host),
+        fix,
+    })
+}
+
+fn print_header(out: &mut impl std::io::Write, policy: &Path) -> std::io::Result<()> {
+    writeln!(out, "srcip check: {}", policy.display())?;
+    writeln!(
+        out,
+        "{:<20} {:<32} {:<26} {:<10} VERDICT",
+        "RULE", "DESTINATION", "PREDICTED SOURCE", "OIF"
+    )
+}
+
+fn print_row(out: &mut impl std::io::Write, row: &DestinationCheck) -> std::io::Result<()> {
+    let destination = if row.destination == row.dst.to_string() {
+        row.destination.clone()
+    } else {
+        format!("{} ({})", row.destination, row.dst)
+    };
+    let predicted = row
+        .predicted_src
+        .map_or_else(|| "none".to_owned(), |src| src.to_string());
+    let verdict = if row.compliant {
+        "allowed".to_owned()
+    } else {
+        format!("NOT ALLOWED (allowed: {})", row.allowed_sources.join(", "))
+    };
+    writeln!(
+        out,
+        "{:<20} {:<32} {:<26} {:<10} {verdict}",
+        row.rule,
+        destination,
+        predicted,
+        row.oif.as_deref().unwrap_or("-")
+    )?;
+    writeln!(out, "    reason: {}", row.reason)?;
+    for warning in &row.warnings {
+        writeln!(out, "    warning: {warning}")?;
+    }
+    for fix in &row.fix {
+        writeln!(out, "    fix: {fix}")?;
+    }
+    Ok(())
+}

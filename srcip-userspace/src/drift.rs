@@ -1,0 +1,184 @@
+//! Route drift: `route_drift` when the kernel would now choose a disallowed source for a
+//! destination of the policy, `route_recovered` when it is allowed again, with no traffic
+//! needed.
+//!
+//! A task of its own subscribes to rtnetlink's address, route and rule notifications for
+//! IPv4 and IPv6. Any notification (or a lost one: the socket's buffer overran) makes it
+//! predict every destination again, as `srcip check` does, a short moment later so that a
+//! burst of changes (an interface coming up with its addresses and routes) is one
+//! evaluation. It predicts once at start too, so a destination that is already wrong is
+//! reported then. Predictions are per destination and per routing change, never per
+//! connection. Alerts go to the daemon's loop through a channel; a reloaded policy comes
+//! back through another, and is evaluated at once.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use ipnet::IpNet;
+use rtnetlink::{MulticastGroup, sys::AsyncSocket as _};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::{
+    alerts::{Alert, AlertBody},
+    check::check_destination,
+    policy::{Destination, Policy},
+    route::{RouteError, Router},
+};
+
+/// How long after a notification the destinations are predicted again: changes come in
+/// bursts, and the issue allows a second.
+const SETTLE: Duration = Duration::from_millis(150);
+/// Without notifications (the subscription failed), how often routes are read instead.
+const POLL_WITHOUT_NOTIFICATIONS: Duration = Duration::from_secs(1);
+/// Socket buffer for notifications: a full table flap fits without an overrun.
+const NOTIFICATION_BUFFER_BYTES: usize = 4 << 20;
+
+/// The daemon's side of the drift task.
+pub struct DriftWatch {
+    alerts: mpsc::UnboundedReceiver<Vec<Alert>>,
+    policy: watch::Sender<Arc<Policy>>,
+}
+
+impl DriftWatch {
+    /// Starts the task on the current tokio runtime with the policy in force.
+    pub fn start(policy: Arc<Policy>) -> Result<Self, RouteError> {
+        let router = Router::new()?;
+        let (alerts_tx, alerts) = mpsc::unbounded_channel();
+        let (policy_tx, policy_rx) = watch::channel(policy);
+        tokio::spawn(watch_routes(router, policy_rx, alerts_tx));
+        Ok(Self {
+            alerts,
+            policy: policy_tx,
+        })
+    }
+
+    /// The next drift alerts. Cancel-safe.
+    pub async fn next_alerts(&mut self) -> Vec<Alert> {
+        match self.alerts.recv().await {
+            Some(alerts) => alerts,
+            // The task ended (it only does when the daemon stops): nothing more to say.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A reload: predict the new policy's destinations.
+    pub fn policy_changed(&self, policy: Arc<Policy>) {
+        self.policy.send_replace(policy);
+    }
+}
+
+/// A destination of a rule; drift is tracked per key.
+type Key = (String, IpNet);
+
+async fn watch_routes(
+    router: Router,
+    mut policy: watch::Receiver<Arc<Policy>>,
+    alerts: mpsc::UnboundedSender<Vec<Alert>>,
+) {
+    let mut compliant: HashMap<Key, bool> = HashMap::new();
+    let mut notifications = subscribe();
+    loop {
+        let current = Arc::clone(&policy.borrow_and_update());
+        match evaluate(&router, &current, &mut compliant).await {
+            Ok(found) if found.is_empty() => {}
+            Ok(found) => {
+                if alerts.send(found).is_err() {
+                    return;
+                }
+            }
+            Err(error) => warn!("cannot predict the policy's sources: {error:#}"),
+        }
+        // Wait for a change of routes, addresses, rules or policy.
+        tokio::select! {
+            changed = policy.changed() => if changed.is_err() { return },
+            () = next_notification(&mut notifications) => {
+                // Let the rest of a burst arrive, then read everything once.
+                tokio::time::sleep(SETTLE).await;
+                if let Some(events) = &mut notifications {
+                    while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, events.next()).await {}
+                }
+            }
+        }
+    }
+}
+
+type Notifications = futures_util::stream::BoxStream<'static, ()>;
+
+/// Route, address and rule notifications of both families, each one a `()`: a lost
+/// notification (the kernel's overrun message) too, since every one leads to a full read.
+fn subscribe() -> Option<Notifications> {
+    let groups = [
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Ipv6Rule,
+    ];
+    let (mut connection, _handle, messages) = match rtnetlink::new_multicast_connection(&groups) {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            warn!(
+                "cannot subscribe to route changes ({error}); reading routes every {} s instead",
+                POLL_WITHOUT_NOTIFICATIONS.as_secs()
+            );
+            return None;
+        }
+    };
+    if let Err(error) = connection
+        .socket_mut()
+        .socket_mut()
+        .set_rx_buf_sz(NOTIFICATION_BUFFER_BYTES)
+    {
+        debug!("cannot enlarge the route notification buffer: {error}");
+    }
+    tokio::spawn(connection);
+    Some(messages.map(|_| ()).boxed())
+}
+
+/// The next notification; a subscription that ended (or never began) is tried again, and
+/// meanwhile routes are read once a second, so there is never a gap without a reading.
+async fn next_notification(notifications: &mut Option<Notifications>) {
+    if let Some(events) = notifications {
+        if events.next().await.is_some() {
+            return;
+        }
+        warn!("the route notification socket closed; subscribing again");
+    }
+    tokio::time::sleep(POLL_WITHOUT_NOTIFICATIONS).await;
+    *notifications = subscribe();
+}
+
+/// Predicts every destination of `policy`; a drift alert for each that became disallowed
+/// (or is at the first reading), a recovery for each that became allowed again.
+async fn evaluate(
+    router: &Router,
+    policy: &Policy,
+    compliant: &mut HashMap<Key, bool>,
+) -> anyhow::Result<Vec<Alert>> {
+    let host = router.host().await?;
+    let mut alerts = Vec::new();
+    // Rebuilt each time, so that destinations a reload removed are forgotten.
+    let mut now = HashMap::new();
+    for rule in &policy.rules {
+        for (destination, _) in &rule.destinations {
+            let Destination::Prefix(prefix) = destination else {
+                continue;
+            };
+            let check = check_destination(router, &host, rule, *prefix).await?;
+            let key = (rule.name.clone(), *prefix);
+            let allowed = check.compliant;
+            match (compliant.get(&key).copied(), allowed) {
+                (None | Some(true), false) => {
+                    alerts.push(Alert::now(AlertBody::RouteDrift(check)));
+                }
+                (Some(false), true) => alerts.push(Alert::now(AlertBody::RouteRecovered(check))),
+                _ => {}
+            }
+            now.insert(key, allowed);
+        }
+    }
+    *compliant = now;
+    Ok(alerts)
+}

@@ -1,0 +1,145 @@
+//! `reason`: one sentence on why the kernel chose a source, and the policy-routing rules an
+//! operator may believe protect a destination when they do not.
+
+use std::net::IpAddr;
+
+use netlink_packet_route::route::RouteType;
+
+use super::{HostRouting, MAIN_TABLE, MatchedRoute, Prediction, Query, prefix_text, table_name};
+use crate::policy::{self, Protocol};
+
+/// Why the kernel would choose `prediction.src` for `query`, naming the route and its table,
+/// and the rule that chose the table when it is not the usual `lookup main`.
+pub fn reason(query: &Query, prediction: &Prediction, host: &HostRouting) -> String {
+    let Some(route) = &prediction.route else {
+        let why = prediction.unreachable.as_deref().unwrap_or("no route");
+        return format!("no route to {}: {why}", query.dst);
+    };
+    if route.kind == RouteType::Local {
+        return format!(
+            "{} is an address of this host (route {} in table local)",
+            query.dst,
+            prefix_text(route.prefix)
+        );
+    }
+    let mut text = match (route.pref_src, prediction.src) {
+        (Some(_), _) => format!("route {}", describe(route)),
+        (None, Some(src)) => format!(
+            "no src on the route {}; {}",
+            describe(route),
+            default_choice(src, route, host)
+        ),
+        (None, None) => format!("route {}, which gives no source", describe(route)),
+    };
+    if let Some(rule) = selecting_rule(query, route.table, host)
+        && !(route.table == MAIN_TABLE && rule.priority == 32766)
+    {
+        text.push_str(&format!(
+            "; table {} by rule \"{}\"",
+            table_name(route.table),
+            rule.text
+        ));
+    }
+    text
+}
+
+/// `PREFIX [via GW] dev DEV [src SRC] in table T`, as `ip route` prints a route.
+fn describe(route: &MatchedRoute) -> String {
+    let mut text = prefix_text(route.prefix);
+    if let Some(gateway) = route.gateway {
+        text.push_str(&format!(" via {gateway}"));
+    }
+    if let Some(oif) = &route.oif {
+        text.push_str(&format!(" dev {oif}"));
+    }
+    if let Some(src) = route.pref_src {
+        text.push_str(&format!(" src {src}"));
+    }
+    text.push_str(&format!(" in table {}", table_name(route.table)));
+    text
+}
+
+/// What the kernel does when the route names no source.
+fn default_choice(src: IpAddr, route: &MatchedRoute, host: &HostRouting) -> String {
+    let oif = route.oif.as_deref().unwrap_or("the output interface");
+    let owner = host
+        .addresses
+        .iter()
+        .find(|address| address.address.addr() == src);
+    match (src, owner) {
+        (IpAddr::V4(_), Some(address)) if address.interface == oif && !address.secondary => {
+            format!("the kernel took the first primary address of {oif}")
+        }
+        (IpAddr::V4(_), Some(address)) => format!(
+            "the kernel took {src} of {}, as no primary address of {oif} fits",
+            address.interface
+        ),
+        (IpAddr::V6(_), _) => format!(
+            "the kernel chose {src} among the host's addresses by IPv6 source address selection (RFC 6724) for {oif}"
+        ),
+        (IpAddr::V4(_), None) => format!("the kernel took {src} for {oif}"),
+    }
+}
+
+/// The first rule, in priority order, that sends a lookup like `query`'s to `table`.
+fn selecting_rule<'a>(
+    query: &Query,
+    table: u32,
+    host: &'a HostRouting,
+) -> Option<&'a super::PolicyRule> {
+    let protocol = query.protocol.map(protocol_number);
+    host.rules.iter().find(|rule| {
+        rule.table == Some(table)
+            && rule.family_matches(query.dst)
+            && rule.matches_unbound(query.dst, protocol, query.dst_port)
+    })
+}
+
+pub fn protocol_number(protocol: Protocol) -> u8 {
+    let number = match protocol {
+        Protocol::Tcp => libc::IPPROTO_TCP,
+        Protocol::Udp => libc::IPPROTO_UDP,
+    };
+    number as u8
+}
+
+/// Source-keyed rules (`ip rule add from ALLOWED lookup T`) that an operator may believe
+/// protect this destination but that a program that never binds never reaches: such a
+/// program looks its route up without a source, so `from` never matches it. One sentence
+/// each; none when the lookup already goes to the rule's table.
+pub fn unprotecting_rules(
+    rule: &policy::Rule,
+    query: &Query,
+    prediction: &Prediction,
+    host: &HostRouting,
+) -> Vec<String> {
+    host.rules
+        .iter()
+        .filter(|host_rule| {
+            let Some(from) = host_rule.from else {
+                return false;
+            };
+            !host_rule.inverted
+                && host_rule.table.is_some()
+                && host_rule.table != prediction.table
+                && host_rule.family_matches(query.dst)
+                && host_rule.to.is_none_or(|to| to.contains(&query.dst))
+                && rule
+                    .allowed_sources
+                    .iter()
+                    .any(|allowed| from.contains(&allowed.addr()) || allowed.contains(&from.addr()))
+        })
+        .map(|host_rule| {
+            let from = host_rule.from.map(prefix_text).unwrap_or_default();
+            let chosen = prediction
+                .src
+                .map_or_else(|| "no source".to_owned(), |src| src.to_string());
+            format!(
+                "ip rule \"{}\" does not protect {}: it applies only to connections already bound to {from}; a program that does not bind gets {chosen} from table {}",
+                host_rule.text,
+                query.dst,
+                prediction.table.map_or_else(|| "main".to_owned(), table_name)
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,135 @@
+//! `fix`: commands that would make the kernel choose an allowed source for a destination,
+//! modelled on the three remedies an operator has. The first is runnable as printed and
+//! makes `srcip check` pass; each says in a trailing comment what it changes and whether it
+//! lasts across a reboot. None is a source-keyed `ip rule from` alone, which does not change
+//! the source of a program that never binds (see `explain::unprotecting_rules`).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{HostRouting, MAIN_TABLE, MatchedRoute, Prediction, prefix_text, table_name};
+use crate::policy;
+
+/// Where the fix applies.
+pub struct Fix<'a> {
+    pub rule: &'a policy::Rule,
+    /// The policy's destination the checked address stands for.
+    pub destination: IpNet,
+    pub prediction: &'a Prediction,
+    pub host: &'a HostRouting,
+}
+
+/// The commands, best first; empty when the destination is compliant.
+pub fn fixes(fix: &Fix<'_>) -> Vec<String> {
+    let Fix {
+        rule,
+        destination,
+        prediction,
+        host,
+    } = fix;
+    let Some(route) = &prediction.route else {
+        return vec![format!(
+            "# no route to {}: add one, with src set to an allowed source of rule \"{}\"",
+            prefix_text(*destination),
+            rule.name
+        )];
+    };
+    let Some(source) = allowed_host_source(rule, destination.addr(), route, host) else {
+        let allowed: Vec<_> = rule
+            .allowed_sources
+            .iter()
+            .map(|net| prefix_text(*net))
+            .collect();
+        return vec![format!(
+            "# no allowed source of rule \"{}\" ({}) is an address of this host: add one to {} first",
+            rule.name,
+            allowed.join(", "),
+            route.oif.as_deref().unwrap_or("the output interface")
+        )];
+    };
+    // The route to write must be at least as specific as the one that matched, or the
+    // lookup would still find the old one.
+    let target = if destination.prefix_len() >= route.prefix.prefix_len() {
+        *destination
+    } else {
+        route.prefix
+    };
+    let target_text = prefix_text(target);
+    let next_hop = next_hop(route);
+    let in_table = if route.table == MAIN_TABLE {
+        String::new()
+    } else {
+        format!(" table {}", table_name(route.table))
+    };
+    let table = free_table(host);
+    let priority = free_priority_before(route.table, host);
+    vec![
+        format!(
+            "ip route replace {target_text}{next_hop} src {source}{in_table}  # takes effect at once; lost at reboot unless added to the interface's configuration (ifupdown post-up, or PreferredSource= in a systemd-networkd [Route])"
+        ),
+        format!(
+            "ip route replace {target_text}{next_hop} src {source} table {table} && ip rule add to {target_text} lookup {table} priority {priority}  # destination-keyed policy routing in a table of its own; lost at reboot unless written to the network configuration"
+        ),
+        // `action = "pin"` joins this remedy when srcip enforces it (see docs/reference.md).
+        format!(
+            "# or make the program bind {source} itself (for example curl --interface {source}, or a bind() before connect()): it then leaves from {source} whatever the routes say, across reboots"
+        ),
+    ]
+}
+
+/// An address of this host that the rule allows, of the destination's family: preferably
+/// one on the route's interface.
+fn allowed_host_source(
+    rule: &policy::Rule,
+    dst: IpAddr,
+    route: &MatchedRoute,
+    host: &HostRouting,
+) -> Option<IpAddr> {
+    let candidates: Vec<_> = host
+        .addresses
+        .iter()
+        .filter(|address| {
+            let ip = address.address.addr();
+            ip.is_ipv6() == dst.is_ipv6() && rule.allows_source(ip)
+        })
+        .collect();
+    candidates
+        .iter()
+        .find(|address| Some(&address.interface) == route.oif.as_ref())
+        .or_else(|| candidates.first())
+        .map(|address| address.address.addr())
+}
+
+/// ` via GW dev DEV`, or ` dev DEV` for a directly connected destination.
+fn next_hop(route: &MatchedRoute) -> String {
+    let mut text = String::new();
+    if let Some(gateway) = route.gateway {
+        text.push_str(&format!(" via {gateway}"));
+    }
+    if let Some(oif) = &route.oif {
+        text.push_str(&format!(" dev {oif}"));
+    }
+    text
+}
+
+/// A routing table no rule uses, from 100 up.
+fn free_table(host: &HostRouting) -> u32 {
+    (100..)
+        .find(|table| !host.rules.iter().any(|rule| rule.table == Some(*table)))
+        .unwrap_or(100)
+}
+
+/// A rule priority no rule has, just before the first rule that sends lookups to `table`
+/// (or to `main`), so that the new rule is consulted first.
+fn free_priority_before(table: u32, host: &HostRouting) -> u32 {
+    let before = host
+        .rules
+        .iter()
+        .find(|rule| rule.table == Some(table))
+        .map_or(32766, |rule| rule.priority);
+    (1..before)
+        .rev()
+        .find(|priority| !host.rules.iter().any(|rule| rule.priority == *priority))
+        .unwrap_or(1)
+}

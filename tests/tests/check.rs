@@ -1,0 +1,198 @@
+//! `srcip check`: the source the kernel would choose now for every destination of a policy,
+//! why, and a fix that works, in namespaces of the test's own.
+
+use serde_json::Value;
+use srcip_tests::{
+    ALLOWED_V4, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Topology, check_in, ip_in,
+    shell_in,
+};
+
+fn row_for<'a>(rows: &'a [Value], dst: &str) -> &'a Value {
+    rows.iter()
+        .find(|row| row["dst"] == dst)
+        .unwrap_or_else(|| panic!("no row for {dst}: {rows:#?}"))
+}
+
+#[test]
+fn a_route_with_a_wrong_src_fails_check_and_its_first_fix_makes_it_pass() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 0, "{rows:#?}");
+    let before = row_for(&rows, PARTNER_V4);
+    assert_eq!(before["predicted_src"], ALLOWED_V4);
+    assert_eq!(before["compliant"], true);
+    assert_eq!(
+        before["reason"],
+        "no src on the route default via 203.0.113.1 dev v0 in table main; the kernel took the first primary address of v0"
+    );
+    // The IPv6 prefix is checked with a representative address, and the route's src named.
+    let v6 = row_for(&rows, "2001:db8:50::1");
+    assert_eq!(v6["destination"], "2001:db8:50::/64");
+    assert_eq!(v6["predicted_src"], "2001:db8::10");
+    assert_eq!(
+        v6["reason"],
+        "route default via 2001:db8::1 dev v0 src 2001:db8::10 in table main"
+    );
+
+    topology.route_partner_via_other_source();
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 3, "{rows:#?}");
+    let after = row_for(&rows, PARTNER_V4);
+    assert_eq!(after["compliant"], false);
+    assert_eq!(after["predicted_src"], OTHER_V4);
+    assert_eq!(after["oif"], "v0");
+    assert_eq!(after["gateway"], "203.0.113.1");
+    assert_eq!(
+        after["reason"],
+        "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table main"
+    );
+    let fix = after["fix"][0].as_str().unwrap();
+    assert!(
+        fix.starts_with("ip route replace 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.10"),
+        "{fix}"
+    );
+    assert!(
+        after["fix"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|fix| !fix.as_str().unwrap().contains("rule add from")),
+        "a fix must never be a source-keyed rule: {after:#?}"
+    );
+
+    shell_in(&topology.host, fix);
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(
+        code, 0,
+        "the first fix, run as printed, did not fix it: {rows:#?}"
+    );
+    assert_eq!(row_for(&rows, PARTNER_V4)["predicted_src"], ALLOWED_V4);
+}
+
+#[test]
+fn a_destination_keyed_rule_with_src_in_another_table_is_honoured_and_named() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    ip_in(
+        &topology.host.name,
+        "route add 198.51.100.0/24 via 203.0.113.1 src 203.0.113.11 table 100",
+    );
+    ip_in(
+        &topology.host.name,
+        "rule add to 198.51.100.0/24 lookup 100 priority 100",
+    );
+
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 3, "{rows:#?}");
+    let row = row_for(&rows, PARTNER_V4);
+    assert_eq!(row["predicted_src"], OTHER_V4);
+    assert_eq!(row["table"], "100");
+    assert_eq!(
+        row["reason"],
+        "route 198.51.100.0/24 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all to 198.51.100.0/24 lookup 100\""
+    );
+    // The fix writes into the table the lookup goes to.
+    let fix = row["fix"][0].as_str().unwrap();
+    shell_in(&topology.host, fix);
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 0, "{fix} did not fix it: {rows:#?}");
+}
+
+#[test]
+fn a_source_keyed_rule_is_reported_as_not_protecting_the_unbound_program() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    topology.route_partner_via_other_source();
+    // The seed's "proper" fix: it steers only traffic already bound to .10.
+    ip_in(
+        &topology.host.name,
+        "route add default via 203.0.113.1 src 203.0.113.10 table 200",
+    );
+    ip_in(
+        &topology.host.name,
+        "rule add from 203.0.113.10 lookup 200 priority 200",
+    );
+
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 3, "{rows:#?}");
+    let row = row_for(&rows, PARTNER_V4);
+    assert_eq!(row["predicted_src"], OTHER_V4);
+    let warnings = row["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{row:#?}");
+    assert_eq!(
+        warnings[0],
+        "ip rule \"200: from 203.0.113.10 lookup 200\" does not protect 198.51.100.50: it applies only to connections already bound to 203.0.113.10; a program that does not bind gets 203.0.113.11 from table main"
+    );
+}
+
+#[test]
+fn a_port_keyed_rule_is_honoured_for_a_rule_with_that_port() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(
+        r#"
+[[rule]]
+name = "partner-https"
+destinations = ["198.51.100.50"]
+ports = [443]
+protocol = "tcp"
+allowed_sources = ["203.0.113.10"]
+
+[[rule]]
+name = "partner-http"
+destinations = ["198.51.100.50"]
+ports = [80]
+protocol = "tcp"
+allowed_sources = ["203.0.113.10"]
+"#,
+    );
+    ip_in(
+        &topology.host.name,
+        "route add default via 203.0.113.1 src 203.0.113.11 table 300",
+    );
+    ip_in(
+        &topology.host.name,
+        "rule add ipproto tcp dport 443 lookup 300 priority 300",
+    );
+
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 3, "{rows:#?}");
+    let https = rows
+        .iter()
+        .find(|row| row["rule"] == "partner-https")
+        .unwrap();
+    assert_eq!(
+        (https["dst_port"].as_u64(), https["protocol"].as_str()),
+        (Some(443), Some("tcp"))
+    );
+    assert_eq!(https["predicted_src"], OTHER_V4);
+    assert_eq!(https["table"], "300");
+    let http = rows
+        .iter()
+        .find(|row| row["rule"] == "partner-http")
+        .unwrap();
+    assert_eq!(http["predicted_src"], ALLOWED_V4);
+    assert_eq!(http["compliant"], true);
+}
+
+#[test]
+fn host_names_are_resolved_and_local_destinations_explained() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(
+        r#"
+[[rule]]
+name = "local"
+destinations = ["localhost"]
+allowed_sources = ["127.0.0.1", "::1"]
+"#,
+    );
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 0, "{rows:#?}");
+    let row = row_for(&rows, "127.0.0.1");
+    assert_eq!(row["predicted_src"], "127.0.0.1");
+    assert_eq!(
+        row["reason"],
+        "127.0.0.1 is an address of this host (route 127.0.0.1 in table local)"
+    );
+}

@@ -1,0 +1,72 @@
+//! Route drift in the daemon: `route_drift` when a routing change makes a destination's
+//! predicted source disallowed, with no traffic at all, and `route_recovered` when it is
+//! undone. The daemon runs in the test's namespace, whose routes it then watches.
+
+use srcip_tests::{
+    ALLOWED_V4, Daemon, OTHER_V4, OTHER_V6, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal,
+    Topology, ip_in,
+};
+
+#[test]
+fn a_route_change_drifts_without_traffic_and_recovers_when_undone() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &[]);
+
+    topology.route_partner_via_other_source();
+    let line = daemon.wait_for("route_drift", |line| line.route_drift().is_some());
+    let drift = line.route_drift().unwrap();
+    assert_eq!(drift.rule, "partner");
+    assert_eq!(drift.dst, PARTNER_V4);
+    assert_eq!(drift.predicted_src.as_deref(), Some(OTHER_V4));
+    assert_eq!(drift.oif.as_deref(), Some("v0"));
+    assert_eq!(drift.allowed_sources, ["203.0.113.10", "2001:db8::10"]);
+    assert_eq!(
+        drift.reason,
+        "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table main"
+    );
+    assert!(
+        drift.fix[0].starts_with(&format!(
+            "ip route replace 198.51.100.50 via 203.0.113.1 dev v0 src {ALLOWED_V4}"
+        )),
+        "{drift:#?}"
+    );
+
+    ip_in(&topology.host.name, "route del 198.51.100.50/32");
+    let line = daemon.wait_for("route_recovered", |line| line.route_recovered().is_some());
+    let recovered = line.route_recovered().unwrap();
+    assert_eq!(recovered.dst, PARTNER_V4);
+    assert_eq!(recovered.predicted_src.as_deref(), Some(ALLOWED_V4));
+
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    let drifts = lines
+        .iter()
+        .filter(|line| line.route_drift().is_some())
+        .count();
+    assert_eq!(drifts, 1, "one change, one drift: {lines:#?}");
+}
+
+#[test]
+fn an_address_removed_from_the_interface_drifts_too() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &[]);
+
+    // The IPv6 default route names ::10 as its src; without ::10 the kernel takes ::11.
+    ip_in(&topology.host.name, "-6 addr del 2001:db8::10/64 dev v0");
+    let line = daemon.wait_for("route_drift", |line| line.route_drift().is_some());
+    let drift = line.route_drift().unwrap();
+    assert_eq!(drift.destination, "2001:db8:50::/64");
+    assert_eq!(drift.predicted_src.as_deref(), Some(OTHER_V6));
+}
+
+#[test]
+fn a_destination_already_wrong_at_start_drifts_at_start() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    topology.route_partner_via_other_source();
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &[]);
+    let line = daemon.wait_for("route_drift", |line| line.route_drift().is_some());
+    assert_eq!(line.route_drift().unwrap().dst, PARTNER_V4);
+}
