@@ -154,7 +154,13 @@ fn watchers_get_the_started_line_then_every_alert_until_the_daemon_stops() {
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(PARTNER_POLICY);
-    let mut daemon = Daemon::start(&policy.path, &["--cgroup", cgroup.path.to_str().unwrap()]);
+    // In the topology's namespace, whose routes give the partner an allowed source: no
+    // `route_drift` line comes between the started line and the violation.
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &["--cgroup", cgroup.path.to_str().unwrap()],
+    );
     let watchers = [
         Watcher::attach(&daemon.socket),
         Watcher::attach(&daemon.socket),
