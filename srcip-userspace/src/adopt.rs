@@ -64,6 +64,13 @@ pub fn adopt_udp_sockets(netns: &mut NetnsInodes, scope: &Scope<'_>) -> Adoption
         match adopt_process(pid, netns, scope, &mut seen) {
             Ok(sockets) => adoption.sockets += sockets,
             Err(error) if error.raw_os_error() == Some(libc::EPERM) => adoption.refused += 1,
+            Err(error) if error.raw_os_error() == Some(libc::ENOSYS) => {
+                warn!(
+                    "this kernel has no pidfd_getfd (Linux 5.6): UDP sockets made before srcip \
+                     started are not audited"
+                );
+                return adoption;
+            }
             Err(error) => debug!("adopting the UDP sockets of process {pid}: {error}"),
         }
     }

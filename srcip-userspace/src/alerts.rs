@@ -116,6 +116,10 @@ pub struct ConnectionReport {
     pub unit: Option<String>,
     pub container: Option<String>,
     pub verdict: Verdict,
+    /// On a violation whose source is the one the kernel is predicted to choose for its
+    /// destination (not bound by the program, not translated): why the kernel chose it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Set on a folded `violation`: the repeats it stands for.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub folded: Option<Folded>,
@@ -282,27 +286,19 @@ pub fn text_message(body: &AlertBody) -> String {
             sink: Some(sink),
         } => format!("LOST {count} alerts that sink {sink} could not take"),
         AlertBody::RouteDrift(check) => format!(
-            "ROUTE DRIFT rule {}: the kernel would now choose {} for {} ({}), allowed: {}; {}; fix: {}",
-            check.rule,
-            check
-                .predicted_src
-                .map_or_else(|| "no source".to_owned(), |src| src.to_string()),
-            check.destination,
-            check.dst,
+            "ROUTE DRIFT {}, allowed: {}; {}; fix: {}",
+            prediction_text(check),
             check.allowed_sources.join(", "),
             check.reason,
             check.fix.first().map_or("-", String::as_str)
         ),
-        AlertBody::RouteRecovered(check) => format!(
-            "route recovered rule {}: the kernel would choose {} for {} ({}) again; {}",
-            check.rule,
-            check
-                .predicted_src
-                .map_or_else(|| "no source".to_owned(), |src| src.to_string()),
-            check.destination,
-            check.dst,
-            check.reason
-        ),
+        AlertBody::RouteRecovered(check) => {
+            format!(
+                "route recovered {}; {}",
+                prediction_text(check),
+                check.reason
+            )
+        }
         AlertBody::Reloaded { policy, rules } => {
             format!("reloaded: policy {policy} ({rules} rules) is in force")
         }
@@ -314,6 +310,17 @@ pub fn text_message(body: &AlertBody) -> String {
             format!("stopped ({decided_in_kernel} connections were found compliant in the kernel)")
         }
     }
+}
+
+/// `rule NAME: the kernel would choose SRC for DESTINATION (DST)`.
+fn prediction_text(check: &DestinationCheck) -> String {
+    let source = check
+        .predicted_src
+        .map_or_else(|| "no source".to_owned(), |src| src.to_string());
+    format!(
+        "rule {}: the kernel would choose {source} for {} ({})",
+        check.rule, check.destination, check.dst
+    )
 }
 
 fn connection_text(report: &ConnectionReport) -> String {
@@ -334,8 +341,13 @@ fn connection_text(report: &ConnectionReport) -> String {
         .iter()
         .filter_map(|(key, value)| Some(format!(" {key}={}", escape(value.as_deref()?))))
         .collect();
+    // Last: it is a sentence, written by srcip, not a field a process chooses.
+    let reason = report
+        .reason
+        .as_ref()
+        .map_or_else(String::new, |reason| format!("; reason: {reason}"));
     format!(
-        "rule={} {} {}{wire} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{names}{folded}",
+        "rule={} {} {}{wire} -> {} allowed=[{}] pid={} comm={} uid={} cgroup={} netns={}{names}{folded}{reason}",
         report.rule.as_deref().unwrap_or("-"),
         report.protocol,
         endpoint(report.src, report.src_port),
@@ -393,6 +405,7 @@ mod tests {
                 dst: "2001:db8:50::50".parse().unwrap(),
                 dst_port: 443,
                 allowed_sources: vec!["2001:db8::10".into()],
+                reason: None,
                 pid: 42,
                 comm: "curl".into(),
                 uid: 0,

@@ -18,6 +18,7 @@ use crate::{
     adopt::{self, adopt_udp_sockets},
     alerts::{Alert, AlertBody, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
+    drift::SharedPredictions,
     events::{BootClock, ConnectEvent, EventRing, KernelEvent},
     folding::Folding,
     loader::{AuditSettings, KernelPrograms},
@@ -52,6 +53,8 @@ pub struct AuditSession {
     undecodable: u64,
     hook_errors_reported: u64,
     housekeeping_at: Instant,
+    /// The drift watch's latest predictions, for `reason` on violations (empty without one).
+    predictions: SharedPredictions,
 }
 
 impl AuditSession {
@@ -93,7 +96,13 @@ impl AuditSession {
             undecodable: 0,
             hook_errors_reported: 0,
             housekeeping_at: Instant::now(),
+            predictions: SharedPredictions::default(),
         })
+    }
+
+    /// Where a drift watch keeps its predictions for this session's violations.
+    pub fn predictions(&self) -> SharedPredictions {
+        Arc::clone(&self.predictions)
     }
 
     /// Waits for records and returns the alerts they produce (possibly none). Cancel-safe:
@@ -117,6 +126,10 @@ impl AuditSession {
         );
         let report_all = self.report_all;
         let undecodable = &mut self.undecodable;
+        let predictions = self
+            .predictions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
                 // The partner sees the wire source: that is the one the policy judges.
@@ -132,7 +145,16 @@ impl AuditSession {
                 if !violation && !report_all {
                     return;
                 }
-                let report = Self::report(rule, verdict, cgroup_names, netns, &event);
+                // The kernel's choice (not bound, not translated) has the drift watch's reason.
+                let reason = (violation && event.wire_src.is_none())
+                    .then(|| {
+                        rule.and_then(|rule| {
+                            predictions.reason_for(&rule.name, event.dst, event.src)
+                        })
+                    })
+                    .flatten()
+                    .map(str::to_owned);
+                let report = Self::report(rule, verdict, cgroup_names, netns, &event, reason);
                 if let Some(window) = event.fold_window {
                     folding.opened(window, report.clone());
                 }
@@ -154,6 +176,7 @@ impl AuditSession {
                 *undecodable += 1;
             }
         });
+        drop(predictions);
         let clock = self.ring.clock();
         alerts.extend(self.folding.closed(BootClock::boot_ns_now(), clock));
         if self.housekeeping_at.elapsed() >= HOUSEKEEPING_INTERVAL {
@@ -238,6 +261,7 @@ impl AuditSession {
         cgroup_names: &mut CgroupNames,
         netns: &mut NetnsInodes,
         event: &ConnectEvent,
+        reason: Option<String>,
     ) -> ConnectionReport {
         let cgroup = cgroup_names.path_of(event.cgroup_id);
         ConnectionReport {
@@ -273,6 +297,7 @@ impl AuditSession {
                 .map(str::to_owned),
             cgroup,
             verdict,
+            reason,
             folded: None,
         }
     }

@@ -11,7 +11,12 @@
 //! connection. Alerts go to the daemon's loop through a channel; a reloaded policy comes
 //! back through another, and is evaluated at once.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::StreamExt as _;
 use ipnet::IpNet;
@@ -34,6 +39,39 @@ const POLL_WITHOUT_NOTIFICATIONS: Duration = Duration::from_secs(1);
 /// Socket buffer for notifications: a full table flap fits without an overrun.
 const NOTIFICATION_BUFFER_BYTES: usize = 4 << 20;
 
+/// The latest prediction of each destination of the policy. The audit session reads it to
+/// give a violation whose source is the predicted one the same `reason`.
+#[derive(Debug, Default)]
+pub struct Predictions {
+    by_rule: HashMap<String, Vec<PredictedDestination>>,
+}
+
+#[derive(Debug)]
+struct PredictedDestination {
+    destination: IpNet,
+    src: Option<IpAddr>,
+    reason: String,
+}
+
+/// Written by the drift task, read by the audit session; both on the daemon's one thread,
+/// never held across an await.
+pub type SharedPredictions = Arc<Mutex<Predictions>>;
+
+impl Predictions {
+    /// Why the kernel chose `src` for `dst` under `rule`, when `src` is the source predicted
+    /// for the most specific of the rule's destinations that holds `dst`: the connection then
+    /// left with the kernel's choice. `None` otherwise (the program bound another source).
+    pub fn reason_for(&self, rule: &str, dst: IpAddr, src: IpAddr) -> Option<&str> {
+        self.by_rule
+            .get(rule)?
+            .iter()
+            .filter(|predicted| predicted.destination.contains(&dst))
+            .max_by_key(|predicted| predicted.destination.prefix_len())
+            .filter(|predicted| predicted.src == Some(src))
+            .map(|predicted| predicted.reason.as_str())
+    }
+}
+
 /// The daemon's side of the drift task.
 pub struct DriftWatch {
     alerts: mpsc::UnboundedReceiver<Vec<Alert>>,
@@ -41,12 +79,13 @@ pub struct DriftWatch {
 }
 
 impl DriftWatch {
-    /// Starts the task on the current tokio runtime with the policy in force.
-    pub fn start(policy: Arc<Policy>) -> Result<Self, RouteError> {
+    /// Starts the task on the current tokio runtime with the policy in force; it keeps
+    /// `predictions` current.
+    pub fn start(policy: Arc<Policy>, predictions: SharedPredictions) -> Result<Self, RouteError> {
         let router = Router::new()?;
         let (alerts_tx, alerts) = mpsc::unbounded_channel();
         let (policy_tx, policy_rx) = watch::channel(policy);
-        tokio::spawn(watch_routes(router, policy_rx, alerts_tx));
+        tokio::spawn(watch_routes(router, policy_rx, alerts_tx, predictions));
         Ok(Self {
             alerts,
             policy: policy_tx,
@@ -75,12 +114,13 @@ async fn watch_routes(
     router: Router,
     mut policy: watch::Receiver<Arc<Policy>>,
     alerts: mpsc::UnboundedSender<Vec<Alert>>,
+    predictions: SharedPredictions,
 ) {
     let mut compliant: HashMap<Key, bool> = HashMap::new();
     let mut notifications = subscribe();
     loop {
         let current = Arc::clone(&policy.borrow_and_update());
-        match evaluate(&router, &current, &mut compliant).await {
+        match evaluate(&router, &current, &mut compliant, &predictions).await {
             Ok(found) if found.is_empty() => {}
             Ok(found) => {
                 if alerts.send(found).is_err() {
@@ -156,9 +196,11 @@ async fn evaluate(
     router: &Router,
     policy: &Policy,
     compliant: &mut HashMap<Key, bool>,
+    predictions: &SharedPredictions,
 ) -> anyhow::Result<Vec<Alert>> {
     let host = router.host().await?;
     let mut alerts = Vec::new();
+    let mut predicted = Predictions::default();
     // Rebuilt each time, so that destinations a reload removed are forgotten.
     let mut now = HashMap::new();
     for rule in &policy.rules {
@@ -169,6 +211,15 @@ async fn evaluate(
             let check = check_destination(router, &host, rule, *prefix).await?;
             let key = (rule.name.clone(), *prefix);
             let allowed = check.compliant;
+            predicted
+                .by_rule
+                .entry(rule.name.clone())
+                .or_default()
+                .push(PredictedDestination {
+                    destination: *prefix,
+                    src: check.predicted_src,
+                    reason: check.reason.clone(),
+                });
             match (compliant.get(&key).copied(), allowed) {
                 (None | Some(true), false) => {
                     alerts.push(Alert::now(AlertBody::RouteDrift(check)));
@@ -180,5 +231,8 @@ async fn evaluate(
         }
     }
     *compliant = now;
+    *predictions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = predicted;
     Ok(alerts)
 }

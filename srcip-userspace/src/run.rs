@@ -162,8 +162,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         degraded: host.degraded,
     };
     delivery.deliver(vec![Alert::now(started)]);
-    let mut drift = DriftWatch::start(Arc::new(session.matcher().policy().clone()))
-        .context("watching routes for drift")?;
+    let mut drift = DriftWatch::start(
+        Arc::new(session.matcher().policy().clone()),
+        session.predictions(),
+    )
+    .context("watching routes for drift")?;
     let stdout_error = loop {
         let alerts = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None }

@@ -74,6 +74,9 @@ pub struct Connection {
     pub unit: Option<String>,
     pub container: Option<String>,
     pub verdict: String,
+    /// On a violation whose source the kernel chose as predicted: why it did.
+    #[serde(default)]
+    pub reason: Option<String>,
     /// On a folded violation: the connections it stands for, the first's and last's times.
     #[serde(default)]
     pub count: Option<u64>,

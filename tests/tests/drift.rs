@@ -4,7 +4,7 @@
 
 use srcip_tests::{
     ALLOWED_V4, Daemon, OTHER_V4, OTHER_V6, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal,
-    Topology, ip_in,
+    TestCgroup, Topology, connect, ip_in, make_violation,
 };
 
 #[test]
@@ -69,4 +69,47 @@ fn a_destination_already_wrong_at_start_drifts_at_start() {
     let mut daemon = Daemon::start_in(&topology.host, &policy.path, &[]);
     let line = daemon.wait_for("route_drift", |line| line.route_drift().is_some());
     assert_eq!(line.route_drift().unwrap().dst, PARTNER_V4);
+}
+
+#[test]
+fn a_violation_from_the_kernels_choice_names_the_route_and_a_bound_one_does_not() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &[
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--fold-window",
+            "0",
+        ],
+    );
+
+    // The program bound the wrong source itself: the routes did not choose it.
+    let bound = make_violation(&mut daemon, &topology, &cgroup.path);
+    let line = daemon
+        .seen
+        .iter()
+        .rev()
+        .find(|line| {
+            line.violation()
+                .is_some_and(|v| v.src_port == bound.src_port)
+        })
+        .unwrap();
+    assert_eq!(line.violation().unwrap().reason, None);
+
+    topology.route_partner_via_other_source();
+    daemon.wait_for("route_drift", |line| line.route_drift().is_some());
+    let unbound = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    assert_eq!(unbound.src, OTHER_V4);
+    let line = daemon.wait_for("the unbound violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == unbound.src_port)
+    });
+    assert_eq!(
+        line.violation().unwrap().reason.as_deref(),
+        Some("route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table main")
+    );
 }

@@ -99,6 +99,8 @@ fn wrong_source_gives_a_violation_with_every_field() {
             unit: None,
             container: None,
             verdict: "violation".into(),
+            // The program bound its source: not the kernel's choice, so no reason.
+            reason: None,
             count: None,
             first_time: None,
             last_time: None,
