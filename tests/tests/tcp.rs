@@ -444,7 +444,11 @@ fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(PARTNER_POLICY);
     let socket = tempfile::tempdir().unwrap();
-    let mut srcip = Command::new(srcip_bin())
+    // In the topology's namespace, where the partner's routes are allowed: no `route_drift`
+    // line can come after the violation, which must be the last line.
+    let mut srcip = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.host.name))
+        .arg(srcip_bin())
         .args(["run", "--format", "text", "--policy"])
         .arg(&policy.path)
         .arg("--socket")
