@@ -19,6 +19,7 @@
 use std::{
     io::{self, Write},
     net::IpAddr,
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -94,7 +95,8 @@ impl AlertBody {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionReport {
-    pub rule: Option<String>,
+    /// Shared with the rule: a line costs no copy of it.
+    pub rule: Option<Arc<str>>,
     pub action: &'static str,
     pub protocol: &'static str,
     pub family: &'static str,
@@ -105,16 +107,16 @@ pub struct ConnectionReport {
     pub src_port: u16,
     pub dst: IpAddr,
     pub dst_port: u16,
-    pub allowed_sources: Vec<String>,
+    pub allowed_sources: Arc<[String]>,
     pub pid: u32,
     pub comm: String,
     pub uid: u32,
     pub cgroup_id: u64,
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     pub netns: Option<u64>,
     /// The systemd unit and the container the cgroup belongs to, when its path names them.
-    pub unit: Option<String>,
-    pub container: Option<String>,
+    pub unit: Option<Arc<str>>,
+    pub container: Option<Arc<str>>,
     pub verdict: Verdict,
     /// On a violation whose source is the one the kernel is predicted to choose for its
     /// destination (not bound by the program, not translated): why the kernel chose it.
@@ -162,8 +164,17 @@ impl Alert {
 struct JsonLine<'a> {
     #[serde(flatten)]
     body: &'a AlertBody,
-    time: String,
+    time: Rfc3339,
     host: &'a str,
+}
+
+/// A time written as RFC 3339 straight into the line, without a string of its own.
+struct Rfc3339(SystemTime);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
 }
 
 /// One alert as the JSON object of its line (no newline), for sinks that frame alerts
@@ -171,7 +182,7 @@ struct JsonLine<'a> {
 pub fn json_object(alert: &Alert, host: &str) -> Vec<u8> {
     serde_json::to_vec(&JsonLine {
         body: &alert.body,
-        time: rfc3339(alert.time),
+        time: Rfc3339(alert.time),
         host,
     })
     .expect("alerts serialize: their fields are strings, numbers and addresses")
@@ -212,7 +223,7 @@ impl<W: Write> AlertWriter<W> {
                     &mut self.out,
                     &JsonLine {
                         body: &alert.body,
-                        time: rfc3339(alert.time),
+                        time: Rfc3339(alert.time),
                         host: &self.host,
                     },
                 )?,
@@ -404,7 +415,7 @@ mod tests {
                 src_port: 40000,
                 dst: "2001:db8:50::50".parse().unwrap(),
                 dst_port: 443,
-                allowed_sources: vec!["2001:db8::10".into()],
+                allowed_sources: vec!["2001:db8::10".to_owned()].into(),
                 reason: None,
                 pid: 42,
                 comm: "curl".into(),
@@ -442,7 +453,7 @@ mod tests {
     fn json_lines_carry_type_time_and_host() {
         let line = serde_json::to_value(JsonLine {
             body: &violation().body,
-            time: rfc3339(violation().time),
+            time: Rfc3339(violation().time),
             host: "web-1",
         })
         .unwrap();

@@ -24,9 +24,8 @@ use crate::{
     loader::{AuditSettings, KernelPrograms},
     metrics::{Metrics, ProtocolLabels},
     netns::NetnsInodes,
-    policy::{self, ConnectionKey, Decision, Matcher, Rule},
+    policy::{ConnectionKey, Decision, Matcher, Rule},
     policy_maps::{KernelPolicy, WriteError},
-    workload,
 };
 
 /// Longest time a record the kernel did not wake us for waits in the ring buffer.
@@ -154,22 +153,23 @@ impl AuditSession {
                     })
                     .flatten()
                     .map(str::to_owned);
-                let report = Self::report(rule, verdict, cgroup_names, netns, &event, reason);
-                if let Some(window) = event.fold_window {
+                let (time, fold_window) = (event.time, event.fold_window);
+                let report = Self::report(rule, verdict, cgroup_names, netns, event, reason);
+                if let Some(window) = fold_window {
                     folding.opened(window, report.clone());
                 }
-                if report_all {
-                    alerts.push(Alert {
-                        time: event.time,
-                        body: AlertBody::Connect(report.clone()),
-                    });
+                // `--all` writes every connection; its report is copied only for one that
+                // is also a violation.
+                if report_all && violation {
+                    let body = AlertBody::Connect(report.clone());
+                    alerts.push(Alert { time, body });
                 }
-                if violation {
-                    alerts.push(Alert {
-                        time: event.time,
-                        body: AlertBody::Violation(report),
-                    });
-                }
+                let body = if violation {
+                    AlertBody::Violation(report)
+                } else {
+                    AlertBody::Connect(report)
+                };
+                alerts.push(Alert { time, body });
             }
             Err(error) => {
                 warn!("a kernel record cannot be decoded, counted as lost: {error}");
@@ -260,12 +260,12 @@ impl AuditSession {
         verdict: Verdict,
         cgroup_names: &mut CgroupNames,
         netns: &mut NetnsInodes,
-        event: &ConnectEvent,
+        event: ConnectEvent,
         reason: Option<String>,
     ) -> ConnectionReport {
-        let cgroup = cgroup_names.path_of(event.cgroup_id);
+        let cgroup = cgroup_names.name_of(event.cgroup_id);
         ConnectionReport {
-            rule: rule.map(|rule| rule.name.clone()),
+            rule: rule.map(|rule| Arc::clone(&rule.name)),
             action: rule.map_or("alert", |rule| rule.action.as_str()),
             protocol: event.protocol.as_str(),
             family: event.family.as_str(),
@@ -274,28 +274,18 @@ impl AuditSession {
             src_port: event.src_port,
             dst: event.dst,
             dst_port: event.dst_port,
-            allowed_sources: rule
-                .map(|rule| {
-                    rule.allowed_sources
-                        .iter()
-                        .map(|net| policy::display_net(*net))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            allowed_sources: rule.map_or_else(
+                || Arc::from(Vec::new()),
+                |rule| Arc::clone(&rule.allowed_sources_text),
+            ),
             pid: event.pid,
-            comm: event.comm.clone(),
+            comm: event.comm,
             uid: event.uid,
             cgroup_id: event.cgroup_id,
             netns: netns.inode_of(event.netns_cookie, event.pid),
-            unit: cgroup
-                .as_deref()
-                .and_then(workload::unit_of)
-                .map(str::to_owned),
-            container: cgroup
-                .as_deref()
-                .and_then(workload::container_of)
-                .map(str::to_owned),
-            cgroup,
+            unit: cgroup.as_ref().and_then(|name| name.unit.clone()),
+            container: cgroup.as_ref().and_then(|name| name.container.clone()),
+            cgroup: cgroup.map(|name| name.path),
             verdict,
             reason,
             folded: None,

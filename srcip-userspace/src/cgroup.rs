@@ -13,9 +13,12 @@ use std::{
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use lru::LruCache;
+
+use crate::workload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScopeError {
@@ -103,7 +106,27 @@ pub struct CgroupNames {
     mount: PathBuf,
     /// The mount's root directory, which `open_by_handle_at` resolves handles against.
     root: Option<File>,
-    known: LruCache<u64, Option<String>>,
+    known: LruCache<u64, Option<CgroupName>>,
+}
+
+/// A cgroup's path and the workload its path names, worked out once per cgroup and shared
+/// by every alert about it.
+#[derive(Debug, Clone)]
+pub struct CgroupName {
+    /// Relative to the cgroup2 mount, starting with `/`.
+    pub path: Arc<str>,
+    pub unit: Option<Arc<str>>,
+    pub container: Option<Arc<str>>,
+}
+
+impl CgroupName {
+    fn new(path: String) -> Self {
+        Self {
+            unit: workload::unit_of(&path).map(Arc::from),
+            container: workload::container_of(&path).map(Arc::from),
+            path: path.into(),
+        }
+    }
 }
 
 impl CgroupNames {
@@ -115,9 +138,9 @@ impl CgroupNames {
         }
     }
 
-    /// The path of cgroup `id`, or `None` when it no longer exists. Misses are remembered
+    /// The names of cgroup `id`, or `None` when it no longer exists. Misses are remembered
     /// too: cgroup ids are never reused, so a vanished cgroup stays gone.
-    pub fn path_of(&mut self, id: u64) -> Option<String> {
+    pub fn name_of(&mut self, id: u64) -> Option<CgroupName> {
         if let Some(known) = self.known.get(&id) {
             return known.clone();
         }
@@ -127,7 +150,7 @@ impl CgroupNames {
             target
                 .strip_prefix(&self.mount)
                 .ok()
-                .map(relative_path_string)
+                .map(|path| CgroupName::new(relative_path_string(path)))
         });
         self.known.put(id, path.clone());
         path

@@ -125,7 +125,7 @@ pub async fn check_destination(
         })
     };
     Ok(DestinationCheck {
-        rule: rule.name.clone(),
+        rule: rule.name.to_string(),
         destination: policy::display_net(destination),
         dst,
         protocol: query.protocol.map(policy::Protocol::as_str),
@@ -185,4 +185,39 @@ fn print_row(out: &mut impl std::io::Write, row: &DestinationCheck) -> std::io::
         writeln!(out, "    fix: {fix}")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_is_checked_at_its_first_host_address() {
+        let at = |prefix: &str| representative(prefix.parse().unwrap()).to_string();
+        assert_eq!(at("198.51.100.50/32"), "198.51.100.50");
+        assert_eq!(at("198.51.100.0/24"), "198.51.100.1");
+        assert_eq!(at("198.51.100.6/31"), "198.51.100.6");
+        assert_eq!(at("2001:db8:50::/64"), "2001:db8:50::1");
+        assert_eq!(at("0.0.0.0/0"), "0.0.0.1");
+    }
+
+    #[test]
+    fn the_lookup_carries_the_rules_protocol_and_first_port() {
+        let policy = policy::parse(
+            Path::new("test.toml"),
+            "[[rule]]\nname = \"a\"\ndestinations = [\"192.0.2.1\"]\nports = [443, \"8000-8080\"]\nallowed_sources = [\"203.0.113.10\"]\n\n[[rule]]\nname = \"b\"\ndestinations = [\"192.0.2.2\"]\nprotocol = \"udp\"\nallowed_sources = [\"203.0.113.10\"]\n",
+        )
+        .unwrap();
+        let dst: IpAddr = "192.0.2.1".parse().unwrap();
+        let with_ports = query_for(&policy.rules[0], dst);
+        assert_eq!(
+            (with_ports.protocol, with_ports.dst_port),
+            (Some(policy::Protocol::Tcp), Some(443))
+        );
+        let udp = query_for(&policy.rules[1], dst);
+        assert_eq!(
+            (udp.protocol, udp.dst_port),
+            (Some(policy::Protocol::Udp), None)
+        );
+    }
 }

@@ -43,7 +43,7 @@ const NOTIFICATION_BUFFER_BYTES: usize = 4 << 20;
 /// give a violation whose source is the predicted one the same `reason`.
 #[derive(Debug, Default)]
 pub struct Predictions {
-    by_rule: HashMap<String, Vec<PredictedDestination>>,
+    by_rule: HashMap<Arc<str>, Vec<PredictedDestination>>,
 }
 
 #[derive(Debug)]
@@ -108,7 +108,7 @@ impl DriftWatch {
 }
 
 /// A destination of a rule; drift is tracked per key.
-type Key = (String, IpNet);
+type Key = (Arc<str>, IpNet);
 
 async fn watch_routes(
     router: Router,

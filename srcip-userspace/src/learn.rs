@@ -174,7 +174,12 @@ impl Seen {
             .insert(report.wire_src.unwrap_or(report.src));
         self.makers
             .entry((report.dst, report.protocol, report.dst_port))
-            .or_insert_with(|| report.unit.clone().unwrap_or_else(|| report.comm.clone()));
+            .or_insert_with(|| {
+                report
+                    .unit
+                    .as_deref()
+                    .map_or_else(|| report.comm.clone(), str::to_owned)
+            });
     }
 
     fn destinations(&self) -> usize {

@@ -146,7 +146,7 @@ impl Metrics {
         match &alert.body {
             AlertBody::Violation(report) => {
                 let labels = RuleLabels {
-                    rule: report.rule.clone().unwrap_or_default(),
+                    rule: report.rule.as_deref().unwrap_or_default().to_owned(),
                     action: report.action.to_owned(),
                 };
                 let count = report.folded.as_ref().map_or(1, |folded| folded.count);

@@ -70,7 +70,7 @@ fn refuse_unenforced_actions(policy: &Policy) -> Result<(), UnenforcedAction> {
     {
         Some(rule) => Err(UnenforcedAction {
             path: policy.path.clone(),
-            rule: rule.name.clone(),
+            rule: rule.name.to_string(),
             action: rule.action.as_str(),
         }),
         None => Ok(()),

@@ -274,7 +274,7 @@ allowed_sources = ["203.0.113.10"]
 "#,
         );
         let decision = m.decide(&tcp("203.0.113.11", "198.51.100.50", 22));
-        assert!(matches!(decision, Decision::Compliant(rule) if rule.name == "wide"));
+        assert!(matches!(decision, Decision::Compliant(rule) if &*rule.name == "wide"));
     }
 
     #[test]
@@ -282,7 +282,7 @@ allowed_sources = ["203.0.113.10"]
         let m = matcher(LAYERED);
         assert!(matches!(
             m.decide(&tcp("203.0.113.11", "198.51.100.50", 443)),
-            Decision::Violation(rule) if rule.name == "narrow-https"
+            Decision::Violation(rule) if &*rule.name == "narrow-https"
         ));
         assert!(matches!(
             m.decide(&tcp("203.0.113.10", "198.51.100.50", 443)),
@@ -290,7 +290,7 @@ allowed_sources = ["203.0.113.10"]
         ));
         assert!(matches!(
             m.decide(&tcp("2001:db8::11", "2001:db8:50::50", 8080)),
-            Decision::Violation(rule) if rule.name == "v6"
+            Decision::Violation(rule) if &*rule.name == "v6"
         ));
         assert!(matches!(
             m.decide(&tcp("2001:db8::10", "2001:db8:50::50", 8080)),
@@ -325,7 +325,7 @@ allowed_sources = ["203.0.113.10"]
         };
         assert!(matches!(
             m.decide(&udp),
-            Decision::Compliant(rule) if rule.name == "narrow-any-port"
+            Decision::Compliant(rule) if &*rule.name == "narrow-any-port"
         ));
     }
 

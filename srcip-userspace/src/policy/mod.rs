@@ -11,7 +11,7 @@ mod matcher;
 mod parse;
 mod resolve;
 
-use std::{fmt, net::IpAddr, path::PathBuf};
+use std::{fmt, net::IpAddr, path::PathBuf, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -123,12 +123,15 @@ pub enum Destination {
 
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub name: String,
+    /// Shared with every alert about the rule.
+    pub name: Arc<str>,
     pub destinations: Vec<(Destination, Location)>,
     /// `None`: every port.
     pub ports: Option<Vec<PortRange>>,
     pub protocol: ProtocolSelector,
     pub allowed_sources: Vec<IpNet>,
+    /// `allowed_sources` as alerts write them (`display_net`), made once.
+    pub allowed_sources_text: Arc<[String]>,
     pub action: Action,
 }
 

@@ -13,6 +13,7 @@ use std::{
     net::IpAddr,
     ops::Range,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net};
@@ -23,7 +24,7 @@ use toml::{
 
 use super::{
     Action, Destination, Location, Policy, PolicyError, PolicyLoadError, PortRange, Protocol,
-    ProtocolSelector, Rule, Unmatched, matcher,
+    ProtocolSelector, Rule, Unmatched, display_net, matcher,
 };
 
 /// A value of the file with its position.
@@ -182,7 +183,7 @@ impl Validator<'_> {
                 .array("rule", value)
                 .map_or(Vec::new(), |tables| tables.iter().collect::<Vec<_>>()),
         };
-        let mut first_line_of_name: HashMap<String, usize> = HashMap::new();
+        let mut first_line_of_name: HashMap<Arc<str>, usize> = HashMap::new();
         let mut rules = Vec::new();
         for table in tables {
             let Some(fields) = table.get_ref().as_table() else {
@@ -323,10 +324,14 @@ impl Validator<'_> {
         Some(NamedRule {
             name_span: name_value.span(),
             rule: Rule {
-                name,
+                name: name.into(),
                 destinations,
                 ports,
                 protocol,
+                allowed_sources_text: allowed_sources
+                    .iter()
+                    .map(|net| display_net(*net))
+                    .collect(),
                 allowed_sources,
                 action,
             },
@@ -530,7 +535,7 @@ action = "alert"                         # "alert" (default), "block" or "pin"
         let [rule] = policy.rules.as_slice() else {
             panic!("one rule expected")
         };
-        assert_eq!(rule.name, "payment-gateway");
+        assert_eq!(&*rule.name, "payment-gateway");
         let destinations: Vec<_> = rule.destinations.iter().map(|(d, _)| d.clone()).collect();
         assert_eq!(
             destinations,

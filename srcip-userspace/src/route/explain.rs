@@ -143,3 +143,91 @@ pub fn unprotecting_rules(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{HostRouting, PolicyRule};
+
+    fn query() -> Query {
+        Query {
+            dst: "198.51.100.50".parse().unwrap(),
+            protocol: None,
+            dst_port: None,
+        }
+    }
+
+    fn prediction(pref_src: Option<&str>, src: &str) -> Prediction {
+        Prediction {
+            src: Some(src.parse().unwrap()),
+            oif: Some("eth0".into()),
+            gateway: Some("203.0.113.1".parse().unwrap()),
+            table: Some(MAIN_TABLE),
+            route: Some(MatchedRoute {
+                prefix: "0.0.0.0/0".parse().unwrap(),
+                kind: RouteType::Unicast,
+                gateway: Some("203.0.113.1".parse().unwrap()),
+                oif: Some("eth0".into()),
+                pref_src: pref_src.map(|src| src.parse().unwrap()),
+                table: MAIN_TABLE,
+            }),
+            unreachable: None,
+        }
+    }
+
+    #[test]
+    fn reason_names_the_route_and_how_the_source_was_taken() {
+        let host = HostRouting::for_tests(&["eth0 203.0.113.10/24"], vec![]);
+        assert_eq!(
+            reason(
+                &query(),
+                &prediction(Some("203.0.113.11"), "203.0.113.11"),
+                &host
+            ),
+            "route default via 203.0.113.1 dev eth0 src 203.0.113.11 in table main"
+        );
+        assert_eq!(
+            reason(&query(), &prediction(None, "203.0.113.10"), &host),
+            "no src on the route default via 203.0.113.1 dev eth0 in table main; the kernel took the first primary address of eth0"
+        );
+        let unreachable = Prediction {
+            src: None,
+            oif: None,
+            gateway: None,
+            table: None,
+            route: None,
+            unreachable: Some("Network is unreachable".into()),
+        };
+        assert_eq!(
+            reason(&query(), &unreachable, &host),
+            "no route to 198.51.100.50: Network is unreachable"
+        );
+    }
+
+    #[test]
+    fn a_source_keyed_rule_for_an_allowed_source_is_named_as_not_protecting() {
+        let rule = crate::policy::parse(
+            std::path::Path::new("test.toml"),
+            "[[rule]]\nname = \"partner\"\ndestinations = [\"198.51.100.50\"]\nallowed_sources = [\"203.0.113.10\"]\n",
+        )
+        .unwrap()
+        .rules
+        .remove(0);
+        let host = HostRouting::for_tests(
+            &["eth0 203.0.113.10/24"],
+            vec![
+                PolicyRule::source_keyed(200, "203.0.113.10/32", 200),
+                // Another source's rule says nothing about this destination.
+                PolicyRule::source_keyed(201, "192.0.2.7/32", 201),
+            ],
+        );
+        let warnings =
+            unprotecting_rules(&rule, &query(), &prediction(None, "203.0.113.11"), &host);
+        assert_eq!(
+            warnings,
+            [
+                "ip rule \"200: from 203.0.113.10 lookup 200\" does not protect 198.51.100.50: it applies only to connections already bound to 203.0.113.10; a program that does not bind gets 203.0.113.11 from table main"
+            ]
+        );
+    }
+}

@@ -133,3 +133,106 @@ fn free_priority_before(table: u32, host: &HostRouting) -> u32 {
         .find(|priority| !host.rules.iter().any(|rule| rule.priority == *priority))
         .unwrap_or(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::route::RouteType;
+
+    use super::*;
+    use crate::{policy, route::PolicyRule};
+
+    fn rule() -> policy::Rule {
+        policy::parse(
+            std::path::Path::new("test.toml"),
+            "[[rule]]\nname = \"partner\"\ndestinations = [\"198.51.100.0/24\"]\nallowed_sources = [\"203.0.113.10\"]\n",
+        )
+        .unwrap()
+        .rules
+        .remove(0)
+    }
+
+    fn prediction(prefix: &str, table: u32) -> Prediction {
+        Prediction {
+            src: Some("203.0.113.11".parse().unwrap()),
+            oif: Some("eth0".into()),
+            gateway: Some("203.0.113.1".parse().unwrap()),
+            table: Some(table),
+            route: Some(MatchedRoute {
+                prefix: prefix.parse().unwrap(),
+                kind: RouteType::Unicast,
+                gateway: Some("203.0.113.1".parse().unwrap()),
+                oif: Some("eth0".into()),
+                pref_src: None,
+                table,
+            }),
+            unreachable: None,
+        }
+    }
+
+    #[test]
+    fn the_first_fix_is_a_route_in_the_table_used_at_least_as_specific_as_the_match() {
+        let rule = rule();
+        let host =
+            HostRouting::for_tests(&["eth0 203.0.113.10/24", "eth0 203.0.113.11/24"], vec![]);
+        // The policy's /24 is more specific than the default route: the fix writes the /24.
+        let default = prediction("0.0.0.0/0", MAIN_TABLE);
+        let written = fixes(&Fix {
+            rule: &rule,
+            destination: "198.51.100.0/24".parse().unwrap(),
+            prediction: &default,
+            host: &host,
+        });
+        assert!(
+            written[0].starts_with(
+                "ip route replace 198.51.100.0/24 via 203.0.113.1 dev eth0 src 203.0.113.10  #"
+            ),
+            "{written:#?}"
+        );
+        // A /32 route inside the /24 matched, in table 100: the fix replaces that one there.
+        let narrow = prediction("198.51.100.50/32", 100);
+        let written = fixes(&Fix {
+            rule: &rule,
+            destination: "198.51.100.0/24".parse().unwrap(),
+            prediction: &narrow,
+            host: &host,
+        });
+        assert!(
+            written[0].starts_with("ip route replace 198.51.100.50 via 203.0.113.1 dev eth0 src 203.0.113.10 table 100  #"),
+            "{written:#?}"
+        );
+        assert!(written.iter().all(|fix| !fix.contains("rule add from")));
+    }
+
+    #[test]
+    fn an_allowed_source_the_host_lacks_is_named_not_used() {
+        let rule = rule();
+        let host = HostRouting::for_tests(&["eth0 203.0.113.11/24"], vec![]);
+        let written = fixes(&Fix {
+            rule: &rule,
+            destination: "198.51.100.0/24".parse().unwrap(),
+            prediction: &prediction("0.0.0.0/0", MAIN_TABLE),
+            host: &host,
+        });
+        assert_eq!(
+            written,
+            [
+                "# no allowed source of rule \"partner\" (203.0.113.10) is an address of this host: add one to eth0 first"
+            ]
+        );
+    }
+
+    #[test]
+    fn policy_routing_takes_a_free_table_and_a_priority_before_the_rule_in_effect() {
+        let host = HostRouting::for_tests(
+            &["eth0 203.0.113.10/24"],
+            vec![
+                PolicyRule::source_keyed(100, "203.0.113.10/32", 100),
+                PolicyRule::source_keyed(32765, "203.0.113.11/32", 101),
+            ],
+        );
+        assert_eq!(free_table(&host), 102);
+        // No rule names main here, so the new one goes just before 32766, where main's is.
+        assert_eq!(free_priority_before(MAIN_TABLE, &host), 32764);
+        assert_eq!(free_priority_before(100, &host), 99);
+    }
+}

@@ -232,3 +232,47 @@ impl PolicyRule {
         selected != self.inverted
     }
 }
+
+#[cfg(test)]
+impl HostRouting {
+    /// A host with `addresses` (`INTERFACE ADDRESS/LEN`) and `rules`, for tests.
+    pub fn for_tests(addresses: &[&str], rules: Vec<PolicyRule>) -> Self {
+        let addresses = addresses
+            .iter()
+            .map(|entry| {
+                let (interface, address) = entry.split_once(' ').unwrap();
+                HostAddress {
+                    interface: interface.to_owned(),
+                    address: address.parse().unwrap(),
+                    secondary: false,
+                }
+            })
+            .collect();
+        Self {
+            addresses,
+            rules,
+            interfaces: HashMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PolicyRule {
+    /// `PRIORITY: from FROM lookup TABLE` of IPv4, for tests.
+    pub fn source_keyed(priority: u32, from: &str, table: u32) -> Self {
+        let mut rule = Self {
+            priority,
+            ipv6: false,
+            from: Some(from.parse().unwrap()),
+            to: None,
+            table: Some(table),
+            ip_protocol: None,
+            dst_ports: None,
+            other_selectors: false,
+            inverted: false,
+            text: String::new(),
+        };
+        rule.text = rule.describe();
+        rule
+    }
+}
