@@ -107,6 +107,9 @@ pub fn run_in_vm(
             "2",
             "--memory",
             "2G",
+            // The kernel's log goes to console.log, whose tail is shown when a VM stops
+            // early: without it a guest crash leaves no trace.
+            "--verbose",
         ])
         .arg("--rwdir")
         .arg(&run_dir)
