@@ -42,6 +42,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number, as the kernel and rtnetlink take it.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => srcip_common::record::IPPROTO_TCP,
+            Self::Udp => srcip_common::record::IPPROTO_UDP,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",

@@ -87,20 +87,12 @@ fn selecting_rule<'a>(
     table: u32,
     host: &'a HostRouting,
 ) -> Option<&'a super::PolicyRule> {
-    let protocol = query.protocol.map(protocol_number);
+    let protocol = query.protocol.map(Protocol::number);
     host.rules.iter().find(|rule| {
         rule.table == Some(table)
             && rule.family_matches(query.dst)
             && rule.matches_unbound(query.dst, protocol, query.dst_port)
     })
-}
-
-pub fn protocol_number(protocol: Protocol) -> u8 {
-    let number = match protocol {
-        Protocol::Tcp => libc::IPPROTO_TCP,
-        Protocol::Udp => libc::IPPROTO_UDP,
-    };
-    number as u8
 }
 
 /// Source-keyed rules (`ip rule add from ALLOWED lookup T`) that an operator may believe

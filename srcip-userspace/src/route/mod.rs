@@ -168,13 +168,9 @@ impl Router {
             .attributes
             .push(RouteAttribute::Destination(RouteAddress::from(query.dst)));
         if let Some(protocol) = query.protocol {
-            let number = match protocol {
-                Protocol::Tcp => libc::IPPROTO_TCP,
-                Protocol::Udp => libc::IPPROTO_UDP,
-            };
             message
                 .attributes
-                .push(RouteAttribute::IpProto(number as u8));
+                .push(RouteAttribute::IpProto(protocol.number()));
         }
         if let Some(port) = query.dst_port {
             message.attributes.push(RouteAttribute::Dport(port));
