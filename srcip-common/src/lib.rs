@@ -32,6 +32,11 @@ pub mod names {
     pub const RULES: &str = "RULES";
     /// One `policy::PolicyState`: what a reload changes besides the tables.
     pub const POLICY_STATE: &str = "POLICY_STATE";
+    /// LPM tries of blocking rules' destination prefixes → `policy::PredictedSource`.
+    pub const PREDICTED_V4_SOURCES: &str = "PREDICTED_V4_SOURCES";
+    pub const PREDICTED_V6_SOURCES: &str = "PREDICTED_V6_SOURCES";
+    /// Hash of `policy::PinSource` → network namespace cookie: pin sources the host has.
+    pub const PRESENT_PIN_SOURCES: &str = "PRESENT_PIN_SOURCES";
     /// Global: non-zero reports every connection (`run --all`).
     pub const REPORT_ALL: &str = "REPORT_ALL";
     /// Global: srcip's own process id; its sockets are recorded but never audited.
@@ -46,9 +51,14 @@ pub mod names {
     pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
     /// The `cgroup/sock_create` program that records a socket's owner.
     pub const SOCK_CREATE_PROGRAM: &str = "srcip_sock_create";
-    /// The `cgroup/connect4` and `connect6` programs that adopt sockets created before srcip.
+    /// The `cgroup/connect4` and `connect6` programs that adopt sockets created before srcip,
+    /// and pin or block.
     pub const CONNECT4_PROGRAM: &str = "srcip_connect4";
     pub const CONNECT6_PROGRAM: &str = "srcip_connect6";
+    /// The `cgroup/sendmsg4` and `sendmsg6` programs that pin and block unconnected UDP
+    /// datagrams; attached only while the policy pins or blocks UDP.
+    pub const SENDMSG4_PROGRAM: &str = "srcip_sendmsg4";
+    pub const SENDMSG6_PROGRAM: &str = "srcip_sendmsg6";
     /// The `cgroup_skb/egress` program that records the source TCP SYNs and UDP datagrams
     /// leave with.
     pub const EGRESS_PROGRAM: &str = "srcip_egress";

@@ -32,8 +32,8 @@ pub struct SocketOwner {
     pub comm: [u8; 16],
     /// Non-zero: the socket's connections are audited.
     pub audited: u32,
-    /// Explicit padding so the layout has no hidden holes; always zero.
-    pub reserved: u32,
+    /// `OWNER_*` bits.
+    pub flags: u32,
     /// Fingerprint of the last flow (source, destination, port) this socket's packets were
     /// decided for: a UDP datagram of the same flow, or a retransmitted SYN, costs a
     /// comparison, not a map lookup.
@@ -42,6 +42,10 @@ pub struct SocketOwner {
 }
 
 const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56);
+
+/// `SocketOwner::flags`: srcip bound the socket to a `pin` rule's source at `connect()`, so
+/// its connection is reported as pinned.
+pub const OWNER_PINNED: u32 = 1 << 0;
 
 #[cfg(feature = "user")]
 mod user {

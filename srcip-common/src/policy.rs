@@ -27,6 +27,14 @@ pub const MAX_ALLOWED_SOURCES: usize = 8;
 pub const PROTOCOL_TCP: u32 = 1 << 0;
 pub const PROTOCOL_UDP: u32 = 1 << 1;
 
+/// `KernelRule::action`: what the kernel does at `connect()` besides reporting.
+pub const ACTION_ALERT: u32 = 0;
+/// Refuse a connection whose source (bound, or predicted, see `PREDICTED_SOURCES`) the rule
+/// does not allow.
+pub const ACTION_BLOCK: u32 = 1;
+/// Bind a socket that has no source yet to the rule's pin source of its family.
+pub const ACTION_PIN: u32 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Candidates {
@@ -72,9 +80,15 @@ pub struct KernelRule {
     pub source_count: u32,
     pub port_ranges: [PortRange; MAX_PORT_RANGES],
     pub sources: [SourcePrefix; MAX_ALLOWED_SOURCES],
+    /// `ACTION_*`. An enforcing rule is never `undecidable` (user space refuses such a
+    /// policy).
+    pub action: u32,
+    /// The addresses `ACTION_PIN` binds to, network order; all zero: none of that family.
+    pub pin_v4: [u8; 4],
+    pub pin_v6: [u8; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<KernelRule>() == 16 + 32 + 36 * 8);
+const _: () = assert!(core::mem::size_of::<KernelRule>() == 16 + 32 + 36 * 8 + 24);
 
 /// The single entry of `POLICY_STATE`.
 #[repr(C)]
@@ -85,7 +99,41 @@ pub struct PolicyState {
     /// Counts reloads. Flows decided under an earlier generation are decided again (UDP
     /// flows are remembered per generation).
     pub generation: u32,
+    /// Non-zero when some rule pins or blocks: only then does `connect()` look the
+    /// destination up, so that an auditing-only policy costs the connect path nothing.
+    pub enforcing: u32,
 }
+
+/// The source the kernel would choose for a destination prefix of a blocking rule, as the
+/// route module predicts it (user space rewrites it on every routing change): what `block`
+/// judges a socket by when its program never bound one. Kept in one LPM trie per family,
+/// `PREDICTED_V4_SOURCES` and `PREDICTED_V6_SOURCES`, keyed like the destination tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PredictedSource {
+    /// Record layout: network order, IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// The network namespace whose routing tables were read (srcip's own): a socket of
+    /// another namespace has other routes, and is not judged by this prediction.
+    pub netns_cookie: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<PredictedSource>() == 24);
+
+/// A pin source of the policy, the key of `PRESENT_PIN_SOURCES`, whose value is the cookie
+/// of the network namespace user space saw it in (srcip's own). A datagram's source is set
+/// to a pin source only when it is there: the kernel fails a datagram from an address the
+/// host does not have, where a failed bind at `connect()` only leaves the route's choice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PinSource {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Record layout.
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<PinSource>() == 20);
 
 /// Rules (and prefixes per family) a policy map has room for when the policy had `count` at
 /// start: a reload may grow the policy by a quarter, or 256, before srcip must restart. The
@@ -102,4 +150,8 @@ mod user {
     unsafe impl aya::Pod for super::Candidates {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PredictedSource {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PinSource {}
 }

@@ -84,7 +84,8 @@ pub struct ConnectRecord {
     /// Command name of the socket owner's thread, NUL-padded.
     pub comm: [u8; 16],
     /// Index of the rule the kernel found violated, [`crate::fold::NO_RULE`] for an
-    /// unmatched violation; meaningful with [`RecordFlags::FOLD_WINDOW`] only.
+    /// unmatched violation; meaningful with [`RecordFlags::FOLD_WINDOW`] only (user space
+    /// decides every record again with its own matcher).
     pub rule: u32,
     /// [`RecordFlags`] bits.
     pub flags: u32,
@@ -102,6 +103,13 @@ impl RecordFlags {
     /// Address translation on this host (SNAT, MASQUERADE) changed the source between the
     /// socket and the wire: `wire_src_addr` differs from `src_addr`.
     pub const TRANSLATED: u32 = 1 << 1;
+    /// The connection matched a `pin` rule and srcip bound it to the rule's source.
+    pub const PINNED: u32 = 1 << 2;
+    /// The kernel refused the connection or datagram (`block`): it never left.
+    pub const REFUSED: u32 = 1 << 3;
+    /// With `REFUSED`: the program had bound no source, so `src_addr` is the one the route
+    /// module predicted the kernel would choose.
+    pub const PREDICTED: u32 = 1 << 4;
 }
 
 /// Indexes of the per-CPU `COUNTERS` map.
@@ -122,10 +130,13 @@ pub enum Counter {
     /// TCP connections and new UDP flows the kernel decided, whatever the outcome.
     ObservedTcp = 5,
     ObservedUdp = 6,
+    /// `pin` binds that failed (the address is not on the host in the socket's namespace
+    /// any more): the connection left with the route's source, and was judged by it.
+    PinFailures = 7,
 }
 
 /// Number of entries in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 8;
 
 #[cfg(feature = "user")]
 mod user {

@@ -5,6 +5,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod connect;
 mod egress;
 mod fold;
 mod maps;

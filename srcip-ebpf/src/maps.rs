@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use srcip_common::{
-    policy::{Candidates, KernelRule, PolicyState},
+    policy::{Candidates, KernelRule, PinSource, PolicyState, PredictedSource},
     record::{COUNTER_COUNT, Counter, EVENTS_RING_BYTES},
     scope::MAX_AUDITED_CGROUPS,
 };
@@ -35,6 +35,21 @@ pub static RULES: Array<KernelRule> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static POLICY_STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
+
+/// The sources the kernel is predicted to choose for blocking rules' destinations, see
+/// `srcip_common::policy::PredictedSource`; sized by user space like the destination tries.
+#[map]
+pub static PREDICTED_V4_SOURCES: LpmTrie<[u8; 4], PredictedSource> =
+    LpmTrie::with_max_entries(1, 0);
+
+/// Pin sources the host has, with the namespace it has them in; see
+/// `srcip_common::policy::PinSource`.
+#[map]
+pub static PRESENT_PIN_SOURCES: HashMap<PinSource, u64> = HashMap::with_max_entries(1, 0);
+
+#[map]
+pub static PREDICTED_V6_SOURCES: LpmTrie<[u8; 16], PredictedSource> =
+    LpmTrie::with_max_entries(1, 0);
 
 /// Audited cgroup id → unused byte; see `srcip_common::scope`.
 #[map]

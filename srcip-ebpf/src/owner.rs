@@ -25,7 +25,7 @@ use aya_ebpf::{
             bpf_sk_storage_get,
         },
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr, map},
+    macros::{btf_map, cgroup_sock, map},
     maps::LruHashMap,
     programs::{SockAddrContext, SockContext},
 };
@@ -53,7 +53,7 @@ static DAEMON_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static AUDIT_DAEMON: u32 = 0;
 
-/// Both cgroup hooks allow the operation whatever srcip finds: it observes, it never refuses.
+/// `sock_create` allows every socket: srcip refuses connections, never sockets.
 const ALLOW: i32 = 1;
 
 /// Runs in the task that creates the socket, so the current task is the owner and its cgroup
@@ -86,23 +86,12 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     ALLOW
 }
 
-/// A socket created before srcip started has no owner yet: the task connecting it, which is
-/// current here, is the best owner there is. (Unconnected UDP sockets made earlier are
-/// adopted by user space at start, `srcip-userspace/src/adopt.rs`: a `sendmsg4/6` program
-/// would make the kernel lock every such socket for every datagram.)
-#[cgroup_sock_addr(connect4)]
-pub fn srcip_connect4(ctx: SockAddrContext) -> i32 {
-    adopt_unowned(&ctx);
-    ALLOW
-}
-
-#[cgroup_sock_addr(connect6)]
-pub fn srcip_connect6(ctx: SockAddrContext) -> i32 {
-    adopt_unowned(&ctx);
-    ALLOW
-}
-
-fn adopt_unowned(ctx: &SockAddrContext) {
+/// The owner of the socket `connect()` is running for, when it is audited. A socket created
+/// before srcip started has no owner yet: the task connecting it, which is current in
+/// `cgroup/connect4/6`, is the best owner there is, and is recorded here. (Unconnected UDP
+/// sockets made earlier are adopted by user space at start, `srcip-userspace/src/adopt.rs`:
+/// a `sendmsg4/6` program would make the kernel lock every such socket for every datagram.)
+pub fn connecting_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
     let context = ctx.sock_addr.cast();
     // SAFETY: the context pointer the kernel passed to this program; `sk` is never null in
     // these hooks.
@@ -117,16 +106,21 @@ fn adopt_unowned(ctx: &SockAddrContext) {
         IPPROTO_TCP => {
             // SAFETY: the program's context, as the helper expects in this hook.
             let cookie = unsafe { bpf_get_socket_cookie(context) };
-            if !tcp_owner_exists(cookie) && may_adopt() {
-                store_tcp_owner(cookie, &current_task_as_owner(context, true));
+            if let Some(owner) = tcp_owner(cookie) {
+                return Some(owner);
             }
-        }
-        IPPROTO_UDP => {
-            if udp_owner(sk).is_none() && may_adopt() {
-                store_udp_owner(sk, &current_task_as_owner(context, true));
+            if !may_adopt() {
+                return None;
             }
+            store_tcp_owner(cookie, &current_task_as_owner(context, true));
+            tcp_owner(cookie)
         }
-        _ => {}
+        IPPROTO_UDP => match udp_owner(sk) {
+            Some(owner) => (owner.audited != 0).then_some(owner),
+            None if may_adopt() => store_udp_owner(sk, &current_task_as_owner(context, true)),
+            None => None,
+        },
+        _ => None,
     }
 }
 
@@ -143,8 +137,13 @@ fn current_task_is_daemon() -> bool {
     tgid == unsafe { core::ptr::read_volatile(&DAEMON_TGID) }
 }
 
-fn tcp_owner_exists(cookie: u64) -> bool {
-    TCP_OWNERS.get_ptr(&cookie).is_some()
+/// Only audited TCP sockets have an owner entry.
+fn tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
+    // SAFETY: a value of a preallocated map stays valid for the program run. Only the socket's
+    // own `connect()` writes it (`flags`), before its SYN, whose egress run takes the entry.
+    TCP_OWNERS
+        .get_ptr_mut(&cookie)
+        .map(|owner| unsafe { &mut *owner })
 }
 
 /// The owner of the TCP socket with `cookie`, removed from the table: only audited sockets
@@ -187,7 +186,7 @@ fn current_task_as_owner(ctx: *mut c_void, audited: bool) -> SocketOwner {
         // A missing name must not lose the owner: the connection is still reported.
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         audited: u32::from(audited),
-        reserved: 0,
+        flags: 0,
         last_flow: 0,
     }
 }
@@ -201,8 +200,8 @@ fn store_tcp_owner(cookie: u64, owner: &SocketOwner) {
 }
 
 /// `sk` is the socket, or in `sock_create` the program's context, which the helper takes
-/// as the socket there.
-fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) {
+/// as the socket there. Returns the stored owner.
+fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
     // SAFETY: as in `udp_owner`; the helper copies `owner` into the new storage.
     let stored = unsafe {
         bpf_sk_storage_get(
@@ -216,6 +215,8 @@ fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) {
     if stored.is_null() {
         count(Counter::HookErrors);
     }
+    // SAFETY: as in `udp_owner`.
+    unsafe { stored.cast::<SocketOwner>().as_mut() }
 }
 
 /// aya-ebpf keeps `SkStorage::as_ptr` private and its accessors take only connect contexts.

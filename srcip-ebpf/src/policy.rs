@@ -6,8 +6,8 @@ use aya_ebpf::maps::lpm_trie::Key;
 use srcip_common::{
     fold::NO_RULE,
     policy::{
-        Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP,
-        PROTOCOL_UDP, PolicyState,
+        ACTION_ALERT, ACTION_PIN, Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES,
+        MAX_PORT_RANGES, PROTOCOL_TCP, PROTOCOL_UDP, PolicyState,
     },
     record::{AF_INET, IPPROTO_TCP},
 };
@@ -38,6 +38,8 @@ pub enum Delivery {
     Undecided,
     /// At once: a violation of rule `rule` (`NO_RULE`: unmatched, and the policy alerts).
     Violation { rule: u32 },
+    /// With the next poll: a connection srcip pinned to its `pin` rule's source.
+    Pinned,
 }
 
 /// What a reload changes besides the tables. The entry always exists (an array's).
@@ -51,27 +53,58 @@ pub fn reports_all() -> bool {
     unsafe { core::ptr::read_volatile(&REPORT_ALL) != 0 }
 }
 
-pub fn delivery(connection: &Connection) -> Delivery {
+/// `pinned`: srcip bound the connection's socket to a `pin` rule's source.
+pub fn delivery(connection: &Connection, pinned: bool) -> Delivery {
     match verdict(connection) {
         Verdict::Violation { rule } => Delivery::Violation { rule },
         Verdict::Undecided => Delivery::Undecided,
-        Verdict::Fine if reports_all() => Delivery::Quiet,
-        Verdict::Fine => Delivery::Skip,
+        Verdict::Fine { action } if pinned && action == ACTION_PIN => Delivery::Pinned,
+        Verdict::Fine { .. } if reports_all() => Delivery::Quiet,
+        Verdict::Fine { .. } => Delivery::Skip,
     }
 }
 
 enum Verdict {
-    Fine,
+    /// Compliant with a rule of `action`, or unmatched and ignored (`ACTION_ALERT`).
+    Fine {
+        action: u32,
+    },
     Undecided,
-    Violation { rule: u32 },
+    Violation {
+        rule: u32,
+    },
 }
 
 fn verdict(connection: &Connection) -> Verdict {
     let unmatched = if state().report_unmatched != 0 {
         Verdict::Violation { rule: NO_RULE }
     } else {
-        Verdict::Fine
+        Verdict::Fine {
+            action: ACTION_ALERT,
+        }
     };
+    match lookup(connection) {
+        Lookup::Rule(_, rule) if rule.undecidable != 0 => Verdict::Undecided,
+        Lookup::Rule(index, rule) if !allows_source(rule, connection.family, connection.src) => {
+            Verdict::Violation { rule: index }
+        }
+        Lookup::Rule(_, rule) => Verdict::Fine {
+            action: rule.action,
+        },
+        Lookup::Truncated => Verdict::Undecided,
+        Lookup::Unmatched => unmatched,
+    }
+}
+
+enum Lookup {
+    /// The rule with this index in `RULES` applies.
+    Rule(u32, &'static KernelRule),
+    /// No listed candidate applies, but more rules apply at the prefix than were listed.
+    Truncated,
+    Unmatched,
+}
+
+fn lookup(connection: &Connection) -> Lookup {
     let dst = connection.dst;
     let candidates = if connection.family == AF_INET {
         V4_DESTINATIONS.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
@@ -79,24 +112,30 @@ fn verdict(connection: &Connection) -> Verdict {
         V6_DESTINATIONS.get(Key::new(128, *dst))
     };
     let Some(candidates) = candidates else {
-        return unmatched;
+        return Lookup::Unmatched;
     };
     match first_matching_rule(candidates, connection) {
-        Some((_, rule)) if rule.undecidable != 0 => Verdict::Undecided,
-        Some((index, rule)) if !allows_source(rule, connection) => {
-            Verdict::Violation { rule: index }
-        }
-        Some(_) => Verdict::Fine,
-        None if candidates.truncated != 0 => Verdict::Undecided,
-        None => unmatched,
+        Some((index, rule)) => Lookup::Rule(index, rule),
+        None if candidates.truncated != 0 => Lookup::Truncated,
+        None => Lookup::Unmatched,
     }
 }
 
+/// The rule that applies to `connection` when it pins or blocks, with its index. (The
+/// connection's `src` is not read.)
+pub fn enforcing_rule(connection: &Connection) -> Option<(u32, &'static KernelRule)> {
+    match lookup(connection) {
+        Lookup::Rule(index, rule) if rule.action != ACTION_ALERT && rule.undecidable == 0 => {
+            Some((index, rule))
+        }
+        _ => None,
+    }
+}
 /// The first candidate rule whose protocol and ports include the connection, with its index.
-fn first_matching_rule<'a>(
+fn first_matching_rule(
     candidates: &Candidates,
     connection: &Connection,
-) -> Option<(u32, &'a KernelRule)> {
+) -> Option<(u32, &'static KernelRule)> {
     let protocol = if connection.protocol == IPPROTO_TCP {
         PROTOCOL_TCP
     } else {
@@ -131,18 +170,19 @@ fn includes_port(rule: &KernelRule, port: u16) -> bool {
     false
 }
 
-fn allows_source(rule: &KernelRule, connection: &Connection) -> bool {
+/// Whether `rule` allows `src`, an address of `family` in the record layout.
+pub fn allows_source(rule: &KernelRule, family: u8, src: &[u8; 16]) -> bool {
     for index in 0..MAX_ALLOWED_SOURCES {
         if index as u32 >= rule.source_count {
             break;
         }
         let allowed = &rule.sources[index];
-        if allowed.family != u32::from(connection.family) {
+        if allowed.family != u32::from(family) {
             continue;
         }
         let mut inside = true;
         for byte in 0..16 {
-            if connection.src[byte] & allowed.mask[byte] != allowed.addr[byte] {
+            if src[byte] & allowed.mask[byte] != allowed.addr[byte] {
                 inside = false;
             }
         }

@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use srcip_common::{
     fold::{FoldKey, NO_RULE},
-    owner::SocketOwner,
+    owner::{OWNER_PINNED, SocketOwner},
     record::{ConnectRecord, Counter, IPPROTO_TCP, RecordFlags, RecordHeader, RecordKind},
 };
 
@@ -22,20 +22,32 @@ use crate::{
 /// the whole call chain, and 5.10 counts each frame at its largest.
 #[inline(always)]
 pub fn report(owner: &SocketOwner, connection: &Connection, socket_src: &[u8; 16], src_port: u16) {
+    let delivery = delivery(connection, owner.flags & OWNER_PINNED != 0);
+    record(owner, connection, socket_src, src_port, delivery, 0);
+}
+
+/// `report` for a connection already decided (`delivery`), with `RecordFlags` the caller
+/// knows (`REFUSED`).
+#[inline(always)]
+pub fn record(
+    owner: &SocketOwner,
+    connection: &Connection,
+    socket_src: &[u8; 16],
+    src_port: u16,
+    delivery: Delivery,
+    mut flags: u32,
+) {
     let tcp = connection.protocol == IPPROTO_TCP;
     count(if tcp {
         Counter::ObservedTcp
     } else {
         Counter::ObservedUdp
     });
-    let delivery = delivery(connection);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let mut flags = if socket_src == connection.src {
-        0
-    } else {
-        RecordFlags::TRANSLATED
-    };
+    if socket_src != connection.src {
+        flags |= RecordFlags::TRANSLATED;
+    }
     let rule = match delivery {
         Delivery::Skip => {
             count(if tcp {
@@ -68,11 +80,16 @@ pub fn report(owner: &SocketOwner, connection: &Connection, socket_src: &[u8; 16
             rule
         }
         Delivery::Violation { rule } => rule,
+        Delivery::Pinned => {
+            flags |= RecordFlags::PINNED;
+            NO_RULE
+        }
         Delivery::Undecided | Delivery::Quiet => NO_RULE,
     };
     // SAFETY (each write): `record` points at a reserved ring-buffer slot of a whole
     // `ConnectRecord`; every field is written, none is read.
-    submit::<ConnectRecord>(delivery != Delivery::Quiet, |record| unsafe {
+    let urgent = !matches!(delivery, Delivery::Quiet | Delivery::Pinned);
+    submit::<ConnectRecord>(urgent, |record| unsafe {
         (&raw mut (*record).header).write(RecordHeader {
             kind: RecordKind::Connect as u32,
             len: size_of::<ConnectRecord>() as u32,

@@ -218,7 +218,7 @@ fn process_owner(
         uid,
         comm,
         audited: 1,
-        reserved: 0,
+        flags: 0,
         last_flow: 0,
     })
 }

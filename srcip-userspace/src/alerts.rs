@@ -3,12 +3,14 @@
 //! # Format
 //! `json`: one object per line. Every line has `type`, `time` (RFC 3339, UTC, microseconds)
 //! and `host`. Types: `started`, `violation`, `connect` (with `--all`), `reloaded`,
-//! `policy_error`, `lost`, `stopped`.
+//! `policy_error`, `lost`, `stopped`, `pinned` (a connection srcip bound to its `pin` rule's
+//! source).
 //! Connection lines carry `rule` (null when no rule matched), `action`, `protocol`,
 //! `family` (on the wire), `src`, `wire_src` (null unless this host translated `src`),
 //! `src_port`, `dst`, `dst_port`, `allowed_sources`, `pid`, `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
 //! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
-//! `violation` or `unmatched`). `lost` has `count`. `started` adds `version`, `policy`,
+//! `violation` or `unmatched`); a violation of a `block` rule adds `blocked` (and `predicted`
+//! when the refused source was predicted, not bound). `lost` has `count`. `started` adds `version`, `policy`,
 //! `rules`, `cgroups` (the audited cgroups, empty for all), `kernel` (the release) and
 //! `degraded` (what srcip cannot report here, and why; empty when all works). `reloaded` has
 //! `policy` and `rules`, `policy_error` `policy` and `errors`. `stopped` adds
@@ -47,6 +49,8 @@ pub enum AlertBody {
         degraded: Vec<String>,
     },
     Violation(ConnectionReport),
+    /// A connection of a `pin` rule that srcip bound to the rule's source.
+    Pinned(ConnectionReport),
     Connect(ConnectionReport),
     Lost {
         count: u64,
@@ -82,6 +86,7 @@ impl AlertBody {
         match self {
             Self::Started { .. } => "started",
             Self::Violation(_) => "violation",
+            Self::Pinned(_) => "pinned",
             Self::Connect(_) => "connect",
             Self::Lost { .. } => "lost",
             Self::RouteDrift(_) => "route_drift",
@@ -122,6 +127,15 @@ pub struct ConnectionReport {
     /// destination (not bound by the program, not translated): why the kernel chose it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// On a violation of a `block` rule: whether the kernel refused it. `false` when the
+    /// connection left anyway: the program bound no source and the prediction said allowed
+    /// (a routing change not yet followed, docs/design.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<bool>,
+    /// On a blocked connection whose program bound no source: `src` is the source the
+    /// routing tables would have given it, as predicted, not one it left with.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub predicted: bool,
     /// Set on a folded `violation`: the repeats it stands for.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub folded: Option<Folded>,
@@ -279,7 +293,11 @@ pub fn text_message(body: &AlertBody) -> String {
                 "started: policy {policy} ({rules} rules), auditing {scope} on Linux {kernel}{degraded}"
             )
         }
+        AlertBody::Violation(report) if report.blocked == Some(true) => {
+            format!("VIOLATION BLOCKED {}", connection_text(report))
+        }
         AlertBody::Violation(report) => format!("VIOLATION {}", connection_text(report)),
+        AlertBody::Pinned(report) => format!("pinned {}", connection_text(report)),
         AlertBody::Connect(report) => format!(
             "connect ({}) {}",
             match report.verdict {
@@ -417,6 +435,8 @@ mod tests {
                 dst_port: 443,
                 allowed_sources: vec!["2001:db8::10".to_owned()].into(),
                 reason: None,
+                blocked: None,
+                predicted: false,
                 pid: 42,
                 comm: "curl".into(),
                 uid: 0,

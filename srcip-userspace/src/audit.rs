@@ -6,6 +6,7 @@
 //! [`POLL_INTERVAL`] (see `srcip-ebpf/src/maps.rs`).
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,13 +20,13 @@ use crate::{
     alerts::{Alert, AlertBody, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     drift::SharedPredictions,
-    events::{BootClock, ConnectEvent, EventRing, KernelEvent},
+    events::{BootClock, ConnectEvent, Enforcement, EventRing, KernelEvent},
     folding::Folding,
     loader::{AuditSettings, KernelPrograms},
     metrics::{Metrics, ProtocolLabels},
     netns::NetnsInodes,
-    policy::{ConnectionKey, Decision, Matcher, Rule},
-    policy_maps::{KernelPolicy, WriteError},
+    policy::{Action, ConnectionKey, Decision, Matcher, Rule},
+    policy_maps::{KernelPolicy, RoutingMaps},
 };
 
 /// Longest time a record the kernel did not wake us for waits in the ring buffer.
@@ -51,9 +52,13 @@ pub struct AuditSession {
     /// Records that could not be decoded; they are reported as lost.
     undecodable: u64,
     hook_errors_reported: u64,
+    pin_failures_reported: u64,
     housekeeping_at: Instant,
     /// The drift watch's latest predictions, for `reason` on violations (empty without one).
     predictions: SharedPredictions,
+    /// What enforcement needs of the route module in the kernel, until the drift watch
+    /// takes it to keep it current.
+    routing_maps: Option<RoutingMaps>,
 }
 
 impl AuditSession {
@@ -63,8 +68,23 @@ impl AuditSession {
         settings: AuditSettings<'_>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let (programs, maps) = KernelPrograms::load_and_attach(settings, &matcher.kernel_tables())?;
+        let tables = matcher.kernel_tables();
+        let (mut programs, maps) = KernelPrograms::load_and_attach(settings, &tables)?;
+        programs.enforce_datagrams(tables.enforcing_udp)?;
         let mut netns = NetnsInodes::new(maps.socket_owners);
+        // Predictions read srcip's own routes, so they judge only its own namespace's sockets.
+        let own_netns = netns.cookie_at(Path::new("/proc/self/ns/net"));
+        if own_netns.is_none() {
+            warn!(
+                "cannot learn srcip's network namespace cookie: block judges only sockets whose program bound a source, and pin sets no datagram's source"
+            );
+        }
+        let routing_maps = RoutingMaps::new(
+            maps.predicted_v4,
+            maps.predicted_v6,
+            maps.present_pin_sources,
+            own_netns.unwrap_or(0),
+        );
         // After the attach, so that no socket falls between the scan and `sock_create`.
         adopt_udp_sockets(
             &mut netns,
@@ -94,14 +114,22 @@ impl AuditSession {
             lost_reported: 0,
             undecodable: 0,
             hook_errors_reported: 0,
+            pin_failures_reported: 0,
             housekeeping_at: Instant::now(),
             predictions: SharedPredictions::default(),
+            routing_maps: Some(routing_maps),
         })
     }
 
     /// Where a drift watch keeps its predictions for this session's violations.
     pub fn predictions(&self) -> SharedPredictions {
         Arc::clone(&self.predictions)
+    }
+
+    /// The kernel maps of predicted sources and present pin sources, for the drift watch to
+    /// keep current; `None` once taken.
+    pub fn take_routing_maps(&mut self) -> Option<RoutingMaps> {
+        self.routing_maps.take()
     }
 
     /// Waits for records and returns the alerts they produce (possibly none). Cancel-safe:
@@ -140,8 +168,9 @@ impl AuditSession {
                 });
                 let (rule, verdict) = rule_and_verdict(decision);
                 let violation = verdict == Verdict::Violation;
+                let pinned = event.enforcement == Enforcement::Pinned && !violation;
                 // Attribution costs file-system walks: only for what will be reported.
-                if !violation && !report_all {
+                if !violation && !pinned && !report_all {
                     return;
                 }
                 // The kernel's choice (not bound, not translated) has the drift watch's reason.
@@ -159,13 +188,15 @@ impl AuditSession {
                     folding.opened(window, report.clone());
                 }
                 // `--all` writes every connection; its report is copied only for one that
-                // is also a violation.
-                if report_all && violation {
+                // is also a violation or pinned.
+                if report_all && (violation || pinned) {
                     let body = AlertBody::Connect(report.clone());
                     alerts.push(Alert { time, body });
                 }
                 let body = if violation {
                     AlertBody::Violation(report)
+                } else if pinned {
+                    AlertBody::Pinned(report)
                 } else {
                     AlertBody::Connect(report)
                 };
@@ -205,6 +236,15 @@ impl AuditSession {
                 &self.metrics.decided_in_kernel.get_or_create(&labels),
                 self.counter_total(decided),
             );
+        }
+        let pin_failures = self.counter_total(Counter::PinFailures);
+        Metrics::set_total(&self.metrics.pin_failures, pin_failures);
+        if pin_failures > self.pin_failures_reported {
+            warn!(
+                "{} connections of a pin rule could not be bound to its source (not an address of their network namespace): they left with the route's source",
+                pin_failures - self.pin_failures_reported
+            );
+            self.pin_failures_reported = pin_failures;
         }
         let hook_errors = self.counter_total(Counter::HookErrors);
         Metrics::set_total(&self.metrics.hook_errors, hook_errors);
@@ -264,7 +304,11 @@ impl AuditSession {
         reason: Option<String>,
     ) -> ConnectionReport {
         let cgroup = cgroup_names.name_of(event.cgroup_id);
+        let refused = matches!(event.enforcement, Enforcement::Refused { .. });
+        let blocking = rule.is_some_and(|rule| rule.action == Action::Block);
         ConnectionReport {
+            blocked: (verdict == Verdict::Violation && blocking).then_some(refused),
+            predicted: event.enforcement == Enforcement::Refused { predicted: true },
             rule: rule.map(|rule| Arc::clone(&rule.name)),
             action: rule.map_or("alert", |rule| rule.action.as_str()),
             protocol: event.protocol.as_str(),
@@ -314,8 +358,17 @@ impl AuditSession {
     /// Decides with `matcher` from the next connection on, in the kernel and here. Records
     /// the kernel made before are decided again with it when they are read. On error the
     /// current policy stays, whole.
-    pub fn reload(&mut self, matcher: Matcher) -> Result<(), WriteError> {
-        self.policy.replace(&matcher.kernel_tables())?;
+    pub fn reload(&mut self, matcher: Matcher) -> anyhow::Result<()> {
+        let tables = matcher.kernel_tables();
+        // The sendmsg programs are in place before a policy that needs them, and go after
+        // the last one that did.
+        if tables.enforcing_udp {
+            self.programs.enforce_datagrams(true)?;
+        }
+        self.policy.replace(&tables)?;
+        if !tables.enforcing_udp {
+            self.programs.enforce_datagrams(false)?;
+        }
         self.matcher = matcher;
         Ok(())
     }

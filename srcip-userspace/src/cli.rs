@@ -137,6 +137,11 @@ pub struct RunArgs {
     /// one (never lost).
     #[arg(long, value_name = "ENTRIES", default_value_t = DEFAULT_FOLD_ENTRIES, value_parser = clap::value_parser!(u32).range(1..))]
     fold_table_size: u32,
+    /// How long after a change of routes, addresses or rules srcip reads them again: the
+    /// rest of a burst arrives first. Until then route drift is not reported, and `block`
+    /// still judges sockets that bound no source by the previous prediction.
+    #[arg(long, value_name = "DURATION", default_value = "150ms", value_parser = humantime::parse_duration)]
+    route_settle: std::time::Duration,
 }
 
 impl RunArgs {
@@ -158,6 +163,7 @@ impl RunArgs {
             ring_buffer_bytes: self.ring_buffer_size,
             fold_window: self.fold_window,
             fold_entries: self.fold_table_size,
+            route_settle: self.route_settle,
         }
     }
 }

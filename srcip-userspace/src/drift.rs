@@ -8,7 +8,8 @@
 //! burst of changes (an interface coming up with its addresses and routes) is one
 //! evaluation. It predicts once at start too, so a destination that is already wrong is
 //! reported then. Predictions are per destination and per routing change, never per
-//! connection. Alerts go to the daemon's loop through a channel; a reloaded policy comes
+//! connection. Those of blocking rules' destinations also go to the kernel, where `block`
+//! judges a socket that bound no source by them (`srcip-ebpf/src/connect.rs`). Alerts go to the daemon's loop through a channel; a reloaded policy comes
 //! back through another, and is evaluated at once.
 
 use std::{
@@ -27,13 +28,11 @@ use tracing::{debug, warn};
 use crate::{
     alerts::{Alert, AlertBody},
     check::check_destination,
-    policy::{Destination, Policy},
+    policy::{Action, Destination, Policy},
+    policy_maps::RoutingMaps,
     route::{RouteError, Router},
 };
 
-/// How long after a notification the destinations are predicted again: changes come in
-/// bursts, and the issue allows a second.
-const SETTLE: Duration = Duration::from_millis(150);
 /// Without notifications (the subscription failed), how often routes are read instead.
 const POLL_WITHOUT_NOTIFICATIONS: Duration = Duration::from_secs(1);
 /// Socket buffer for notifications: a full table flap fits without an overrun.
@@ -80,12 +79,23 @@ pub struct DriftWatch {
 
 impl DriftWatch {
     /// Starts the task on the current tokio runtime with the policy in force; it keeps
-    /// `predictions` current.
-    pub fn start(policy: Arc<Policy>, predictions: SharedPredictions) -> Result<Self, RouteError> {
+    /// `predictions`, and the kernel's `routing_maps` for `block` and `pin`, current. `settle`:
+    /// how long after a notification the routes are read, so that a burst of changes (an
+    /// interface coming up with its addresses and routes) is one reading.
+    pub fn start(
+        policy: Arc<Policy>,
+        predictions: SharedPredictions,
+        routing_maps: Option<RoutingMaps>,
+        settle: Duration,
+    ) -> Result<Self, RouteError> {
         let router = Router::new()?;
         let (alerts_tx, alerts) = mpsc::unbounded_channel();
         let (policy_tx, policy_rx) = watch::channel(policy);
-        tokio::spawn(watch_routes(router, policy_rx, alerts_tx, predictions));
+        let shared = Shared {
+            predictions,
+            routing_maps,
+        };
+        tokio::spawn(watch_routes(router, policy_rx, alerts_tx, shared, settle));
         Ok(Self {
             alerts,
             policy: policy_tx,
@@ -110,17 +120,26 @@ impl DriftWatch {
 /// A destination of a rule; drift is tracked per key.
 type Key = (Arc<str>, IpNet);
 
+/// Where the task's predictions go besides its alerts.
+struct Shared {
+    /// For `reason` on violations.
+    predictions: SharedPredictions,
+    /// For `block` and `pin`, in the kernel.
+    routing_maps: Option<RoutingMaps>,
+}
+
 async fn watch_routes(
     router: Router,
     mut policy: watch::Receiver<Arc<Policy>>,
     alerts: mpsc::UnboundedSender<Vec<Alert>>,
-    predictions: SharedPredictions,
+    mut shared: Shared,
+    settle: Duration,
 ) {
     let mut compliant: HashMap<Key, bool> = HashMap::new();
     let mut notifications = subscribe();
     loop {
         let current = Arc::clone(&policy.borrow_and_update());
-        match evaluate(&router, &current, &mut compliant, &predictions).await {
+        match evaluate(&router, &current, &mut compliant, &mut shared).await {
             Ok(found) if found.is_empty() => {}
             Ok(found) => {
                 if alerts.send(found).is_err() {
@@ -134,7 +153,7 @@ async fn watch_routes(
             changed = policy.changed() => if changed.is_err() { return },
             () = next_notification(&mut notifications) => {
                 // Let the rest of a burst arrive, then read everything once.
-                tokio::time::sleep(SETTLE).await;
+                tokio::time::sleep(settle).await;
                 if let Some(events) = &mut notifications {
                     while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, events.next()).await {}
                 }
@@ -196,13 +215,14 @@ async fn evaluate(
     router: &Router,
     policy: &Policy,
     compliant: &mut HashMap<Key, bool>,
-    predictions: &SharedPredictions,
+    shared: &mut Shared,
 ) -> anyhow::Result<Vec<Alert>> {
     let host = router.host().await?;
     let mut alerts = Vec::new();
     let mut predicted = Predictions::default();
     // Rebuilt each time, so that destinations a reload removed are forgotten.
     let mut now = HashMap::new();
+    let mut blocking = Vec::new();
     for rule in &policy.rules {
         for (destination, _) in &rule.destinations {
             let Destination::Prefix(prefix) = destination else {
@@ -211,6 +231,9 @@ async fn evaluate(
             let check = check_destination(router, &host, rule, *prefix).await?;
             let key = (rule.name.clone(), *prefix);
             let allowed = check.compliant;
+            if let (Action::Block, Some(src)) = (rule.action, check.predicted_src) {
+                blocking.push((*prefix, src));
+            }
             predicted
                 .by_rule
                 .entry(rule.name.clone())
@@ -231,7 +254,25 @@ async fn evaluate(
         }
     }
     *compliant = now;
-    *predictions
+    if let Some(maps) = &mut shared.routing_maps {
+        // What cannot be written leaves the previous state: `block` then judges by the
+        // previous prediction, and the packet at egress still reports what it leaves with.
+        if let Err(error) = maps.replace_predictions(&blocking) {
+            warn!("cannot update the predicted sources block judges by: {error:#}");
+        }
+        let present: Vec<IpAddr> = policy
+            .rules
+            .iter()
+            .flat_map(|rule| &rule.pin_sources)
+            .map(|(source, _)| *source)
+            .filter(|source| host.owns(*source))
+            .collect();
+        if let Err(error) = maps.replace_present_pin_sources(&present) {
+            warn!("cannot update the pin sources the host has: {error:#}");
+        }
+    }
+    *shared
+        .predictions
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = predicted;
     Ok(alerts)

@@ -60,6 +60,21 @@ pub struct ConnectEvent {
     /// This violation opened a folding window in `FOLDS`; user space flushes the window's
     /// repeats when it closes.
     pub fold_window: Option<OpenedWindow>,
+    /// What the kernel did to the connection besides recording it.
+    pub enforcement: Enforcement,
+}
+
+/// A `pin` or `block` the kernel carried out at `connect()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    None,
+    /// srcip bound the socket to its `pin` rule's source.
+    Pinned,
+    /// The kernel refused the connection (`block`). `predicted`: the program had bound no
+    /// source, and `src` is the one the routing tables would have chosen.
+    Refused {
+        predicted: bool,
+    },
 }
 
 /// A folding window the kernel opened.
@@ -231,6 +246,15 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         cgroup_id: record.cgroup_id,
         netns_cookie: record.netns_cookie,
         fold_window,
+        enforcement: if record.flags & RecordFlags::REFUSED != 0 {
+            Enforcement::Refused {
+                predicted: record.flags & RecordFlags::PREDICTED != 0,
+            }
+        } else if record.flags & RecordFlags::PINNED != 0 {
+            Enforcement::Pinned
+        } else {
+            Enforcement::None
+        },
     })
 }
 

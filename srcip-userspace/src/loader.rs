@@ -4,7 +4,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, SkStorage},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
@@ -16,7 +16,7 @@ use srcip_common::{
     fold::{FoldKey, FoldState},
     names,
     owner::SocketOwner,
-    policy::reload_room,
+    policy::{PinSource, PredictedSource, reload_room},
     scope::MAX_CGROUP_LEVEL,
 };
 use tracing::{debug, info, warn};
@@ -41,28 +41,45 @@ struct ProgramSpec {
     provides: &'static str,
 }
 
-/// Every program srcip attaches, in this order: owners are recorded before any connection
-/// is. All are required: auditing with a hook missing would silently miss connections.
+/// Every program srcip attaches at start, in this order: owners are recorded before any
+/// connection is. All are required: auditing with a hook missing would silently miss
+/// connections.
 const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
         name: names::SOCK_CREATE_PROGRAM,
         hook: Hook::CgroupSock,
-        provides: "the owner of each new socket (cgroup/sock_create)",
+        provides: "recording the owner of each new socket (cgroup/sock_create)",
     },
     ProgramSpec {
         name: names::CONNECT4_PROGRAM,
         hook: Hook::CgroupSockAddr,
-        provides: "the owner of IPv4 sockets created before srcip started (cgroup/connect4)",
+        provides: "pin, block, and the owner of IPv4 sockets created before srcip started (cgroup/connect4)",
     },
     ProgramSpec {
         name: names::CONNECT6_PROGRAM,
         hook: Hook::CgroupSockAddr,
-        provides: "the owner of IPv6 sockets created before srcip started (cgroup/connect6)",
+        provides: "pin, block, and the owner of IPv6 sockets created before srcip started (cgroup/connect6)",
     },
     ProgramSpec {
         name: names::EGRESS_PROGRAM,
         hook: Hook::Egress,
-        provides: "the source address of TCP connections and UDP datagrams (cgroup_skb/egress)",
+        provides: "recording the source address of TCP connections and UDP datagrams (cgroup_skb/egress)",
+    },
+];
+
+/// Programs loaded at start (so that a kernel that refuses them is known at once) but
+/// attached only while the policy pins or blocks UDP: with any program at sendmsg4/6 the
+/// kernel locks every unconnected UDP socket around every datagram.
+const DATAGRAM_PROGRAMS: &[ProgramSpec] = &[
+    ProgramSpec {
+        name: names::SENDMSG4_PROGRAM,
+        hook: Hook::CgroupSockAddr,
+        provides: "pin and block of unconnected IPv4 UDP datagrams (cgroup/sendmsg4)",
+    },
+    ProgramSpec {
+        name: names::SENDMSG6_PROGRAM,
+        hook: Hook::CgroupSockAddr,
+        provides: "pin and block of unconnected IPv6 UDP datagrams (cgroup/sendmsg6)",
     },
 ];
 
@@ -86,7 +103,7 @@ pub enum LoadError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("cannot load or attach {name}, which records {provides}")]
+    #[error("cannot load or attach {name}, which srcip needs for {provides}")]
     Program {
         name: &'static str,
         provides: &'static str,
@@ -94,7 +111,7 @@ pub enum LoadError {
     },
     /// The verifier refused a program: its one telling line, not the log.
     #[error(
-        "this kernel refuses {name}, which records {provides}: \"{reason}\"; srcip's feature check did not foresee this, please report it with the output of `uname -r` (SRCIP_LOG=debug shows the verifier's log)"
+        "this kernel refuses {name}, which srcip needs for {provides}: \"{reason}\"; srcip's feature check did not foresee this, please report it with the output of `uname -r` (SRCIP_LOG=debug shows the verifier's log)"
     )]
     Refused {
         name: &'static str,
@@ -114,6 +131,9 @@ enum AttachedLink {
 pub struct KernelPrograms {
     ebpf: Ebpf,
     links: Vec<(&'static str, AttachedLink)>,
+    /// The `DATAGRAM_PROGRAMS`' links while attached.
+    datagram_links: Vec<(&'static str, AttachedLink)>,
+    cgroup_root: File,
 }
 
 /// What to audit and how.
@@ -145,6 +165,11 @@ pub struct EventMaps {
     pub folds: HashMap<MapData, FoldKey, FoldState>,
     /// The policy the kernel decides with; a reload replaces it.
     pub policy: KernelPolicy,
+    /// The LPM tries of predicted sources, which the drift watch keeps current.
+    pub predicted_v4: LpmTrie<MapData, [u8; 4], PredictedSource>,
+    pub predicted_v6: LpmTrie<MapData, [u8; 16], PredictedSource>,
+    /// The pin sources the host has, which the drift watch keeps current.
+    pub present_pin_sources: HashMap<MapData, PinSource, u64>,
 }
 
 impl KernelPrograms {
@@ -195,6 +220,9 @@ impl KernelPrograms {
             .map_max_entries(names::V4_DESTINATIONS, entries(2 * room))
             .map_max_entries(names::V6_DESTINATIONS, entries(2 * room))
             .map_max_entries(names::RULES, entries(2 * room))
+            .map_max_entries(names::PREDICTED_V4_SOURCES, entries(2 * room))
+            .map_max_entries(names::PREDICTED_V6_SOURCES, entries(2 * room))
+            .map_max_entries(names::PRESENT_PIN_SOURCES, entries(2 * room))
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/srcip"
@@ -219,6 +247,9 @@ impl KernelPrograms {
             socket_owners: take_map(&mut ebpf, names::SOCKET_OWNERS)?,
             folds: take_map(&mut ebpf, names::FOLDS)?,
             policy: kernel_policy,
+            predicted_v4: take_map(&mut ebpf, names::PREDICTED_V4_SOURCES)?,
+            predicted_v6: take_map(&mut ebpf, names::PREDICTED_V6_SOURCES)?,
+            present_pin_sources: take_map(&mut ebpf, names::PRESENT_PIN_SOURCES)?,
         };
 
         let cgroup_root = File::open(cgroup2_mount).map_err(|source| LoadError::OpenCgroup {
@@ -228,10 +259,16 @@ impl KernelPrograms {
         let mut programs = Self {
             ebpf,
             links: Vec::new(),
+            datagram_links: Vec::new(),
+            cgroup_root,
         };
+        for spec in DATAGRAM_PROGRAMS {
+            programs.load(spec)?;
+        }
         for spec in PROGRAMS {
+            programs.load(spec)?;
             // On error `programs` is dropped, which detaches what was already attached.
-            let link = programs.attach(spec, &cgroup_root)?;
+            let link = programs.attach(spec)?;
             info!(
                 "attached {} at {} ({})",
                 spec.name,
@@ -243,48 +280,93 @@ impl KernelPrograms {
         Ok((programs, maps))
     }
 
-    fn attach(
-        &mut self,
-        spec: &ProgramSpec,
-        cgroup_root: &File,
-    ) -> Result<AttachedLink, LoadError> {
+    /// Attaches the sendmsg programs when `enforced` (the policy pins or blocks UDP) and
+    /// detaches them when not; nothing when they already are as asked.
+    pub fn enforce_datagrams(&mut self, enforced: bool) -> Result<(), LoadError> {
+        let attached = !self.datagram_links.is_empty();
+        if enforced == attached {
+            return Ok(());
+        }
+        if !enforced {
+            let links = std::mem::take(&mut self.datagram_links);
+            self.detach_links(links);
+            info!("detached the sendmsg programs: the policy pins and blocks no UDP");
+            return Ok(());
+        }
+        for spec in DATAGRAM_PROGRAMS {
+            let link = self.attach(spec)?;
+            info!("attached {} ({})", spec.name, spec.provides);
+            self.datagram_links.push((spec.name, link));
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, spec: &ProgramSpec) -> Result<(), LoadError> {
         let program_error = |source| refusal(spec, source);
         let program = self
             .ebpf
             .program_mut(spec.name)
             .ok_or(LoadError::Missing(spec.name))?;
+        match spec.hook {
+            Hook::CgroupSock => <&mut CgroupSock>::try_from(program)
+                .map_err(program_error)?
+                .load(),
+            Hook::CgroupSockAddr => <&mut CgroupSockAddr>::try_from(program)
+                .map_err(program_error)?
+                .load(),
+            Hook::Egress => <&mut CgroupSkb>::try_from(program)
+                .map_err(program_error)?
+                .load(),
+        }
+        .map_err(program_error)
+    }
+
+    /// Attaches a loaded program at the cgroup2 root.
+    fn attach(&mut self, spec: &ProgramSpec) -> Result<AttachedLink, LoadError> {
+        let program_error = |source| refusal(spec, source);
+        let Self {
+            ebpf, cgroup_root, ..
+        } = self;
+        let program = ebpf
+            .program_mut(spec.name)
+            .ok_or(LoadError::Missing(spec.name))?;
         // `Single` goes through bpf_link_create, which never locks other programs out of the
         // cgroup (`AllowMultiple` fails with EINVAL on aya 0.14).
         let mode = CgroupAttachMode::Single;
-        match spec.hook {
-            Hook::CgroupSock => {
-                let program: &mut CgroupSock = program.try_into().map_err(program_error)?;
-                program.load().map_err(program_error)?;
-                let link = program.attach(cgroup_root, mode).map_err(program_error)?;
-                Ok(AttachedLink::Sock(link))
-            }
-            Hook::CgroupSockAddr => {
-                let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
-                program.load().map_err(program_error)?;
-                let link = program.attach(cgroup_root, mode).map_err(program_error)?;
-                Ok(AttachedLink::SockAddr(link))
-            }
-            Hook::Egress => {
-                let program: &mut CgroupSkb = program.try_into().map_err(program_error)?;
-                program.load().map_err(program_error)?;
-                let link = program
-                    .attach(cgroup_root, CgroupSkbAttachType::Egress, mode)
-                    .map_err(program_error)?;
-                Ok(AttachedLink::Egress(link))
-            }
-        }
+        Ok(match spec.hook {
+            Hook::CgroupSock => AttachedLink::Sock(
+                <&mut CgroupSock>::try_from(program)
+                    .map_err(program_error)?
+                    .attach(&*cgroup_root, mode)
+                    .map_err(program_error)?,
+            ),
+            Hook::CgroupSockAddr => AttachedLink::SockAddr(
+                <&mut CgroupSockAddr>::try_from(program)
+                    .map_err(program_error)?
+                    .attach(&*cgroup_root, mode)
+                    .map_err(program_error)?,
+            ),
+            Hook::Egress => AttachedLink::Egress(
+                <&mut CgroupSkb>::try_from(program)
+                    .map_err(program_error)?
+                    .attach(&*cgroup_root, CgroupSkbAttachType::Egress, mode)
+                    .map_err(program_error)?,
+            ),
+        })
     }
 
     /// Detaches every program, logging (not failing on) a program that will not detach, so
     /// that the others are still removed.
     pub fn detach(&mut self) {
+        let datagram_links = std::mem::take(&mut self.datagram_links);
+        self.detach_links(datagram_links);
+        let links = std::mem::take(&mut self.links);
+        self.detach_links(links);
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, AttachedLink)>) {
         // The reverse of the attach order: connections stop being recorded first.
-        for (name, link) in std::mem::take(&mut self.links).into_iter().rev() {
+        for (name, link) in links.into_iter().rev() {
             let program = self.ebpf.program_mut(name);
             let result = match link {
                 AttachedLink::Egress(link) => program

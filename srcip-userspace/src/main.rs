@@ -76,11 +76,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// 2 when the operator must fix an input (policy, flags), 1 for everything else.
 fn exit_code(error: &anyhow::Error) -> u8 {
-    let bad_input = error.chain().any(|cause| {
-        cause.is::<PolicyLoadError>()
-            || cause.is::<cgroup::ScopeError>()
-            || cause.is::<run::UnenforcedAction>()
-    });
+    let bad_input = error
+        .chain()
+        .any(|cause| cause.is::<PolicyLoadError>() || cause.is::<cgroup::ScopeError>());
     if bad_input { 2 } else { 1 }
 }
 

@@ -49,6 +49,11 @@ pub struct Metrics {
     /// Of those, the ones the kernel found compliant (or unmatched and ignored) itself.
     pub decided_in_kernel: Family<ProtocolLabels, Counter>,
     violations: Family<RuleLabels, Counter>,
+    /// Violations the kernel refused (`block`), and connections it pinned (`pin`), by rule.
+    blocked: Family<RuleLabels, Counter>,
+    pinned: Family<RuleLabels, Counter>,
+    /// `pin` binds the kernel refused (the pin source is not on the host any more).
+    pub pin_failures: Counter,
     /// Records lost between the kernel and srcip.
     lost_records: Counter,
     pub hook_errors: Counter,
@@ -68,6 +73,9 @@ impl Metrics {
             observed: Family::default(),
             decided_in_kernel: Family::default(),
             violations: Family::default(),
+            blocked: Family::default(),
+            pinned: Family::default(),
+            pin_failures: Counter::default(),
             lost_records: Counter::default(),
             hook_errors: Counter::default(),
             sink_delivered: Family::default(),
@@ -91,6 +99,21 @@ impl Metrics {
             "violations",
             "Connections from a source their rule does not allow, by rule and action (rule empty: no rule matched)",
             metrics.violations.clone(),
+        );
+        registry.register(
+            "blocked",
+            "Violations the kernel refused at connect (action block), by rule",
+            metrics.blocked.clone(),
+        );
+        registry.register(
+            "pinned",
+            "Connections the kernel bound to their rule's source (action pin), by rule",
+            metrics.pinned.clone(),
+        );
+        registry.register(
+            "pin_failures",
+            "Pins the kernel could not bind (the source is not an address of the socket's network namespace): those connections left with the route's source",
+            metrics.pin_failures.clone(),
         );
         registry.register(
             "lost_records",
@@ -140,8 +163,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts what `alert` stands for: violations (a folded line for its `count`) and
-    /// records lost before any sink.
+    /// Counts what `alert` stands for: violations (a folded line for its `count`), blocked
+    /// and pinned connections, and records lost before any sink.
     pub fn observe(&self, alert: &Alert) {
         match &alert.body {
             AlertBody::Violation(report) => {
@@ -150,7 +173,17 @@ impl Metrics {
                     action: report.action.to_owned(),
                 };
                 let count = report.folded.as_ref().map_or(1, |folded| folded.count);
+                if report.blocked == Some(true) {
+                    self.blocked.get_or_create(&labels).inc_by(count);
+                }
                 self.violations.get_or_create(&labels).inc_by(count);
+            }
+            AlertBody::Pinned(report) => {
+                let labels = RuleLabels {
+                    rule: report.rule.as_deref().unwrap_or_default().to_owned(),
+                    action: report.action.to_owned(),
+                };
+                self.pinned.get_or_create(&labels).inc();
             }
             AlertBody::Lost { count, sink: None } => {
                 self.lost_records.inc_by(*count);

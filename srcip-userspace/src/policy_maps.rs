@@ -1,14 +1,15 @@
 //! The compiled policy in the kernel's maps, written at start and replaced on reload without
 //! a moment in which a connection sees no policy, or half of one (the order is in
-//! `srcip_common::policy`).
+//! `srcip_common::policy`); and what the route module tells enforcement beside it.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, net::IpAddr};
 
-use aya::maps::{Array, LpmTrie, MapData, lpm_trie::Key};
-use ipnet::{Ipv4Net, Ipv6Net};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use srcip_common::{
     names,
-    policy::{Candidates, KernelRule, PolicyState},
+    policy::{Candidates, KernelRule, PinSource, PolicyState, PredictedSource},
+    record::{AF_INET, AF_INET6},
 };
 
 use crate::{loader::LoadError, policy::KernelTables};
@@ -123,6 +124,7 @@ impl KernelPolicy {
         let state = PolicyState {
             report_unmatched: u32::from(tables.report_unmatched),
             generation,
+            enforcing: u32::from(tables.enforcing),
         };
         self.state
             .set(0, state, 0)
@@ -153,4 +155,129 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
     M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// What the route module knows that enforcement needs in the kernel, which the drift watch
+/// rewrites after every change of routes, addresses or rules:
+/// - the source the kernel is predicted to choose for each destination of a blocking rule
+///   (`srcip_common::policy::PredictedSource`), which `block` judges a socket by when its
+///   program bound none;
+/// - which pin sources the host has (`srcip_common::policy::PinSource`), which a datagram's
+///   source is set to only then.
+pub struct RoutingMaps {
+    predicted_v4: LpmTrie<MapData, [u8; 4], PredictedSource>,
+    predicted_v6: LpmTrie<MapData, [u8; 16], PredictedSource>,
+    present_pin_sources: HashMap<MapData, PinSource, u64>,
+    /// srcip's own network namespace, whose routes and addresses are read.
+    netns_cookie: u64,
+    predicted: HashSet<IpNet>,
+    present: HashSet<PinSource>,
+}
+
+impl RoutingMaps {
+    /// `netns_cookie`: srcip's own network namespace's, whose routes the predictions read.
+    pub fn new(
+        predicted_v4: LpmTrie<MapData, [u8; 4], PredictedSource>,
+        predicted_v6: LpmTrie<MapData, [u8; 16], PredictedSource>,
+        present_pin_sources: HashMap<MapData, PinSource, u64>,
+        netns_cookie: u64,
+    ) -> Self {
+        Self {
+            predicted_v4,
+            predicted_v6,
+            present_pin_sources,
+            netns_cookie,
+            predicted: HashSet::new(),
+            present: HashSet::new(),
+        }
+    }
+
+    /// Makes the present pin sources exactly `sources`.
+    pub fn replace_present_pin_sources(&mut self, sources: &[IpAddr]) -> Result<(), WriteError> {
+        let now: HashSet<PinSource> = sources.iter().map(|source| pin_source(*source)).collect();
+        for source in &now {
+            self.present_pin_sources
+                .insert(source, self.netns_cookie, 0)
+                .map_err(map_error(names::PRESENT_PIN_SOURCES))?;
+        }
+        for gone in self.present.difference(&now) {
+            self.present_pin_sources
+                .remove(gone)
+                .map_err(map_error(names::PRESENT_PIN_SOURCES))?;
+        }
+        self.present = now;
+        Ok(())
+    }
+
+    /// Makes the predicted sources `predictions` (destination prefix, predicted source) and nothing
+    /// else. Each entry is replaced on its own, so a connection sees the old prediction or
+    /// the new one.
+    pub fn replace_predictions(
+        &mut self,
+        predictions: &[(IpNet, IpAddr)],
+    ) -> Result<(), WriteError> {
+        let mut now = HashSet::new();
+        for (prefix, src) in predictions {
+            let value = |addr: [u8; 16]| PredictedSource {
+                addr,
+                netns_cookie: self.netns_cookie,
+            };
+            match (prefix, src) {
+                (IpNet::V4(net), IpAddr::V4(src)) => {
+                    let mut addr = [0; 16];
+                    addr[..4].copy_from_slice(&src.octets());
+                    let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                    self.predicted_v4
+                        .insert(&key, value(addr), 0)
+                        .map_err(map_error(names::PREDICTED_V4_SOURCES))?;
+                }
+                (IpNet::V6(net), IpAddr::V6(src)) => {
+                    let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                    self.predicted_v6
+                        .insert(&key, value(src.octets()), 0)
+                        .map_err(map_error(names::PREDICTED_V6_SOURCES))?;
+                }
+                // A source of the other family is no prediction for this prefix.
+                _ => continue,
+            }
+            now.insert(*prefix);
+        }
+        for gone in self.predicted.difference(&now) {
+            match gone {
+                IpNet::V4(net) => {
+                    let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                    self.predicted_v4
+                        .remove(&key)
+                        .map_err(map_error(names::PREDICTED_V4_SOURCES))?;
+                }
+                IpNet::V6(net) => {
+                    let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
+                    self.predicted_v6
+                        .remove(&key)
+                        .map_err(map_error(names::PREDICTED_V6_SOURCES))?;
+                }
+            }
+        }
+        self.predicted = now;
+        Ok(())
+    }
+}
+
+/// The kernel's key for a pin source: family and record layout.
+fn pin_source(source: IpAddr) -> PinSource {
+    let mut addr = [0; 16];
+    let family = match source {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            AF_INET
+        }
+        IpAddr::V6(v6) => {
+            addr = v6.octets();
+            AF_INET6
+        }
+    };
+    PinSource {
+        family: u32::from(family),
+        addr,
+    }
 }

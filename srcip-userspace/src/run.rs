@@ -1,6 +1,6 @@
 //! `srcip run`: audit until SIGINT or SIGTERM.
 
-use std::{io, path::PathBuf, sync::Arc};
+use std::{collections::HashSet, io, net::IpAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,7 +15,7 @@ use crate::{
     features,
     loader::AuditSettings,
     metrics::{self, Metrics},
-    policy::{self, Action, Matcher, Policy},
+    policy::{self, Matcher, Policy, PolicyError, PolicyLoadError},
     reload::{PolicyWatch, reload},
     system,
 };
@@ -40,41 +40,51 @@ pub struct RunConfig {
     pub ring_buffer_bytes: u32,
     pub fold_window: std::time::Duration,
     pub fold_entries: u32,
-}
-
-/// A rule asks for something this version does not do yet. Refusing to start is safer than
-/// letting an operator believe connections are pinned or blocked.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{}: rule \"{rule}\" has action = \"{action}\", which this version of srcip does not enforce yet: use action = \"alert\"",
-    path.display()
-)]
-pub struct UnenforcedAction {
-    path: PathBuf,
-    rule: String,
-    action: &'static str,
+    /// How long after a routing change the drift watch reads the routes again.
+    pub route_settle: std::time::Duration,
 }
 
 /// Loads, checks and compiles the policy for auditing (host names resolved).
 pub fn load_policy(path: &std::path::Path) -> anyhow::Result<Matcher> {
     let policy = policy::load(path)?;
-    refuse_unenforced_actions(&policy)?;
+    require_pin_sources_on_host(&policy)?;
     Ok(Matcher::new(policy::resolve_hosts(policy)?)?)
 }
 
-fn refuse_unenforced_actions(policy: &Policy) -> Result<(), UnenforcedAction> {
-    match policy
-        .rules
-        .iter()
-        .find(|rule| rule.action != Action::Alert)
-    {
-        Some(rule) => Err(UnenforcedAction {
-            path: policy.path.clone(),
-            rule: rule.name.to_string(),
-            action: rule.action.as_str(),
-        }),
-        None => Ok(()),
+/// `pin` binds to its source, which the kernel allows only for an address of the host: one it
+/// does not have would fail every pinned connection's bind.
+fn require_pin_sources_on_host(policy: &Policy) -> anyhow::Result<()> {
+    let pinned = || policy.rules.iter().flat_map(|rule| &rule.pin_sources);
+    if pinned().next().is_none() {
+        return Ok(());
     }
+    let host: HashSet<IpAddr> = nix::ifaddrs::getifaddrs()
+        .context("listing this host's addresses, to check the policy's pin sources")?
+        .filter_map(|interface| {
+            let address = interface.address?;
+            address
+                .as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect();
+    let errors: Vec<PolicyError> = pinned()
+        .filter(|(source, _)| !host.contains(source))
+        .map(|(source, location)| PolicyError {
+            location: *location,
+            message: format!(
+                "action = \"pin\" binds to {source}, which is not an address of this host (in srcip's network namespace): add it to an interface, or list first an allowed source the host has"
+            ),
+        })
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(PolicyLoadError::Invalid {
+        path: policy.path.clone(),
+        errors,
+    }
+    .into())
 }
 
 /// The host as auditing finds it.
@@ -165,6 +175,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut drift = DriftWatch::start(
         Arc::new(session.matcher().policy().clone()),
         session.predictions(),
+        session.take_routing_maps(),
+        config.route_settle,
     )
     .context("watching routes for drift")?;
     let stdout_error = loop {

@@ -17,6 +17,7 @@ pub enum Line {
         degraded: Vec<String>,
     },
     Violation(Connection),
+    Pinned(Connection),
     Connect(Connection),
     RouteDrift(RouteCheck),
     RouteRecovered(RouteCheck),
@@ -77,6 +78,12 @@ pub struct Connection {
     /// On a violation whose source the kernel chose as predicted: why it did.
     #[serde(default)]
     pub reason: Option<String>,
+    /// On a violation of a `block` rule: whether the kernel refused it.
+    #[serde(default)]
+    pub blocked: Option<bool>,
+    /// On a blocked connection that bound no source: `src` is the predicted one.
+    #[serde(default)]
+    pub predicted: Option<bool>,
     /// On a folded violation: the connections it stands for, the first's and last's times.
     #[serde(default)]
     pub count: Option<u64>,
@@ -115,6 +122,7 @@ impl Line {
         match self {
             Self::Started { .. } => "started",
             Self::Violation(_) => "violation",
+            Self::Pinned(_) => "pinned",
             Self::Connect(_) => "connect",
             Self::RouteDrift(_) => "route_drift",
             Self::RouteRecovered(_) => "route_recovered",
@@ -134,6 +142,13 @@ impl Line {
     pub fn violation(&self) -> Option<&Connection> {
         match self {
             Self::Violation(connection) => Some(connection),
+            _ => None,
+        }
+    }
+
+    pub fn pinned(&self) -> Option<&Connection> {
+        match self {
+            Self::Pinned(pinned) => Some(pinned),
             _ => None,
         }
     }

@@ -300,6 +300,8 @@ pub struct ClientReport {
     pub pid: u32,
     pub src: String,
     pub src_port: u16,
+    /// The errno's name when `connect()` failed at once (`EPERM`: blocked).
+    pub error: Option<String>,
 }
 
 /// Starts one TCP connection from `cgroup` inside `netns` and returns what the kernel chose.
@@ -441,11 +443,15 @@ pub fn udp_client_bin() -> PathBuf {
     target_profile_dir().join("udp-client")
 }
 
-/// What `udp-client` reports: its pid and its socket's port.
+/// What `udp-client` reports: its pid, its socket's address, and the error that stopped it.
 #[derive(Debug, serde::Deserialize)]
 pub struct UdpReport {
     pub pid: u32,
+    /// The socket's address after sending: the bound or connected source, or unspecified.
+    pub src: String,
     pub src_port: u16,
+    /// The errno's name when `connect()` or `sendto()` was refused (`EPERM`: blocked).
+    pub error: Option<String>,
 }
 
 /// A `udp-client --wait` that has made its socket and waits to send; killed when dropped.

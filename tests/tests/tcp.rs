@@ -101,6 +101,8 @@ fn wrong_source_gives_a_violation_with_every_field() {
             verdict: "violation".into(),
             // The program bound its source: not the kernel's choice, so no reason.
             reason: None,
+            blocked: None,
+            predicted: None,
             count: None,
             first_time: None,
             last_time: None,

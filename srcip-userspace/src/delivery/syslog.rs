@@ -179,7 +179,8 @@ fn priority(body: &AlertBody) -> u8 {
         AlertBody::Started { .. }
         | AlertBody::Stopped { .. }
         | AlertBody::Reloaded { .. }
-        | AlertBody::RouteRecovered(_) => 5, // notice
+        | AlertBody::RouteRecovered(_)
+        | AlertBody::Pinned(_) => 5, // notice
         AlertBody::Connect(_) => 6,                              // informational
     };
     3 * 8 + severity

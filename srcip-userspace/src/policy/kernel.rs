@@ -1,17 +1,20 @@
 //! The compiled policy in the kernel's layout (`srcip_common::policy`), built from the same
 //! flattened tables the user-space matcher uses, so both decide alike.
 
+use std::net::IpAddr;
+
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::PrefixMap;
 use srcip_common::{
     policy::{
-        Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP,
-        PROTOCOL_UDP, PortRange as KernelPortRange, SourcePrefix,
+        ACTION_ALERT, ACTION_BLOCK, ACTION_PIN, Candidates, KernelRule, MAX_ALLOWED_SOURCES,
+        MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP, PROTOCOL_UDP, PortRange as KernelPortRange,
+        SourcePrefix,
     },
     record::{AF_INET, AF_INET6},
 };
 
-use super::{Protocol, ProtocolSelector, Rule, Unmatched};
+use super::{Action, Protocol, ProtocolSelector, Rule, Unmatched};
 
 /// What the loader writes to the kernel's policy maps.
 pub struct KernelTables {
@@ -21,6 +24,10 @@ pub struct KernelTables {
     pub rules: Vec<KernelRule>,
     /// `unmatched = "alert"`: connections no rule matches must be reported.
     pub report_unmatched: bool,
+    /// Some rule pins or blocks.
+    pub enforcing: bool,
+    /// Some rule pins or blocks UDP: unconnected datagrams need the sendmsg programs.
+    pub enforcing_udp: bool,
 }
 
 pub(super) fn compile(
@@ -40,6 +47,10 @@ pub(super) fn compile(
             .collect(),
         rules: rules.iter().map(kernel_rule).collect(),
         report_unmatched: unmatched == Unmatched::Alert,
+        enforcing: rules.iter().any(|rule| rule.action != Action::Alert),
+        enforcing_udp: rules
+            .iter()
+            .any(|rule| rule.action != Action::Alert && rule.protocol.includes(Protocol::Udp)),
     }
 }
 
@@ -62,9 +73,21 @@ fn kernel_rule(rule: &Rule) -> KernelRule {
             ProtocolSelector::Only(Protocol::Udp) => PROTOCOL_UDP,
             ProtocolSelector::Any => PROTOCOL_TCP | PROTOCOL_UDP,
         },
+        action: match rule.action {
+            Action::Alert => ACTION_ALERT,
+            Action::Block => ACTION_BLOCK,
+            Action::Pin => ACTION_PIN,
+        },
         ..KernelRule::default()
     };
+    for (source, _) in &rule.pin_sources {
+        match source {
+            IpAddr::V4(v4) => compiled.pin_v4 = v4.octets(),
+            IpAddr::V6(v6) => compiled.pin_v6 = v6.octets(),
+        }
+    }
     let ports = rule.ports.as_deref().unwrap_or_default();
+    // Parsing refuses enforcing rules that do not fit, so only alerting ones get here.
     if ports.len() > MAX_PORT_RANGES || rule.allowed_sources.len() > MAX_ALLOWED_SOURCES {
         compiled.undecidable = 1;
         return compiled;
@@ -157,6 +180,57 @@ allowed_sources = ["203.0.113.10"]
                 first: 8000,
                 last: 8100
             }
+        );
+    }
+
+    #[test]
+    fn actions_and_pin_sources_compile() {
+        let tables = compile_text(
+            r#"
+[[rule]]
+name = "pinned"
+destinations = ["198.51.100.50", "2001:db8:50::/64"]
+allowed_sources = ["203.0.113.10", "2001:db8::10"]
+action = "pin"
+
+[[rule]]
+name = "blocked"
+destinations = ["192.0.2.0/24"]
+allowed_sources = ["203.0.113.10"]
+action = "block"
+"#,
+        );
+        assert!(tables.enforcing);
+        let (pinned, blocked) = (&tables.rules[0], &tables.rules[1]);
+        assert_eq!(pinned.action, ACTION_PIN);
+        assert_eq!(pinned.pin_v4, [203, 0, 113, 10]);
+        assert_eq!(pinned.pin_v6[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(pinned.pin_v6[15], 0x10);
+        assert_eq!((blocked.action, blocked.pin_v4), (ACTION_BLOCK, [0; 4]));
+        assert!(!compile_text(
+            "[[rule]]\nname = \"a\"\ndestinations = [\"192.0.2.1\"]\nallowed_sources = [\"203.0.113.10\"]\n"
+        )
+        .enforcing);
+    }
+
+    #[test]
+    fn an_enforcing_rule_the_kernel_would_not_list_is_refused() {
+        let mut policy = String::new();
+        for index in 0..=MAX_CANDIDATES {
+            let action = if index == 0 { "block" } else { "alert" };
+            policy.push_str(&format!(
+                "[[rule]]\nname = \"r{index}\"\ndestinations = [\"10.0.0.0/{}\"]\nallowed_sources = [\"203.0.113.10\"]\naction = \"{action}\"\n",
+                8 + index
+            ));
+        }
+        let error = Matcher::new(parse(Path::new("p.toml"), &policy).unwrap())
+            .err()
+            .expect("refused");
+        assert!(
+            error
+                .to_string()
+                .starts_with("p.toml:3:17: rule \"r0\": action = \"block\" cannot be enforced"),
+            "{error}"
         );
     }
 

@@ -10,10 +10,11 @@ use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::{Prefix, PrefixMap};
+use srcip_common::policy::MAX_CANDIDATES;
 
 use super::{
-    Destination, KernelTables, Policy, PolicyError, PolicyLoadError, Protocol, Rule, Unmatched,
-    kernel,
+    Action, Destination, KernelTables, Location, Policy, PolicyError, PolicyLoadError, Protocol,
+    Rule, Unmatched, kernel,
 };
 
 /// What the policy says about one connection.
@@ -68,11 +69,19 @@ impl Matcher {
                 }
             }
         }
-        Ok(Self {
-            v4: flatten(&v4_direct, &policy.rules),
-            v6: flatten(&v6_direct, &policy.rules),
-            policy,
-        })
+        let (v4, v6) = (
+            flatten(&v4_direct, &policy.rules),
+            flatten(&v6_direct, &policy.rules),
+        );
+        let lists = v4.iter().map(|(_, list)| list);
+        let errors = unenforceable(&policy.rules, lists.chain(v6.iter().map(|(_, list)| list)));
+        if !errors.is_empty() {
+            return Err(PolicyLoadError::Invalid {
+                path: policy.path,
+                errors,
+            });
+        }
+        Ok(Self { v4, v6, policy })
     }
 
     pub fn policy(&self) -> &Policy {
@@ -146,6 +155,39 @@ fn flatten<P: Prefix + Copy>(
 /// Pairs of rules that could both match one connection with equal priority: the same
 /// destination prefix, overlapping protocols, and either both without ports or with
 /// overlapping ports. Reported at the later rule's destination.
+/// The kernel lists at most `MAX_CANDIDATES` rules per destination prefix; a pinning or
+/// blocking rule beyond them would never be enforced there.
+fn unenforceable<'a>(
+    rules: &[Rule],
+    candidate_lists: impl Iterator<Item = &'a Vec<usize>>,
+) -> Vec<PolicyError> {
+    let mut reported = std::collections::BTreeSet::new();
+    for list in candidate_lists {
+        for &index in list.iter().skip(MAX_CANDIDATES) {
+            if rules[index].action != Action::Alert {
+                reported.insert(index);
+            }
+        }
+    }
+    reported
+        .into_iter()
+        .map(|index| {
+            let rule = &rules[index];
+            PolicyError {
+                location: rule
+                    .destinations
+                    .first()
+                    .map_or(Location { line: 1, column: 1 }, |(_, location)| *location),
+                message: format!(
+                    "rule \"{}\": action = \"{}\" cannot be enforced: more than {MAX_CANDIDATES} rules apply to one of its destinations, and the kernel takes {MAX_CANDIDATES}; narrow the overlapping rules",
+                    rule.name,
+                    rule.action.as_str()
+                ),
+            }
+        })
+        .collect()
+}
+
 pub(super) fn equal_priority_conflicts(rules: &[Rule]) -> Vec<PolicyError> {
     let mut rules_at: HashMap<IpNet, Vec<usize>> = HashMap::new();
     let mut errors = Vec::new();

@@ -141,6 +141,9 @@ pub struct Rule {
     /// `allowed_sources` as alerts write them (`display_net`), made once.
     pub allowed_sources_text: Arc<[String]>,
     pub action: Action,
+    /// With `action = "pin"`: the first allowed source of each family (an address) and where
+    /// the file names it. The kernel binds connections of that family to it.
+    pub pin_sources: Vec<(IpAddr, Location)>,
 }
 
 impl Rule {

@@ -17,6 +17,7 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net};
+use srcip_common::policy::{MAX_ALLOWED_SOURCES, MAX_PORT_RANGES};
 use toml::{
     Spanned,
     de::{DeArray, DeTable, DeValue},
@@ -265,10 +266,14 @@ impl Validator<'_> {
                 format!("rule \"{name}\": allowed_sources must not be empty"),
             );
         }
-        let allowed_sources: Vec<IpNet> = source_texts
+        let located_sources: Vec<(IpNet, Location)> = source_texts
             .iter()
-            .filter_map(|(text, span)| self.address_or_prefix(text, span))
+            .filter_map(|(text, span)| {
+                let net = self.address_or_prefix(text, span)?;
+                Some((net, self.location(span.start)))
+            })
             .collect();
+        let allowed_sources: Vec<IpNet> = located_sources.iter().map(|(net, _)| *net).collect();
         self.unsatisfiable_families(&name, &destinations, &allowed_sources);
 
         let ports = table.get("ports").and_then(|ports| {
@@ -321,6 +326,17 @@ impl Validator<'_> {
             },
         };
 
+        let pin_sources = if action == Action::Pin {
+            self.pin_sources(&located_sources)
+        } else {
+            Vec::new()
+        };
+        if action != Action::Alert
+            && let Some(value) = table.get("action")
+        {
+            self.enforceable(&name, action, ports.as_deref(), &allowed_sources, value);
+        }
+
         Some(NamedRule {
             name_span: name_value.span(),
             rule: Rule {
@@ -334,8 +350,57 @@ impl Validator<'_> {
                     .collect(),
                 allowed_sources,
                 action,
+                pin_sources,
             },
         })
+    }
+
+    /// The first allowed source of each family, which `pin` binds connections to: it must be
+    /// one address.
+    fn pin_sources(&mut self, sources: &[(IpNet, Location)]) -> Vec<(IpAddr, Location)> {
+        let mut pins = Vec::new();
+        for ipv4 in [true, false] {
+            let Some((net, location)) = sources
+                .iter()
+                .find(|(net, _)| matches!(net, IpNet::V4(_)) == ipv4)
+            else {
+                continue;
+            };
+            if net.prefix_len() == net.max_prefix_len() {
+                pins.push((net.addr(), *location));
+            } else {
+                self.errors.push(PolicyError {
+                    location: *location,
+                    message: format!(
+                        "action = \"pin\" binds connections to the first allowed source of their family, and \"{net}\" is a network: list the address to pin first"
+                    ),
+                });
+            }
+        }
+        pins
+    }
+
+    /// Pin and block are decided in the kernel, whose rule entries have fixed sizes: a rule
+    /// that does not fit could only be reported, never enforced.
+    fn enforceable(
+        &mut self,
+        name: &str,
+        action: Action,
+        ports: Option<&[PortRange]>,
+        sources: &[IpNet],
+        value: Value<'_, '_>,
+    ) {
+        let ports = ports.map_or(0, <[PortRange]>::len);
+        if ports > MAX_PORT_RANGES || sources.len() > MAX_ALLOWED_SOURCES {
+            self.error(
+                &value.span(),
+                format!(
+                    "rule \"{name}\": action = \"{}\" is enforced in the kernel, which takes at most {MAX_PORT_RANGES} port ranges and {MAX_ALLOWED_SOURCES} allowed sources per rule (this one has {ports} and {}): split the rule",
+                    action.as_str(),
+                    sources.len()
+                ),
+            );
+        }
     }
 
     /// A destination prefix of a family that no allowed source has can never be compliant:
@@ -570,6 +635,52 @@ action = "alert"                         # "alert" (default), "block" or "pin"
         assert_eq!(rule.action, Action::Alert);
         assert!(rule.allows_source("203.0.113.10".parse().unwrap()));
         assert!(!rule.allows_source("203.0.113.11".parse().unwrap()));
+    }
+
+    #[test]
+    fn pin_takes_the_first_address_of_each_family() {
+        let policy = parse_str(
+            "[[rule]]\nname = \"a\"\ndestinations = [\"198.51.100.0/24\", \"2001:db8:50::/64\"]\nallowed_sources = [\"2001:db8::10\", \"203.0.113.10\", \"203.0.113.11\"]\naction = \"pin\"\n",
+        )
+        .unwrap();
+        let pins: Vec<(String, usize)> = policy.rules[0]
+            .pin_sources
+            .iter()
+            .map(|(source, location)| (source.to_string(), location.column))
+            .collect();
+        assert_eq!(
+            pins,
+            [
+                ("203.0.113.10".to_owned(), 36),
+                ("2001:db8::10".to_owned(), 20)
+            ]
+        );
+    }
+
+    #[test]
+    fn pin_refuses_a_network_and_enforcement_refuses_what_the_kernel_cannot_hold() {
+        let errors = parse_str(
+            "[[rule]]\nname = \"a\"\ndestinations = [\"198.51.100.0/24\"]\nallowed_sources = [\"203.0.113.0/24\"]\naction = \"pin\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                r#"policy.toml:4:20: action = "pin" binds connections to the first allowed source of their family, and "203.0.113.0/24" is a network: list the address to pin first"#
+            ]
+        );
+        let ports: Vec<String> = (1..=9).map(|port| port.to_string()).collect();
+        let errors = parse_str(&format!(
+            "[[rule]]\nname = \"a\"\ndestinations = [\"198.51.100.0/24\"]\nports = [{}]\nallowed_sources = [\"203.0.113.10\"]\naction = \"block\"\n",
+            ports.join(", ")
+        ))
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                r#"policy.toml:6:10: rule "a": action = "block" is enforced in the kernel, which takes at most 8 port ranges and 8 allowed sources per rule (this one has 9 and 1): split the rule"#
+            ]
+        );
     }
 
     #[test]

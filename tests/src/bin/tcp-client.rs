@@ -1,5 +1,7 @@
 //! Test helper: joins a cgroup and a network namespace, starts TCP connections, and prints
-//! what the kernel chose for each as one JSON line: `{"pid":…,"src":"…","src_port":…}`.
+//! what the kernel chose for each as one JSON line: `{"pid":…,"src":"…","src_port":…,
+//! "error":…}` (`error`: null, or the errno's name when `connect()` failed at once, as a
+//! blocked one does).
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME]
 //!            [--io-uring] DST_ADDR DST_PORT`
@@ -83,17 +85,19 @@ fn start_connection(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
             .expect("bind");
     }
     socket.set_nonblocking(true).expect("non-blocking");
-    match socket.connect(&dst.into()) {
-        Ok(()) => {}
-        Err(error) if error.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
-        Err(error) => panic!("connect: {error}"),
-    }
-    report(&socket);
+    let error = match socket.connect(&dst.into()) {
+        Ok(()) => None,
+        Err(error) if error.raw_os_error() == Some(nix::libc::EINPROGRESS) => None,
+        // Refused at once (`block`): reported, not fatal.
+        Err(error) => error.raw_os_error(),
+    };
+    report(&socket, error);
     socket
 }
 
-/// Prints the socket's local address as the kernel has it now.
-fn report(socket: &Socket) {
+/// Prints the socket's local address as the kernel has it now, and the errno (by name) that
+/// `connect()` failed with at once, if it did.
+fn report(socket: &Socket, error: Option<i32>) {
     let local = socket
         .local_addr()
         .expect("getsockname")
@@ -105,6 +109,7 @@ fn report(socket: &Socket) {
             "pid": std::process::id(),
             "src": local.ip().to_string(),
             "src_port": local.port(),
+            "error": error.map(|code| format!("{:?}", nix::errno::Errno::from_raw(code))),
         })
     );
 }
@@ -114,7 +119,7 @@ fn report(socket: &Socket) {
 fn connect_in_io_uring_worker(dst: SocketAddr, bind: IpAddr) {
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
     socket.bind(&SocketAddr::new(bind, 0).into()).expect("bind");
-    report(&socket);
+    report(&socket, None);
     let mut ring = IoUring::new(2).expect("io_uring_setup");
     let address = SockAddr::from(dst);
     let connect = opcode::Connect::new(

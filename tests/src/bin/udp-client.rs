@@ -1,5 +1,6 @@
 //! Test helper: joins a cgroup and a network namespace and sends UDP datagrams the ways
-//! programs do, then prints one JSON line: `{"pid":…,"src_port":…}` (the socket's port).
+//! programs do, then prints one JSON line: `{"pid":…,"src":…,"src_port":…,"error":…}` (the socket's
+//! address and port, and `null` or the error that stopped it).
 //!
 //! `udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC |
 //!            --sendmmsg] [--count N] DST_ADDR[,DST_ADDR…] DST_PORT`
@@ -9,6 +10,9 @@
 //! - `--pktinfo SRC`: `sendmsg()` with `IP_PKTINFO`/`IPV6_PKTINFO` choosing the source SRC
 //!   per datagram, as DNS servers on multi-IP hosts do;
 //! - `--sendmmsg`: one `sendmmsg()` call with a datagram to each destination.
+//!
+//! A refused `connect()` or `sendto()` ends the client; its report then has `error` (the
+//! errno's name, such as `EPERM`).
 //!
 //! `--count N` sends N datagrams to each destination (with `--sendmmsg`, N calls).
 //! `--wait` makes the socket (bound and connected as asked), prints `ready`, and sends only
@@ -82,8 +86,11 @@ fn main() {
             .bind(&SocketAddr::new(address, 0).into())
             .expect("bind");
     }
-    if let Mode::Connect = mode {
-        socket.connect(&destinations[0].into()).expect("connect");
+    if let Mode::Connect = mode
+        && let Err(error) = socket.connect(&destinations[0].into())
+    {
+        report(&socket, Some(&error));
+        return;
     }
     if wait {
         println!("ready");
@@ -95,9 +102,10 @@ fn main() {
         match mode {
             Mode::SendTo => {
                 for destination in &destinations {
-                    socket
-                        .send_to(payload, &(*destination).into())
-                        .expect("sendto");
+                    if let Err(error) = socket.send_to(payload, &(*destination).into()) {
+                        report(&socket, Some(&error));
+                        return;
+                    }
                 }
             }
             Mode::Connect => {
@@ -111,25 +119,48 @@ fn main() {
             }
             Mode::PacketInfo(source) => {
                 for destination in &destinations {
-                    send_with_source(&socket, *destination, source, payload);
+                    if let Err(error) = send_with_source(&socket, *destination, source, payload) {
+                        report(&socket, Some(&error));
+                        return;
+                    }
                 }
             }
             Mode::SendMmsg => send_to_all(&socket, &destinations, payload),
         }
     }
+    report(&socket, None);
+}
+
+/// Prints the report line: the socket's address as the kernel has it now, and the error
+/// that stopped the client (a refused `connect()` or `sendto()`), if one did.
+fn report(socket: &Socket, error: Option<&std::io::Error>) {
     let local = socket
         .local_addr()
         .expect("getsockname")
         .as_socket()
         .expect("an IP socket");
+    let error = error.map(|error| match error.raw_os_error() {
+        Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+        None => error.to_string(),
+    });
     println!(
         "{}",
-        serde_json::json!({"pid": std::process::id(), "src_port": local.port()})
+        serde_json::json!({
+            "pid": std::process::id(),
+            "src": local.ip().to_string(),
+            "src_port": local.port(),
+            "error": error,
+        })
     );
 }
 
 /// `sendmsg()` with the source chosen by `IP_PKTINFO` or `IPV6_PKTINFO`.
-fn send_with_source(socket: &Socket, destination: SocketAddr, source: IpAddr, payload: &[u8]) {
+fn send_with_source(
+    socket: &Socket,
+    destination: SocketAddr,
+    source: IpAddr,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let address = SockAddr::from(destination);
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr().cast_mut().cast(),
@@ -185,13 +216,11 @@ fn send_with_source(socket: &Socket, destination: SocketAddr, source: IpAddr, pa
                 std::ptr::write_unaligned(data.cast(), info);
             }
         }
-        let sent = libc::sendmsg(socket.as_raw_fd(), &raw const message, 0);
-        assert!(
-            sent >= 0,
-            "sendmsg with a source: {}",
-            std::io::Error::last_os_error()
-        );
+        if libc::sendmsg(socket.as_raw_fd(), &raw const message, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
+    Ok(())
 }
 
 /// One `sendmmsg()` call with a datagram to each destination.

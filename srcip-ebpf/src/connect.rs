@@ -1,0 +1,455 @@
+//! `cgroup/connect4` and `connect6`: the one moment a program's `connect()` can still be
+//! changed or refused. They record the owner of a socket created before srcip started
+//! (`owner.rs`), and carry out the policy's `pin` and `block` actions. `cgroup/sendmsg4`
+//! and `sendmsg6` do the same for each datagram of an unconnected UDP socket; they are
+//! attached only while the policy pins or blocks UDP, because with any program there the
+//! kernel locks every unconnected UDP socket around every datagram.
+//!
+//! The source is not chosen yet here: the route lookup that chooses it comes after this
+//! hook. So:
+//! - `pin` binds a socket that has no source to the rule's pin source (`bpf_bind`, port 0:
+//!   the kernel still picks the port), and the route lookup then keeps it. A socket the
+//!   program bound itself keeps its address: its choice is judged at egress like any other.
+//! - `block` judges the source the socket will leave with: the one the program bound, or,
+//!   when it bound none, the one user space predicted from the routing tables for that
+//!   destination (`PREDICTED_V4_SOURCES`/`PREDICTED_V6_SOURCES`). Refusing here gives the
+//!   program `EPERM` at once; dropping the SYN at egress would leave it waiting for minutes.
+//!
+//! For a datagram the source is set, not bound: `msg_src_ip4/6`, which the kernel fills with
+//! the bound or `IP_PKTINFO` source and uses for the route lookup. A source that is not on
+//! the host there would fail the datagram, so it is set only when user space has seen the
+//! pin source on the host in the socket's namespace (`PRESENT_PIN_SOURCES`).
+//!
+//! Only audited sockets (an owner entry exists) are ever touched, and only when the policy
+//! has an enforcing rule (`PolicyState::enforcing`): auditing alone costs this hook one
+//! owner lookup.
+
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::generated::bpf_bind,
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use srcip_common::{
+    owner::{OWNER_PINNED, SocketOwner},
+    policy::{ACTION_BLOCK, ACTION_PIN, KernelRule, PinSource},
+    record::{AF_INET, AF_INET6, Counter, IPPROTO_UDP, RecordFlags},
+};
+
+use crate::{
+    maps::{PREDICTED_V4_SOURCES, PREDICTED_V6_SOURCES, PRESENT_PIN_SOURCES, count},
+    owner::{audited_udp_owner, connecting_owner},
+    policy::{self, Connection, Delivery, allows_source, enforcing_rule},
+    report::record,
+};
+
+/// What a `cgroup_sock_addr` program returns: go on with `connect()`, or fail it with EPERM.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn srcip_connect4(ctx: SockAddrContext) -> i32 {
+    connecting(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn srcip_connect6(ctx: SockAddrContext) -> i32 {
+    connecting(&ctx, AF_INET6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn srcip_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sending(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn srcip_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sending(&ctx, AF_INET6)
+}
+
+/// A datagram of an unconnected UDP socket (a connected one's never comes here). Sockets made
+/// before srcip started were given their owner by user space at start.
+#[inline(always)]
+fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
+    // SAFETY: the context pointer the kernel passed to this program; `sk` is never null here.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let Some(owner) = audited_udp_owner(sk) else {
+        return ALLOW;
+    };
+    if policy::state().enforcing == 0 {
+        return ALLOW;
+    }
+    // SAFETY: as above; readable for the program run.
+    let address = unsafe { &mut *ctx.sock_addr };
+    let (family, dst) = destination(address, hook_family);
+    // The source the program chose (bound, or `IP_PKTINFO`), in the hook's family.
+    let chosen = message_source(address, hook_family);
+    let connection = Connection {
+        family,
+        protocol: IPPROTO_UDP,
+        src: chosen.as_ref().unwrap_or(&[0; 16]),
+        dst: &dst,
+        dst_port: u16::from_be(address.user_port as u16),
+    };
+    let Some((index, rule)) = enforcing_rule(&connection) else {
+        return ALLOW;
+    };
+    match rule.action {
+        // A datagram to an IPv4-mapped address is sent through sendmsg4, so in sendmsg6 the
+        // destination is IPv6: its family is the hook's.
+        ACTION_PIN if chosen.is_none() && family == hook_family => {
+            if set_pin_source(address, rule, hook_family, owner.netns_cookie) {
+                owner.flags |= OWNER_PINNED;
+            }
+            ALLOW
+        }
+        ACTION_BLOCK => {
+            let (src, flags) = match chosen {
+                Some(src) => (src, RecordFlags::REFUSED),
+                None => match predicted_source(family, &dst, owner.netns_cookie) {
+                    Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
+                    None => return ALLOW,
+                },
+            };
+            if allows_source(rule, family, &src) {
+                return ALLOW;
+            }
+            let refused = Connection {
+                src: &src,
+                ..connection
+            };
+            let delivery = Delivery::Violation { rule: index };
+            // SAFETY: as above.
+            let src_port = read(unsafe { &(*sk).src_port }) as u16;
+            record(owner, &refused, &src, src_port, delivery, flags);
+            REFUSE
+        }
+        _ => ALLOW,
+    }
+}
+
+/// `msg_src_ip4/6`: the source the datagram will leave with when the program chose one, in
+/// the record layout.
+#[inline(always)]
+fn message_source(address: &bpf_sock_addr, hook_family: u8) -> Option<[u8; 16]> {
+    let src = if hook_family == AF_INET {
+        address_v4(read(&address.msg_src_ip4))
+    } else {
+        address_v6([
+            read(&address.msg_src_ip6[0]),
+            read(&address.msg_src_ip6[1]),
+            read(&address.msg_src_ip6[2]),
+            read(&address.msg_src_ip6[3]),
+        ])
+    };
+    (src != [0; 16]).then_some(src)
+}
+
+/// Sets the datagram's source to `rule`'s pin source for `family` (the hook's: each hook may
+/// write only its own family's field), when the host has it in the socket's namespace; false
+/// when it does not (the datagram then takes the route's).
+#[inline(always)]
+fn set_pin_source(
+    address: &mut bpf_sock_addr,
+    rule: &KernelRule,
+    family: u8,
+    netns_cookie: u64,
+) -> bool {
+    let mut pin = PinSource {
+        family: u32::from(family),
+        addr: [0; 16],
+    };
+    if family == AF_INET {
+        pin.addr[..4].copy_from_slice(&rule.pin_v4);
+    } else {
+        pin.addr = rule.pin_v6;
+    }
+    if pin.addr == [0; 16] {
+        return false;
+    }
+    let present = PRESENT_PIN_SOURCES
+        .get_ptr(&pin)
+        // SAFETY: a hash map value stays readable for the program run.
+        .is_some_and(|cookie| unsafe { *cookie } == netns_cookie);
+    if !present {
+        count(Counter::PinFailures);
+        return false;
+    }
+    // Each word is written on its own: the context allows only 4-byte stores.
+    if family == AF_INET {
+        address.msg_src_ip4 = u32::from_ne_bytes(rule.pin_v4);
+    } else {
+        let word = |index: usize| {
+            let at = index * 4;
+            u32::from_ne_bytes([
+                rule.pin_v6[at],
+                rule.pin_v6[at + 1],
+                rule.pin_v6[at + 2],
+                rule.pin_v6[at + 3],
+            ])
+        };
+        address.msg_src_ip6[0] = word(0);
+        address.msg_src_ip6[1] = word(1);
+        address.msg_src_ip6[2] = word(2);
+        address.msg_src_ip6[3] = word(3);
+    }
+    true
+}
+
+/// `hook_family`: `AF_INET` for connect4, `AF_INET6` for connect6.
+#[inline(always)]
+fn connecting(ctx: &SockAddrContext, hook_family: u8) -> i32 {
+    let Some(owner) = connecting_owner(ctx) else {
+        return ALLOW;
+    };
+    if policy::state().enforcing == 0 {
+        return ALLOW;
+    }
+    enforce(ctx, owner, hook_family)
+}
+
+#[inline(always)]
+fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i32 {
+    // SAFETY: the context pointer the kernel passed to this program; `sk` is never null in
+    // these hooks and readable for the program run.
+    let (address, socket) = unsafe {
+        let address = &*ctx.sock_addr;
+        (address, &*address.__bindgen_anon_1.sk)
+    };
+    let (family, dst) = destination(address, hook_family);
+    let bound = bound_source(socket, family);
+    let connection = Connection {
+        family,
+        protocol: address.protocol as u8,
+        src: bound.as_ref().unwrap_or(&[0; 16]),
+        dst: &dst,
+        // The port as `connect()` got it, in network order in the low 16 bits.
+        dst_port: u16::from_be(address.user_port as u16),
+    };
+    let Some((index, rule)) = enforcing_rule(&connection) else {
+        return ALLOW;
+    };
+    match rule.action {
+        ACTION_PIN if bound.is_none() => {
+            if pin(ctx.sock_addr, socket, rule, family) {
+                owner.flags |= OWNER_PINNED;
+            }
+            ALLOW
+        }
+        ACTION_BLOCK => {
+            let (src, flags) = match bound {
+                Some(src) => (src, RecordFlags::REFUSED),
+                None => match predicted_source(family, &dst, owner.netns_cookie) {
+                    Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
+                    // No prediction (no route, or not computed yet): the packet at egress
+                    // tells, and is reported if it violates.
+                    None => return ALLOW,
+                },
+            };
+            if allows_source(rule, family, &src) {
+                return ALLOW;
+            }
+            let refused = Connection {
+                src: &src,
+                ..connection
+            };
+            let delivery = Delivery::Violation { rule: index };
+            record(
+                owner,
+                &refused,
+                &src,
+                socket.src_port as u16,
+                delivery,
+                flags,
+            );
+            REFUSE
+        }
+        _ => ALLOW,
+    }
+}
+
+/// The destination's family on the wire and its address in the record layout: an
+/// IPv4-mapped address given to connect6 is IPv4.
+#[inline(always)]
+fn destination(address: &bpf_sock_addr, hook_family: u8) -> (u8, [u8; 16]) {
+    if hook_family == AF_INET {
+        return (AF_INET, address_v4(read(&address.user_ip4)));
+    }
+    let dst = address_v6([
+        read(&address.user_ip6[0]),
+        read(&address.user_ip6[1]),
+        read(&address.user_ip6[2]),
+        read(&address.user_ip6[3]),
+    ]);
+    match mapped_v4(&dst) {
+        Some(v4) => (AF_INET, v4),
+        None => (AF_INET6, dst),
+    }
+}
+
+/// The address the program bound the socket to, for a connection of `family`, in the record
+/// layout; `None` when it bound none (or only a port).
+#[inline(always)]
+fn bound_source(socket: &bpf_sock, family: u8) -> Option<[u8; 16]> {
+    let src = if socket.family == u32::from(AF_INET) {
+        address_v4(read(&socket.src_ip4))
+    } else {
+        let bound = address_v6([
+            read(&socket.src_ip6[0]),
+            read(&socket.src_ip6[1]),
+            read(&socket.src_ip6[2]),
+            read(&socket.src_ip6[3]),
+        ]);
+        match family {
+            AF_INET => mapped_v4(&bound).unwrap_or([0; 16]),
+            _ => bound,
+        }
+    };
+    (src != [0; 16]).then_some(src)
+}
+
+/// An IPv4 address word (network order) in the record layout.
+#[inline(always)]
+fn address_v4(word: u32) -> [u8; 16] {
+    let mut address = [0; 16];
+    address[..4].copy_from_slice(&word.to_ne_bytes());
+    stored(&address)
+}
+
+/// An IPv6 address's four words (network order) in the record layout.
+#[inline(always)]
+fn address_v6(words: [u32; 4]) -> [u8; 16] {
+    let mut address = [0; 16];
+    for (index, word) in words.iter().enumerate() {
+        address[index * 4..index * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    stored(&address)
+}
+
+/// The bytes as stored, read back from the stack, so that every test of the address is made
+/// on them and not on the registers they came from: before 6.12 the kernel's rewrite of a
+/// context load (`msg_src_ip6` was seen on 5.10 and 6.1) can leave the upper half of the
+/// register set, and a comparison of whole registers then saw a source where there was none.
+#[inline(always)]
+fn stored(address: &[u8; 16]) -> [u8; 16] {
+    // SAFETY: a reference to an initialised array on this program's stack.
+    unsafe { core::ptr::read_volatile(address) }
+}
+
+/// The IPv4 address an IPv4-mapped one (`::ffff:a.b.c.d`) carries, in the record layout.
+#[inline(always)]
+fn mapped_v4(address: &[u8; 16]) -> Option<[u8; 16]> {
+    let prefix = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    if address[..12] != prefix {
+        return None;
+    }
+    let mut v4 = [0; 16];
+    v4[..4].copy_from_slice(&address[12..]);
+    Some(v4)
+}
+
+/// One word of the socket or the context, loaded as a word: the verifier allows no pointer
+/// arithmetic on either, which a copy of their bytes would need.
+#[inline(always)]
+fn read(field: &u32) -> u32 {
+    // SAFETY: a field of the socket or context the kernel gave this program, readable for its
+    // run.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// What the route module predicted the kernel will choose for `dst`, for a socket of the
+/// network namespace with `netns_cookie`.
+#[inline(always)]
+fn predicted_source(family: u8, dst: &[u8; 16], netns_cookie: u64) -> Option<[u8; 16]> {
+    let predicted = if family == AF_INET {
+        PREDICTED_V4_SOURCES.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
+    } else {
+        PREDICTED_V6_SOURCES.get(Key::new(128, *dst))
+    }?;
+    (predicted.netns_cookie == netns_cookie).then_some(predicted.addr)
+}
+
+/// `struct sockaddr_in` and `sockaddr_in6`, as `bpf_bind` takes them.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    /// Network order; zero lets the kernel choose the port at connect.
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+/// Binds the socket to `rule`'s pin source for `family`; false when the rule has none of that
+/// family, or the kernel refused (the address is gone from the socket's namespace, or the
+/// program bound a port): then the connection goes on with the route's choice.
+#[inline(always)]
+fn pin(ctx: *mut bpf_sock_addr, socket: &bpf_sock, rule: &KernelRule, family: u8) -> bool {
+    // A bound port cannot be bound again.
+    if read(&socket.src_port) != 0 {
+        return false;
+    }
+    let result = if socket.family == u32::from(AF_INET) {
+        if rule.pin_v4 == [0; 4] {
+            return false;
+        }
+        let mut address = SockaddrIn {
+            family: u16::from(AF_INET),
+            port: 0,
+            addr: rule.pin_v4,
+            zero: [0; 8],
+        };
+        // SAFETY: the program's context and a whole `sockaddr_in` on this stack.
+        unsafe {
+            bpf_bind(
+                ctx,
+                (&raw mut address).cast(),
+                size_of::<SockaddrIn>() as i32,
+            )
+        }
+    } else {
+        let mut addr = [0; 16];
+        if family == AF_INET {
+            if rule.pin_v4 == [0; 4] {
+                return false;
+            }
+            // An IPv6 socket reaches an IPv4 destination from `::ffff:a.b.c.d`.
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12..].copy_from_slice(&rule.pin_v4);
+        } else {
+            if rule.pin_v6 == [0; 16] {
+                return false;
+            }
+            addr = rule.pin_v6;
+        }
+        let mut address = SockaddrIn6 {
+            family: u16::from(AF_INET6),
+            port: 0,
+            flowinfo: 0,
+            addr,
+            scope_id: 0,
+        };
+        // SAFETY: the program's context and a whole `sockaddr_in6` on this stack.
+        unsafe {
+            bpf_bind(
+                ctx,
+                (&raw mut address).cast(),
+                size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    };
+    if result != 0 {
+        count(Counter::PinFailures);
+    }
+    result == 0
+}

@@ -1,0 +1,345 @@
+//! Enforcement: `pin` binds an unmodified program in an audited cgroup to its rule's source,
+//! `block` refuses a disallowed source at `connect()`, whether the program bound it or the
+//! routing tables would choose it. Processes outside the audited cgroups, and everything
+//! after the daemon stops, are left alone. Each test's host namespace routes the partner
+//! from the disallowed address, as in the incident.
+
+use std::process::Command;
+
+use srcip_tests::{
+    ALLOWED_V4, ALLOWED_V6, Daemon, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
+    TestCgroup, Topology, connect, ip_in, srcip_bin, udp_client,
+};
+
+fn policy_with(action: &str) -> String {
+    format!(
+        r#"
+[[rule]]
+name = "partner"
+destinations = ["198.51.100.50", "2001:db8:50::/64"]
+ports = [443]
+allowed_sources = ["203.0.113.10", "2001:db8::10"]
+action = "{action}"
+"#
+    )
+}
+
+/// The incident in both families: the kernel now prefers .11 and ::11 for the partner.
+fn route_partner_via_other_sources(topology: &Topology) {
+    topology.route_partner_via_other_source();
+    ip_in(
+        &topology.host.name,
+        "-6 route replace 2001:db8:50::/64 via 2001:db8::1 src 2001:db8::11",
+    );
+}
+
+/// A daemon in the topology's host namespace auditing `cgroup`'s child `audited`, with the
+/// partner routed from the wrong addresses. Nothing is folded: each test tells its
+/// connections apart by their lines.
+fn enforcing_daemon(topology: &Topology, cgroup: &TestCgroup, policy: &PolicyFile) -> Daemon {
+    route_partner_via_other_sources(topology);
+    let audited = cgroup.child("audited");
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &["--cgroup", audited.to_str().unwrap(), "--fold-window", "0"],
+    );
+    // The drift watch's first reading is in force (and, for `block`, in the kernel) once it
+    // has reported both wrong routes.
+    let mut drifted = Vec::new();
+    while drifted.len() < 2 {
+        let line = daemon.wait_for("a drift", |line| line.route_drift().is_some());
+        drifted.push(line.route_drift().unwrap().destination.clone());
+    }
+    drifted.sort();
+    assert_eq!(drifted, [PARTNER_V4, "2001:db8:50::/64"]);
+    daemon
+}
+
+#[test]
+fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited", "other"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+
+    for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
+        let client = connect(&topology.host, &audited, None, dst, 443);
+        assert_eq!(client.src, pinned_src, "the kernel bound the pin source");
+        assert_eq!(client.error, None);
+        let line = daemon.wait_for("the pinned line", |line| {
+            line.pinned()
+                .is_some_and(|pinned| pinned.src_port == client.src_port)
+        });
+        let pinned = line.pinned().unwrap();
+        assert_eq!(
+            (pinned.rule.as_deref(), pinned.action.as_str()),
+            (Some("partner"), "pin")
+        );
+        assert_eq!(
+            (pinned.src.as_str(), pinned.dst.as_str()),
+            (pinned_src, dst)
+        );
+        assert_eq!(
+            (pinned.pid, pinned.verdict.as_str()),
+            (client.pid, "compliant")
+        );
+    }
+
+    // Outside the audited cgroup the route's choice stands.
+    let other = cgroup.child("other");
+    assert_eq!(
+        connect(&topology.host, &other, None, PARTNER_V4, 443).src,
+        OTHER_V4
+    );
+    assert_eq!(
+        connect(&topology.host, &other, None, PARTNER_V6, 443).src,
+        OTHER_V6
+    );
+    // A program that bound a source itself keeps it, and its violation is reported.
+    let bound = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    assert_eq!(bound.src, OTHER_V4);
+    daemon.wait_for("the bound client's violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == bound.src_port)
+    });
+
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    assert!(
+        lines.iter().all(|line| line
+            .violation()
+            .is_none_or(|violation| violation.src_port == bound.src_port)),
+        "no pinned connection is a violation: {lines:#?}"
+    );
+
+    // Stopped: nothing is enforced any more.
+    assert_eq!(
+        connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
+        OTHER_V4
+    );
+}
+
+#[test]
+fn pin_binds_connected_udp_in_both_families() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+
+    for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
+        let client = udp_client(&topology.host, &audited, &["--connect"], dst, 443);
+        assert_eq!((client.src.as_str(), client.error), (pinned_src, None));
+        let line = daemon.wait_for("the pinned datagram", |line| {
+            line.pinned()
+                .is_some_and(|pinned| pinned.src_port == client.src_port)
+        });
+        let pinned = line.pinned().unwrap();
+        assert_eq!(
+            (pinned.protocol.as_str(), pinned.src.as_str()),
+            ("udp", pinned_src)
+        );
+    }
+}
+
+#[test]
+fn pin_sets_the_source_of_unconnected_udp_unless_the_program_chose_one() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+
+    for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
+        let client = udp_client(&topology.host, &audited, &[], dst, 443);
+        assert_eq!(client.error, None);
+        let line = daemon.wait_for("the pinned datagram", |line| {
+            line.pinned()
+                .is_some_and(|pinned| pinned.src_port == client.src_port)
+        });
+        // The packet's source: what the partner sees.
+        assert_eq!(line.pinned().unwrap().src, pinned_src);
+    }
+
+    // A source the program chose per datagram (`IP_PKTINFO`) is its own: reported, kept.
+    let chosen = udp_client(
+        &topology.host,
+        &audited,
+        &["--pktinfo", OTHER_V4],
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the chosen source's violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == chosen.src_port)
+    });
+    assert_eq!(line.violation().unwrap().src, OTHER_V4);
+}
+
+#[test]
+fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_one_through() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited", "other"]);
+    let policy = PolicyFile::new(&policy_with("block"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+
+    // Bound by the program: the source is known at connect.
+    let bound = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    assert_eq!(bound.error.as_deref(), Some("EPERM"));
+    let line = daemon.wait_for("the blocked bound connection", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.pid == bound.pid)
+    });
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (
+            violation.action.as_str(),
+            violation.blocked,
+            violation.predicted
+        ),
+        ("block", Some(true), None)
+    );
+    assert_eq!(violation.src, OTHER_V4);
+
+    // Never bound: the source the routing tables would choose, as predicted.
+    for (dst, predicted) in [(PARTNER_V4, OTHER_V4), (PARTNER_V6, OTHER_V6)] {
+        let client = connect(&topology.host, &audited, None, dst, 443);
+        assert_eq!(client.error.as_deref(), Some("EPERM"), "to {dst}");
+        let line = daemon.wait_for("the blocked predicted connection", |line| {
+            line.violation()
+                .is_some_and(|violation| violation.pid == client.pid)
+        });
+        let violation = line.violation().unwrap();
+        assert_eq!(
+            (violation.blocked, violation.predicted),
+            (Some(true), Some(true))
+        );
+        assert_eq!(
+            (violation.src.as_str(), violation.dst.as_str()),
+            (predicted, dst)
+        );
+        assert!(violation.reason.is_some(), "{violation:#?}");
+    }
+
+    // UDP is refused the same way: a connected socket at connect, an unconnected one per
+    // datagram, whether its source is predicted or chosen with `IP_PKTINFO`.
+    for options in [&["--connect"][..], &[], &["--pktinfo", OTHER_V4]] {
+        let udp = udp_client(&topology.host, &audited, options, PARTNER_V4, 443);
+        assert_eq!(
+            udp.error.as_deref(),
+            Some("EPERM"),
+            "udp-client {options:?}"
+        );
+    }
+    let allowed = udp_client(
+        &topology.host,
+        &audited,
+        &["--pktinfo", ALLOWED_V4],
+        PARTNER_V4,
+        443,
+    );
+    assert_eq!(allowed.error, None);
+
+    // Compliant traffic passes, and so does everything outside the audited cgroup.
+    let allowed = connect(&topology.host, &audited, Some(ALLOWED_V4), PARTNER_V4, 443);
+    assert_eq!(allowed.error, None);
+    let other = connect(
+        &topology.host,
+        &cgroup.child("other"),
+        None,
+        PARTNER_V4,
+        443,
+    );
+    assert_eq!((other.src.as_str(), other.error), (OTHER_V4, None));
+
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    let after = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    assert_eq!(after.error, None, "nothing is blocked once srcip stopped");
+}
+
+/// Between a routing change and srcip's next reading of the routes (`--route-settle`, made
+/// long here), `block` judges a socket that bound no source by the previous prediction: the
+/// connection leaves, and is reported as a violation that was not blocked.
+#[test]
+fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("block"));
+    let audited = cgroup.child("audited");
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &[
+            "--cgroup",
+            audited.to_str().unwrap(),
+            "--route-settle",
+            "5s",
+        ],
+    );
+    // Let the first reading (the routes are right) reach the kernel.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+
+    topology.route_partner_via_other_source();
+    let early = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!((early.src.as_str(), early.error), (OTHER_V4, None));
+    let line = daemon.wait_for("the violation that got through", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == early.src_port)
+    });
+    assert_eq!(line.violation().unwrap().blocked, Some(false));
+
+    daemon.wait_for("the drift", |line| line.route_drift().is_some());
+    let late = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(late.error.as_deref(), Some("EPERM"));
+}
+
+#[test]
+fn a_reload_from_alert_to_pin_decides_the_next_connection() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("alert"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+
+    assert_eq!(
+        connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
+        OTHER_V4
+    );
+    std::fs::write(&policy.path, policy_with("pin")).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for("the reload", |line| line.kind() == "reloaded");
+    let client = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(client.src, ALLOWED_V4);
+    daemon.wait_for("the pinned line", |line| {
+        line.pinned()
+            .is_some_and(|pinned| pinned.src_port == client.src_port)
+    });
+}
+
+#[test]
+fn a_pin_source_the_host_does_not_have_is_refused_with_its_location() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(
+        "[[rule]]\nname = \"partner\"\ndestinations = [\"198.51.100.50\"]\nallowed_sources = [\"203.0.113.99\", \"203.0.113.10\"]\naction = \"pin\"\n",
+    );
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.host.name))
+        .arg(srcip_bin())
+        .args(["run", "--policy"])
+        .arg(&policy.path)
+        .output()
+        .expect("run srcip");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:4:20: action = \"pin\" binds to 203.0.113.99, which is not an address of this host",
+            policy.path.display()
+        )),
+        "{stderr}"
+    );
+}
