@@ -105,28 +105,47 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
             ALLOW
         }
         ACTION_BLOCK => {
-            let (src, flags) = match chosen {
-                Some(src) => (src, RecordFlags::REFUSED),
-                None => match predicted_source(family, &dst, owner.netns_cookie) {
-                    Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
-                    None => return ALLOW,
-                },
-            };
-            if allows_source(rule, family, &src) {
-                return ALLOW;
-            }
-            let refused = Connection {
-                src: &src,
-                ..connection
-            };
-            let delivery = Delivery::Violation { rule: index };
             // SAFETY: as above.
             let src_port = read(unsafe { &(*sk).src_port }) as u16;
-            record(owner, &refused, &src, src_port, delivery, flags);
-            REFUSE
+            judge_block(owner, &connection, chosen, (index, rule), src_port)
         }
         _ => ALLOW,
     }
+}
+
+/// `block`: refuses, and records, a connection or datagram whose source `rule` (with its
+/// index) does not allow: the one its program `chosen`, else the one predicted for its
+/// destination. `src_port`: the socket's, when bound.
+#[inline(always)]
+fn judge_block(
+    owner: &SocketOwner,
+    connection: &Connection,
+    chosen: Option<[u8; 16]>,
+    (index, rule): (u32, &KernelRule),
+    src_port: u16,
+) -> i32 {
+    let (src, flags) = match chosen {
+        Some(src) => (src, RecordFlags::REFUSED),
+        None => match predicted_source(connection.family, connection.dst, owner.netns_cookie) {
+            Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
+            // No prediction (no route, another namespace, or not read yet): the packet at
+            // egress tells, and is reported if it violates.
+            None => return ALLOW,
+        },
+    };
+    if allows_source(rule, connection.family, &src) {
+        return ALLOW;
+    }
+    let refused = Connection {
+        family: connection.family,
+        protocol: connection.protocol,
+        src: &src,
+        dst: connection.dst,
+        dst_port: connection.dst_port,
+    };
+    let delivery = Delivery::Violation { rule: index };
+    record(owner, &refused, &src, src_port, delivery, flags);
+    REFUSE
 }
 
 /// `msg_src_ip4/6`: the source the datagram will leave with when the program chose one, in
@@ -238,32 +257,8 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
             ALLOW
         }
         ACTION_BLOCK => {
-            let (src, flags) = match bound {
-                Some(src) => (src, RecordFlags::REFUSED),
-                None => match predicted_source(family, &dst, owner.netns_cookie) {
-                    Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
-                    // No prediction (no route, or not computed yet): the packet at egress
-                    // tells, and is reported if it violates.
-                    None => return ALLOW,
-                },
-            };
-            if allows_source(rule, family, &src) {
-                return ALLOW;
-            }
-            let refused = Connection {
-                src: &src,
-                ..connection
-            };
-            let delivery = Delivery::Violation { rule: index };
-            record(
-                owner,
-                &refused,
-                &src,
-                socket.src_port as u16,
-                delivery,
-                flags,
-            );
-            REFUSE
+            let src_port = read(&socket.src_port) as u16;
+            judge_block(owner, &connection, bound, (index, rule), src_port)
         }
         _ => ALLOW,
     }

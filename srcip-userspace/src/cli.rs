@@ -142,6 +142,15 @@ pub struct RunArgs {
     /// still judges sockets that bound no source by the previous prediction.
     #[arg(long, value_name = "DURATION", default_value = "150ms", value_parser = humantime::parse_duration)]
     route_settle: std::time::Duration,
+    /// Leave pin and block in force while srcip is stopped or restarting: their programs stay
+    /// attached, held by links pinned in --kept-links. The next `srcip run` takes them over,
+    /// with or without this flag; to remove them without one, delete that folder.
+    #[arg(long)]
+    keep_enforcing: bool,
+    /// Where --keep-enforcing pins its links (a folder on a bpf file system), and where
+    /// `srcip run` looks for those a previous run kept.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/srcip")]
+    kept_links: PathBuf,
 }
 
 impl RunArgs {
@@ -164,6 +173,8 @@ impl RunArgs {
             fold_window: self.fold_window,
             fold_entries: self.fold_table_size,
             route_settle: self.route_settle,
+            keep_enforcing: self.keep_enforcing,
+            kept_links: self.kept_links,
         }
     }
 }

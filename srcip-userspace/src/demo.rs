@@ -92,6 +92,7 @@ async fn scenario() -> anyhow::Result<()> {
             // Every connection of the demo is shown.
             fold_window: std::time::Duration::ZERO,
             fold_entries: 1,
+            kept_links: None,
         },
         // Nobody scrapes them here.
         Default::default(),

@@ -66,6 +66,7 @@ pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
             audit_self: false,
             fold_window: Duration::ZERO,
             fold_entries: 1,
+            kept_links: None,
         },
         // Nobody scrapes them here.
         Default::default(),

@@ -7,8 +7,10 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
+        cgroup_skb::CgroupSkbLinkId,
+        cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
     },
 };
 use nix::sys::resource::{Resource, setrlimit};
@@ -85,6 +87,14 @@ const DATAGRAM_PROGRAMS: &[ProgramSpec] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error(
+        "cannot keep enforcement in {}: {reason} (the folder must be on a bpf file system, as /sys/fs/bpf is)",
+        dir.display()
+    )]
+    Keep {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
     #[error("cannot open the cgroup2 root {}", path.display())]
     OpenCgroup {
         path: std::path::PathBuf,
@@ -124,6 +134,9 @@ enum AttachedLink {
     Egress(CgroupSkbLinkId),
     Sock(CgroupSockLinkId),
     SockAddr(CgroupSockAddrLinkId),
+    /// An enforcing program's link pinned in bpffs (`--keep-enforcing`): it stays attached
+    /// when srcip stops, until the pin is removed.
+    Kept(PinnedLink),
 }
 
 /// The loaded object with its programs attached. Detach with [`KernelPrograms::detach`];
@@ -134,7 +147,17 @@ pub struct KernelPrograms {
     /// The `DATAGRAM_PROGRAMS`' links while attached.
     datagram_links: Vec<(&'static str, AttachedLink)>,
     cgroup_root: File,
+    /// Where this run pins its enforcing links (`--keep-enforcing`).
+    keep_in: Option<std::path::PathBuf>,
 }
+
+/// The programs that pin and block: the ones `--keep-enforcing` leaves attached.
+const ENFORCING_PROGRAMS: &[&str] = &[
+    names::CONNECT4_PROGRAM,
+    names::CONNECT6_PROGRAM,
+    names::SENDMSG4_PROGRAM,
+    names::SENDMSG6_PROGRAM,
+];
 
 /// What to audit and how.
 #[derive(Clone, Copy)]
@@ -151,6 +174,18 @@ pub struct AuditSettings<'a> {
     pub fold_window: std::time::Duration,
     /// Capacity of the kernel's folding table.
     pub fold_entries: u32,
+    /// Where enforcing links are kept across a stop, and whether this run keeps its own;
+    /// `None` (demo, learn): neither kept nor looked for.
+    pub kept_links: Option<KeptLinks<'a>>,
+}
+
+/// `--keep-enforcing` and `--kept-links`.
+#[derive(Clone, Copy)]
+pub struct KeptLinks<'a> {
+    /// A folder on a bpf file system.
+    pub dir: &'a Path,
+    /// Pin this run's enforcing links there, so that they outlive it.
+    pub keep: bool,
 }
 
 /// Maps user space uses while auditing.
@@ -187,6 +222,7 @@ impl KernelPrograms {
             audit_self,
             fold_window,
             fold_entries,
+            kept_links,
         } = settings;
         raise_memlock_limit();
         let mut level_mask = 0u64;
@@ -261,6 +297,9 @@ impl KernelPrograms {
             links: Vec::new(),
             datagram_links: Vec::new(),
             cgroup_root,
+            keep_in: kept_links
+                .filter(|kept| kept.keep)
+                .map(|kept| kept.dir.to_owned()),
         };
         for spec in DATAGRAM_PROGRAMS {
             programs.load(spec)?;
@@ -277,7 +316,76 @@ impl KernelPrograms {
             );
             programs.links.push((spec.name, link));
         }
+        // Attached first, then the previous run's kept links removed: enforcement never
+        // lapses across a restart.
+        if let Some(kept) = kept_links {
+            release_kept_links(kept.dir);
+        }
+        let links = std::mem::take(&mut programs.links);
+        programs.links = programs.keep_enforcing(links)?;
         Ok((programs, maps))
+    }
+
+    /// With `--keep-enforcing`, pins the enforcing programs' links among `links` in the kept
+    /// links folder; the others, and every link without it, are returned as they were.
+    fn keep_enforcing(
+        &mut self,
+        links: Vec<(&'static str, AttachedLink)>,
+    ) -> Result<Vec<(&'static str, AttachedLink)>, LoadError> {
+        let Some(dir) = self.keep_in.clone() else {
+            return Ok(links);
+        };
+        let keep_error = |reason: String| LoadError::Keep {
+            dir: dir.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(&dir).map_err(|error| keep_error(error.to_string()))?;
+        let mut kept = Vec::with_capacity(links.len());
+        for (name, link) in links {
+            let AttachedLink::SockAddr(id) = link else {
+                kept.push((name, link));
+                continue;
+            };
+            if !ENFORCING_PROGRAMS.contains(&name) {
+                kept.push((name, AttachedLink::SockAddr(id)));
+                continue;
+            }
+            match self.pin_link(name, id, &dir) {
+                Ok(pinned) => {
+                    info!(
+                        "{name} is kept attached in {} (--keep-enforcing)",
+                        dir.display()
+                    );
+                    kept.push((name, AttachedLink::Kept(pinned)));
+                }
+                Err(reason) => {
+                    // A start that fails leaves nothing behind: what was pinned is removed.
+                    self.detach_links(kept, Kept::Remove);
+                    return Err(keep_error(reason));
+                }
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Takes the link of `name` from its program and pins it at `dir/name`.
+    fn pin_link(
+        &mut self,
+        name: &'static str,
+        id: CgroupSockAddrLinkId,
+        dir: &Path,
+    ) -> Result<PinnedLink, String> {
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no {name}"))?
+            .try_into()
+            .map_err(|error: aya::programs::ProgramError| error.to_string())?;
+        let owned = program.take_link(id).map_err(|error| error.to_string())?;
+        FdLink::try_from(owned)
+            .map_err(|error| error.to_string())?
+            .pin(dir.join(name))
+            .map_err(|error| error.to_string())
     }
 
     /// Attaches the sendmsg programs when `enforced` (the policy pins or blocks UDP) and
@@ -289,15 +397,17 @@ impl KernelPrograms {
         }
         if !enforced {
             let links = std::mem::take(&mut self.datagram_links);
-            self.detach_links(links);
+            self.detach_links(links, Kept::Remove);
             info!("detached the sendmsg programs: the policy pins and blocks no UDP");
             return Ok(());
         }
+        let mut links = Vec::new();
         for spec in DATAGRAM_PROGRAMS {
             let link = self.attach(spec)?;
             info!("attached {} ({})", spec.name, spec.provides);
-            self.datagram_links.push((spec.name, link));
+            links.push((spec.name, link));
         }
+        self.datagram_links = self.keep_enforcing(links)?;
         Ok(())
     }
 
@@ -356,19 +466,32 @@ impl KernelPrograms {
     }
 
     /// Detaches every program, logging (not failing on) a program that will not detach, so
-    /// that the others are still removed.
+    /// that the others are still removed. Kept links (`--keep-enforcing`) stay attached.
     pub fn detach(&mut self) {
         let datagram_links = std::mem::take(&mut self.datagram_links);
-        self.detach_links(datagram_links);
+        self.detach_links(datagram_links, Kept::Leave);
         let links = std::mem::take(&mut self.links);
-        self.detach_links(links);
+        self.detach_links(links, Kept::Leave);
     }
 
-    fn detach_links(&mut self, links: Vec<(&'static str, AttachedLink)>) {
+    fn detach_links(&mut self, links: Vec<(&'static str, AttachedLink)>, kept: Kept) {
         // The reverse of the attach order: connections stop being recorded first.
         for (name, link) in links.into_iter().rev() {
             let program = self.ebpf.program_mut(name);
             let result = match link {
+                AttachedLink::Kept(pinned) => match kept {
+                    Kept::Leave => {
+                        info!("{name} stays attached, kept by --keep-enforcing");
+                        continue;
+                    }
+                    // Unpinned, the link's last reference is dropped with it: detached.
+                    Kept::Remove => Some(
+                        pinned
+                            .unpin()
+                            .map(drop)
+                            .map_err(aya::programs::ProgramError::IOError),
+                    ),
+                },
                 AttachedLink::Egress(link) => program
                     .and_then(|program| <&mut CgroupSkb>::try_from(program).ok())
                     .map(|program| program.detach(link)),
@@ -384,6 +507,39 @@ impl KernelPrograms {
                 Some(Err(error)) => warn!("detaching {name} failed: {error}"),
                 None => warn!("detaching {name} failed: program not found"),
             }
+        }
+    }
+}
+
+/// What detaching does with a kept link.
+#[derive(Clone, Copy)]
+enum Kept {
+    /// Stopping: leave it attached, as `--keep-enforcing` asked.
+    Leave,
+    /// The policy no longer needs the program: remove it.
+    Remove,
+}
+
+/// Removes the links a previous run left in `dir` (`--keep-enforcing`): each is detached
+/// when its pin, its last reference, goes. A folder that does not exist holds none.
+fn release_kept_links(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match PinnedLink::from_pin(&path).map(PinnedLink::unpin) {
+            Ok(Ok(_detached_on_drop)) => {
+                info!(
+                    "removed {}, which a previous srcip kept enforcing",
+                    path.display()
+                );
+            }
+            Ok(Err(error)) => warn!("cannot remove {}: {error}", path.display()),
+            Err(error) => warn!(
+                "{} is not a link srcip can take over: {error}",
+                path.display()
+            ),
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     delivery::{Delivery, SinkSpec, SpoolSettings, WatchServer},
     drift::DriftWatch,
     features,
-    loader::AuditSettings,
+    loader::{AuditSettings, KeptLinks},
     metrics::{self, Metrics},
     policy::{self, Matcher, Policy, PolicyError, PolicyLoadError},
     reload::{PolicyWatch, reload},
@@ -42,6 +42,10 @@ pub struct RunConfig {
     pub fold_entries: u32,
     /// How long after a routing change the drift watch reads the routes again.
     pub route_settle: std::time::Duration,
+    /// Leave the enforcing programs attached when srcip stops (`--keep-enforcing`).
+    pub keep_enforcing: bool,
+    /// Where kept links are pinned, and looked for at start.
+    pub kept_links: PathBuf,
 }
 
 /// Loads, checks and compiles the policy for auditing (host names resolved).
@@ -160,6 +164,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             audit_self: false,
             fold_window: config.fold_window,
             fold_entries: config.fold_entries,
+            kept_links: Some(KeptLinks {
+                dir: &config.kept_links,
+                keep: config.keep_enforcing,
+            }),
         },
         Arc::clone(&metrics),
     )?;

@@ -17,6 +17,10 @@ use crate::{Line, Netns, srcip_bin};
 
 /// How long any expected line may take. Generous: CI machines are shared and noisy.
 const LINE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `srcip run` may take to load and attach: the verifier checks every program
+/// first, which under the matrix's software emulation, with another test's daemon loading
+/// beside it, took up to 15 s on 5.10.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
     child: Child,
@@ -99,7 +103,12 @@ impl Daemon {
             socket,
             _folder: folder,
         };
-        daemon.wait_for("started", |line| matches!(line, Line::Started { .. }));
+        let started = daemon.wait_at_most(START_TIMEOUT, "started", |line| {
+            matches!(line, Line::Started { .. })
+        });
+        if started.is_none() {
+            daemon.fail(&format!("no started line within {START_TIMEOUT:?}"));
+        }
         daemon
     }
 

@@ -4,11 +4,11 @@
 //! after the daemon stops, are left alone. Each test's host namespace routes the partner
 //! from the disallowed address, as in the incident.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use srcip_tests::{
-    ALLOWED_V4, ALLOWED_V6, Daemon, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
-    TestCgroup, Topology, connect, ip_in, srcip_bin, udp_client,
+    ALLOWED_V4, ALLOWED_V6, Connection, Daemon, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
+    PolicyFile, Signal, TestCgroup, Topology, connect, ip_in, srcip_bin, udp_client, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -37,13 +37,21 @@ fn route_partner_via_other_sources(topology: &Topology) {
 /// partner routed from the wrong addresses. Nothing is folded: each test tells its
 /// connections apart by their lines.
 fn enforcing_daemon(topology: &Topology, cgroup: &TestCgroup, policy: &PolicyFile) -> Daemon {
+    enforcing_daemon_with(topology, cgroup, policy, &[])
+}
+
+/// As [`enforcing_daemon`], with `extra` arguments.
+fn enforcing_daemon_with(
+    topology: &Topology,
+    cgroup: &TestCgroup,
+    policy: &PolicyFile,
+    extra: &[&str],
+) -> Daemon {
     route_partner_via_other_sources(topology);
     let audited = cgroup.child("audited");
-    let mut daemon = Daemon::start_in(
-        &topology.host,
-        &policy.path,
-        &["--cgroup", audited.to_str().unwrap(), "--fold-window", "0"],
-    );
+    let mut args = vec!["--cgroup", audited.to_str().unwrap(), "--fold-window", "0"];
+    args.extend(extra);
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &args);
     // The drift watch's first reading is in force (and, for `block`, in the kernel) once it
     // has reported both wrong routes.
     let mut drifted = Vec::new();
@@ -54,6 +62,15 @@ fn enforcing_daemon(topology: &Topology, cgroup: &TestCgroup, policy: &PolicyFil
     drifted.sort();
     assert_eq!(drifted, [PARTNER_V4, "2001:db8:50::/64"]);
     daemon
+}
+
+/// The `pinned` line of the connection from `src_port`.
+fn pinned_line(daemon: &mut Daemon, src_port: u16) -> Connection {
+    let line = daemon.wait_for("the pinned line", |line| {
+        line.pinned()
+            .is_some_and(|pinned| pinned.src_port == src_port)
+    });
+    line.pinned().unwrap().clone()
 }
 
 #[test]
@@ -68,11 +85,7 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
         let client = connect(&topology.host, &audited, None, dst, 443);
         assert_eq!(client.src, pinned_src, "the kernel bound the pin source");
         assert_eq!(client.error, None);
-        let line = daemon.wait_for("the pinned line", |line| {
-            line.pinned()
-                .is_some_and(|pinned| pinned.src_port == client.src_port)
-        });
-        let pinned = line.pinned().unwrap();
+        let pinned = pinned_line(&mut daemon, client.src_port);
         assert_eq!(
             (pinned.rule.as_deref(), pinned.action.as_str()),
             (Some("partner"), "pin")
@@ -132,11 +145,7 @@ fn pin_binds_connected_udp_in_both_families() {
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
         let client = udp_client(&topology.host, &audited, &["--connect"], dst, 443);
         assert_eq!((client.src.as_str(), client.error), (pinned_src, None));
-        let line = daemon.wait_for("the pinned datagram", |line| {
-            line.pinned()
-                .is_some_and(|pinned| pinned.src_port == client.src_port)
-        });
-        let pinned = line.pinned().unwrap();
+        let pinned = pinned_line(&mut daemon, client.src_port);
         assert_eq!(
             (pinned.protocol.as_str(), pinned.src.as_str()),
             ("udp", pinned_src)
@@ -155,12 +164,8 @@ fn pin_sets_the_source_of_unconnected_udp_unless_the_program_chose_one() {
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
         let client = udp_client(&topology.host, &audited, &[], dst, 443);
         assert_eq!(client.error, None);
-        let line = daemon.wait_for("the pinned datagram", |line| {
-            line.pinned()
-                .is_some_and(|pinned| pinned.src_port == client.src_port)
-        });
         // The packet's source: what the partner sees.
-        assert_eq!(line.pinned().unwrap().src, pinned_src);
+        assert_eq!(pinned_line(&mut daemon, client.src_port).src, pinned_src);
     }
 
     // A source the program chose per datagram (`IP_PKTINFO`) is its own: reported, kept.
@@ -314,10 +319,7 @@ fn a_reload_from_alert_to_pin_decides_the_next_connection() {
     daemon.wait_for("the reload", |line| line.kind() == "reloaded");
     let client = connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(client.src, ALLOWED_V4);
-    daemon.wait_for("the pinned line", |line| {
-        line.pinned()
-            .is_some_and(|pinned| pinned.src_port == client.src_port)
-    });
+    pinned_line(&mut daemon, client.src_port);
 }
 
 #[test]
@@ -342,4 +344,53 @@ fn a_pin_source_the_host_does_not_have_is_refused_with_its_location() {
         )),
         "{stderr}"
     );
+}
+
+/// A folder of the test's own on the bpf file system, for `--kept-links`; removed on drop,
+/// which detaches whatever is still pinned in it.
+struct KeptLinksDir(PathBuf);
+
+impl Drop for KeptLinksDir {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_dir_all(&self.0)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("could not remove {}: {error}", self.0.display());
+        }
+    }
+}
+
+#[test]
+fn keep_enforcing_pins_while_srcip_is_down_and_the_next_start_takes_it_over() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let kept = KeptLinksDir(PathBuf::from("/sys/fs/bpf").join(unique_name()));
+    let kept_links = kept.0.to_str().unwrap();
+    let audited = cgroup.child("audited");
+
+    let daemon = enforcing_daemon_with(
+        &topology,
+        &cgroup,
+        &policy,
+        &["--keep-enforcing", "--kept-links", kept_links],
+    );
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    // srcip is down; the kernel still pins.
+    let pinned = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(pinned.src, ALLOWED_V4, "pinned while srcip is down");
+    let kept_count = std::fs::read_dir(&kept.0).unwrap().count();
+    assert!(
+        kept_count >= 2,
+        "connect4 and connect6 are kept: {kept_count}"
+    );
+
+    // A start without the flag takes them over; once it stops, nothing is left.
+    let daemon = enforcing_daemon_with(&topology, &cgroup, &policy, &["--kept-links", kept_links]);
+    assert_eq!(std::fs::read_dir(&kept.0).unwrap().count(), 0);
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    let after = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(after.src, OTHER_V4, "nothing is enforced any more");
 }

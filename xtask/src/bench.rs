@@ -34,6 +34,7 @@ pub struct Settings {
 pub enum Part {
     Tcp,
     Udp,
+    Enforce,
     Latency,
     Saturation,
     Policies,
@@ -148,6 +149,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let datagrams = part(Part::Udp, &|| {
         datagram_throughput(&bins, &sandbox, settings)
     })?;
+    let enforcement = part(Part::Enforce, &|| enforcement(&bins, &sandbox, settings))?;
     let latency = part(Part::Latency, &|| latency(&bins, &sandbox))?;
     let saturation = part(Part::Saturation, &|| saturation(&bins, &sandbox))?;
     let policies = part(Part::Policies, &|| policy_sizes(&bins, &sandbox))?;
@@ -158,6 +160,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         "settings": {"rounds": settings.rounds, "seconds_per_round": settings.seconds},
         "throughput": throughput,
         "udp_throughput": datagrams,
+        "enforcement": enforcement,
         "latency": latency,
         "saturation": saturation,
         "policies": policies,
@@ -444,34 +447,118 @@ fn datagram_throughput(
                 "compliant" => Some(srcip_run(bins, &compliant, &[], false)?),
                 _ => Some(srcip_run(bins, &violation, &[], false)?),
             };
-            let report = storm(
-                bins,
-                sandbox,
-                &["--udp", "--threads", "2", "--seconds", &seconds],
-            )?;
-            rates[index].push(
-                report["connects"].as_f64().unwrap_or(0.0)
-                    / report["seconds"].as_f64().unwrap_or(1.0),
-            );
+            let storm_args = ["--udp", "--threads", "2", "--seconds", &seconds];
+            rates[index].push(storm_rate(bins, sandbox, &storm_args)?);
             if let Some(mut tool) = tool {
                 tool.stop();
             }
         }
     }
-    let baseline = median(&rates[0]);
     println!(
         "\nUDP send storm ({} rounds of {} s, 2 threads, one socket each)",
         settings.rounds, settings.seconds
     );
-    println!("{:<10} {:>14} {:>8}", "mode", "datagrams/s", "ratio");
+    Ok(rate_table(&modes, &rates, "datagrams"))
+}
+
+/// Runs the storm and returns its rate per second (connections, or datagrams with `--udp`).
+fn storm_rate(bins: &Binaries, sandbox: &Sandbox, args: &[&str]) -> anyhow::Result<f64> {
+    let report = storm(bins, sandbox, args)?;
+    Ok(report["connects"].as_f64().unwrap_or(0.0) / report["seconds"].as_f64().unwrap_or(1.0))
+}
+
+/// Prints the median rate of each mode and its ratio to the first (the baseline), and returns
+/// them as JSON; `unit` names what is counted (`datagrams`: `datagrams_per_second_median`).
+fn rate_table(modes: &[&str], rates: &[Vec<f64>], unit: &str) -> Value {
+    let baseline = median(&rates[0]);
+    println!("{:<10} {:>14} {:>8}", "mode", format!("{unit}/s"), "ratio");
     let mut table = serde_json::Map::new();
-    for (index, mode) in modes.iter().enumerate() {
-        let rate = median(&rates[index]);
+    for (mode, rounds) in modes.iter().zip(rates) {
+        let rate = median(rounds);
         println!("{mode:<10} {rate:>14.0} {:>8.2}", rate / baseline);
         table.insert(
             (*mode).to_owned(),
-            json!({"datagrams_per_second_median": rate, "ratio_to_baseline": rate / baseline, "rounds": rates[index]}),
+            json!({
+                format!("{unit}_per_second_median"): rate,
+                "ratio_to_baseline": rate / baseline,
+                "rounds": rounds,
+            }),
         );
+    }
+    Value::Object(table)
+}
+
+/// `srcip run` inside the bench's network namespace, where the storm's sockets live: `pin`
+/// sets a datagram's source only for sockets of srcip's own namespace, where it has seen
+/// the pin source.
+fn srcip_run_in_sandbox(bins: &Binaries, sandbox: &Sandbox, policy: &Path) -> anyhow::Result<Tool> {
+    Tool::start(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", sandbox.netns))
+            .arg(&bins.srcip)
+            .args(["run", "--format", "json", "--policy"])
+            .arg(policy),
+        "\"type\":\"started\"",
+        false,
+    )
+}
+
+/// What `pin` and `block` cost the connect and send paths: TCP connect storms and UDP send
+/// storms under an auditing policy, a blocking one whose traffic is compliant (each
+/// `connect()` and, for UDP, each datagram looks its rule up), and a pinning one (each
+/// connection is bound and reported as pinned; for UDP the sendmsg programs are attached, and
+/// every datagram takes the socket lock around them). srcip runs in the bench's namespace.
+fn enforcement(bins: &Binaries, sandbox: &Sandbox, settings: &Settings) -> anyhow::Result<Value> {
+    let policy = |name: &str, protocol: &str, action: &str| {
+        sandbox.policy(
+            name,
+            &format!(
+                "[[rule]]\nname = \"bench\"\ndestinations = [\"127.0.0.1\"]\nprotocol = \"{protocol}\"\nallowed_sources = [\"127.0.0.1\"]\naction = \"{action}\"\n"
+            ),
+        )
+    };
+    let modes = ["baseline", "alert", "block", "pin"];
+    let seconds = settings.seconds.to_string();
+    let mut table = serde_json::Map::new();
+    for (protocol, storm_args) in [
+        ("tcp", vec!["--threads", "2", "--seconds", &seconds]),
+        (
+            "udp",
+            vec!["--udp", "--threads", "2", "--seconds", &seconds],
+        ),
+    ] {
+        let policies = [
+            policy(&format!("{protocol}-alert.toml"), protocol, "alert")?,
+            policy(&format!("{protocol}-block.toml"), protocol, "block")?,
+            policy(&format!("{protocol}-pin.toml"), protocol, "pin")?,
+        ];
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        for round in 1..=settings.rounds {
+            step(&format!(
+                "enforcement ({protocol}) round {round} of {}",
+                settings.rounds
+            ));
+            for (index, rate) in rates.iter_mut().enumerate() {
+                let tool = match index {
+                    0 => None,
+                    _ => Some(srcip_run_in_sandbox(bins, sandbox, &policies[index - 1])?),
+                };
+                rate.push(storm_rate(bins, sandbox, &storm_args)?);
+                if let Some(mut tool) = tool {
+                    tool.stop();
+                }
+            }
+        }
+        println!(
+            "\n{protocol} under enforcing policies ({} rounds of {} s, 2 threads)",
+            settings.rounds, settings.seconds
+        );
+        let unit = if protocol == "tcp" {
+            "connects"
+        } else {
+            "datagrams"
+        };
+        table.insert(protocol.to_owned(), rate_table(&modes, &rates, unit));
     }
     Ok(Value::Object(table))
 }

@@ -51,7 +51,7 @@ enum Task {
         /// Seconds per throughput round.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
-        /// Run only these parts (comma-separated): tcp, udp, latency, saturation, policies,
+        /// Run only these parts (comma-separated): tcp, udp, enforce, latency, saturation, policies,
         /// matcher. All of them by default; a partial run is for iterating, not for
         /// BENCHMARKS.md.
         #[arg(long, value_delimiter = ',', value_enum)]
