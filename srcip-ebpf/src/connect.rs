@@ -38,6 +38,7 @@ use srcip_common::{
 };
 
 use crate::{
+    address::{address_v4, address_v6, mapped_v4, read, socket_source},
     maps::{PREDICTED_V4_SOURCES, PREDICTED_V6_SOURCES, PRESENT_PIN_SOURCES, count},
     owner::{audited_udp_owner, connecting_owner},
     policy::{self, Connection, Delivery, allows_source, enforcing_rule},
@@ -237,7 +238,7 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
         (address, &*address.__bindgen_anon_1.sk)
     };
     let (family, dst) = destination(address, hook_family);
-    let bound = bound_source(socket, family);
+    let bound = socket_source(socket, family);
     let connection = Connection {
         family,
         protocol: address.protocol as u8,
@@ -281,76 +282,6 @@ fn destination(address: &bpf_sock_addr, hook_family: u8) -> (u8, [u8; 16]) {
         Some(v4) => (AF_INET, v4),
         None => (AF_INET6, dst),
     }
-}
-
-/// The address the program bound the socket to, for a connection of `family`, in the record
-/// layout; `None` when it bound none (or only a port).
-#[inline(always)]
-fn bound_source(socket: &bpf_sock, family: u8) -> Option<[u8; 16]> {
-    let src = if socket.family == u32::from(AF_INET) {
-        address_v4(read(&socket.src_ip4))
-    } else {
-        let bound = address_v6([
-            read(&socket.src_ip6[0]),
-            read(&socket.src_ip6[1]),
-            read(&socket.src_ip6[2]),
-            read(&socket.src_ip6[3]),
-        ]);
-        match family {
-            AF_INET => mapped_v4(&bound).unwrap_or([0; 16]),
-            _ => bound,
-        }
-    };
-    (src != [0; 16]).then_some(src)
-}
-
-/// An IPv4 address word (network order) in the record layout.
-#[inline(always)]
-fn address_v4(word: u32) -> [u8; 16] {
-    let mut address = [0; 16];
-    address[..4].copy_from_slice(&word.to_ne_bytes());
-    stored(&address)
-}
-
-/// An IPv6 address's four words (network order) in the record layout.
-#[inline(always)]
-fn address_v6(words: [u32; 4]) -> [u8; 16] {
-    let mut address = [0; 16];
-    for (index, word) in words.iter().enumerate() {
-        address[index * 4..index * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    stored(&address)
-}
-
-/// The bytes as stored, read back from the stack, so that every test of the address is made
-/// on them and not on the registers they came from: before 6.12 the kernel's rewrite of a
-/// context load (`msg_src_ip6` was seen on 5.10 and 6.1) can leave the upper half of the
-/// register set, and a comparison of whole registers then saw a source where there was none.
-#[inline(always)]
-fn stored(address: &[u8; 16]) -> [u8; 16] {
-    // SAFETY: a reference to an initialised array on this program's stack.
-    unsafe { core::ptr::read_volatile(address) }
-}
-
-/// The IPv4 address an IPv4-mapped one (`::ffff:a.b.c.d`) carries, in the record layout.
-#[inline(always)]
-fn mapped_v4(address: &[u8; 16]) -> Option<[u8; 16]> {
-    let prefix = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    if address[..12] != prefix {
-        return None;
-    }
-    let mut v4 = [0; 16];
-    v4[..4].copy_from_slice(&address[12..]);
-    Some(v4)
-}
-
-/// One word of the socket or the context, loaded as a word: the verifier allows no pointer
-/// arithmetic on either, which a copy of their bytes would need.
-#[inline(always)]
-fn read(field: &u32) -> u32 {
-    // SAFETY: a field of the socket or context the kernel gave this program, readable for its
-    // run.
-    unsafe { core::ptr::read_volatile(field) }
 }
 
 /// What the route module predicted the kernel will choose for `dst`, for a socket of the

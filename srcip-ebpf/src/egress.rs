@@ -120,6 +120,9 @@ fn decide(socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) {
 /// layout, when that is the address the packet left with before any translation: a TCP
 /// socket's and a connected UDP socket's. An unconnected UDP socket's source is chosen per
 /// datagram (route, `IP_PKTINFO`), so the socket cannot tell it: `None`.
+///
+/// Not `address::socket_source`, which reads the same fields through the stack: this
+/// program is near the verifier's 512-byte stack limit, and with it the verifier counted 528.
 #[inline(always)]
 fn socket_source(socket: &bpf_sock, family: u8) -> Option<[u8; 16]> {
     let connected =

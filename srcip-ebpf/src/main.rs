@@ -5,6 +5,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod address;
 mod connect;
 mod egress;
 mod fold;

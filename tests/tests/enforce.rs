@@ -405,6 +405,9 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
     let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
     let audited = cgroup.child("audited");
 
+    // Pinned while the source is there, so what follows is pin's failure, not its absence.
+    let pinned = connect(&topology.host, &audited, None, PARTNER_V6, 443);
+    assert_eq!(pinned.src, ALLOWED_V6);
     // IPv6: deleting the primary IPv4 address would take the secondary and the routes along.
     ip_in(&topology.host.name, "-6 addr del 2001:db8::10/64 dev v0");
     let tcp = connect(&topology.host, &audited, None, PARTNER_V6, 443);
