@@ -13,7 +13,9 @@
 //! when the refused source was predicted, not bound). `lost` has `count`. `started` adds `version`, `policy`,
 //! `rules`, `cgroups` (the audited cgroups, empty for all), `kernel` (the release) and
 //! `degraded` (what srcip cannot report here, and why; empty when all works). `reloaded` has
-//! `policy` and `rules`, `policy_error` `policy` and `errors`. `stopped` adds
+//! `policy` and `rules`, `policy_error` `policy` and `errors`. `resolved` (a host name of the
+//! policy stands for other addresses after its records expired) has `name`, `rules`,
+//! `addresses` (in force now), `added` and `removed`. `stopped` adds
 //! `decided_in_kernel`: connections the kernel found needed no report.
 //!
 //! `text`: the same content, one readable line per alert, for a terminal.
@@ -73,6 +75,16 @@ pub enum AlertBody {
         policy: String,
         errors: Vec<String>,
     },
+    /// A host name of the policy, asked again when its records expired, now stands for
+    /// other addresses; they are in force.
+    Resolved {
+        name: String,
+        /// The rules that name it.
+        rules: Vec<Arc<str>>,
+        addresses: Vec<IpAddr>,
+        added: Vec<IpAddr>,
+        removed: Vec<IpAddr>,
+    },
     Stopped {
         /// Connections the kernel found compliant (or unmatched and ignored) and so never
         /// sent to user space.
@@ -93,6 +105,7 @@ impl AlertBody {
             Self::RouteRecovered(_) => "route_recovered",
             Self::Reloaded { .. } => "reloaded",
             Self::PolicyError { .. } => "policy_error",
+            Self::Resolved { .. } => "resolved",
             Self::Stopped { .. } => "stopped",
         }
     }
@@ -335,6 +348,18 @@ pub fn text_message(body: &AlertBody) -> String {
             "POLICY ERROR: {policy} was not loaded, the previous policy stays in force: {}",
             errors.join("; ")
         ),
+        AlertBody::Resolved {
+            name,
+            addresses,
+            added,
+            removed,
+            ..
+        } => format!(
+            "resolved: {name} now stands for {} (added: {}; removed: {})",
+            addresses_text(addresses),
+            addresses_text(added),
+            addresses_text(removed)
+        ),
         AlertBody::Stopped { decided_in_kernel } => {
             format!("stopped ({decided_in_kernel} connections were found compliant in the kernel)")
         }
@@ -412,6 +437,18 @@ fn escape(field: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     escaped.into()
+}
+
+/// Addresses for a text line: comma-separated, `-` for none.
+fn addresses_text(addresses: &[IpAddr]) -> String {
+    if addresses.is_empty() {
+        return "-".to_owned();
+    }
+    addresses
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::{
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -13,13 +14,15 @@ use serde::Serialize;
 
 use crate::{
     alerts::Format,
-    policy::{self, Destination, ProtocolSelector, Rule},
+    policy::{self, Destination, HostNames, ProtocolSelector, Rule},
     route::{self, Fix, HostRouting, Query, Router},
 };
 
 pub struct CheckConfig {
     pub policy: PathBuf,
     pub format: Format,
+    /// Name servers for the policy's host names (`--resolv-conf`); the system's when `None`.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// One destination of the policy, as `check --format json` prints it, and as `route_drift`
@@ -47,7 +50,8 @@ pub struct DestinationCheck {
 
 /// Checks every destination; `Ok(true)` when every one is compliant.
 pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
-    let policy = policy::resolve_hosts(policy::load(&config.policy)?)?;
+    let names = HostNames::new(config.resolv_conf.as_deref(), Duration::ZERO)?;
+    let (policy, _) = names.resolve(policy::load(&config.policy)?).await?;
     let router = Router::new()?;
     let host = router.host().await?;
     let mut all_compliant = true;

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Load the eBPF programs and audit outbound connections until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -151,6 +151,20 @@ pub struct RunArgs {
     /// `srcip run` looks for those a previous run kept.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/srcip")]
     kept_links: PathBuf,
+    #[command(flatten)]
+    resolver: ResolverArgs,
+    /// How long an address of a policy host name stays in force after the last answer that
+    /// held it: programs keep using an address they resolved earlier.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    keep_resolved: std::time::Duration,
+}
+
+/// How host names in the policy are resolved.
+#[derive(clap::Args)]
+pub struct ResolverArgs {
+    /// Ask the name servers of this file (resolv.conf format) instead of /etc/resolv.conf.
+    #[arg(long, value_name = "FILE")]
+    resolv_conf: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -175,6 +189,8 @@ impl RunArgs {
             route_settle: self.route_settle,
             keep_enforcing: self.keep_enforcing,
             kept_links: self.kept_links,
+            resolv_conf: self.resolver.resolv_conf,
+            keep_resolved: self.keep_resolved,
         }
     }
 }
@@ -188,6 +204,8 @@ pub struct CheckArgs {
     /// otherwise.
     #[arg(long, value_enum)]
     format: Option<Format>,
+    #[command(flatten)]
+    resolver: ResolverArgs,
 }
 
 impl CheckArgs {
@@ -195,6 +213,7 @@ impl CheckArgs {
         crate::check::CheckConfig {
             policy: self.policy,
             format: self.format.unwrap_or_else(default_format),
+            resolv_conf: self.resolver.resolv_conf,
         }
     }
 }

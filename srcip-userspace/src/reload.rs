@@ -22,8 +22,8 @@ use crate::{
     audit::AuditSession,
     drift::DriftWatch,
     metrics::Metrics,
-    policy::PolicyLoadError,
-    run::load_policy,
+    policy::{Destination, HostNames, Matcher, NameChange, Policy, PolicyLoadError},
+    run::LoadedPolicy,
 };
 
 /// How long after a change the file is read: the rest of a burst of events arrives first.
@@ -122,20 +122,25 @@ impl PolicyWatch {
     }
 }
 
-/// Reads `path` again and puts it in force, for auditing and for the drift watch; the alert
-/// says which happened. A policy that does not load keeps the one in force, whole.
+/// Puts a policy read again from `path` in force, for auditing and for the drift watch; the
+/// alert says which happened. A policy that did not load keeps the one in force, whole.
 pub fn reload(
     session: &mut AuditSession,
     path: &Path,
+    loaded: anyhow::Result<LoadedPolicy>,
+    in_force: &mut Policy,
+    names: &mut HostNames,
     metrics: &Metrics,
     drift: &DriftWatch,
 ) -> Alert {
     let policy = path.display().to_string();
-    let result = load_policy(path).and_then(|matcher| {
-        let rules = matcher.policy().rules.len();
-        let for_drift = Arc::new(matcher.policy().clone());
-        session.reload(matcher)?;
+    let result = loaded.and_then(|loaded| {
+        let rules = loaded.matcher.policy().rules.len();
+        let for_drift = Arc::new(loaded.matcher.policy().clone());
+        session.reload(loaded.matcher)?;
         drift.policy_changed(for_drift);
+        *in_force = loaded.parsed;
+        names.adopt(loaded.answers);
         Ok(rules)
     });
     metrics.reloaded(result.is_ok());
@@ -145,14 +150,79 @@ pub fn reload(
             Alert::now(AlertBody::Reloaded { policy, rules })
         }
         Err(error) => {
-            let errors: Vec<String> = match error.downcast_ref::<PolicyLoadError>() {
-                Some(invalid @ PolicyLoadError::Invalid { .. }) => {
-                    invalid.to_string().lines().map(str::to_owned).collect()
-                }
-                _ => vec![format!("{error:#}")],
-            };
-            warn!("{policy} was not reloaded: {}", errors.join("; "));
-            Alert::now(AlertBody::PolicyError { policy, errors })
+            warn!("{policy} was not reloaded: {error:#}");
+            Alert::now(AlertBody::PolicyError {
+                policy,
+                errors: located_messages(&error),
+            })
         }
+    }
+}
+
+/// Puts in force the addresses that host names of `in_force` stand for after their records
+/// expired and were asked again (`changes`, empty when no answer changed): one `resolved`
+/// alert per name. Should the new addresses make the policy invalid (two rules now claim one
+/// address), the addresses in force stay and a `policy_error` says why.
+pub fn re_resolve(
+    session: &mut AuditSession,
+    names: &HostNames,
+    changes: &[NameChange],
+    in_force: &Policy,
+    drift: &DriftWatch,
+) -> Vec<Alert> {
+    if changes.is_empty() {
+        return Vec::new();
+    }
+    let policy = in_force.path.display().to_string();
+    let result = Matcher::new(names.apply(in_force.clone()))
+        .map_err(anyhow::Error::from)
+        .and_then(|matcher| {
+            let for_drift = Arc::new(matcher.policy().clone());
+            session.reload(matcher)?;
+            drift.policy_changed(for_drift);
+            Ok(())
+        });
+    if let Err(error) = result {
+        warn!("new addresses of the policy's host names are not in force: {error:#}");
+        return vec![Alert::now(AlertBody::PolicyError {
+            policy,
+            errors: located_messages(&error),
+        })];
+    }
+    changes
+        .iter()
+        .map(|change| {
+            info!(
+                "{} now stands for {:?} (added {:?}, removed {:?})",
+                change.name, change.addresses, change.added, change.removed
+            );
+            let rules = in_force
+                .rules
+                .iter()
+                .filter(|rule| {
+                    rule.destinations.iter().any(|(destination, _)| {
+                        matches!(destination, Destination::Host(name) if *name == change.name)
+                    })
+                })
+                .map(|rule| Arc::clone(&rule.name))
+                .collect();
+            Alert::now(AlertBody::Resolved {
+                name: change.name.clone(),
+                rules,
+                addresses: change.addresses.clone(),
+                added: change.added.clone(),
+                removed: change.removed.clone(),
+            })
+        })
+        .collect()
+}
+
+/// An error as `policy_error` lists it: one located message per line of the file's errors.
+fn located_messages(error: &anyhow::Error) -> Vec<String> {
+    match error.downcast_ref::<PolicyLoadError>() {
+        Some(invalid @ PolicyLoadError::Invalid { .. }) => {
+            invalid.to_string().lines().map(str::to_owned).collect()
+        }
+        _ => vec![format!("{error:#}")],
     }
 }

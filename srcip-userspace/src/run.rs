@@ -15,8 +15,8 @@ use crate::{
     features,
     loader::{AuditSettings, KeptLinks},
     metrics::{self, Metrics},
-    policy::{self, Matcher, Policy, PolicyError, PolicyLoadError},
-    reload::{PolicyWatch, reload},
+    policy::{self, Answers, HostNames, Matcher, Policy, PolicyError, PolicyLoadError},
+    reload::{PolicyWatch, re_resolve, reload},
     system,
 };
 
@@ -46,13 +46,34 @@ pub struct RunConfig {
     pub keep_enforcing: bool,
     /// Where kept links are pinned, and looked for at start.
     pub kept_links: PathBuf,
+    /// Name servers for the policy's host names (`--resolv-conf`); the system's when `None`.
+    pub resolv_conf: Option<PathBuf>,
+    /// How long a host name's address stays in force after the last answer that held it.
+    pub keep_resolved: std::time::Duration,
 }
 
-/// Loads, checks and compiles the policy for auditing (host names resolved).
-pub fn load_policy(path: &std::path::Path) -> anyhow::Result<Matcher> {
-    let policy = policy::load(path)?;
-    require_pin_sources_on_host(&policy)?;
-    Ok(Matcher::new(policy::resolve_hosts(policy)?)?)
+/// A policy as its file says, with host names, and compiled for auditing with their
+/// addresses now.
+pub struct LoadedPolicy {
+    pub parsed: Policy,
+    pub matcher: Matcher,
+    /// Its host names' addresses, for [`HostNames::adopt`] when the policy is put in force.
+    pub answers: Answers,
+}
+
+/// Loads, checks and compiles the policy for auditing, its host names resolved by `names`.
+pub async fn load_policy(
+    path: &std::path::Path,
+    names: &HostNames,
+) -> anyhow::Result<LoadedPolicy> {
+    let parsed = policy::load(path)?;
+    require_pin_sources_on_host(&parsed)?;
+    let (resolved, answers) = names.resolve(parsed.clone()).await?;
+    Ok(LoadedPolicy {
+        parsed,
+        matcher: Matcher::new(resolved)?,
+        answers,
+    })
 }
 
 /// `pin` binds to its source, which the kernel allows only for an address of the host: one it
@@ -123,10 +144,41 @@ async fn changed(watch: &mut Option<PolicyWatch>) {
     }
 }
 
+/// Resolves when the first answer for a host name of the policy has expired; never without
+/// host names.
+async fn expired(names: &HostNames) {
+    match names.next_expiry() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Awaits `work` (name lookups, which may take seconds when a name server is down) while
+/// connections are still read and delivered, so that the kernel's ring buffer does not fill.
+async fn auditing_meanwhile<T>(
+    work: impl Future<Output = T>,
+    session: &mut AuditSession,
+    delivery: &mut Delivery,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            alerts = session.next_alerts() => delivery.deliver(alerts),
+        }
+    }
+}
+
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Privileges first: without them nothing else matters, and the policy may be root-only.
     system::require_privileges()?;
-    let matcher = load_policy(&config.policy)?;
+    let mut names = HostNames::new(config.resolv_conf.as_deref(), config.keep_resolved)?;
+    let LoadedPolicy {
+        parsed: mut policy_in_force,
+        matcher,
+        answers,
+    } = load_policy(&config.policy, &names).await?;
+    names.adopt(answers);
     let host = prepare_host()?;
     let mount = host.cgroup2_mount;
     let audited = config
@@ -194,11 +246,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             error = delivery.stdout_failed() => break Some(error),
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", config.policy.display());
-                vec![reload(&mut session, &config.policy, &metrics, &drift)]
+                let loaded = auditing_meanwhile(
+                    load_policy(&config.policy, &names), &mut session, &mut delivery,
+                ).await;
+                vec![reload(&mut session, &config.policy, loaded, &mut policy_in_force, &mut names, &metrics, &drift)]
             }
             () = changed(&mut policy_watch) => {
                 info!("{} changed: reloading it", config.policy.display());
-                vec![reload(&mut session, &config.policy, &metrics, &drift)]
+                let loaded = auditing_meanwhile(
+                    load_policy(&config.policy, &names), &mut session, &mut delivery,
+                ).await;
+                vec![reload(&mut session, &config.policy, loaded, &mut policy_in_force, &mut names, &metrics, &drift)]
+            }
+            () = expired(&names) => {
+                let changes = auditing_meanwhile(names.refresh(), &mut session, &mut delivery).await;
+                re_resolve(&mut session, &names, &changes, &policy_in_force, &drift)
             }
             alerts = session.next_alerts() => alerts,
             alerts = drift.next_alerts() => alerts,

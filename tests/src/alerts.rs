@@ -41,6 +41,15 @@ pub enum Line {
         #[serde(default)]
         sink: Option<String>,
     },
+    Resolved {
+        time: String,
+        host: String,
+        name: String,
+        rules: Vec<String>,
+        addresses: Vec<String>,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
     Stopped {
         time: String,
         host: String,
@@ -129,6 +138,7 @@ impl Line {
             Self::Reloaded { .. } => "reloaded",
             Self::PolicyError { .. } => "policy_error",
             Self::Lost { .. } => "lost",
+            Self::Resolved { .. } => "resolved",
             Self::Stopped { .. } => "stopped",
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod daemon;
+pub mod dns;
 pub mod nats;
 pub mod rsyslog;
 pub mod webhook;
@@ -395,11 +396,17 @@ impl PolicyFile {
 /// `srcip check --format json --policy POLICY` run inside `netns`: its exit code and its
 /// rows.
 pub fn check_in(netns: &Netns, policy: &Path) -> (i32, Vec<serde_json::Value>) {
+    check_in_with(netns, policy, &[])
+}
+
+/// As [`check_in`], with more arguments for `srcip check`.
+pub fn check_in_with(netns: &Netns, policy: &Path, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
     let output = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", netns.name))
         .arg(srcip_bin())
         .args(["check", "--format", "json", "--policy"])
         .arg(policy)
+        .args(args)
         .output()
         .expect("run srcip check");
     let rows = String::from_utf8_lossy(&output.stdout)

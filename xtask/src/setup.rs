@@ -31,6 +31,9 @@ pub fn run() -> anyhow::Result<()> {
     // A real syslog receiver for the syslog sink tests (`apt-get install` starts no daemon
     // on a machine without an init; the tests start their own).
     ensure_package("rsyslog", "rsyslogd", "-v")?;
+    // A real name server for the host-name re-resolution tests: the binary alone
+    // (dnsmasq-base), not the package that starts a system service.
+    ensure_package("dnsmasq-base", "dnsmasq", "--version")?;
     ensure_nats_server()?;
     step("setup complete");
     Ok(())

@@ -179,6 +179,7 @@ fn priority(body: &AlertBody) -> u8 {
         AlertBody::Started { .. }
         | AlertBody::Stopped { .. }
         | AlertBody::Reloaded { .. }
+        | AlertBody::Resolved { .. }
         | AlertBody::RouteRecovered(_)
         | AlertBody::Pinned(_) => 5, // notice
         AlertBody::Connect(_) => 6,                              // informational

@@ -1,7 +1,7 @@
 //! The policy: which source addresses are allowed for which destinations.
 //!
 //! `parse` turns a TOML file into a validated [`Policy`] (every error with its line and
-//! column), `resolve` turns host names into addresses, and `matcher` compiles the result
+//! column), `resolve` turns host names into addresses (again when their records expire), and `matcher` compiles the result
 //! into prefix tables and decides each connection. The compiled tables are flat (one
 //! longest-prefix lookup, then a short ordered candidate list) so the same layout can later
 //! be written to kernel LPM-trie maps for in-kernel decisions.
@@ -18,7 +18,7 @@ use ipnet::IpNet;
 pub use kernel::KernelTables;
 pub use matcher::{ConnectionKey, Decision, Matcher};
 pub use parse::{load, parse};
-pub use resolve::resolve_hosts;
+pub use resolve::{Answers, HostNames, NameChange};
 
 /// A single address prints as the address, as the user wrote it; a prefix as CIDR.
 pub fn display_net(net: IpNet) -> String {

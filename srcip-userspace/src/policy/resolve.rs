@@ -1,30 +1,97 @@
-//! Host names in `destinations`, resolved once when the policy is loaded for `run`.
+//! Host names in `destinations`: resolved when the policy is loaded, and again when their
+//! records expire, so that a partner that moves its service to new addresses is audited at
+//! the new ones without a reload.
+//!
+//! The resolver (hickory) asks the name servers of `/etc/resolv.conf` (or `--resolv-conf`)
+//! and reads `/etc/hosts`, and it says how long each answer is valid: its TTL. An address
+//! stays in force for `keep` after the last answer that held it, because programs cache
+//! their own answers (a JVM for a long while, a connection pool until it reconnects) and
+//! round-robin names return a different subset each time: an address dropped from the
+//! policy at once would leave their connections unaudited.
 
-use std::net::ToSocketAddrs;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::Path,
+    time::Duration,
+};
 
+use anyhow::Context as _;
+use hickory_resolver::{TokioResolver, config::ResolverConfig, net::runtime::TokioRuntimeProvider};
 use ipnet::IpNet;
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
-use super::{Destination, Policy, PolicyError, PolicyLoadError, parse::canonical};
+use super::{Destination, Location, Policy, PolicyError, PolicyLoadError, parse::canonical};
 
-/// Replaces every host name by the addresses it resolves to now, keeping the location of the
-/// name for later error messages. A name that does not resolve is an error at its location.
-pub fn resolve_hosts(mut policy: Policy) -> Result<Policy, PolicyLoadError> {
-    let mut errors = Vec::new();
-    for rule in &mut policy.rules {
-        let mut resolved = Vec::with_capacity(rule.destinations.len());
-        for (destination, location) in rule.destinations.drain(..) {
-            let Destination::Host(name) = &destination else {
-                resolved.push((destination, location));
+/// An answer valid for less than this is asked again only after it: a TTL of 0 would
+/// otherwise have srcip ask without pause.
+const MIN_TTL: Duration = Duration::from_secs(1);
+/// After a failed lookup, how long until the next try; the addresses in force stay.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+
+/// The host names of the policy in force, with the addresses each stands for now.
+pub struct HostNames {
+    /// Or why there is none.
+    resolver: Result<TokioResolver, String>,
+    /// How long an address stays in force after the last answer that held it.
+    keep: Duration,
+    names: HashMap<String, Name>,
+}
+
+/// A policy's host names resolved, not yet in force.
+pub struct Answers(HashMap<String, Name>);
+
+#[derive(Clone)]
+struct Name {
+    /// Addresses in force, each with when an answer last held it.
+    addresses: BTreeMap<IpAddr, Instant>,
+    /// When the answer expires and the name is asked again.
+    expires: Instant,
+}
+
+/// A name that now stands for other addresses than before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameChange {
+    pub name: String,
+    /// The addresses in force now.
+    pub addresses: Vec<IpAddr>,
+    pub added: Vec<IpAddr>,
+    pub removed: Vec<IpAddr>,
+}
+
+impl HostNames {
+    /// A resolver configured by `resolv_conf`, or by the system's `/etc/resolv.conf` when
+    /// `None`. A system without a usable one is refused only once a policy names a host:
+    /// policies of addresses alone need no name server.
+    pub fn new(resolv_conf: Option<&Path>, keep: Duration) -> anyhow::Result<Self> {
+        let resolver = match resolv_conf {
+            None => TokioResolver::builder_tokio()
+                .and_then(|builder| builder.build())
+                .map_err(|error| format!("no usable /etc/resolv.conf: {error}")),
+            Some(path) => Ok(configured_by(path)?),
+        };
+        Ok(Self {
+            resolver,
+            keep,
+            names: HashMap::new(),
+        })
+    }
+
+    /// Resolves every host name of `policy` now (a load or a reload) and returns the policy
+    /// with each name replaced by its addresses, and the answers, which [`Self::adopt`] puts
+    /// in force once the policy is. Addresses a name held before and still keeps are kept
+    /// too. A name that does not resolve is an error at its location.
+    pub async fn resolve(&self, policy: Policy) -> Result<(Policy, Answers), PolicyLoadError> {
+        let mut fresh = HashMap::new();
+        let mut errors = Vec::new();
+        for (name, location) in host_names(&policy) {
+            if fresh.contains_key(name) {
                 continue;
-            };
-            match (name.as_str(), 0).to_socket_addrs() {
-                Ok(addresses) => {
-                    for address in addresses {
-                        let prefix = Destination::Prefix(canonical(IpNet::from(address.ip())));
-                        if !resolved.iter().any(|(known, _)| *known == prefix) {
-                            resolved.push((prefix, location));
-                        }
-                    }
+            }
+            match self.lookup(name).await {
+                Ok(answer) => {
+                    fresh.insert(name.to_owned(), answer);
                 }
                 Err(error) => errors.push(PolicyError {
                     location,
@@ -32,14 +99,188 @@ pub fn resolve_hosts(mut policy: Policy) -> Result<Policy, PolicyLoadError> {
                 }),
             }
         }
+        if !errors.is_empty() {
+            return Err(PolicyLoadError::Invalid {
+                path: policy.path,
+                errors,
+            });
+        }
+        let now = Instant::now();
+        let mut names = HashMap::with_capacity(fresh.len());
+        for (text, (addresses, expires)) in fresh {
+            let mut name = self.names.get(&text).cloned().unwrap_or(Name {
+                addresses: BTreeMap::new(),
+                expires,
+            });
+            name.update(addresses, expires, now, self.keep);
+            names.insert(text, name);
+        }
+        let policy = apply(&names, policy);
+        Ok((policy, Answers(names)))
+    }
+
+    /// Puts in force the answers of the policy that now is.
+    pub fn adopt(&mut self, answers: Answers) {
+        self.names = answers.0;
+    }
+
+    /// When the first answer expires; `None` without host names.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.names.values().map(|name| name.expires).min()
+    }
+
+    /// Asks again for every name whose answer has expired, and says which names now stand
+    /// for other addresses. A failed lookup keeps the name's addresses and is tried again
+    /// later.
+    pub async fn refresh(&mut self) -> Vec<NameChange> {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .names
+            .iter()
+            .filter(|(_, name)| name.expires <= now)
+            .map(|(text, _)| text.clone())
+            .collect();
+        let mut changes = Vec::new();
+        for text in expired {
+            let answer = self.lookup(&text).await;
+            let Some(name) = self.names.get_mut(&text) else {
+                continue;
+            };
+            let before: BTreeSet<IpAddr> = name.addresses.keys().copied().collect();
+            match answer {
+                Ok((addresses, expires)) => {
+                    name.update(addresses, expires, Instant::now(), self.keep)
+                }
+                Err(error) => {
+                    warn!(
+                        "cannot resolve host name \"{text}\" again ({error}); its addresses stay in force, next try in {}s",
+                        RETRY_AFTER_FAILURE.as_secs()
+                    );
+                    name.expires = Instant::now() + RETRY_AFTER_FAILURE;
+                }
+            }
+            let after: BTreeSet<IpAddr> = name.addresses.keys().copied().collect();
+            if before != after {
+                changes.push(NameChange {
+                    name: text,
+                    addresses: after.iter().copied().collect(),
+                    added: after.difference(&before).copied().collect(),
+                    removed: before.difference(&after).copied().collect(),
+                });
+            }
+        }
+        changes
+    }
+
+    /// `policy` (as parsed, with host names) with each name replaced by its addresses in
+    /// force, each at the name's location.
+    pub fn apply(&self, policy: Policy) -> Policy {
+        apply(&self.names, policy)
+    }
+
+    /// The name's addresses (IPv4 and IPv6) and when the answer expires.
+    async fn lookup(&self, name: &str) -> anyhow::Result<(Vec<IpAddr>, Instant)> {
+        let resolver = self
+            .resolver
+            .as_ref()
+            .map_err(|why| anyhow::anyhow!("{why}"))?;
+        let answer = resolver.lookup_ip(name).await?;
+        let addresses: Vec<IpAddr> = answer.iter().collect();
+        let valid_until = Instant::from_std(answer.valid_until());
+        let expires = valid_until.max(Instant::now() + MIN_TTL);
+        debug!(
+            "{name} resolves to {addresses:?}, valid for {:?}",
+            expires - Instant::now()
+        );
+        Ok((addresses, expires))
+    }
+}
+
+impl Name {
+    /// Puts a new answer in force: its addresses are seen now; those not seen for `keep`
+    /// leave.
+    fn update(&mut self, answer: Vec<IpAddr>, expires: Instant, now: Instant, keep: Duration) {
+        for address in answer {
+            self.addresses.insert(address, now);
+        }
+        self.addresses
+            .retain(|_, seen| now.duration_since(*seen) <= keep);
+        self.expires = expires;
+    }
+}
+
+/// A resolver asking the name servers `path` (resolv.conf format) names.
+fn configured_by(path: &Path) -> anyhow::Result<TokioResolver> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (config, options): (ResolverConfig, _) =
+        hickory_resolver::system_conf::parse_resolv_conf(text)
+            .with_context(|| format!("{}: not a usable resolv.conf", path.display()))?;
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+    *builder.options_mut() = options;
+    builder
+        .build()
+        .with_context(|| format!("starting a resolver with {}", path.display()))
+}
+
+/// Every host name of `policy` with where it is written.
+fn host_names(policy: &Policy) -> impl Iterator<Item = (&str, Location)> {
+    policy.rules.iter().flat_map(|rule| {
+        rule.destinations
+            .iter()
+            .filter_map(|(destination, location)| match destination {
+                Destination::Host(name) => Some((name.as_str(), *location)),
+                Destination::Prefix(_) => None,
+            })
+    })
+}
+
+/// `policy` with each host name replaced by its addresses in `names`, at the name's location.
+fn apply(names: &HashMap<String, Name>, mut policy: Policy) -> Policy {
+    for rule in &mut policy.rules {
+        let mut resolved: Vec<(Destination, Location)> =
+            Vec::with_capacity(rule.destinations.len());
+        for (destination, location) in rule.destinations.drain(..) {
+            let Destination::Host(text) = &destination else {
+                resolved.push((destination, location));
+                continue;
+            };
+            let addresses = names
+                .get(text)
+                .into_iter()
+                .flat_map(|name| name.addresses.keys());
+            for address in addresses {
+                let prefix = Destination::Prefix(canonical(IpNet::from(*address)));
+                if !resolved.iter().any(|(known, _)| *known == prefix) {
+                    resolved.push((prefix, location));
+                }
+            }
+        }
         rule.destinations = resolved;
     }
-    if errors.is_empty() {
-        Ok(policy)
-    } else {
-        Err(PolicyLoadError::Invalid {
-            path: policy.path,
-            errors,
-        })
+    policy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses(name: &Name) -> Vec<IpAddr> {
+        name.addresses.keys().copied().collect()
+    }
+
+    #[test]
+    fn an_address_stays_for_keep_after_the_last_answer_that_held_it() {
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let keep = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut name = Name {
+            addresses: BTreeMap::new(),
+            expires: start,
+        };
+        name.update(vec![a], start, start, keep);
+        name.update(vec![b], start, start + Duration::from_secs(30), keep);
+        assert_eq!(addresses(&name), [a, b], "a was seen 30 s ago: kept");
+        name.update(vec![b], start, start + Duration::from_secs(61), keep);
+        assert_eq!(addresses(&name), [b], "a was last seen 61 s ago: gone");
     }
 }
