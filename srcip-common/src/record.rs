@@ -89,9 +89,14 @@ pub struct ConnectRecord {
     pub rule: u32,
     /// [`RecordFlags`] bits.
     pub flags: u32,
+    /// The packet's mark as it left (the socket's `SO_MARK`, or what netfilter set), which
+    /// `fwmark` policy routing selects on; 0 for a connection refused at `connect()`.
+    pub mark: u32,
+    /// Explicit padding to the record's 8-byte alignment; always zero.
+    pub reserved_tail: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 120);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 128);
 
 /// `ConnectRecord::flags`.
 pub struct RecordFlags;

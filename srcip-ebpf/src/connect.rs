@@ -92,6 +92,7 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
         src: chosen.as_ref().unwrap_or(&[0; 16]),
         dst: &dst,
         dst_port: u16::from_be(address.user_port as u16),
+        mark: 0,
     };
     let Some((index, rule)) = enforcing_rule(&connection) else {
         return ALLOW;
@@ -143,6 +144,7 @@ fn judge_block(
         src: &src,
         dst: connection.dst,
         dst_port: connection.dst_port,
+        mark: 0,
     };
     let delivery = Delivery::Violation { rule: index };
     record(owner, &refused, &src, src_port, delivery, flags);
@@ -246,6 +248,7 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
         dst: &dst,
         // The port as `connect()` got it, in network order in the low 16 bits.
         dst_port: u16::from_be(address.user_port as u16),
+        mark: 0,
     };
     let Some((index, rule)) = enforcing_rule(&connection) else {
         return ALLOW;

@@ -73,7 +73,7 @@ fn observe(ctx: &SkBuffContext) {
             let Some(packet) = Packet::read(ctx, IPPROTO_TCP) else {
                 return;
             };
-            decide(socket, &owner, &packet);
+            decide(ctx, socket, &owner, &packet);
         }
         IPPROTO_UDP => {
             let Some(owner) = audited_udp_owner(sk) else {
@@ -95,7 +95,7 @@ fn observe(ctx: &SkBuffContext) {
             // means "already reported".
             owner.last_flow = fingerprint;
             if !seen {
-                decide(socket, owner, &packet);
+                decide(ctx, socket, owner, &packet);
             }
         }
         _ => {}
@@ -103,7 +103,7 @@ fn observe(ctx: &SkBuffContext) {
 }
 
 #[inline(always)]
-fn decide(socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) {
+fn decide(ctx: &SkBuffContext, socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) {
     let socket_src = socket_source(socket, packet.family).unwrap_or(packet.src);
     let connection = Connection {
         family: packet.family,
@@ -111,6 +111,8 @@ fn decide(socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) {
         src: &packet.src,
         dst: &packet.dst,
         dst_port: packet.dst_port,
+        // SAFETY: a field of the context the kernel passed to this program.
+        mark: unsafe { (*ctx.skb.skb).mark },
     };
     // The socket's own port: the packet's may have been translated with its address.
     report(owner, &connection, &socket_src, socket.src_port as u16);

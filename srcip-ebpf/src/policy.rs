@@ -25,6 +25,8 @@ pub struct Connection<'a> {
     pub src: &'a [u8; 16],
     pub dst: &'a [u8; 16],
     pub dst_port: u16,
+    /// The packet's mark at egress; 0 where no packet exists yet (`connect()`).
+    pub mark: u32,
 }
 
 /// How a connection reaches user space.

@@ -110,5 +110,7 @@ pub fn record(
         (&raw mut (*record).comm).write(owner.comm);
         (&raw mut (*record).rule).write(rule);
         (&raw mut (*record).flags).write(flags);
+        (&raw mut (*record).mark).write(connection.mark);
+        (&raw mut (*record).reserved_tail).write(0);
     });
 }

@@ -27,6 +27,7 @@ use crate::{
     netns::NetnsInodes,
     policy::{Action, ConnectionKey, Decision, Matcher, Rule},
     policy_maps::{KernelPolicy, RoutingMaps},
+    route::Program,
 };
 
 /// Longest time a record the kernel did not wake us for waits in the ring buffer.
@@ -153,7 +154,7 @@ impl AuditSession {
         );
         let report_all = self.report_all;
         let undecodable = &mut self.undecodable;
-        let predictions = self
+        let mut predictions = self
             .predictions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -173,11 +174,18 @@ impl AuditSession {
                 if !violation && !pinned && !report_all {
                     return;
                 }
+                let program = Program {
+                    uid: Some(event.uid),
+                    mark: event.mark,
+                };
+                if violation && rule.is_some() {
+                    predictions.note_program(program);
+                }
                 // The kernel's choice (not bound, not translated) has the drift watch's reason.
                 let reason = (violation && event.wire_src.is_none())
                     .then(|| {
                         rule.and_then(|rule| {
-                            predictions.reason_for(&rule.name, event.dst, event.src)
+                            predictions.reason_for(&rule.name, event.dst, event.src, program)
                         })
                     })
                     .flatten()

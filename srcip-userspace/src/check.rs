@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     alerts::Format,
     policy::{self, Destination, HostNames, ProtocolSelector, Rule},
-    route::{self, Fix, HostRouting, Query, Router},
+    route::{self, Fix, HostRouting, Program, Query, Router},
 };
 
 pub struct CheckConfig {
@@ -23,6 +23,8 @@ pub struct CheckConfig {
     pub format: Format,
     /// Name servers for the policy's host names (`--resolv-conf`); the system's when `None`.
     pub resolv_conf: Option<PathBuf>,
+    /// The program to predict for (`--uid`, `--mark`).
+    pub program: Program,
 }
 
 /// One destination of the policy, as `check --format json` prints it, and as `route_drift`
@@ -36,6 +38,11 @@ pub struct DestinationCheck {
     pub dst: IpAddr,
     pub protocol: Option<&'static str>,
     pub dst_port: Option<u16>,
+    /// The program's uid and mark the lookup was made with, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mark: Option<u32>,
     pub predicted_src: Option<IpAddr>,
     pub oif: Option<String>,
     pub gateway: Option<IpAddr>,
@@ -64,7 +71,7 @@ pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
             let Destination::Prefix(prefix) = destination else {
                 continue;
             };
-            let row = check_destination(&router, &host, rule, *prefix).await?;
+            let row = check_destination(&router, &host, rule, *prefix, config.program).await?;
             all_compliant &= row.compliant;
             match config.format {
                 Format::Json => writeln!(stdout, "{}", serde_json::to_string(&row)?)?,
@@ -75,9 +82,10 @@ pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
     Ok(all_compliant)
 }
 
-/// The lookup a connection of `rule` to `dst` would make: with the protocol and the first
-/// port when the rule names them, so that port- and protocol-keyed policy routing applies.
-pub fn query_for(rule: &Rule, dst: IpAddr) -> Query {
+/// The lookup a connection of `rule` to `dst` by `program` would make: with the protocol
+/// and the first port when the rule names them, so that port- and protocol-keyed policy
+/// routing applies.
+pub fn query_for(rule: &Rule, dst: IpAddr, program: Program) -> Query {
     let dst_port = rule
         .ports
         .as_ref()
@@ -91,6 +99,7 @@ pub fn query_for(rule: &Rule, dst: IpAddr) -> Query {
         dst,
         protocol,
         dst_port,
+        program,
     }
 }
 
@@ -107,15 +116,17 @@ pub fn representative(prefix: IpNet) -> IpAddr {
     }
 }
 
-/// Predicts `destination` of `rule` (checked at its representative address).
+/// Predicts `destination` of `rule` (checked at its representative address) for a
+/// connection of `program`.
 pub async fn check_destination(
     router: &Router,
     host: &HostRouting,
     rule: &Rule,
     destination: IpNet,
+    program: Program,
 ) -> anyhow::Result<DestinationCheck> {
     let dst = representative(destination);
-    let query = query_for(rule, dst);
+    let query = query_for(rule, dst, program);
     let prediction = router.predict(&query, host).await?;
     let compliant = prediction.src.is_some_and(|src| rule.allows_source(src));
     let fix = if compliant {
@@ -134,6 +145,8 @@ pub async fn check_destination(
         dst,
         protocol: query.protocol.map(policy::Protocol::as_str),
         dst_port: query.dst_port,
+        uid: program.uid,
+        mark: (program.mark != 0).then_some(program.mark),
         predicted_src: prediction.src,
         oif: prediction.oif.clone(),
         gateway: prediction.gateway,
@@ -213,12 +226,12 @@ mod tests {
         )
         .unwrap();
         let dst: IpAddr = "192.0.2.1".parse().unwrap();
-        let with_ports = query_for(&policy.rules[0], dst);
+        let with_ports = query_for(&policy.rules[0], dst, Program::default());
         assert_eq!(
             (with_ports.protocol, with_ports.dst_port),
             (Some(policy::Protocol::Tcp), Some(443))
         );
-        let udp = query_for(&policy.rules[1], dst);
+        let udp = query_for(&policy.rules[1], dst, Program::default());
         assert_eq!(
             (udp.protocol, udp.dst_port),
             (Some(policy::Protocol::Udp), None)

@@ -206,6 +206,43 @@ pub struct CheckArgs {
     format: Option<Format>,
     #[command(flatten)]
     resolver: ResolverArgs,
+    /// Predict for a program running as this user (a name or a uid), so that `ip rule ...
+    /// uidrange` policy routing applies as it does to that program; default: the user
+    /// running check.
+    #[arg(long, value_name = "USER", value_parser = parse_user)]
+    uid: Option<u32>,
+    /// Predict for a program whose sockets carry this mark (SO_MARK; decimal or 0x…), so
+    /// that `ip rule ... fwmark` policy routing applies; default: no mark.
+    #[arg(long, value_name = "MARK", value_parser = parse_mark, default_value = "0")]
+    mark: u32,
+}
+
+/// A user name, or a uid.
+fn parse_user(given: &str) -> Result<u32, String> {
+    if let Ok(uid) = given.parse() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(given) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        Ok(None) => Err(format!(
+            "no user named \"{given}\" on this host; give a name from /etc/passwd or a number"
+        )),
+        Err(error) => Err(format!("cannot look up user \"{given}\": {error}")),
+    }
+}
+
+/// A mark as `ip rule` writes it: decimal, or hexadecimal with 0x.
+fn parse_mark(given: &str) -> Result<u32, String> {
+    let parsed = match given
+        .strip_prefix("0x")
+        .or_else(|| given.strip_prefix("0X"))
+    {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => given.parse(),
+    };
+    parsed.map_err(|_| {
+        format!("\"{given}\" is not a mark: give a number such as 7 or 0x7 (at most 32 bits)")
+    })
 }
 
 impl CheckArgs {
@@ -214,6 +251,10 @@ impl CheckArgs {
             policy: self.policy,
             format: self.format.unwrap_or_else(default_format),
             resolv_conf: self.resolver.resolv_conf,
+            program: crate::route::Program {
+                uid: self.uid,
+                mark: self.mark,
+            },
         }
     }
 }

@@ -13,7 +13,7 @@
 //! back through another, and is evaluated at once.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -22,7 +22,7 @@ use std::{
 use futures_util::StreamExt as _;
 use ipnet::IpNet;
 use rtnetlink::{MulticastGroup, sys::AsyncSocket as _};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
     check::check_destination,
     policy::{Action, Destination, Policy},
     policy_maps::RoutingMaps,
-    route::{RouteError, Router},
+    route::{Program, RouteError, Router},
 };
 
 /// Without notifications (the subscription failed), how often routes are read instead.
@@ -38,16 +38,27 @@ const POLL_WITHOUT_NOTIFICATIONS: Duration = Duration::from_secs(1);
 /// Socket buffer for notifications: a full table flap fits without an overrun.
 const NOTIFICATION_BUFFER_BYTES: usize = 4 << 20;
 
+/// How many programs (uid and mark) seen violating are predicted for besides srcip itself.
+const MAX_PROGRAMS: usize = 16;
+
 /// The latest prediction of each destination of the policy. The audit session reads it to
 /// give a violation whose source is the predicted one the same `reason`.
 #[derive(Debug, Default)]
 pub struct Predictions {
     by_rule: HashMap<Arc<str>, Vec<PredictedDestination>>,
+    /// Programs (uid and mark) seen violating a rule. Policy routing may route them apart
+    /// from srcip (`ip rule ... uidrange`, `fwmark`), so while the host has such rules,
+    /// destinations are predicted for each of them too.
+    programs: BTreeSet<(u32, u32)>,
+    /// Woken when `programs` grew: the drift task predicts again.
+    programs_grew: Arc<Notify>,
 }
 
 #[derive(Debug)]
 struct PredictedDestination {
     destination: IpNet,
+    /// [`Program::default`]: predicted as srcip itself.
+    program: Program,
     src: Option<IpAddr>,
     reason: String,
 }
@@ -57,17 +68,44 @@ struct PredictedDestination {
 pub type SharedPredictions = Arc<Mutex<Predictions>>;
 
 impl Predictions {
-    /// Why the kernel chose `src` for `dst` under `rule`, when `src` is the source predicted
-    /// for the most specific of the rule's destinations that holds `dst`: the connection then
-    /// left with the kernel's choice. `None` otherwise (the program bound another source).
-    pub fn reason_for(&self, rule: &str, dst: IpAddr, src: IpAddr) -> Option<&str> {
-        self.by_rule
-            .get(rule)?
-            .iter()
-            .filter(|predicted| predicted.destination.contains(&dst))
-            .max_by_key(|predicted| predicted.destination.prefix_len())
+    /// Why the kernel chose `src` for `dst` under `rule` for `program`'s connection, when
+    /// `src` is the source predicted for the most specific of the rule's destinations that
+    /// holds `dst`: the connection then left with the kernel's choice. `None` otherwise (the
+    /// program bound another source). The prediction for `program` is used when there is
+    /// one (the host routes by uid or mark), srcip's own otherwise.
+    pub fn reason_for(
+        &self,
+        rule: &str,
+        dst: IpAddr,
+        src: IpAddr,
+        program: Program,
+    ) -> Option<&str> {
+        let predicted = self.by_rule.get(rule)?;
+        let made_for = |wanted: Program| {
+            predicted
+                .iter()
+                .filter(|predicted| {
+                    predicted.program == wanted && predicted.destination.contains(&dst)
+                })
+                .max_by_key(|predicted| predicted.destination.prefix_len())
+        };
+        made_for(program)
+            .or_else(|| made_for(Program::default()))
             .filter(|predicted| predicted.src == Some(src))
             .map(|predicted| predicted.reason.as_str())
+    }
+
+    /// `program` violated a rule: predict for it from now on (up to [`MAX_PROGRAMS`]), so
+    /// that its next violations have their own `reason`. srcip itself is always predicted.
+    pub fn note_program(&mut self, program: Program) {
+        let (uid, mark) = (program.effective_uid(), program.mark);
+        if (uid, mark) == (Program::default().effective_uid(), 0)
+            || self.programs.len() >= MAX_PROGRAMS
+            || !self.programs.insert((uid, mark))
+        {
+            return;
+        }
+        self.programs_grew.notify_one();
     }
 }
 
@@ -117,8 +155,8 @@ impl DriftWatch {
     }
 }
 
-/// A destination of a rule; drift is tracked per key.
-type Key = (Arc<str>, IpNet);
+/// A destination of a rule, for srcip or a program; drift is tracked per key.
+type Key = (Arc<str>, IpNet, Program);
 
 /// Where the task's predictions go besides its alerts.
 struct Shared {
@@ -137,6 +175,7 @@ async fn watch_routes(
 ) {
     let mut compliant: HashMap<Key, bool> = HashMap::new();
     let mut notifications = subscribe();
+    let programs_grew = Arc::clone(&lock(&shared.predictions).programs_grew);
     loop {
         let current = Arc::clone(&policy.borrow_and_update());
         match evaluate(&router, &current, &mut compliant, &mut shared).await {
@@ -151,6 +190,7 @@ async fn watch_routes(
         // Wait for a change of routes, addresses, rules or policy.
         tokio::select! {
             changed = policy.changed() => if changed.is_err() { return },
+            () = programs_grew.notified() => {}
             () = next_notification(&mut notifications) => {
                 // Let the rest of a burst arrive, then read everything once.
                 tokio::time::sleep(settle).await;
@@ -219,7 +259,21 @@ async fn evaluate(
 ) -> anyhow::Result<Vec<Alert>> {
     let host = router.host().await?;
     let mut alerts = Vec::new();
-    let mut predicted = Predictions::default();
+    let mut by_rule: HashMap<Arc<str>, Vec<PredictedDestination>> = HashMap::new();
+    // srcip's own lookup; and, while the host routes by uid or mark, each violating
+    // program's.
+    let mut programs = vec![Program::default()];
+    if host
+        .rules
+        .iter()
+        .any(|rule| rule.uid_range.is_some() || rule.fwmark.is_some())
+    {
+        let seen = lock(&shared.predictions).programs.clone();
+        programs.extend(seen.into_iter().map(|(uid, mark)| Program {
+            uid: Some(uid),
+            mark,
+        }));
+    }
     // Rebuilt each time, so that destinations a reload removed are forgotten.
     let mut now = HashMap::new();
     let mut blocking = Vec::new();
@@ -228,29 +282,38 @@ async fn evaluate(
             let Destination::Prefix(prefix) = destination else {
                 continue;
             };
-            let check = check_destination(router, &host, rule, *prefix).await?;
-            let key = (rule.name.clone(), *prefix);
-            let allowed = check.compliant;
-            if let (Action::Block, Some(src)) = (rule.action, check.predicted_src) {
-                blocking.push((*prefix, src));
-            }
-            predicted
-                .by_rule
-                .entry(rule.name.clone())
-                .or_default()
-                .push(PredictedDestination {
-                    destination: *prefix,
-                    src: check.predicted_src,
-                    reason: check.reason.clone(),
-                });
-            match (compliant.get(&key).copied(), allowed) {
-                (None | Some(true), false) => {
-                    alerts.push(Alert::now(AlertBody::RouteDrift(check)));
+            for program in &programs {
+                let check = check_destination(router, &host, rule, *prefix, *program).await?;
+                let key = (rule.name.clone(), *prefix, *program);
+                let allowed = check.compliant;
+                // The kernel's map has one prediction per destination: srcip's.
+                if let (Action::Block, Some(src), true) = (
+                    rule.action,
+                    check.predicted_src,
+                    *program == Program::default(),
+                ) {
+                    blocking.push((*prefix, src));
                 }
-                (Some(false), true) => alerts.push(Alert::now(AlertBody::RouteRecovered(check))),
-                _ => {}
+                by_rule
+                    .entry(rule.name.clone())
+                    .or_default()
+                    .push(PredictedDestination {
+                        destination: *prefix,
+                        program: *program,
+                        src: check.predicted_src,
+                        reason: check.reason.clone(),
+                    });
+                match (compliant.get(&key).copied(), allowed) {
+                    (None | Some(true), false) => {
+                        alerts.push(Alert::now(AlertBody::RouteDrift(check)));
+                    }
+                    (Some(false), true) => {
+                        alerts.push(Alert::now(AlertBody::RouteRecovered(check)));
+                    }
+                    _ => {}
+                }
+                now.insert(key, allowed);
             }
-            now.insert(key, allowed);
         }
     }
     *compliant = now;
@@ -271,9 +334,12 @@ async fn evaluate(
             warn!("cannot update the pin sources the host has: {error:#}");
         }
     }
-    *shared
-        .predictions
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = predicted;
+    lock(&shared.predictions).by_rule = by_rule;
     Ok(alerts)
+}
+
+fn lock(predictions: &SharedPredictions) -> std::sync::MutexGuard<'_, Predictions> {
+    predictions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -54,6 +54,8 @@ pub struct ConnectEvent {
     pub dst_port: u16,
     pub pid: u32,
     pub uid: u32,
+    /// The packet's mark as it left (0 for a connection refused at `connect()`).
+    pub mark: u32,
     pub comm: String,
     pub cgroup_id: u64,
     pub netns_cookie: u64,
@@ -242,6 +244,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         dst_port: record.dst_port,
         pid: record.pid,
         uid: record.uid,
+        mark: record.mark,
         comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
         cgroup_id: record.cgroup_id,
         netns_cookie: record.netns_cookie,
@@ -305,6 +308,8 @@ mod tests {
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             rule: 0,
             flags: 0,
+            mark: 0,
+            reserved_tail: 0,
         }
     }
 

@@ -114,6 +114,11 @@ pub struct RouteCheck {
     pub dst: String,
     pub protocol: Option<String>,
     pub dst_port: Option<u16>,
+    /// The program's uid, when the prediction was made for a program of its own.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub mark: Option<u32>,
     pub predicted_src: Option<String>,
     pub oif: Option<String>,
     pub gateway: Option<String>,

@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 use srcip_tests::{
-    ALLOWED_V4, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Topology, check_in, ip_in,
-    shell_in,
+    ALLOWED_V4, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Topology, check_in,
+    check_in_with, ip_in, shell_in,
 };
 
 fn row_for<'a>(rows: &'a [Value], dst: &str) -> &'a Value {
@@ -195,4 +195,48 @@ allowed_sources = ["127.0.0.1", "::1"]
         row["reason"],
         "127.0.0.1 is an address of this host (route 127.0.0.1 in table local)"
     );
+}
+
+#[test]
+fn uid_and_mark_keyed_rules_are_honoured_for_the_program_given() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let host = &topology.host.name;
+    ip_in(
+        host,
+        "route add 198.51.100.50 via 203.0.113.1 src 203.0.113.11 table 100",
+    );
+    ip_in(host, "rule add priority 100 uidrange 4242-4242 lookup 100");
+    ip_in(host, "rule add priority 101 fwmark 0x7 lookup 100");
+
+    // As the user running check, with no mark: neither rule applies.
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 0, "{rows:#?}");
+    assert_eq!(row_for(&rows, PARTNER_V4)["predicted_src"], ALLOWED_V4);
+
+    let (code, rows) = check_in_with(&topology.host, &policy.path, &["--uid", "4242"]);
+    assert_eq!(code, 3, "{rows:#?}");
+    let row = row_for(&rows, PARTNER_V4);
+    assert_eq!(row["uid"], 4242);
+    assert_eq!(row["predicted_src"], OTHER_V4);
+    assert_eq!(row["table"], "100");
+    assert_eq!(
+        row["reason"],
+        "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all uidrange 4242-4242 lookup 100\""
+    );
+
+    let (code, rows) = check_in_with(&topology.host, &policy.path, &["--mark", "0x7"]);
+    assert_eq!(code, 3, "{rows:#?}");
+    let row = row_for(&rows, PARTNER_V4);
+    assert_eq!(row["mark"], 7);
+    assert_eq!(row["predicted_src"], OTHER_V4);
+    assert_eq!(
+        row["reason"],
+        "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"101: from all fwmark 0x7 lookup 100\""
+    );
+    // The first fix, for that program, works for it.
+    let fix = row["fix"][0].as_str().unwrap().to_owned();
+    shell_in(&topology.host, &fix);
+    let (code, rows) = check_in_with(&topology.host, &policy.path, &["--mark", "0x7"]);
+    assert_eq!(code, 0, "after {fix}: {rows:#?}");
 }

@@ -4,7 +4,7 @@
 
 use srcip_tests::{
     ALLOWED_V4, Daemon, OTHER_V4, OTHER_V6, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal,
-    TestCgroup, Topology, connect, ip_in, make_violation,
+    TestCgroup, Topology, client, connect, ip_in, make_violation,
 };
 
 #[test]
@@ -112,4 +112,119 @@ fn a_violation_from_the_kernels_choice_names_the_route_and_a_bound_one_does_not(
         line.violation().unwrap().reason.as_deref(),
         Some("route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table main")
     );
+}
+
+#[test]
+fn a_program_routed_by_its_uid_drifts_for_its_uid_and_its_violation_names_the_rule() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let host = &topology.host.name;
+    ip_in(
+        host,
+        "route add 198.51.100.50 via 203.0.113.1 src 203.0.113.11 table 100",
+    );
+    ip_in(host, "rule add priority 100 uidrange 4242-4242 lookup 100");
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &[
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--fold-window",
+            "0",
+        ],
+    );
+    // srcip itself (root) is routed by table main: nothing drifts for it.
+    let as_program = || {
+        client(
+            &topology.host,
+            &cgroup.path,
+            &["--uid", "4242"],
+            PARTNER_V4,
+            443,
+        )
+        .remove(0)
+    };
+    let first = as_program();
+    assert_eq!(first.src, OTHER_V4, "the uid rule routes the program");
+    daemon.wait_for("the program's violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == first.src_port && v.uid == 4242)
+    });
+
+    // From its first violation on, srcip predicts for the program's uid as well.
+    let drift = daemon.wait_for("route_drift for the program's uid", |line| {
+        line.route_drift().is_some_and(|d| d.uid == Some(4242))
+    });
+    let drift = drift.route_drift().unwrap();
+    assert_eq!(drift.predicted_src.as_deref(), Some(OTHER_V4));
+    let reason = "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all uidrange 4242-4242 lookup 100\"";
+    assert_eq!(drift.reason, reason);
+    assert!(
+        !daemon
+            .seen
+            .iter()
+            .any(|line| line.route_drift().is_some_and(|d| d.uid.is_none())),
+        "srcip's own prediction did not drift: {:#?}",
+        daemon.seen
+    );
+
+    let second = as_program();
+    let line = daemon.wait_for("the second violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == second.src_port)
+    });
+    assert_eq!(line.violation().unwrap().reason.as_deref(), Some(reason));
+}
+
+#[test]
+fn a_marked_program_gets_the_reason_of_its_fwmark_rule() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let host = &topology.host.name;
+    ip_in(
+        host,
+        "route add 198.51.100.50 via 203.0.113.1 src 203.0.113.11 table 100",
+    );
+    ip_in(host, "rule add priority 100 fwmark 0x7 lookup 100");
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &[
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--fold-window",
+            "0",
+        ],
+    );
+    let marked = || {
+        client(
+            &topology.host,
+            &cgroup.path,
+            &["--mark", "7"],
+            PARTNER_V4,
+            443,
+        )
+        .remove(0)
+    };
+    let first = marked();
+    assert_eq!(first.src, OTHER_V4, "the fwmark rule routes the program");
+    daemon.wait_for("the marked program's violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == first.src_port)
+    });
+    let drift = daemon.wait_for("route_drift for the marked program", |line| {
+        line.route_drift().is_some_and(|d| d.mark == Some(7))
+    });
+    let reason = "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all fwmark 0x7 lookup 100\"";
+    assert_eq!(drift.route_drift().unwrap().reason, reason);
+
+    let second = marked();
+    let line = daemon.wait_for("the second violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == second.src_port)
+    });
+    assert_eq!(line.violation().unwrap().reason.as_deref(), Some(reason));
 }

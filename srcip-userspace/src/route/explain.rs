@@ -91,7 +91,7 @@ fn selecting_rule<'a>(
     host.rules.iter().find(|rule| {
         rule.table == Some(table)
             && rule.family_matches(query.dst)
-            && rule.matches_unbound(query.dst, protocol, query.dst_port)
+            && rule.matches_unbound(query.dst, protocol, query.dst_port, query.program)
     })
 }
 
@@ -139,13 +139,14 @@ pub fn unprotecting_rules(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{HostRouting, PolicyRule};
+    use crate::route::{HostRouting, PolicyRule, Program};
 
     fn query() -> Query {
         Query {
             dst: "198.51.100.50".parse().unwrap(),
             protocol: None,
             dst_port: None,
+            program: Program::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::IpVersion;
 
-use super::{RouteError, prefix_text};
+use super::{Program, RouteError, prefix_text};
 
 /// An address of the host, on an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +39,13 @@ pub struct PolicyRule {
     pub table: Option<u32>,
     pub ip_protocol: Option<u8>,
     pub dst_ports: Option<RangeInclusive<u16>>,
-    /// `fwmark`, `uidrange`, `iif`, `oif`, source ports: selectors a check cannot know
-    /// the audited program's value of.
+    /// `fwmark MARK/MASK`: the rule applies when the program's mark agrees with MARK on
+    /// the bits of MASK.
+    pub fwmark: Option<(u32, u32)>,
+    /// `uidrange FIRST-LAST`: the rule applies to programs of these uids.
+    pub uid_range: Option<RangeInclusive<u32>>,
+    /// `iif`, `oif`, source ports: selectors a check cannot know the audited program's
+    /// value of.
     pub other_selectors: bool,
     /// `not`: the rule applies when its selectors do not match.
     pub inverted: bool,
@@ -142,11 +147,15 @@ impl PolicyRule {
             table: None,
             ip_protocol: None,
             dst_ports: None,
+            fwmark: None,
+            uid_range: None,
             other_selectors: false,
             inverted: header.flags.contains(RuleFlags::Invert),
             text: String::new(),
         };
         let mut table = u32::from(header.table);
+        // The kernel's defaults: a mark without a mask compares every bit.
+        let (mut mark, mut mask) = (None, None);
         for attribute in &message.attributes {
             match attribute {
                 RuleAttribute::Priority(priority) => rule.priority = *priority,
@@ -159,13 +168,17 @@ impl PolicyRule {
                 RuleAttribute::DestinationPortRange(range) => {
                     rule.dst_ports = Some(range.start..=range.end);
                 }
-                RuleAttribute::FwMark(_)
-                | RuleAttribute::UidRange(_)
-                | RuleAttribute::Iifname(_)
+                RuleAttribute::FwMark(value) => mark = Some(*value),
+                RuleAttribute::FwMask(value) => mask = Some(*value),
+                RuleAttribute::UidRange(range) => rule.uid_range = Some(range.start..=range.end),
+                RuleAttribute::Iifname(_)
                 | RuleAttribute::Oifname(_)
                 | RuleAttribute::SourcePortRange(_) => rule.other_selectors = true,
                 _ => {}
             }
+        }
+        if mark.is_some() || mask.is_some() {
+            rule.fwmark = Some((mark.unwrap_or(0), mask.unwrap_or(u32::MAX)));
         }
         if header.action == RuleAction::ToTable {
             rule.table = Some(table);
@@ -184,6 +197,14 @@ impl PolicyRule {
         text.push_str(&format!(" from {from}"));
         if let Some(to) = self.to {
             text.push_str(&format!(" to {}", prefix_text(to)));
+        }
+        match self.fwmark {
+            Some((mark, u32::MAX)) => text.push_str(&format!(" fwmark {mark:#x}")),
+            Some((mark, mask)) => text.push_str(&format!(" fwmark {mark:#x}/{mask:#x}")),
+            None => {}
+        }
+        if let Some(uids) = &self.uid_range {
+            text.push_str(&format!(" uidrange {}-{}", uids.start(), uids.end()));
         }
         if let Some(protocol) = self.ip_protocol {
             let name = match i32::from(protocol) {
@@ -212,15 +233,23 @@ impl PolicyRule {
     }
 
     /// Whether the rule's selectors match a lookup for `dst` with protocol and port, made
-    /// by a program that has not bound a source, with no mark, as root.
+    /// by `program` before it has bound a source.
     pub fn matches_unbound(
         &self,
         dst: IpAddr,
         protocol: Option<u8>,
         dst_port: Option<u16>,
+        program: Program,
     ) -> bool {
         let selected = self.from.is_none()
             && !self.other_selectors
+            && self
+                .fwmark
+                .is_none_or(|(mark, mask)| (mark ^ program.mark) & mask == 0)
+            && self
+                .uid_range
+                .as_ref()
+                .is_none_or(|uids| uids.contains(&program.effective_uid()))
             && self.to.is_none_or(|to| to.contains(&dst))
             && self
                 .ip_protocol
@@ -268,6 +297,8 @@ impl PolicyRule {
             table: Some(table),
             ip_protocol: None,
             dst_ports: None,
+            fwmark: None,
+            uid_range: None,
             other_selectors: false,
             inverted: false,
             text: String::new(),

@@ -8,7 +8,8 @@
 //! matched, so that `reason` can name it and say whether it carries a `src` of its own. The
 //! lookups carry the protocol and destination port when the policy rule names them, so that
 //! `ip rule ... ipproto tcp dport 443` policy routing is honoured as it is for the program's
-//! connection.
+//! connection, and the program's uid and mark where srcip knows them (`uidrange` and
+//! `fwmark` rules).
 
 mod explain;
 mod fix;
@@ -55,6 +56,25 @@ pub struct Query {
     /// Given when the policy rule names one protocol, or ports (then TCP unless UDP).
     pub protocol: Option<Protocol>,
     pub dst_port: Option<u16>,
+    pub program: Program,
+}
+
+/// Who makes the connection, as policy routing sees it: `uidrange` and `fwmark` rules
+/// select on these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Program {
+    /// `None`: the uid of whoever asks (srcip, or the user running `check`), which is what
+    /// the kernel takes for a lookup without one.
+    pub uid: Option<u32>,
+    /// The socket's mark (`SO_MARK`); 0 for a program that sets none.
+    pub mark: u32,
+}
+
+impl Program {
+    /// The uid the kernel matches `uidrange` rules against for this program.
+    pub fn effective_uid(self) -> u32 {
+        self.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw())
+    }
 }
 
 /// The kernel's answer for a [`Query`].
@@ -174,6 +194,14 @@ impl Router {
         }
         if let Some(port) = query.dst_port {
             message.attributes.push(RouteAttribute::Dport(port));
+        }
+        if let Some(uid) = query.program.uid {
+            message.attributes.push(RouteAttribute::Uid(uid));
+        }
+        if query.program.mark != 0 {
+            message
+                .attributes
+                .push(RouteAttribute::Mark(query.program.mark));
         }
         let mut replies = self.handle.route().get(message).execute();
         replies

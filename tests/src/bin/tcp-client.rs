@@ -4,12 +4,14 @@
 //! blocked one does).
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME]
-//!            [--io-uring] DST_ADDR DST_PORT`
+//!            [--uid UID] [--mark MARK] [--io-uring] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
 //!
-//! `--comm NAME` renames the process before it creates its sockets. `--io-uring` has the
+//! `--comm NAME` renames the process before it creates its sockets; `--uid UID` makes it run
+//! as that user (gid too) once it has joined the cgroup and namespace; `--mark MARK` sets
+//! `SO_MARK` on each socket before it connects. `--io-uring` has the
 //! kernel make the connection instead, in an io_uring worker (forced with `IOSQE_ASYNC`):
 //! outside this program's context, as a kernel thread in the root cgroup before Linux 5.12
 //! (and 5.10.162), and as an `iou-wrk-TID` thread with a name of its own after. It needs `--bind` (the source is then known before the connect)
@@ -33,6 +35,8 @@ fn main() {
     let mut count = 1;
     let mut comm = None;
     let mut io_uring = false;
+    let mut uid: Option<u32> = None;
+    let mut mark: Option<u32> = None;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -42,18 +46,30 @@ fn main() {
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--comm" => comm = args.next(),
             "--io-uring" => io_uring = true,
+            "--uid" => uid = Some(args.next().and_then(|n| n.parse().ok()).expect("--uid UID")),
+            "--mark" => {
+                mark = Some(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--mark MARK"),
+                );
+            }
             _ => positional.push(arg),
         }
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--io-uring] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--io-uring] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
     let port: u16 = port.parse().expect("DST_PORT");
 
     srcip_tests::enter(cgroup, netns);
+    if let Some(uid) = uid {
+        nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).expect("setgid");
+        nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).expect("setuid");
+    }
 
     if let Some(comm) = comm {
         let name = CString::new(comm).expect("--comm without NUL bytes");
@@ -69,7 +85,7 @@ fn main() {
     }
     // Kept open until the end, so that every connection gets its own source port.
     let sockets: Vec<Socket> = (0..count)
-        .map(|_| start_connection(SocketAddr::new(dst, port), bind))
+        .map(|_| start_connection(SocketAddr::new(dst, port), bind, mark))
         .collect();
     // Let the handshakes (or the refusals) finish before the sockets close.
     std::thread::sleep(Duration::from_millis(200));
@@ -77,8 +93,12 @@ fn main() {
 }
 
 /// Starts a non-blocking connection and prints the source the kernel chose for it.
-fn start_connection(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
+fn start_connection(dst: SocketAddr, bind: Option<IpAddr>, mark: Option<u32>) -> Socket {
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+    if let Some(mark) = mark {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+            .expect("SO_MARK");
+    }
     if let Some(address) = bind {
         socket
             .bind(&SocketAddr::new(address, 0).into())
