@@ -78,6 +78,8 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     let Some(owner) = audited_udp_owner(sk) else {
         return ALLOW;
     };
+    // The mark says whether this datagram was pinned, not an earlier one.
+    owner.flags &= !OWNER_PINNED;
     if policy::state().enforcing == 0 {
         return ALLOW;
     }
@@ -225,6 +227,9 @@ fn connecting(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     let Some(owner) = connecting_owner(ctx) else {
         return ALLOW;
     };
+    // A UDP socket connected again keeps its owner: the mark says whether this connection
+    // was pinned, not an earlier one.
+    owner.flags &= !OWNER_PINNED;
     if policy::state().enforcing == 0 {
         return ALLOW;
     }

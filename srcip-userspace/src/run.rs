@@ -1,6 +1,6 @@
 //! `srcip run`: audit until SIGINT or SIGTERM.
 
-use std::{collections::HashSet, io, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{io, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -17,6 +17,7 @@ use crate::{
     metrics::{self, Metrics},
     policy::{self, Answers, HostNames, Matcher, Policy, PolicyError, PolicyLoadError},
     reload::{PolicyWatch, re_resolve, reload},
+    route::Router,
     system,
 };
 
@@ -67,7 +68,7 @@ pub async fn load_policy(
     names: &HostNames,
 ) -> anyhow::Result<LoadedPolicy> {
     let parsed = policy::load(path)?;
-    require_pin_sources_on_host(&parsed)?;
+    require_pin_sources_on_host(&parsed).await?;
     let (resolved, answers) = names.resolve(parsed.clone()).await?;
     Ok(LoadedPolicy {
         parsed,
@@ -78,23 +79,18 @@ pub async fn load_policy(
 
 /// `pin` binds to its source, which the kernel allows only for an address of the host: one it
 /// does not have would fail every pinned connection's bind.
-fn require_pin_sources_on_host(policy: &Policy) -> anyhow::Result<()> {
+async fn require_pin_sources_on_host(policy: &Policy) -> anyhow::Result<()> {
     let pinned = || policy.rules.iter().flat_map(|rule| &rule.pin_sources);
     if pinned().next().is_none() {
         return Ok(());
     }
-    let host: HashSet<IpAddr> = nix::ifaddrs::getifaddrs()
-        .context("listing this host's addresses, to check the policy's pin sources")?
-        .filter_map(|interface| {
-            let address = interface.address?;
-            address
-                .as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        })
-        .collect();
+    // The same reading of the host the drift watch makes for `PRESENT_PIN_SOURCES`.
+    let host = Router::new()?
+        .host()
+        .await
+        .context("listing this host's addresses, to check the policy's pin sources")?;
     let errors: Vec<PolicyError> = pinned()
-        .filter(|(source, _)| !host.contains(source))
+        .filter(|(source, _)| !host.owns(*source))
         .map(|(source, location)| PolicyError {
             location: *location,
             message: format!(

@@ -7,7 +7,7 @@
 use std::{path::PathBuf, process::Command};
 
 use srcip_tests::{
-    ALLOWED_V4, ALLOWED_V6, Connection, Daemon, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
+    ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
     PolicyFile, Signal, TestCgroup, Topology, connect, ip_in, srcip_bin, udp_client, unique_name,
 };
 
@@ -344,6 +344,46 @@ fn a_pin_source_the_host_does_not_have_is_refused_with_its_location() {
         )),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_reload_to_a_pin_source_the_host_does_not_have_is_refused_and_pin_goes_on() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+
+    // Written in place: the daemon notices the change and reads the file again.
+    std::fs::write(
+        &policy.path,
+        "[[rule]]\nname = \"partner\"\ndestinations = [\"198.51.100.50\"]\nallowed_sources = [\"203.0.113.99\", \"203.0.113.10\"]\naction = \"pin\"\n",
+    )
+    .unwrap();
+    let refused = daemon.wait_for("the refused reload", |line| {
+        matches!(line, Line::PolicyError { .. })
+    });
+    let Line::PolicyError { errors, .. } = refused else {
+        unreachable!()
+    };
+    let expected = format!(
+        "{}:4:20: action = \"pin\" binds to 203.0.113.99, which is not an address of this host",
+        policy.path.display()
+    );
+    assert!(
+        errors.iter().any(|error| error.starts_with(&expected)),
+        "{errors:#?}"
+    );
+
+    // The policy in force still pins to .10.
+    let client = connect(
+        &topology.host,
+        &cgroup.child("audited"),
+        None,
+        PARTNER_V4,
+        443,
+    );
+    assert_eq!(client.src, ALLOWED_V4);
+    pinned_line(&mut daemon, client.src_port);
 }
 
 /// A folder of the test's own on the bpf file system, for `--kept-links`; removed on drop,
