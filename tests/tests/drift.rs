@@ -1,10 +1,11 @@
 //! Route drift in the daemon: `route_drift` when a routing change makes a destination's
 //! predicted source disallowed, with no traffic at all, and `route_recovered` when it is
-//! undone. The daemon runs in the test's namespace, whose routes it then watches.
+//! undone. The daemon runs in the test's namespace, whose routes it then watches. A program
+//! that `uidrange` or `fwmark` rules route apart gets predictions of its own.
 
 use srcip_tests::{
-    ALLOWED_V4, Daemon, OTHER_V4, OTHER_V6, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal,
-    TestCgroup, Topology, client, connect, ip_in, make_violation,
+    ALLOWED_V4, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal,
+    TestCgroup, Topology, alerts::RouteCheck, client, connect, ip_in, make_violation,
 };
 
 #[test]
@@ -114,8 +115,17 @@ fn a_violation_from_the_kernels_choice_names_the_route_and_a_bound_one_does_not(
     );
 }
 
-#[test]
-fn a_program_routed_by_its_uid_drifts_for_its_uid_and_its_violation_names_the_rule() {
+/// A program that the host's policy routing sends through table 100, to the partner from
+/// the disallowed .11, by `selector` (`uidrange …`, `fwmark …`), which the client's
+/// `client_options` meet. srcip itself is routed by table main, from .10. Its first violation
+/// teaches srcip about the program; srcip then predicts for it too (a `route_drift` that
+/// `is_for_it`, whose reason names the rule), and its next violation has that reason.
+/// Returns the daemon's lines.
+fn program_routed_apart(
+    selector: &str,
+    client_options: &[&str],
+    is_for_it: impl Fn(&RouteCheck) -> bool,
+) -> Vec<Line> {
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(PARTNER_POLICY);
@@ -124,7 +134,10 @@ fn a_program_routed_by_its_uid_drifts_for_its_uid_and_its_violation_names_the_ru
         host,
         "route add 198.51.100.50 via 203.0.113.1 src 203.0.113.11 table 100",
     );
-    ip_in(host, "rule add priority 100 uidrange 4242-4242 lookup 100");
+    ip_in(
+        host,
+        &format!("rule add priority 100 {selector} lookup 100"),
+    );
     let mut daemon = Daemon::start_in(
         &topology.host,
         &policy.path,
@@ -135,96 +148,58 @@ fn a_program_routed_by_its_uid_drifts_for_its_uid_and_its_violation_names_the_ru
             "0",
         ],
     );
-    // srcip itself (root) is routed by table main: nothing drifts for it.
-    let as_program = || {
+    let connect_as_program = || {
         client(
             &topology.host,
             &cgroup.path,
-            &["--uid", "4242"],
+            client_options,
             PARTNER_V4,
             443,
         )
         .remove(0)
     };
-    let first = as_program();
-    assert_eq!(first.src, OTHER_V4, "the uid rule routes the program");
+    let first = connect_as_program();
+    assert_eq!(first.src, OTHER_V4, "the rule routes the program");
     daemon.wait_for("the program's violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == first.src_port && v.uid == 4242)
-    });
-
-    // From its first violation on, srcip predicts for the program's uid as well.
-    let drift = daemon.wait_for("route_drift for the program's uid", |line| {
-        line.route_drift().is_some_and(|d| d.uid == Some(4242))
-    });
-    let drift = drift.route_drift().unwrap();
-    assert_eq!(drift.predicted_src.as_deref(), Some(OTHER_V4));
-    let reason = "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all uidrange 4242-4242 lookup 100\"";
-    assert_eq!(drift.reason, reason);
-    assert!(
-        !daemon
-            .seen
-            .iter()
-            .any(|line| line.route_drift().is_some_and(|d| d.uid.is_none())),
-        "srcip's own prediction did not drift: {:#?}",
-        daemon.seen
-    );
-
-    let second = as_program();
-    let line = daemon.wait_for("the second violation", |line| {
-        line.violation()
-            .is_some_and(|v| v.src_port == second.src_port)
-    });
-    assert_eq!(line.violation().unwrap().reason.as_deref(), Some(reason));
-}
-
-#[test]
-fn a_marked_program_gets_the_reason_of_its_fwmark_rule() {
-    let topology = Topology::new();
-    let cgroup = TestCgroup::new(&[]);
-    let policy = PolicyFile::new(PARTNER_POLICY);
-    let host = &topology.host.name;
-    ip_in(
-        host,
-        "route add 198.51.100.50 via 203.0.113.1 src 203.0.113.11 table 100",
-    );
-    ip_in(host, "rule add priority 100 fwmark 0x7 lookup 100");
-    let mut daemon = Daemon::start_in(
-        &topology.host,
-        &policy.path,
-        &[
-            "--cgroup",
-            cgroup.path.to_str().unwrap(),
-            "--fold-window",
-            "0",
-        ],
-    );
-    let marked = || {
-        client(
-            &topology.host,
-            &cgroup.path,
-            &["--mark", "7"],
-            PARTNER_V4,
-            443,
-        )
-        .remove(0)
-    };
-    let first = marked();
-    assert_eq!(first.src, OTHER_V4, "the fwmark rule routes the program");
-    daemon.wait_for("the marked program's violation", |line| {
         line.violation()
             .is_some_and(|v| v.src_port == first.src_port)
     });
-    let drift = daemon.wait_for("route_drift for the marked program", |line| {
-        line.route_drift().is_some_and(|d| d.mark == Some(7))
-    });
-    let reason = "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all fwmark 0x7 lookup 100\"";
-    assert_eq!(drift.route_drift().unwrap().reason, reason);
 
-    let second = marked();
+    let drift = daemon.wait_for("route_drift for the program", |line| {
+        line.route_drift().is_some_and(&is_for_it)
+    });
+    let drift = drift.route_drift().unwrap();
+    assert_eq!(drift.predicted_src.as_deref(), Some(OTHER_V4));
+    let reason = format!(
+        "route 198.51.100.50 via 203.0.113.1 dev v0 src 203.0.113.11 in table 100; table 100 by rule \"100: from all {selector} lookup 100\""
+    );
+    assert_eq!(drift.reason, reason);
+
+    let second = connect_as_program();
     let line = daemon.wait_for("the second violation", |line| {
         line.violation()
             .is_some_and(|v| v.src_port == second.src_port)
     });
-    assert_eq!(line.violation().unwrap().reason.as_deref(), Some(reason));
+    assert_eq!(line.violation().unwrap().reason, Some(reason));
+    daemon.seen.clone()
+}
+
+#[test]
+fn a_program_routed_by_its_uid_drifts_for_its_uid_and_its_violation_names_the_rule() {
+    let seen = program_routed_apart("uidrange 4242-4242", &["--uid", "4242"], |drift| {
+        drift.uid == Some(4242)
+    });
+    assert!(
+        !seen
+            .iter()
+            .any(|line| line.route_drift().is_some_and(|d| d.uid.is_none())),
+        "srcip's own prediction did not drift: {seen:#?}"
+    );
+}
+
+#[test]
+fn a_marked_program_drifts_for_its_mark_and_its_violation_names_the_rule() {
+    program_routed_apart("fwmark 0x7", &["--mark", "7"], |drift| {
+        drift.mark == Some(7)
+    });
 }
