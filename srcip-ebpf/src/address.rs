@@ -1,5 +1,7 @@
 //! Addresses read from the kernel's socket and context structures, in the record layout
-//! (network order, IPv4 in the first 4 bytes), for every hook that reads them.
+//! (network order, IPv4 in the first 4 bytes), for the connect and sendmsg hooks. (The egress
+//! program keeps its own register-level read of the socket's source: it is near the
+//! verifier's stack limit, `egress.rs`.)
 //!
 //! Each word is loaded on its own, at a constant offset (the verifier allows no pointer
 //! arithmetic on a socket or a context), stored, and read back from the stack before it is
@@ -16,18 +18,31 @@ pub fn socket_source(socket: &bpf_sock, family: u8) -> Option<[u8; 16]> {
     let src = if socket.family == u32::from(AF_INET) {
         address_v4(read(&socket.src_ip4))
     } else {
-        let bound = address_v6([
-            read(&socket.src_ip6[0]),
-            read(&socket.src_ip6[1]),
-            read(&socket.src_ip6[2]),
-            read(&socket.src_ip6[3]),
-        ]);
+        let bound = read_v6(&socket.src_ip6);
         match family {
             AF_INET => mapped_v4(&bound).unwrap_or([0; 16]),
             _ => bound,
         }
     };
-    (src != [0; 16]).then_some(src)
+    nonzero(src)
+}
+
+/// An IPv6 address held as four words (network order) in a socket or context, each read on
+/// its own, in the record layout.
+#[inline(always)]
+pub fn read_v6(words: &[u32; 4]) -> [u8; 16] {
+    address_v6([
+        read(&words[0]),
+        read(&words[1]),
+        read(&words[2]),
+        read(&words[3]),
+    ])
+}
+
+/// `address`, unless it is all zero (no address).
+#[inline(always)]
+pub fn nonzero(address: [u8; 16]) -> Option<[u8; 16]> {
+    (address != [0; 16]).then_some(address)
 }
 
 /// An IPv4 address word (network order) in the record layout.
@@ -40,7 +55,7 @@ pub fn address_v4(word: u32) -> [u8; 16] {
 
 /// An IPv6 address's four words (network order) in the record layout.
 #[inline(always)]
-pub fn address_v6(words: [u32; 4]) -> [u8; 16] {
+fn address_v6(words: [u32; 4]) -> [u8; 16] {
     let mut address = [0; 16];
     for (index, word) in words.iter().enumerate() {
         address[index * 4..index * 4 + 4].copy_from_slice(&word.to_ne_bytes());

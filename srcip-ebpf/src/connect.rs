@@ -21,8 +21,8 @@
 //! pin source on the host in the socket's namespace (`PRESENT_PIN_SOURCES`).
 //!
 //! Only audited sockets (an owner entry exists) are ever touched, and only when the policy
-//! has an enforcing rule (`PolicyState::enforcing`): auditing alone costs this hook one
-//! owner lookup.
+//! has an enforcing rule (`PolicyState::enforcing`): auditing alone costs this hook an owner
+//! lookup, a store to its flags and a read of the policy state.
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
@@ -38,7 +38,7 @@ use srcip_common::{
 };
 
 use crate::{
-    address::{address_v4, address_v6, mapped_v4, read, socket_source},
+    address::{address_v4, mapped_v4, nonzero, read, read_v6, socket_source},
     maps::{PREDICTED_V4_SOURCES, PREDICTED_V6_SOURCES, PRESENT_PIN_SOURCES, count},
     owner::{audited_udp_owner, connecting_owner},
     policy::{self, Connection, Delivery, allows_source, enforcing_rule},
@@ -85,7 +85,7 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     }
     // SAFETY: as above; readable for the program run.
     let address = unsafe { &mut *ctx.sock_addr };
-    let (family, dst) = destination(address, hook_family);
+    let (family, dst, dst_port) = destination(address, hook_family);
     // The source the program chose (bound, or `IP_PKTINFO`), in the hook's family.
     let chosen = message_source(address, hook_family);
     let connection = Connection {
@@ -93,7 +93,7 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
         protocol: IPPROTO_UDP,
         src: chosen.as_ref().unwrap_or(&[0; 16]),
         dst: &dst,
-        dst_port: u16::from_be(address.user_port as u16),
+        dst_port,
         mark: 0,
     };
     let Some((index, rule)) = enforcing_rule(&connection) else {
@@ -141,12 +141,8 @@ fn judge_block(
         return ALLOW;
     }
     let refused = Connection {
-        family: connection.family,
-        protocol: connection.protocol,
         src: &src,
-        dst: connection.dst,
-        dst_port: connection.dst_port,
-        mark: 0,
+        ..*connection
     };
     let delivery = Delivery::Violation { rule: index };
     record(owner, &refused, &src, src_port, delivery, flags);
@@ -160,14 +156,9 @@ fn message_source(address: &bpf_sock_addr, hook_family: u8) -> Option<[u8; 16]> 
     let src = if hook_family == AF_INET {
         address_v4(read(&address.msg_src_ip4))
     } else {
-        address_v6([
-            read(&address.msg_src_ip6[0]),
-            read(&address.msg_src_ip6[1]),
-            read(&address.msg_src_ip6[2]),
-            read(&address.msg_src_ip6[3]),
-        ])
+        read_v6(&address.msg_src_ip6)
     };
-    (src != [0; 16]).then_some(src)
+    nonzero(src)
 }
 
 /// Sets the datagram's source to `rule`'s pin source for `family` (the hook's: each hook may
@@ -244,15 +235,14 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
         let address = &*ctx.sock_addr;
         (address, &*address.__bindgen_anon_1.sk)
     };
-    let (family, dst) = destination(address, hook_family);
+    let (family, dst, dst_port) = destination(address, hook_family);
     let bound = socket_source(socket, family);
     let connection = Connection {
         family,
         protocol: address.protocol as u8,
         src: bound.as_ref().unwrap_or(&[0; 16]),
         dst: &dst,
-        // The port as `connect()` got it, in network order in the low 16 bits.
-        dst_port: u16::from_be(address.user_port as u16),
+        dst_port,
         mark: 0,
     };
     let Some((index, rule)) = enforcing_rule(&connection) else {
@@ -273,22 +263,19 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
     }
 }
 
-/// The destination's family on the wire and its address in the record layout: an
-/// IPv4-mapped address given to connect6 is IPv4.
+/// The destination's family on the wire, its address in the record layout (an IPv4-mapped
+/// address given to connect6 is IPv4) and its port.
 #[inline(always)]
-fn destination(address: &bpf_sock_addr, hook_family: u8) -> (u8, [u8; 16]) {
+fn destination(address: &bpf_sock_addr, hook_family: u8) -> (u8, [u8; 16], u16) {
+    // The port as the program gave it, in network order in the low 16 bits.
+    let port = u16::from_be(address.user_port as u16);
     if hook_family == AF_INET {
-        return (AF_INET, address_v4(read(&address.user_ip4)));
+        return (AF_INET, address_v4(read(&address.user_ip4)), port);
     }
-    let dst = address_v6([
-        read(&address.user_ip6[0]),
-        read(&address.user_ip6[1]),
-        read(&address.user_ip6[2]),
-        read(&address.user_ip6[3]),
-    ]);
+    let dst = read_v6(&address.user_ip6);
     match mapped_v4(&dst) {
-        Some(v4) => (AF_INET, v4),
-        None => (AF_INET6, dst),
+        Some(v4) => (AF_INET, v4, port),
+        None => (AF_INET6, dst, port),
     }
 }
 

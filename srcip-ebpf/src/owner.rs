@@ -90,7 +90,9 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
 /// before srcip started has no owner yet: the task connecting it, which is current in
 /// `cgroup/connect4/6`, is the best owner there is, and is recorded here. (Unconnected UDP
 /// sockets made earlier are adopted by user space at start, `srcip-userspace/src/adopt.rs`:
-/// a `sendmsg4/6` program would make the kernel lock every such socket for every datagram.)
+/// adopting them at `sendmsg4/6` would need those programs attached always, and with them
+/// the kernel locks every such socket for every datagram; they are attached only while the
+/// policy pins or blocks UDP, `connect.rs`.)
 pub fn connecting_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
     let context = ctx.sock_addr.cast();
     // SAFETY: the context pointer the kernel passed to this program; `sk` is never null in
@@ -169,9 +171,11 @@ fn udp_owner(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
         bpf_sk_storage_get(owners_map(), sk.cast(), ptr::null_mut(), 0).cast::<SocketOwner>()
     };
     // SAFETY: a non-null result points at the socket's storage, which lives as long as the
-    // socket, and so for the whole program run. Other CPUs may write `last_flow` at the
-    // same time; it is one aligned 8-byte word, and every other field is written only when
-    // the storage is created.
+    // socket, and so for the whole program run. Other CPUs may write `last_flow` (one aligned
+    // 8-byte word) and `flags` (one aligned 4-byte word, at each connect and, while the
+    // sendmsg programs are attached, each datagram) at the same time; every other field is
+    // written only when the storage is created. Two threads sending on one unconnected
+    // socket at once may see each other's `OWNER_PINNED`: the mark is best effort there.
     unsafe { owner.as_mut() }
 }
 

@@ -1,6 +1,7 @@
 //! Deciding in the kernel whether user space must see a connection, from the compiled policy
 //! (`srcip_common::policy`). Compliant connections, and unmatched ones the policy ignores,
-//! need no record: they cost the connecting task a trie lookup and nothing more.
+//! need no record (unless pinned, which is reported): they cost the connecting task a trie
+//! lookup and nothing more.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use srcip_common::{

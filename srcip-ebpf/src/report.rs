@@ -1,5 +1,6 @@
 //! From a connection with its socket's owner to what user space gets: nothing (compliant),
-//! a count (a folded repeat), or a record. Shared by every hook that sees a final source.
+//! a count (a folded repeat), or a record. Shared by every hook that sees a final source, and
+//! by the connect and sendmsg hooks for what they refuse (with a bound or predicted source).
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use srcip_common::{

@@ -247,28 +247,19 @@ impl AuditSession {
         }
         let pin_failures = self.counter_total(Counter::PinFailures);
         Metrics::set_total(&self.metrics.pin_failures, pin_failures);
-        if pin_failures > self.pin_failures_reported {
+        if let Some(count) = increase_since(pin_failures, &mut self.pin_failures_reported) {
             warn!(
-                "{} connections of a pin rule could not be bound to its source (not an address of their network namespace): they left with the route's source",
-                pin_failures - self.pin_failures_reported
+                "{count} connections of a pin rule could not be bound to its source (not an address of their network namespace): they left with the route's source"
             );
-            self.pin_failures_reported = pin_failures;
         }
         let hook_errors = self.counter_total(Counter::HookErrors);
         Metrics::set_total(&self.metrics.hook_errors, hook_errors);
-        if hook_errors > self.hook_errors_reported {
-            warn!(
-                "{} kernel hook invocations failed before recording a connection",
-                hook_errors - self.hook_errors_reported
-            );
-            self.hook_errors_reported = hook_errors;
+        if let Some(count) = increase_since(hook_errors, &mut self.hook_errors_reported) {
+            warn!("{count} kernel hook invocations failed before recording a connection");
         }
         let lost = self.counter_total(Counter::LostRecords) + self.undecodable;
-        (lost > self.lost_reported).then(|| {
-            let count = lost - self.lost_reported;
-            self.lost_reported = lost;
-            Alert::now(AlertBody::Lost { count, sink: None })
-        })
+        increase_since(lost, &mut self.lost_reported)
+            .map(|count| Alert::now(AlertBody::Lost { count, sink: None }))
     }
 
     fn counter_total(&self, counter: Counter) -> u64 {
@@ -389,4 +380,10 @@ fn rule_and_verdict(decision: Decision<'_>) -> (Option<&Rule>, Verdict) {
         Decision::UnmatchedViolation => (None, Verdict::Violation),
         Decision::Unmatched => (None, Verdict::Unmatched),
     }
+}
+
+/// How much a kernel counter grew since `reported`, which then becomes `total`; `None` when
+/// it did not.
+fn increase_since(total: u64, reported: &mut u64) -> Option<u64> {
+    (total > *reported).then(|| total - std::mem::replace(reported, total))
 }

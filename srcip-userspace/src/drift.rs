@@ -32,7 +32,7 @@ use crate::{
     check::check_destination,
     policy::{Action, Destination, Policy},
     policy_maps::RoutingMaps,
-    route::{Program, RouteError, Router},
+    route::{Program, Router},
 };
 
 /// Without notifications (the subscription failed), how often routes are read instead.
@@ -51,7 +51,11 @@ pub struct Predictions {
     /// Programs (uid and mark) seen violating a rule. Policy routing may route them apart
     /// from srcip (`ip rule ... uidrange`, `fwmark`), so while the host has such rules,
     /// destinations are predicted for each of them too.
-    programs: BTreeSet<(u32, u32)>,
+    programs: BTreeSet<Program>,
+    /// Whether the host has such rules now (the drift task's last reading): without them
+    /// every program is routed as srcip is, and a newly noted one is not worth predicting
+    /// again for at once.
+    routes_by_program: bool,
     /// Woken when `programs` grew: the drift task predicts again.
     programs_grew: Arc<Notify>,
 }
@@ -100,14 +104,15 @@ impl Predictions {
     /// `program` violated a rule: predict for it from now on (up to [`MAX_PROGRAMS`]), so
     /// that its next violations have their own `reason`. srcip itself is always predicted.
     pub fn note_program(&mut self, program: Program) {
-        let (uid, mark) = (program.effective_uid(), program.mark);
-        if (uid, mark) == (Program::default().effective_uid(), 0)
+        if program.is_srcip()
             || self.programs.len() >= MAX_PROGRAMS
-            || !self.programs.insert((uid, mark))
+            || !self.programs.insert(program)
         {
             return;
         }
-        self.programs_grew.notify_one();
+        if self.routes_by_program {
+            self.programs_grew.notify_one();
+        }
     }
 }
 
@@ -123,12 +128,12 @@ impl DriftWatch {
     /// how long after a notification the routes are read, so that a burst of changes (an
     /// interface coming up with its addresses and routes) is one reading.
     pub fn start(
+        router: Router,
         policy: Arc<Policy>,
         predictions: SharedPredictions,
         routing_maps: Option<RoutingMaps>,
         settle: Duration,
-    ) -> Result<Self, RouteError> {
-        let router = Router::new()?;
+    ) -> Self {
         let (alerts_tx, alerts) = mpsc::unbounded_channel();
         let (policy_tx, policy_rx) = watch::channel(policy);
         let shared = Shared {
@@ -136,10 +141,10 @@ impl DriftWatch {
             routing_maps,
         };
         tokio::spawn(watch_routes(router, policy_rx, alerts_tx, shared, settle));
-        Ok(Self {
+        Self {
             alerts,
             policy: policy_tx,
-        })
+        }
     }
 
     /// The next drift alerts. Cancel-safe.
@@ -265,16 +270,12 @@ async fn evaluate(
     // srcip's own lookup; and, while the host routes by uid or mark, each violating
     // program's.
     let mut programs = vec![Program::default()];
-    if host
+    let routes_by_program = host
         .rules
         .iter()
-        .any(|rule| rule.uid_range.is_some() || rule.fwmark.is_some())
-    {
-        let seen = lock(&shared.predictions).programs.clone();
-        programs.extend(seen.into_iter().map(|(uid, mark)| Program {
-            uid: Some(uid),
-            mark,
-        }));
+        .any(|rule| rule.uid_range.is_some() || rule.fwmark.is_some());
+    if routes_by_program {
+        programs.extend(lock(&shared.predictions).programs.iter().copied());
     }
     // Rebuilt each time, so that destinations a reload removed are forgotten.
     let mut now = HashMap::new();
@@ -336,7 +337,9 @@ async fn evaluate(
             warn!("cannot update the pin sources the host has: {error:#}");
         }
     }
-    lock(&shared.predictions).by_rule = by_rule;
+    let mut shared_predictions = lock(&shared.predictions);
+    shared_predictions.by_rule = by_rule;
+    shared_predictions.routes_by_program = routes_by_program;
     Ok(alerts)
 }
 

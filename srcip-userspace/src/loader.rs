@@ -151,14 +151,6 @@ pub struct KernelPrograms {
     keep_in: Option<std::path::PathBuf>,
 }
 
-/// The programs that pin and block: the ones `--keep-enforcing` leaves attached.
-const ENFORCING_PROGRAMS: &[&str] = &[
-    names::CONNECT4_PROGRAM,
-    names::CONNECT6_PROGRAM,
-    names::SENDMSG4_PROGRAM,
-    names::SENDMSG6_PROGRAM,
-];
-
 /// What to audit and how.
 #[derive(Clone, Copy)]
 pub struct AuditSettings<'a> {
@@ -316,8 +308,8 @@ impl KernelPrograms {
             );
             programs.links.push((spec.name, link));
         }
-        // Attached first, then the previous run's kept links removed: enforcement never
-        // lapses across a restart.
+        // Attached first, then the previous run's kept links removed: connect4/6 never lapse
+        // across a restart (the sendmsg programs and the predictions follow; design.md).
         if let Some(kept) = kept_links {
             release_kept_links(kept.dir);
         }
@@ -342,14 +334,11 @@ impl KernelPrograms {
         std::fs::create_dir_all(&dir).map_err(|error| keep_error(error.to_string()))?;
         let mut kept = Vec::with_capacity(links.len());
         for (name, link) in links {
+            // The programs that pin and block are the sock_addr ones (connect4/6, sendmsg4/6).
             let AttachedLink::SockAddr(id) = link else {
                 kept.push((name, link));
                 continue;
             };
-            if !ENFORCING_PROGRAMS.contains(&name) {
-                kept.push((name, AttachedLink::SockAddr(id)));
-                continue;
-            }
             match self.pin_link(name, id, &dir) {
                 Ok(pinned) => {
                     info!(

@@ -11,7 +11,7 @@ use srcip_userspace::{
     cgroup, check,
     cli::{self, Cli, Command, PolicyCommand},
     delivery, demo, features, learn,
-    policy::{self, PolicyLoadError},
+    policy::{self, PolicyLoadError, ResolvConfError},
     run,
 };
 use tracing_subscriber::EnvFilter;
@@ -76,9 +76,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// 2 when the operator must fix an input (policy, flags), 1 for everything else.
 fn exit_code(error: &anyhow::Error) -> u8 {
-    let bad_input = error
-        .chain()
-        .any(|cause| cause.is::<PolicyLoadError>() || cause.is::<cgroup::ScopeError>());
+    let bad_input = error.chain().any(|cause| {
+        cause.is::<PolicyLoadError>()
+            || cause.is::<cgroup::ScopeError>()
+            || cause.is::<ResolvConfError>()
+    });
     if bad_input { 2 } else { 1 }
 }
 

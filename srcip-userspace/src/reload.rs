@@ -22,7 +22,7 @@ use crate::{
     audit::AuditSession,
     drift::DriftWatch,
     metrics::Metrics,
-    policy::{Destination, HostNames, Matcher, NameChange, Policy, PolicyLoadError},
+    policy::{Answers, Destination, HostNames, Matcher, NameChange, Policy, PolicyLoadError},
     run::LoadedPolicy,
 };
 
@@ -136,9 +136,7 @@ pub fn reload(
     let policy = path.display().to_string();
     let result = loaded.and_then(|loaded| {
         let rules = loaded.matcher.policy().rules.len();
-        let for_drift = Arc::new(loaded.matcher.policy().clone());
-        session.reload(loaded.matcher)?;
-        drift.policy_changed(for_drift);
+        put_in_force(session, drift, loaded.matcher)?;
         *in_force = loaded.parsed;
         names.adopt(loaded.answers);
         Ok(rules)
@@ -160,37 +158,35 @@ pub fn reload(
 }
 
 /// Puts in force the addresses that host names of `in_force` stand for after their records
-/// expired and were asked again (`changes`, empty when no answer changed): one `resolved`
-/// alert per name. Should the new addresses make the policy invalid (two rules now claim one
-/// address), the addresses in force stay and a `policy_error` says why.
+/// expired and were asked again (`answers`; `changes`: the names whose addresses changed):
+/// one `resolved` alert per changed name. Should the new addresses make the policy invalid
+/// (two rules now claim one address), the addresses in force stay, the names are asked again
+/// later, and a `policy_error` says why.
 pub fn re_resolve(
     session: &mut AuditSession,
-    names: &HostNames,
-    changes: &[NameChange],
+    names: &mut HostNames,
+    (answers, changes): (Answers, Vec<NameChange>),
     in_force: &Policy,
     drift: &DriftWatch,
 ) -> Vec<Alert> {
     if changes.is_empty() {
+        names.adopt(answers);
         return Vec::new();
     }
-    let policy = in_force.path.display().to_string();
-    let result = Matcher::new(names.apply(in_force.clone()))
+    let result = Matcher::new(answers.apply(in_force.clone()))
         .map_err(anyhow::Error::from)
-        .and_then(|matcher| {
-            let for_drift = Arc::new(matcher.policy().clone());
-            session.reload(matcher)?;
-            drift.policy_changed(for_drift);
-            Ok(())
-        });
+        .and_then(|matcher| put_in_force(session, drift, matcher));
     if let Err(error) = result {
         warn!("new addresses of the policy's host names are not in force: {error:#}");
+        names.retry_later();
         return vec![Alert::now(AlertBody::PolicyError {
-            policy,
+            policy: in_force.path.display().to_string(),
             errors: located_messages(&error),
         })];
     }
+    names.adopt(answers);
     changes
-        .iter()
+        .into_iter()
         .map(|change| {
             info!(
                 "{} now stands for {:?} (added {:?}, removed {:?})",
@@ -207,14 +203,27 @@ pub fn re_resolve(
                 .map(|rule| Arc::clone(&rule.name))
                 .collect();
             Alert::now(AlertBody::Resolved {
-                name: change.name.clone(),
+                name: change.name,
                 rules,
-                addresses: change.addresses.clone(),
-                added: change.added.clone(),
-                removed: change.removed.clone(),
+                addresses: change.addresses,
+                added: change.added,
+                removed: change.removed,
             })
         })
         .collect()
+}
+
+/// Swaps `matcher` in for auditing (kernel tables included) and hands its policy to the
+/// drift watch.
+fn put_in_force(
+    session: &mut AuditSession,
+    drift: &DriftWatch,
+    matcher: Matcher,
+) -> anyhow::Result<()> {
+    let for_drift = Arc::new(matcher.policy().clone());
+    session.reload(matcher)?;
+    drift.policy_changed(for_drift);
+    Ok(())
 }
 
 /// An error as `policy_error` lists it: one located message per line of the file's errors.

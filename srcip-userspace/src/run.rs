@@ -62,13 +62,15 @@ pub struct LoadedPolicy {
     pub answers: Answers,
 }
 
-/// Loads, checks and compiles the policy for auditing, its host names resolved by `names`.
+/// Loads, checks and compiles the policy for auditing, its host names resolved by `names`;
+/// `router` reads the host's addresses, which `pin` sources must be.
 pub async fn load_policy(
     path: &std::path::Path,
     names: &HostNames,
+    router: &Router,
 ) -> anyhow::Result<LoadedPolicy> {
     let parsed = policy::load(path)?;
-    require_pin_sources_on_host(&parsed).await?;
+    require_pin_sources_on_host(&parsed, router).await?;
     let (resolved, answers) = names.resolve(parsed.clone()).await?;
     Ok(LoadedPolicy {
         parsed,
@@ -79,13 +81,13 @@ pub async fn load_policy(
 
 /// `pin` binds to its source, which the kernel allows only for an address of the host: one it
 /// does not have would fail every pinned connection's bind.
-async fn require_pin_sources_on_host(policy: &Policy) -> anyhow::Result<()> {
+async fn require_pin_sources_on_host(policy: &Policy, router: &Router) -> anyhow::Result<()> {
     let pinned = || policy.rules.iter().flat_map(|rule| &rule.pin_sources);
     if pinned().next().is_none() {
         return Ok(());
     }
     // The same reading of the host the drift watch makes for `PRESENT_PIN_SOURCES`.
-    let host = Router::new()?
+    let host = router
         .host()
         .await
         .context("listing this host's addresses, to check the policy's pin sources")?;
@@ -132,11 +134,21 @@ pub fn prepare_host() -> anyhow::Result<Host> {
     })
 }
 
-/// Resolves when the policy file changed; never without a watch.
-async fn changed(watch: &mut Option<PolicyWatch>) {
-    match watch {
-        Some(watch) => watch.changed().await,
-        None => std::future::pending().await,
+/// Resolves when the policy should be read again: on SIGHUP, or when the file changed (never
+/// without a watch); says which.
+async fn reload_requested(
+    sighup: &mut tokio::signal::unix::Signal,
+    watch: &mut Option<PolicyWatch>,
+) -> &'static str {
+    let changed = async {
+        match watch {
+            Some(watch) => watch.changed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = sighup.recv() => "SIGHUP",
+        () = changed => "the policy file changed",
     }
 }
 
@@ -169,11 +181,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Privileges first: without them nothing else matters, and the policy may be root-only.
     system::require_privileges()?;
     let mut names = HostNames::new(config.resolv_conf.as_deref(), config.keep_resolved)?;
+    let router = Router::new()?;
     let LoadedPolicy {
         parsed: mut policy_in_force,
         matcher,
         answers,
-    } = load_policy(&config.policy, &names).await?;
+    } = load_policy(&config.policy, &names, &router).await?;
     names.adopt(answers);
     let host = prepare_host()?;
     let mount = host.cgroup2_mount;
@@ -229,34 +242,27 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     delivery.deliver(vec![Alert::now(started)]);
     let mut drift = DriftWatch::start(
+        router.clone(),
         Arc::new(session.matcher().policy().clone()),
         session.predictions(),
         session.take_routing_maps(),
         config.route_settle,
-    )
-    .context("watching routes for drift")?;
+    );
     let stdout_error = loop {
         let alerts = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break None }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None }
             error = delivery.stdout_failed() => break Some(error),
-            _ = sighup.recv() => {
-                info!("SIGHUP: reloading {}", config.policy.display());
+            why = reload_requested(&mut sighup, &mut policy_watch) => {
+                info!("{why}: reloading {}", config.policy.display());
                 let loaded = auditing_meanwhile(
-                    load_policy(&config.policy, &names), &mut session, &mut delivery,
-                ).await;
-                vec![reload(&mut session, &config.policy, loaded, &mut policy_in_force, &mut names, &metrics, &drift)]
-            }
-            () = changed(&mut policy_watch) => {
-                info!("{} changed: reloading it", config.policy.display());
-                let loaded = auditing_meanwhile(
-                    load_policy(&config.policy, &names), &mut session, &mut delivery,
+                    load_policy(&config.policy, &names, &router), &mut session, &mut delivery,
                 ).await;
                 vec![reload(&mut session, &config.policy, loaded, &mut policy_in_force, &mut names, &metrics, &drift)]
             }
             () = expired(&names) => {
-                let changes = auditing_meanwhile(names.refresh(), &mut session, &mut delivery).await;
-                re_resolve(&mut session, &names, &changes, &policy_in_force, &drift)
+                let refreshed = auditing_meanwhile(names.refresh(), &mut session, &mut delivery).await;
+                re_resolve(&mut session, &mut names, refreshed, &policy_in_force, &drift)
             }
             alerts = session.next_alerts() => alerts,
             alerts = drift.next_alerts() => alerts,

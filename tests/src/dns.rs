@@ -28,7 +28,9 @@ impl NameServer {
             format!("nameserver {address}\noptions timeout:1 attempts:2\n"),
         )
         .expect("writing resolv.conf");
-        let server = Self {
+        // Written before dnsmasq starts, which reads it once then (and again on SIGHUP).
+        write_hosts(folder.path(), name, addresses);
+        let mut server = Self {
             child: Command::new("ip")
                 .args([
                     "netns",
@@ -65,9 +67,11 @@ impl NameServer {
             folder,
             resolv_conf,
         };
-        server.write_hosts(name, addresses);
         let deadline = Instant::now() + Duration::from_secs(15);
         while !listening(netns) {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("dnsmasq exited at start ({status}); its stderr is above");
+            }
             assert!(
                 Instant::now() < deadline,
                 "dnsmasq did not start answering on {address}"
@@ -80,23 +84,24 @@ impl NameServer {
     /// From now on, `name` stands for `addresses`: dnsmasq reads its hosts file again on
     /// SIGHUP, and forgets what it cached.
     pub fn change(&self, name: &str, addresses: &[&str]) {
-        self.write_hosts(name, addresses);
+        write_hosts(self.folder.path(), name, addresses);
         nix::sys::signal::kill(Pid::from_raw(self.pid()), Signal::SIGHUP)
             .expect("SIGHUP to dnsmasq");
-    }
-
-    fn write_hosts(&self, name: &str, addresses: &[&str]) {
-        let hosts: String = addresses
-            .iter()
-            .map(|address| format!("{address} {name}\n"))
-            .collect();
-        std::fs::write(self.folder.path().join("hosts"), hosts).expect("writing the hosts file");
     }
 
     /// `ip netns exec` execs dnsmasq, which stays in the foreground: the child is dnsmasq.
     fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("a pid fits in i32")
     }
+}
+
+/// The hosts file dnsmasq answers from, in `folder`: `name` stands for `addresses`.
+fn write_hosts(folder: &std::path::Path, name: &str, addresses: &[&str]) {
+    let hosts: String = addresses
+        .iter()
+        .map(|address| format!("{address} {name}\n"))
+        .collect();
+    std::fs::write(folder.join("hosts"), hosts).expect("writing the hosts file");
 }
 
 /// `api.partner.example` → `partner.example`.

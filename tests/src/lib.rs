@@ -305,7 +305,8 @@ pub struct ClientReport {
     pub error: Option<String>,
 }
 
-/// Starts one TCP connection from `cgroup` inside `netns` and returns what the kernel chose.
+/// Starts one TCP connection from `cgroup` inside `netns` and returns what the kernel chose;
+/// `connect()` must not fail (see [`attempt_connect`]).
 pub fn connect(
     netns: &Netns,
     cgroup: &Path,
@@ -313,7 +314,27 @@ pub fn connect(
     dst: &str,
     port: u16,
 ) -> ClientReport {
-    let mut reports = connect_many(netns, cgroup, bind, dst, port, 1);
+    let report = attempt_connect(netns, cgroup, bind, dst, port);
+    assert_eq!(
+        report.error, None,
+        "connect() to {dst} from {bind:?} failed"
+    );
+    report
+}
+
+/// As [`connect`], for a connection that may be refused (`block`): the caller checks `error`.
+pub fn attempt_connect(
+    netns: &Netns,
+    cgroup: &Path,
+    bind: Option<&str>,
+    dst: &str,
+    port: u16,
+) -> ClientReport {
+    let mut options = vec!["--count", "1"];
+    if let Some(bind) = bind {
+        options.extend(["--bind", bind]);
+    }
+    let mut reports = attempt_client(netns, cgroup, &options, dst, port);
     reports.pop().expect("tcp-client reports its connection")
 }
 
@@ -326,6 +347,24 @@ pub fn make_violation(daemon: &mut Daemon, topology: &Topology, cgroup: &Path) -
             .is_some_and(|violation| violation.src_port == client.src_port)
     });
     client
+}
+
+/// Connects like [`connect`] and returns the `connect` line `daemon` (run with `--all`)
+/// writes for that connection.
+pub fn connect_line(
+    daemon: &mut Daemon,
+    netns: &Netns,
+    cgroup: &Path,
+    bind: Option<&str>,
+    dst: &str,
+    port: u16,
+) -> Connection {
+    let client = connect(netns, cgroup, bind, dst, port);
+    let line = daemon.wait_for("the connect line", |line| {
+        line.connect()
+            .is_some_and(|c| c.src_port == client.src_port)
+    });
+    line.connect().unwrap().clone()
 }
 
 /// Waits until something listens on loopback `port` (a test server starting).
@@ -358,8 +397,26 @@ pub fn connect_many(
 }
 
 /// Runs `tcp-client` with `options` (see its usage) from `cgroup` inside `netns`; returns
-/// what the kernel chose for each connection.
+/// what the kernel chose for each connection, none of which may fail.
 pub fn client(
+    netns: &Netns,
+    cgroup: &Path,
+    options: &[&str],
+    dst: &str,
+    port: u16,
+) -> Vec<ClientReport> {
+    let reports = attempt_client(netns, cgroup, options, dst, port);
+    for report in &reports {
+        assert_eq!(
+            report.error, None,
+            "a connect() to {dst} ({options:?}) failed"
+        );
+    }
+    reports
+}
+
+/// As [`client`], for connections that may be refused: the caller checks `error`.
+pub fn attempt_client(
     netns: &Netns,
     cgroup: &Path,
     options: &[&str],
@@ -504,7 +561,10 @@ impl WaitingUdpClient {
             .expect("udp-client stdout");
         let status = self.child.wait().expect("udp-client exit");
         assert!(status.success(), "udp-client failed: {status}");
-        serde_json::from_str(&report).expect("udp-client prints one JSON line")
+        let report: UdpReport =
+            serde_json::from_str(&report).expect("udp-client prints one JSON line");
+        assert_eq!(report.error, None, "udp-client's datagram failed");
+        report
     }
 }
 
@@ -519,6 +579,22 @@ impl Drop for WaitingUdpClient {
 
 /// Runs `udp-client` with `options` (see its usage) from `cgroup` inside `netns`.
 pub fn udp_client(
+    netns: &Netns,
+    cgroup: &Path,
+    options: &[&str],
+    destinations: &str,
+    port: u16,
+) -> UdpReport {
+    let report = attempt_udp_client(netns, cgroup, options, destinations, port);
+    assert_eq!(
+        report.error, None,
+        "udp-client to {destinations} ({options:?}) failed"
+    );
+    report
+}
+
+/// As [`udp_client`], for datagrams that may be refused (`block`): the caller checks `error`.
+pub fn attempt_udp_client(
     netns: &Netns,
     cgroup: &Path,
     options: &[&str],

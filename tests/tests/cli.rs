@@ -183,3 +183,24 @@ fn version_is_printed() {
         format!("srcip {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn a_resolv_conf_that_cannot_be_read_exits_2_and_names_it() {
+    let policy = PolicyFile::new(srcip_tests::PARTNER_POLICY);
+    let output = Command::new(srcip_bin())
+        .args([
+            "check",
+            "--resolv-conf",
+            "/nonexistent/resolv.conf",
+            "--policy",
+        ])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--resolv-conf /nonexistent/resolv.conf"),
+        "{stderr}"
+    );
+}

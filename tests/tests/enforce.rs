@@ -1,5 +1,5 @@
 //! Enforcement: `pin` binds an unmodified program in an audited cgroup to its rule's source,
-//! `block` refuses a disallowed source at `connect()`, whether the program bound it or the
+//! `block` refuses a disallowed source at `attempt_connect()`, whether the program bound it or the
 //! routing tables would choose it. Processes outside the audited cgroups, and everything
 //! after the daemon stops, are left alone. Each test's host namespace routes the partner
 //! from the disallowed address, as in the incident.
@@ -8,7 +8,8 @@ use std::{path::PathBuf, process::Command};
 
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
-    PolicyFile, Signal, TestCgroup, Topology, connect, ip_in, srcip_bin, udp_client, unique_name,
+    PolicyFile, Signal, TestCgroup, Topology, attempt_connect, attempt_udp_client, ip_in,
+    srcip_bin, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -82,7 +83,7 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
     let audited = cgroup.child("audited");
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
-        let client = connect(&topology.host, &audited, None, dst, 443);
+        let client = attempt_connect(&topology.host, &audited, None, dst, 443);
         assert_eq!(client.src, pinned_src, "the kernel bound the pin source");
         assert_eq!(client.error, None);
         let pinned = pinned_line(&mut daemon, client.src_port);
@@ -103,15 +104,15 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
     // Outside the audited cgroup the route's choice stands.
     let other = cgroup.child("other");
     assert_eq!(
-        connect(&topology.host, &other, None, PARTNER_V4, 443).src,
+        attempt_connect(&topology.host, &other, None, PARTNER_V4, 443).src,
         OTHER_V4
     );
     assert_eq!(
-        connect(&topology.host, &other, None, PARTNER_V6, 443).src,
+        attempt_connect(&topology.host, &other, None, PARTNER_V6, 443).src,
         OTHER_V6
     );
     // A program that bound a source itself keeps it, and its violation is reported.
-    let bound = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    let bound = attempt_connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
     assert_eq!(bound.src, OTHER_V4);
     daemon.wait_for("the bound client's violation", |line| {
         line.violation()
@@ -129,7 +130,7 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
 
     // Stopped: nothing is enforced any more.
     assert_eq!(
-        connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
+        attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
         OTHER_V4
     );
 }
@@ -143,7 +144,7 @@ fn pin_binds_connected_udp_in_both_families() {
     let audited = cgroup.child("audited");
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
-        let client = udp_client(&topology.host, &audited, &["--connect"], dst, 443);
+        let client = attempt_udp_client(&topology.host, &audited, &["--connect"], dst, 443);
         assert_eq!((client.src.as_str(), client.error), (pinned_src, None));
         let pinned = pinned_line(&mut daemon, client.src_port);
         assert_eq!(
@@ -162,14 +163,14 @@ fn pin_sets_the_source_of_unconnected_udp_unless_the_program_chose_one() {
     let audited = cgroup.child("audited");
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
-        let client = udp_client(&topology.host, &audited, &[], dst, 443);
+        let client = attempt_udp_client(&topology.host, &audited, &[], dst, 443);
         assert_eq!(client.error, None);
         // The packet's source: what the partner sees.
         assert_eq!(pinned_line(&mut daemon, client.src_port).src, pinned_src);
     }
 
     // A source the program chose per datagram (`IP_PKTINFO`) is its own: reported, kept.
-    let chosen = udp_client(
+    let chosen = attempt_udp_client(
         &topology.host,
         &audited,
         &["--pktinfo", OTHER_V4],
@@ -192,7 +193,7 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
     let audited = cgroup.child("audited");
 
     // Bound by the program: the source is known at connect.
-    let bound = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    let bound = attempt_connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
     assert_eq!(bound.error.as_deref(), Some("EPERM"));
     let line = daemon.wait_for("the blocked bound connection", |line| {
         line.violation()
@@ -211,7 +212,7 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
 
     // Never bound: the source the routing tables would choose, as predicted.
     for (dst, predicted) in [(PARTNER_V4, OTHER_V4), (PARTNER_V6, OTHER_V6)] {
-        let client = connect(&topology.host, &audited, None, dst, 443);
+        let client = attempt_connect(&topology.host, &audited, None, dst, 443);
         assert_eq!(client.error.as_deref(), Some("EPERM"), "to {dst}");
         let line = daemon.wait_for("the blocked predicted connection", |line| {
             line.violation()
@@ -232,14 +233,14 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
     // UDP is refused the same way: a connected socket at connect, an unconnected one per
     // datagram, whether its source is predicted or chosen with `IP_PKTINFO`.
     for options in [&["--connect"][..], &[], &["--pktinfo", OTHER_V4]] {
-        let udp = udp_client(&topology.host, &audited, options, PARTNER_V4, 443);
+        let udp = attempt_udp_client(&topology.host, &audited, options, PARTNER_V4, 443);
         assert_eq!(
             udp.error.as_deref(),
             Some("EPERM"),
             "udp-client {options:?}"
         );
     }
-    let allowed = udp_client(
+    let allowed = attempt_udp_client(
         &topology.host,
         &audited,
         &["--pktinfo", ALLOWED_V4],
@@ -249,9 +250,9 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
     assert_eq!(allowed.error, None);
 
     // Compliant traffic passes, and so does everything outside the audited cgroup.
-    let allowed = connect(&topology.host, &audited, Some(ALLOWED_V4), PARTNER_V4, 443);
+    let allowed = attempt_connect(&topology.host, &audited, Some(ALLOWED_V4), PARTNER_V4, 443);
     assert_eq!(allowed.error, None);
-    let other = connect(
+    let other = attempt_connect(
         &topology.host,
         &cgroup.child("other"),
         None,
@@ -262,7 +263,7 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
 
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
-    let after = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    let after = attempt_connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
     assert_eq!(after.error, None, "nothing is blocked once srcip stopped");
 }
 
@@ -275,6 +276,9 @@ fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() 
     let cgroup = TestCgroup::new(&["audited"]);
     let policy = PolicyFile::new(&policy_with("block"));
     let audited = cgroup.child("audited");
+    // Wrong at start, then right again: the `route_recovered` line says that the right
+    // prediction is in the kernel, however slowly the first reading came.
+    topology.route_partner_via_other_source();
     let mut daemon = Daemon::start_in(
         &topology.host,
         &policy.path,
@@ -285,11 +289,12 @@ fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() 
             "5s",
         ],
     );
-    // Let the first reading (the routes are right) reach the kernel.
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    daemon.wait_for("the drift at start", |line| line.route_drift().is_some());
+    ip_in(&topology.host.name, "route del 198.51.100.50/32");
+    daemon.wait_for("the recovery", |line| line.route_recovered().is_some());
 
     topology.route_partner_via_other_source();
-    let early = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let early = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!((early.src.as_str(), early.error), (OTHER_V4, None));
     let line = daemon.wait_for("the violation that got through", |line| {
         line.violation()
@@ -298,7 +303,7 @@ fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() 
     assert_eq!(line.violation().unwrap().blocked, Some(false));
 
     daemon.wait_for("the drift", |line| line.route_drift().is_some());
-    let late = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let late = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(late.error.as_deref(), Some("EPERM"));
 }
 
@@ -311,13 +316,13 @@ fn a_reload_from_alert_to_pin_decides_the_next_connection() {
     let audited = cgroup.child("audited");
 
     assert_eq!(
-        connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
+        attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
         OTHER_V4
     );
     std::fs::write(&policy.path, policy_with("pin")).unwrap();
     daemon.signal(Signal::SIGHUP);
     daemon.wait_for("the reload", |line| line.kind() == "reloaded");
-    let client = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let client = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(client.src, ALLOWED_V4);
     pinned_line(&mut daemon, client.src_port);
 }
@@ -325,13 +330,17 @@ fn a_reload_from_alert_to_pin_decides_the_next_connection() {
 #[test]
 fn a_pin_source_the_host_does_not_have_is_refused_with_its_location() {
     let topology = Topology::new();
+    // Scoped, so that a regression that accepted the policy would pin no one else.
+    let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(
         "[[rule]]\nname = \"partner\"\ndestinations = [\"198.51.100.50\"]\nallowed_sources = [\"203.0.113.99\", \"203.0.113.10\"]\naction = \"pin\"\n",
     );
     let output = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", topology.host.name))
         .arg(srcip_bin())
-        .args(["run", "--policy"])
+        .args(["run", "--cgroup"])
+        .arg(&cgroup.path)
+        .arg("--policy")
         .arg(&policy.path)
         .output()
         .expect("run srcip");
@@ -375,7 +384,7 @@ fn a_reload_to_a_pin_source_the_host_does_not_have_is_refused_and_pin_goes_on() 
     );
 
     // The policy in force still pins to .10.
-    let client = connect(
+    let client = attempt_connect(
         &topology.host,
         &cgroup.child("audited"),
         None,
@@ -418,7 +427,7 @@ fn keep_enforcing_pins_while_srcip_is_down_and_the_next_start_takes_it_over() {
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
     // srcip is down; the kernel still pins.
-    let pinned = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let pinned = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(pinned.src, ALLOWED_V4, "pinned while srcip is down");
     let kept_count = std::fs::read_dir(&kept.0).unwrap().count();
     assert!(
@@ -427,11 +436,20 @@ fn keep_enforcing_pins_while_srcip_is_down_and_the_next_start_takes_it_over() {
     );
 
     // A start without the flag takes them over; once it stops, nothing is left.
-    let daemon = enforcing_daemon_with(&topology, &cgroup, &policy, &["--kept-links", kept_links]);
+    let mut daemon =
+        enforcing_daemon_with(&topology, &cgroup, &policy, &["--kept-links", kept_links]);
     assert_eq!(std::fs::read_dir(&kept.0).unwrap().count(), 0);
+    let taken_over = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(taken_over.src, ALLOWED_V4, "the new run pins");
+    pinned_line(&mut daemon, taken_over.src_port);
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
-    let after = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(
+        std::fs::read_dir(&kept.0).unwrap().count(),
+        0,
+        "a run without --keep-enforcing keeps nothing"
+    );
+    let after = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(after.src, OTHER_V4, "nothing is enforced any more");
 }
 
@@ -446,11 +464,11 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
     let audited = cgroup.child("audited");
 
     // Pinned while the source is there, so what follows is pin's failure, not its absence.
-    let pinned = connect(&topology.host, &audited, None, PARTNER_V6, 443);
+    let pinned = attempt_connect(&topology.host, &audited, None, PARTNER_V6, 443);
     assert_eq!(pinned.src, ALLOWED_V6);
     // IPv6: deleting the primary IPv4 address would take the secondary and the routes along.
     ip_in(&topology.host.name, "-6 addr del 2001:db8::10/64 dev v0");
-    let tcp = connect(&topology.host, &audited, None, PARTNER_V6, 443);
+    let tcp = attempt_connect(&topology.host, &audited, None, PARTNER_V6, 443);
     assert_eq!((tcp.src.as_str(), tcp.error), (OTHER_V6, None));
     let line = daemon.wait_for("the unpinned connection's violation", |line| {
         line.violation()
@@ -460,8 +478,15 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
     // An unconnected socket's datagram is not given the missing source either, once the
     // drift watch has read the change (a settle of 150 ms and one reading; no line says so,
     // as the destination was wrong already).
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let udp = udp_client(&topology.host, &audited, &[], PARTNER_V6, 443);
+    // Until then the datagram may fail (its source set to the missing address): try again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let udp = loop {
+        let udp = attempt_udp_client(&topology.host, &audited, &[], PARTNER_V6, 443);
+        if udp.error.is_none() || std::time::Instant::now() > deadline {
+            break udp;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(udp.error, None);
     let line = daemon.wait_for("the unpinned datagram's violation", |line| {
         line.violation()

@@ -4,7 +4,7 @@
 
 use srcip_tests::{
     ALLOWED_V4, Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup,
-    Topology, connect,
+    Topology, connect, connect_line,
 };
 
 /// The partner changed its mind: now only .11 is allowed.
@@ -39,13 +39,8 @@ fn verdict_of_connection(
     cgroup: &TestCgroup,
     bind: Option<&str>,
 ) -> (String, Option<String>, String) {
-    let client = connect(&topology.host, &cgroup.path, bind, PARTNER_V4, 443);
-    let line = daemon.wait_for("the connect line", |line| {
-        line.connect()
-            .is_some_and(|c| c.src_port == client.src_port)
-    });
-    let connect = line.connect().unwrap();
-    (connect.verdict.clone(), connect.rule.clone(), client.src)
+    let line = connect_line(daemon, &topology.host, &cgroup.path, bind, PARTNER_V4, 443);
+    (line.verdict, line.rule, line.src)
 }
 
 #[test]

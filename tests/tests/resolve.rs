@@ -6,7 +6,7 @@
 //! one second; srcip reaches it through `--resolv-conf`.
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PolicyFile, TestCgroup, Topology, check_in_with, connect,
+    Daemon, Line, OTHER_V4, PolicyFile, TestCgroup, Topology, check_in_with, connect_line,
     dns::NameServer, ip_in,
 };
 
@@ -31,13 +31,15 @@ fn verdict_of_connection(
     cgroup: &TestCgroup,
     dst: &str,
 ) -> (String, Option<String>) {
-    let client = connect(&topology.host, &cgroup.path, Some(OTHER_V4), dst, 443);
-    let line = daemon.wait_for("the connect line", |line| {
-        line.connect()
-            .is_some_and(|c| c.src_port == client.src_port)
-    });
-    let connect = line.connect().unwrap();
-    (connect.verdict.clone(), connect.rule.clone())
+    let line = connect_line(
+        daemon,
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        dst,
+        443,
+    );
+    (line.verdict, line.rule)
 }
 
 fn violation_of_rule() -> (String, Option<String>) {
@@ -69,7 +71,7 @@ fn a_moved_name_is_audited_at_its_new_address_and_the_old_one_leaves_after_keep_
             dns.resolv_conf.to_str().unwrap(),
             // Long enough for the checks below on an emulated VM; short for the test.
             "--keep-resolved",
-            "6s",
+            "10s",
         ],
     );
 
@@ -107,15 +109,16 @@ fn a_moved_name_is_audited_at_its_new_address_and_the_old_one_leaves_after_keep_
         "the old address stays for --keep-resolved"
     );
     assert!(removed.is_empty(), "{removed:?}");
-    assert_eq!(
-        verdict_of_connection(&mut daemon, &topology, &cgroup, MOVED),
-        violation_of_rule(),
-        "the new address is audited, in the kernel too"
-    );
+    // The old address first: it is the one with a deadline.
     assert_eq!(
         verdict_of_connection(&mut daemon, &topology, &cgroup, FIRST),
         violation_of_rule(),
         "the old address is still audited"
+    );
+    assert_eq!(
+        verdict_of_connection(&mut daemon, &topology, &cgroup, MOVED),
+        violation_of_rule(),
+        "the new address is audited, in the kernel too"
     );
 
     let left = daemon.wait_for(

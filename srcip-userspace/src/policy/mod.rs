@@ -18,7 +18,7 @@ use ipnet::IpNet;
 pub use kernel::KernelTables;
 pub use matcher::{ConnectionKey, Decision, Matcher};
 pub use parse::{load, parse};
-pub use resolve::{Answers, HostNames, NameChange};
+pub use resolve::{Answers, HostNames, NameChange, ResolvConfError};
 
 /// A single address prints as the address, as the user wrote it; a prefix as CIDR.
 pub fn display_net(net: IpNet) -> String {

@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use hickory_resolver::{TokioResolver, config::ResolverConfig, net::runtime::TokioRuntimeProvider};
 use ipnet::IpNet;
 use tokio::time::Instant;
@@ -39,8 +38,24 @@ pub struct HostNames {
     names: HashMap<String, Name>,
 }
 
+/// `--resolv-conf` names a file srcip cannot ask name servers with: bad input (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("--resolv-conf {}: {reason}", path.display())]
+pub struct ResolvConfError {
+    path: std::path::PathBuf,
+    reason: String,
+}
+
 /// A policy's host names resolved, not yet in force.
 pub struct Answers(HashMap<String, Name>);
+
+impl Answers {
+    /// `policy` (as parsed, with host names) with each name replaced by these addresses, each
+    /// at the name's location.
+    pub fn apply(&self, policy: Policy) -> Policy {
+        apply(&self.0, policy)
+    }
+}
 
 #[derive(Clone)]
 struct Name {
@@ -64,7 +79,7 @@ impl HostNames {
     /// A resolver configured by `resolv_conf`, or by the system's `/etc/resolv.conf` when
     /// `None`. A system without a usable one is refused only once a policy names a host:
     /// policies of addresses alone need no name server.
-    pub fn new(resolv_conf: Option<&Path>, keep: Duration) -> anyhow::Result<Self> {
+    pub fn new(resolv_conf: Option<&Path>, keep: Duration) -> Result<Self, ResolvConfError> {
         let resolver = match resolv_conf {
             None => TokioResolver::builder_tokio()
                 .and_then(|builder| builder.build())
@@ -83,20 +98,20 @@ impl HostNames {
     /// in force once the policy is. Addresses a name held before and still keeps are kept
     /// too. A name that does not resolve is an error at its location.
     pub async fn resolve(&self, policy: Policy) -> Result<(Policy, Answers), PolicyLoadError> {
+        // Each name is asked once, however often the policy names it; a failure is an error
+        // at every place.
         let mut fresh = HashMap::new();
         let mut errors = Vec::new();
         for (name, location) in host_names(&policy) {
-            if fresh.contains_key(name) {
-                continue;
+            if !fresh.contains_key(name) {
+                let answer = self.lookup(name).await.map_err(|error| error.to_string());
+                fresh.insert(name.to_owned(), answer);
             }
-            match self.lookup(name).await {
-                Ok(answer) => {
-                    fresh.insert(name.to_owned(), answer);
-                }
-                Err(error) => errors.push(PolicyError {
+            if let Err(error) = &fresh[name] {
+                errors.push(PolicyError {
                     location,
                     message: format!("cannot resolve host name \"{name}\": {error}"),
-                }),
+                });
             }
         }
         if !errors.is_empty() {
@@ -107,7 +122,10 @@ impl HostNames {
         }
         let now = Instant::now();
         let mut names = HashMap::with_capacity(fresh.len());
-        for (text, (addresses, expires)) in fresh {
+        for (text, answer) in fresh {
+            let Ok((addresses, expires)) = answer else {
+                continue;
+            };
             let mut name = self.names.get(&text).cloned().unwrap_or(Name {
                 addresses: BTreeMap::new(),
                 expires,
@@ -129,25 +147,20 @@ impl HostNames {
         self.names.values().map(|name| name.expires).min()
     }
 
-    /// Asks again for every name whose answer has expired, and says which names now stand
-    /// for other addresses. A failed lookup keeps the name's addresses and is tried again
-    /// later.
-    pub async fn refresh(&mut self) -> Vec<NameChange> {
+    /// Asks again for every name whose answer has expired. Returns the answers, which
+    /// [`Self::adopt`] puts in force once the policy compiled with them is, and the names
+    /// that now stand for other addresses. A failed lookup keeps the name's addresses and is
+    /// tried again later.
+    pub async fn refresh(&self) -> (Answers, Vec<NameChange>) {
         let now = Instant::now();
-        let expired: Vec<String> = self
-            .names
-            .iter()
-            .filter(|(_, name)| name.expires <= now)
-            .map(|(text, _)| text.clone())
-            .collect();
+        let mut names = self.names.clone();
         let mut changes = Vec::new();
-        for text in expired {
-            let answer = self.lookup(&text).await;
-            let Some(name) = self.names.get_mut(&text) else {
+        for (text, name) in &mut names {
+            if name.expires > now {
                 continue;
-            };
+            }
             let before: BTreeSet<IpAddr> = name.addresses.keys().copied().collect();
-            match answer {
+            match self.lookup(text).await {
                 Ok((addresses, expires)) => {
                     name.update(addresses, expires, Instant::now(), self.keep)
                 }
@@ -162,20 +175,24 @@ impl HostNames {
             let after: BTreeSet<IpAddr> = name.addresses.keys().copied().collect();
             if before != after {
                 changes.push(NameChange {
-                    name: text,
+                    name: text.clone(),
                     addresses: after.iter().copied().collect(),
                     added: after.difference(&before).copied().collect(),
                     removed: before.difference(&after).copied().collect(),
                 });
             }
         }
-        changes
+        (Answers(names), changes)
     }
 
-    /// `policy` (as parsed, with host names) with each name replaced by its addresses in
-    /// force, each at the name's location.
-    pub fn apply(&self, policy: Policy) -> Policy {
-        apply(&self.names, policy)
+    /// After answers that could not be put in force (the policy compiled with them is
+    /// invalid): the addresses in force stay, and each name is asked again after
+    /// [`RETRY_AFTER_FAILURE`] rather than at once.
+    pub fn retry_later(&mut self) {
+        let next = Instant::now() + RETRY_AFTER_FAILURE;
+        for name in self.names.values_mut() {
+            name.expires = name.expires.max(next);
+        }
     }
 
     /// The name's addresses (IPv4 and IPv6) and when the answer expires.
@@ -210,16 +227,18 @@ impl Name {
 }
 
 /// A resolver asking the name servers `path` (resolv.conf format) names.
-fn configured_by(path: &Path) -> anyhow::Result<TokioResolver> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+fn configured_by(path: &Path) -> Result<TokioResolver, ResolvConfError> {
+    let refused = |reason: String| ResolvConfError {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read(path).map_err(|error| refused(error.to_string()))?;
     let (config, options): (ResolverConfig, _) =
         hickory_resolver::system_conf::parse_resolv_conf(text)
-            .with_context(|| format!("{}: not a usable resolv.conf", path.display()))?;
+            .map_err(|error| refused(format!("not a usable resolv.conf: {error}")))?;
     let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
     *builder.options_mut() = options;
-    builder
-        .build()
-        .with_context(|| format!("starting a resolver with {}", path.display()))
+    builder.build().map_err(|error| refused(error.to_string()))
 }
 
 /// Every host name of `policy` with where it is written.

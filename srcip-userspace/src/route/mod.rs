@@ -61,7 +61,7 @@ pub struct Query {
 
 /// Who makes the connection, as policy routing sees it: `uidrange` and `fwmark` rules
 /// select on these.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Program {
     /// `None`: the uid of whoever asks (srcip, or the user running `check`), which is what
     /// the kernel takes for a lookup without one.
@@ -73,8 +73,21 @@ pub struct Program {
 impl Program {
     /// The uid the kernel matches `uidrange` rules against for this program.
     pub fn effective_uid(self) -> u32 {
-        self.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw())
+        self.uid.unwrap_or_else(own_uid)
     }
+
+    /// Whether policy routing sees this program as it sees srcip (same uid, no mark): its
+    /// predictions are srcip's own.
+    pub fn is_srcip(self) -> bool {
+        self.effective_uid() == own_uid() && self.mark == 0
+    }
+}
+
+/// srcip's uid, read once.
+fn own_uid() -> u32 {
+    static OWN_UID: std::sync::LazyLock<u32> =
+        std::sync::LazyLock::new(|| nix::unistd::getuid().as_raw());
+    *OWN_UID
 }
 
 /// The kernel's answer for a [`Query`].
@@ -103,7 +116,8 @@ pub struct MatchedRoute {
     pub table: u32,
 }
 
-/// A netlink connection for route lookups and dumps.
+/// A netlink connection for route lookups and dumps; clones share it.
+#[derive(Clone)]
 pub struct Router {
     handle: rtnetlink::Handle,
 }
