@@ -340,6 +340,12 @@ async fn evaluate(
     let mut shared_predictions = lock(&shared.predictions);
     shared_predictions.by_rule = by_rule;
     shared_predictions.routes_by_program = routes_by_program;
+    // A program noted while this reading ran was not woken for (the host's rules were not
+    // known yet, or it came after `programs` was read): predict again for it at once.
+    let predicted_programs = programs.len() - 1;
+    if routes_by_program && shared_predictions.programs.len() > predicted_programs {
+        shared_predictions.programs_grew.notify_one();
+    }
     Ok(alerts)
 }
 
