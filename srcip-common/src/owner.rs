@@ -1,4 +1,4 @@
-//! Who owns a socket, as the kernel side keeps it: in a preallocated LRU hash keyed by socket
+//! Who owns a socket, as the kernel side keeps it: in an array slot picked by the socket
 //! cookie for TCP, in socket-local storage for UDP (`srcip-ebpf/src/owner.rs` says why).
 //!
 //! The hook that sees a connection's final source (the packet at `cgroup_skb/egress`) may run
@@ -7,11 +7,13 @@
 //! socket is created (`cgroup/sock_create`, in the creating task), or, for a socket created
 //! before srcip started, when it connects (`cgroup/connect4/6`, in the connecting task). Both
 //! hooks have every attribution helper on every supported kernel. Socket storage is freed
-//! with the socket; the TCP table forgets the least recently used entry first.
+//! with the socket; a TCP slot is freed at the SYN, and given to the socket
+//! `TCP_OWNER_ENTRIES` cookies later whether it was or not.
 
-/// Entries of the TCP owner table: TCP sockets that may be created, and not yet have sent
-/// their SYN, at the same time. 32,768 entries of 56 bytes and the kernel's per-element
-/// overhead take about 4 MiB of kernel memory, allocated when srcip starts.
+/// Slots of the TCP owner table: how many sockets may be created after a TCP socket before
+/// it loses its owner if it has not sent its SYN yet. 32,768 slots of 64 bytes take 2 MiB
+/// of kernel memory, allocated when srcip starts. A power of two: the slot is the cookie's
+/// low bits.
 pub const TCP_OWNER_ENTRIES: u32 = 32 * 1024;
 
 /// The socket's owner. Present for sockets whose owner is audited (`--cgroup`), and for

@@ -73,7 +73,7 @@ fn observe(ctx: &SkBuffContext) {
             let Some(packet) = Packet::read(ctx, IPPROTO_TCP) else {
                 return;
             };
-            decide(ctx, socket, &owner, &packet);
+            decide(ctx, socket, owner, &packet);
         }
         IPPROTO_UDP => {
             let Some(owner) = audited_udp_owner(sk) else {

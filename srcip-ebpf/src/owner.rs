@@ -3,14 +3,16 @@
 //! whoever is on the CPU when the packet leaves.
 //!
 //! Two stores, by how long the owner is needed:
-//! - A TCP socket needs it from creation to its SYN, which `connect()` sends at once: a
-//!   preallocated LRU hash keyed by the socket cookie. Inserting there takes an element from
-//!   a free list; socket-local storage would allocate (and charge to a memory cgroup) at
-//!   every `socket()` and free it through RCU at every close, which cost compliant TCP
-//!   traffic about a tenth of a refused-connect storm's rate (docs/BENCHMARKS.md). An entry
-//!   evicted before its socket connects (a socket created and left unconnected while
-//!   `TCP_OWNER_ENTRIES` others were made) is taken again at `connect4/6` from the
-//!   connecting task, the owner in all but the io_uring case.
+//! - A TCP socket needs it from creation to its SYN, which `connect()` sends at once: an
+//!   array slot picked by the socket cookie, written and cleared with plain stores. Socket-
+//!   local storage would allocate (and charge to a memory cgroup) at every `socket()` and
+//!   free it through RCU at every close, which cost compliant TCP traffic about a tenth of a
+//!   refused-connect storm's rate; an LRU hash took a lock and a free-list element at each
+//!   insert and delete, about half of `sock_create`'s time (docs/BENCHMARKS.md). Cookies
+//!   grow, so a slot is wanted by another socket only after about `TCP_OWNER_ENTRIES`
+//!   more sockets were made (or at once, rarely, on CPUs whose batches of cookies are that
+//!   far apart). The socket holding it then has not sent its SYN yet (or never will: a
+//!   listener, a failed connect); its owner is moved to an LRU hash, where the SYN finds it.
 //! - A UDP socket sends for as long as it lives: socket-local storage, freed with it.
 
 use core::{ffi::c_void, ptr};
@@ -26,7 +28,7 @@ use aya_ebpf::{
         },
     },
     macros::{btf_map, cgroup_sock, map},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{SockAddrContext, SockContext},
 };
 use srcip_common::{
@@ -40,11 +42,31 @@ use crate::{maps::count, scope::current_task_is_audited};
 #[btf_map]
 static SOCKET_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
 
-/// Audited TCP sockets' owners, by socket cookie. Cookies are never reused, so an entry
-/// left behind by a closed socket is only a slot the LRU will take back.
+/// Audited TCP sockets' owners, in the slot `cookie % TCP_OWNER_ENTRIES`. Cookies are
+/// never reused, so a slot left behind by a closed socket is only one the next socket with
+/// that remainder will take.
 #[map]
-static TCP_OWNERS: LruHashMap<u64, SocketOwner> =
+static TCP_OWNERS: Array<TcpOwnerSlot> = Array::with_max_entries(TCP_OWNER_ENTRIES, 0);
+
+/// Owners moved out of their `TCP_OWNERS` slot by a later socket before their SYN. The
+/// least recently used is forgotten first: only after `TCP_OWNER_ENTRIES` such moves, most
+/// of them owners of sockets that never send a SYN, is a socket's owner lost, and then taken
+/// again at `connect4/6` from the connecting task, the owner in all but the io_uring case.
+/// An owner taken at the SYN stays here marked not audited, until the LRU reuses it.
+#[map]
+static DISPLACED_TCP_OWNERS: LruHashMap<u64, SocketOwner> =
     LruHashMap::with_max_entries(TCP_OWNER_ENTRIES, 0);
+
+/// A slot of `TCP_OWNERS`: the owner of the socket with `cookie`, free while `cookie` is 0
+/// (no socket has that cookie).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpOwnerSlot {
+    cookie: u64,
+    owner: SocketOwner,
+}
+
+const _: () = assert!(TCP_OWNER_ENTRIES.is_power_of_two());
 
 /// srcip's own process id, set by the loader.
 #[unsafe(no_mangle)]
@@ -114,8 +136,7 @@ pub fn connecting_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwne
             if !may_adopt() {
                 return None;
             }
-            store_tcp_owner(cookie, &current_task_as_owner(context, true));
-            tcp_owner(cookie)
+            store_tcp_owner(cookie, &current_task_as_owner(context, true))
         }
         IPPROTO_UDP => match udp_owner(sk) {
             Some(owner) => (owner.audited != 0).then_some(owner),
@@ -139,23 +160,44 @@ fn current_task_is_daemon() -> bool {
     tgid == unsafe { core::ptr::read_volatile(&DAEMON_TGID) }
 }
 
-/// Only audited TCP sockets have an owner entry.
-fn tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
-    // SAFETY: a value of a preallocated map stays valid for the program run. Only the socket's
-    // own `connect()` writes it (`flags`), before its SYN, whose egress run takes the entry.
-    TCP_OWNERS
-        .get_ptr_mut(&cookie)
-        .map(|owner| unsafe { &mut *owner })
+/// The slot of the TCP socket with `cookie`, whoever holds it now.
+fn tcp_slot(cookie: u64) -> Option<*mut TcpOwnerSlot> {
+    TCP_OWNERS.get_ptr_mut(cookie as u32 & (TCP_OWNER_ENTRIES - 1))
 }
 
-/// The owner of the TCP socket with `cookie`, removed from the table: only audited sockets
-/// have one, and only until their SYN.
-pub fn take_tcp_owner(cookie: u64) -> Option<SocketOwner> {
-    // SAFETY: a value of a preallocated map stays readable for the program run; it is copied
-    // before the entry is removed, after which the slot may be given to another socket.
-    let owner = unsafe { *TCP_OWNERS.get_ptr(&cookie)? };
-    // A failed removal (another CPU took it first) leaves nothing to undo.
-    let _ = TCP_OWNERS.remove(&cookie);
+/// The owner of the TCP socket with `cookie`, always in its slot: one that was displaced is
+/// moved back there (and the socket holding the slot now is displaced in turn). Callers
+/// thus see one kind of pointer, which keeps the verifier of 5.10 from checking the rest of
+/// each program once for each map the owner could be in.
+fn tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
+    let slot = tcp_slot(cookie)?;
+    // SAFETY: an array value stays valid as long as the map. Only the socket's own
+    // `connect()` writes its owner (`flags`), before its SYN, whose egress run frees the slot.
+    unsafe {
+        if ptr::read_volatile(&(*slot).cookie) == cookie {
+            return Some(&mut (*slot).owner);
+        }
+    }
+    // Sockets not audited come here too: one lookup in a table that is nearly empty.
+    // SAFETY: a value of a preallocated map stays valid for the program run.
+    let displaced = unsafe { &mut *DISPLACED_TCP_OWNERS.get_ptr_mut(&cookie)? };
+    if displaced.audited == 0 {
+        return None;
+    }
+    let owner = store_tcp_owner(cookie, displaced)?;
+    // Taken: the slot has it now.
+    displaced.audited = 0;
+    Some(owner)
+}
+
+/// The owner of the TCP socket with `cookie`, taken: only audited sockets have one, and only
+/// until their SYN, so that a retransmitted SYN finds none. It is read in place: a slot is
+/// written again only by a socket about `TCP_OWNER_ENTRIES` cookies later.
+pub fn take_tcp_owner(cookie: u64) -> Option<&'static SocketOwner> {
+    let owner = tcp_owner(cookie)?;
+    let slot = tcp_slot(cookie)?;
+    // SAFETY: as in `tcp_owner`.
+    unsafe { ptr::write_volatile(&mut (*slot).cookie, 0) };
     Some(owner)
 }
 
@@ -195,11 +237,37 @@ fn current_task_as_owner(ctx: *mut c_void, audited: bool) -> SocketOwner {
     }
 }
 
-fn store_tcp_owner(cookie: u64, owner: &SocketOwner) {
-    // Out of memory cannot happen in a preallocated map; a failure here is a kernel's
-    // surprise, counted like the storage's.
-    if TCP_OWNERS.insert(&cookie, owner, 0).is_err() {
+/// Writes `owner` into the slot of the socket with `cookie`, and returns it there. A socket
+/// holding the slot, which has not sent its SYN (yet, or ever), has its owner moved to
+/// `DISPLACED_TCP_OWNERS` first.
+fn store_tcp_owner(cookie: u64, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
+    // Every index below the array's size has a slot; the check is for the verifier.
+    let Some(slot) = tcp_slot(cookie) else {
         count(Counter::HookErrors);
+        return None;
+    };
+    // SAFETY: as in `tcp_owner`. The slot is marked free while the owner is written, so the
+    // socket that held it looks in `DISPLACED_TCP_OWNERS`, where its owner already is.
+    unsafe {
+        let holder = ptr::read_volatile(&(*slot).cookie);
+        if holder != 0
+            && holder != cookie
+            && DISPLACED_TCP_OWNERS
+                .insert(&holder, &(*slot).owner, 0)
+                .is_err()
+        {
+            count(Counter::HookErrors);
+        }
+        ptr::write_volatile(&mut (*slot).cookie, 0);
+        // A word at a time: a volatile write of the whole owner would go through the stack,
+        // which connect4 has no room for on 5.10 (and BPF has no fence instruction).
+        let from = ptr::from_ref(owner).cast::<u64>();
+        let to = (&raw mut (*slot).owner).cast::<u64>();
+        for word in 0..size_of::<SocketOwner>() / 8 {
+            ptr::write_volatile(to.add(word), *from.add(word));
+        }
+        ptr::write_volatile(&mut (*slot).cookie, cookie);
+        Some(&mut (*slot).owner)
     }
 }
 

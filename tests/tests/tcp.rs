@@ -441,6 +441,35 @@ fn a_connection_the_kernel_makes_for_a_socket_is_audited_and_attributed_to_its_o
 }
 
 #[test]
+fn a_socket_whose_owner_slot_was_taken_before_it_connected_keeps_its_owner() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    // The socket waits, unconnected, while tens of thousands of others are made, until one
+    // takes its slot of the owner table; then a task of another name connects it.
+    let options = [
+        "--bind",
+        OTHER_V4,
+        "--comm",
+        "early-creator",
+        "--displace-owner",
+    ];
+    let client = client(&topology.host, &cgroup.path, &options, PARTNER_V4, 443)
+        .pop()
+        .expect("tcp-client reports its socket");
+    let line = daemon.wait_for("violation", is_violation_from(client.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.src, OTHER_V4);
+    assert_eq!(violation.pid, client.pid);
+    assert_eq!(
+        violation.comm, "early-creator",
+        "the owner recorded when the socket was made, not the connecting task"
+    );
+}
+
+#[test]
 fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);

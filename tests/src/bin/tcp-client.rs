@@ -4,7 +4,7 @@
 //! blocked one does).
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME]
-//!            [--uid UID] [--mark MARK] [--io-uring] DST_ADDR DST_PORT`
+//!            [--uid UID] [--mark MARK] [--io-uring] [--displace-owner] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
@@ -16,6 +16,13 @@
 //! outside this program's context, as a kernel thread in the root cgroup before Linux 5.12
 //! (and 5.10.162), and as an `iou-wrk-TID` thread with a name of its own after. It needs `--bind` (the source is then known before the connect)
 //! and makes one connection.
+//!
+//! `--displace-owner` creates its socket, then more TCP sockets (each closed at once) until
+//! one has a socket cookie that srcip's TCP owner table gives the same slot (the cookie's
+//! low bits, `srcip_common::owner::TCP_OWNER_ENTRIES`), which moves the first socket's owner
+//! out of it; then it renames itself `late-connector` and connects the first socket. The
+//! connection's `comm` says whose owner srcip found: the creator's (`--comm`), or, had the
+//! owner been lost, the connecting task's. It makes one connection.
 
 use std::{
     ffi::CString,
@@ -37,6 +44,7 @@ fn main() {
     let mut io_uring = false;
     let mut uid: Option<u32> = None;
     let mut mark: Option<u32> = None;
+    let mut displace_owner = false;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -46,6 +54,7 @@ fn main() {
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--comm" => comm = args.next(),
             "--io-uring" => io_uring = true,
+            "--displace-owner" => displace_owner = true,
             "--uid" => uid = Some(args.next().and_then(|n| n.parse().ok()).expect("--uid UID")),
             "--mark" => {
                 mark = Some(
@@ -59,7 +68,7 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--io-uring] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--io-uring] [--displace-owner] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
@@ -83,6 +92,12 @@ fn main() {
         connect_in_io_uring_worker(SocketAddr::new(dst, port), bind);
         return;
     }
+    if displace_owner {
+        let socket = connect_after_displacing_owner(SocketAddr::new(dst, port), bind);
+        std::thread::sleep(Duration::from_millis(200));
+        drop(socket);
+        return;
+    }
     // Kept open until the end, so that every connection gets its own source port.
     let sockets: Vec<Socket> = (0..count)
         .map(|_| start_connection(SocketAddr::new(dst, port), bind, mark))
@@ -95,6 +110,51 @@ fn main() {
 /// Starts a non-blocking connection and prints the source the kernel chose for it.
 fn start_connection(dst: SocketAddr, bind: Option<IpAddr>, mark: Option<u32>) -> Socket {
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+    connect(socket, dst, bind, mark)
+}
+
+/// See `--displace-owner`.
+fn connect_after_displacing_owner(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
+    let slots = u64::from(srcip_common::owner::TCP_OWNER_ENTRIES);
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+    let first = cookie(&socket);
+    // Cookies grow, in per-CPU batches: the slot comes round within a few wraps.
+    let most = 16 * slots;
+    let displaced = (0..most).any(|_| {
+        let later = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+        let cookie = cookie(&later);
+        cookie > first && (cookie - first) % slots == 0
+    });
+    assert!(
+        displaced,
+        "no socket of {most} got the slot of cookie {first}"
+    );
+    let name = CString::new("late-connector").unwrap();
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    let result = unsafe { nix::libc::prctl(nix::libc::PR_SET_NAME, name.as_ptr()) };
+    assert_eq!(result, 0, "prctl(PR_SET_NAME)");
+    connect(socket, dst, bind, None)
+}
+
+/// The socket's cookie (`SO_COOKIE`), which the kernel hands out on first use.
+fn cookie(socket: &Socket) -> u64 {
+    let mut cookie: u64 = 0;
+    let mut length = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: SO_COOKIE writes a u64 into the buffer of the length given.
+    let result = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut length,
+        )
+    };
+    assert_eq!(result, 0, "getsockopt(SO_COOKIE)");
+    cookie
+}
+
+fn connect(socket: Socket, dst: SocketAddr, bind: Option<IpAddr>, mark: Option<u32>) -> Socket {
     if let Some(mark) = mark {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
             .expect("SO_MARK");
