@@ -123,7 +123,7 @@ fn connect_after_displacing_owner(dst: SocketAddr, bind: Option<IpAddr>) -> Sock
     let displaced = (0..most).any(|_| {
         let later = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
         let cookie = cookie(&later);
-        cookie > first && (cookie - first) % slots == 0
+        cookie > first && (cookie - first).is_multiple_of(slots)
     });
     assert!(
         displaced,
