@@ -12,7 +12,8 @@
 //!   grow, so a slot is wanted by another socket only after about `TCP_OWNER_ENTRIES`
 //!   more sockets were made (or at once, rarely, on CPUs whose batches of cookies are that
 //!   far apart). The socket holding it then has not sent its SYN yet (or never will: a
-//!   listener, a failed connect); its owner is moved to an LRU hash, where the SYN finds it.
+//!   listener, a failed connect); its owner is moved to an LRU hash, and back into its
+//!   slot when its socket connects.
 //! - A UDP socket sends for as long as it lives: socket-local storage, freed with it.
 
 use core::{ffi::c_void, ptr};
@@ -52,7 +53,7 @@ static TCP_OWNERS: Array<TcpOwnerSlot> = Array::with_max_entries(TCP_OWNER_ENTRI
 /// least recently used is forgotten first: only after `TCP_OWNER_ENTRIES` such moves, most
 /// of them owners of sockets that never send a SYN, is a socket's owner lost, and then taken
 /// again at `connect4/6` from the connecting task, the owner in all but the io_uring case.
-/// An owner taken at the SYN stays here marked not audited, until the LRU reuses it.
+/// An owner moved back into its slot stays here marked not audited, until the LRU reuses it.
 #[map]
 static DISPLACED_TCP_OWNERS: LruHashMap<u64, SocketOwner> =
     LruHashMap::with_max_entries(TCP_OWNER_ENTRIES, 0);
