@@ -29,7 +29,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::check::DestinationCheck;
+use crate::{check::DestinationCheck, connection_json::write_connection_line};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -207,12 +207,29 @@ impl Serialize for Rfc3339 {
 /// One alert as the JSON object of its line (no newline), for sinks that frame alerts
 /// themselves.
 pub fn json_object(alert: &Alert, host: &str) -> Vec<u8> {
-    serde_json::to_vec(&JsonLine {
-        body: &alert.body,
-        time: Rfc3339(alert.time),
-        host,
-    })
-    .expect("alerts serialize: their fields are strings, numbers and addresses")
+    let mut object = Vec::new();
+    write_json(&mut object, alert, host);
+    object
+}
+
+/// Appends `alert`'s JSON object (no newline) to `out`. Connection lines, the ones `--all`
+/// writes for every connection, have an encoder of their own (`connection_json`).
+fn write_json(out: &mut Vec<u8>, alert: &Alert, host: &str) {
+    let body = &alert.body;
+    match body {
+        AlertBody::Violation(report) | AlertBody::Pinned(report) | AlertBody::Connect(report) => {
+            write_connection_line(out, body.type_name(), report, alert.time, host);
+        }
+        _ => serde_json::to_writer(
+            out,
+            &JsonLine {
+                body,
+                time: Rfc3339(alert.time),
+                host,
+            },
+        )
+        .expect("alerts serialize into memory: their fields are strings, numbers and addresses"),
+    }
 }
 
 /// The host name every JSON line carries.
@@ -227,7 +244,9 @@ pub fn host_name() -> String {
 pub struct AlertWriter<W: Write> {
     format: Format,
     host: String,
-    out: io::BufWriter<W>,
+    out: W,
+    /// The batch's lines, kept between batches so that its memory is reused.
+    lines: Vec<u8>,
 }
 
 impl<W: Write> AlertWriter<W> {
@@ -235,7 +254,8 @@ impl<W: Write> AlertWriter<W> {
         Self {
             format,
             host,
-            out: io::BufWriter::with_capacity(64 * 1024, out),
+            out,
+            lines: Vec::with_capacity(64 * 1024),
         }
     }
 
@@ -244,31 +264,26 @@ impl<W: Write> AlertWriter<W> {
         &mut self,
         alerts: impl IntoIterator<Item = &'a Alert>,
     ) -> io::Result<()> {
+        self.lines.clear();
         for alert in alerts {
             match self.format {
-                Format::Json => serde_json::to_writer(
-                    &mut self.out,
-                    &JsonLine {
-                        body: &alert.body,
-                        time: Rfc3339(alert.time),
-                        host: &self.host,
-                    },
-                )?,
-                Format::Text => self.out.write_all(text_line(alert).as_bytes())?,
+                Format::Json => write_json(&mut self.lines, alert, &self.host),
+                Format::Text => self.lines.extend_from_slice(text_line(alert).as_bytes()),
             }
-            self.out.write_all(b"\n")?;
+            self.lines.push(b'\n');
         }
+        self.out.write_all(&self.lines)?;
         self.out.flush()
     }
 
     /// What it writes to (after `write_batch`, everything written has reached it).
     pub fn get_ref(&self) -> &W {
-        self.out.get_ref()
+        &self.out
     }
 
     /// As `get_ref`; for writers into memory, to take what was written.
     pub fn get_mut(&mut self) -> &mut W {
-        self.out.get_mut()
+        &mut self.out
     }
 }
 
@@ -504,6 +519,68 @@ mod tests {
         assert_eq!(escape("a\nVIOLATION"), "a\\nVIOLATION");
         assert_eq!(escape("x uid=0"), "x\\x20uid=0");
         assert_eq!(escape("back\\slash\r\u{1b}"), "back\\\\slash\\r\\x1b");
+    }
+
+    /// The connection encoder writes what serde writes for the same alert.
+    #[test]
+    fn connection_lines_are_what_serde_would_write() {
+        let plain = match violation().body {
+            AlertBody::Violation(report) => report,
+            _ => unreachable!(),
+        };
+        let everything = ConnectionReport {
+            rule: Some("quote \" and \\ and \n".into()),
+            wire_src: Some("198.51.100.7".parse().unwrap()),
+            allowed_sources: vec!["10.0.0.1".to_owned(), "10.0.0.0/8".to_owned()].into(),
+            comm: "tab\there \u{1b}é".into(),
+            netns: Some(4_026_531_840),
+            container: Some("0123abcd".into()),
+            verdict: Verdict::Violation,
+            reason: Some("route 198.51.100.0/24 via \"x\"".into()),
+            blocked: Some(true),
+            predicted: true,
+            folded: Some(Folded {
+                count: 12,
+                first_time: "2025-11-24T16:00:00.000001Z".into(),
+                last_time: "2025-11-24T16:00:09.999999Z".into(),
+            }),
+            ..plain.clone()
+        };
+        let unmatched = ConnectionReport {
+            rule: None,
+            cgroup: None,
+            unit: None,
+            verdict: Verdict::Unmatched,
+            blocked: Some(false),
+            allowed_sources: Vec::new().into(),
+            ..plain.clone()
+        };
+        let compliant = ConnectionReport {
+            verdict: Verdict::Compliant,
+            ..plain.clone()
+        };
+        let bodies = [
+            AlertBody::Violation(plain.clone()),
+            AlertBody::Violation(everything.clone()),
+            AlertBody::Pinned(everything),
+            AlertBody::Connect(unmatched),
+            AlertBody::Connect(compliant),
+        ];
+        for body in bodies {
+            let alert = Alert {
+                time: violation().time,
+                body,
+            };
+            let ours: serde_json::Value =
+                serde_json::from_slice(&json_object(&alert, "web \"1\"")).unwrap();
+            let serde = serde_json::to_value(JsonLine {
+                body: &alert.body,
+                time: Rfc3339(alert.time),
+                host: "web \"1\"",
+            })
+            .unwrap();
+            assert_eq!(ours, serde);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod audit;
 pub mod cgroup;
 pub mod check;
 pub mod cli;
+mod connection_json;
 pub mod delivery;
 pub mod demo;
 mod drift;
