@@ -10,8 +10,8 @@
 //!   refused-connect storm's rate; an LRU hash took a lock and a free-list element at each
 //!   insert and delete, about half of `sock_create`'s time (docs/BENCHMARKS.md). Cookies
 //!   grow, so a slot is wanted by another socket only after about `TCP_OWNER_ENTRIES`
-//!   more sockets were made (or at once, rarely, on CPUs whose batches of cookies are that
-//!   far apart). The socket holding it then has not sent its SYN yet (or never will: a
+//!   more sockets were made (or at once, rarely, by a CPU whose batch of cookies is that
+//!   far ahead). The socket holding it then has not sent its SYN yet (or never will: a
 //!   listener, a failed connect); its owner is moved to an LRU hash, and back into its
 //!   slot when its socket connects.
 //! - A UDP socket sends for as long as it lives: socket-local storage, freed with it.
