@@ -220,7 +220,7 @@ fn put_in_force(
     drift: &DriftWatch,
     matcher: Matcher,
 ) -> anyhow::Result<()> {
-    let for_drift = Arc::new(matcher.policy().clone());
+    let for_drift = matcher.shared_policy();
     session.reload(matcher)?;
     drift.policy_changed(for_drift);
     Ok(())

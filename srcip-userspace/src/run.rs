@@ -243,7 +243,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     delivery.deliver(vec![Alert::now(started)]);
     let mut drift = DriftWatch::start(
         router.clone(),
-        Arc::new(session.matcher().policy().clone()),
+        session.matcher().shared_policy(),
         session.predictions(),
         session.take_routing_maps(),
         config.route_settle,

@@ -6,7 +6,7 @@
 //! list of every rule that could apply (its own rules, then those of each shorter covering
 //! prefix). A lookup is then one longest-prefix match and a scan of a short list.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::{Prefix, PrefixMap};
@@ -39,7 +39,8 @@ pub struct ConnectionKey {
 }
 
 pub struct Matcher {
-    policy: Policy,
+    /// Shared with the drift watch, which predicts the same rules.
+    policy: Arc<Policy>,
     v4: PrefixMap<Ipv4Net, Vec<usize>>,
     v6: PrefixMap<Ipv6Net, Vec<usize>>,
 }
@@ -81,11 +82,20 @@ impl Matcher {
                 errors,
             });
         }
-        Ok(Self { v4, v6, policy })
+        Ok(Self {
+            v4,
+            v6,
+            policy: Arc::new(policy),
+        })
     }
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The policy, shared rather than copied: a large one takes a kilobyte per rule.
+    pub fn shared_policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy)
     }
 
     /// The same tables in the kernel's layout, for in-kernel decisions.
