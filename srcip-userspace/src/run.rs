@@ -3,7 +3,7 @@
 use std::{io, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
 
 use crate::{
@@ -161,17 +161,47 @@ async fn expired(names: &HostNames) {
     }
 }
 
+/// SIGINT and SIGTERM, either of which stops the daemon.
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// The name of the next stop signal.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
 /// Awaits `work` (name lookups, which may take seconds when a name server is down) while
 /// connections are still read and delivered, so that the kernel's ring buffer does not fill.
+/// `None`: a stop signal came first, and `work` was abandoned, so that stopping never waits
+/// for a name server.
 async fn auditing_meanwhile<T>(
     work: impl Future<Output = T>,
     session: &mut AuditSession,
     delivery: &mut Delivery,
-) -> T {
+    stop: &mut StopSignals,
+) -> Option<T> {
     let mut work = std::pin::pin!(work);
     loop {
         tokio::select! {
-            done = &mut work => return done,
+            done = &mut work => return Some(done),
+            why = stop.next() => {
+                info!("{why}: stopping");
+                return None;
+            }
             alerts = session.next_alerts() => delivery.deliver(alerts),
         }
     }
@@ -196,10 +226,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .map(|given| cgroup::resolve_audited(&mount, given))
         .collect::<Result<Vec<AuditedCgroup>, _>>()?;
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut stop = StopSignals::install()?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut policy_watch = PolicyWatch::new(&config.policy);
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = config.metrics {
         metrics::serve(address, Arc::clone(&metrics)).await?;
@@ -250,18 +279,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     let stdout_error = loop {
         let alerts = tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break None }
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None }
+            why = stop.next() => { info!("{why}: stopping"); break None }
             error = delivery.stdout_failed() => break Some(error),
             why = reload_requested(&mut sighup, &mut policy_watch) => {
                 info!("{why}: reloading {}", config.policy.display());
-                let loaded = auditing_meanwhile(
-                    load_policy(&config.policy, &names, &router), &mut session, &mut delivery,
-                ).await;
+                let Some(loaded) = auditing_meanwhile(
+                    load_policy(&config.policy, &names, &router), &mut session, &mut delivery, &mut stop,
+                ).await else { break None };
                 vec![reload(&mut session, &config.policy, loaded, &mut policy_in_force, &mut names, &metrics, &drift)]
             }
             () = expired(&names) => {
-                let refreshed = auditing_meanwhile(names.refresh(), &mut session, &mut delivery).await;
+                let Some(refreshed) = auditing_meanwhile(names.refresh(), &mut session, &mut delivery, &mut stop).await
+                    else { break None };
                 re_resolve(&mut session, &mut names, refreshed, &policy_in_force, &drift)
             }
             alerts = session.next_alerts() => alerts,

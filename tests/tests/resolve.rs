@@ -5,9 +5,12 @@
 //! The name server is a real dnsmasq in the partner's namespace, answering with a TTL of
 //! one second; srcip reaches it through `--resolv-conf`.
 
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 use srcip_tests::{
     Daemon, Line, OTHER_V4, PolicyFile, TestCgroup, Topology, check_in_with, connect_line,
-    dns::NameServer, ip_in,
+    dns::NameServer, ip_in, nft_in, run,
 };
 
 const NAME: &str = "api.partner.srcip.test";
@@ -154,4 +157,61 @@ fn check_resolves_through_the_given_name_servers() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["dst"], FIRST);
     assert_eq!(rows[0]["predicted_src"], "203.0.113.10");
+}
+
+#[test]
+fn a_stop_signal_while_a_name_server_is_silent_stops_the_daemon_at_once() {
+    let topology = Topology::new();
+    let _dns = NameServer::start(&topology.partner, "203.0.113.1", NAME, &[FIRST], 1);
+    // The same server, waited for far longer than the daemon may take to stop.
+    let patient = tempfile::tempdir().unwrap();
+    let resolv_conf = patient.path().join("resolv.conf");
+    std::fs::write(
+        &resolv_conf,
+        "nameserver 203.0.113.1\noptions timeout:60 attempts:1\n",
+    )
+    .unwrap();
+    let policy = PolicyFile::new(POLICY);
+    let daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &["--resolv-conf", resolv_conf.to_str().unwrap()],
+    );
+    // The server falls silent: the daemon's next lookup (its answer expires within a
+    // second) waits for an answer that never comes.
+    nft_in(
+        &topology.partner.name,
+        "add table inet silent; \
+         add chain inet silent input { type filter hook input priority 0; }; \
+         add rule inet silent input udp dport 53 counter drop",
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dropped_queries(&topology.partner.name) == 0 {
+        assert!(Instant::now() < deadline, "srcip asked no name server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        matches!(lines.last(), Some(Line::Stopped { .. })),
+        "{lines:#?}"
+    );
+}
+
+/// Datagrams to port 53 the `silent` table of `namespace` dropped.
+fn dropped_queries(namespace: &str) -> u64 {
+    let output = run(
+        "ip",
+        &[
+            "netns", "exec", namespace, "nft", "list", "chain", "inet", "silent", "input",
+        ],
+    );
+    let listing = String::from_utf8_lossy(&output.stdout);
+    listing
+        .split_whitespace()
+        .skip_while(|word| *word != "packets")
+        .nth(1)
+        .and_then(|count| count.parse().ok())
+        .expect("the drop rule's counter")
 }
