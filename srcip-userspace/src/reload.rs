@@ -22,7 +22,7 @@ use crate::{
     audit::AuditSession,
     drift::DriftWatch,
     metrics::Metrics,
-    policy::{Answers, Destination, HostNames, Matcher, NameChange, Policy, PolicyLoadError},
+    policy::{Answers, Destination, HostNames, Matcher, NameChange, PolicyLoadError},
     run::LoadedPolicy,
 };
 
@@ -128,7 +128,6 @@ pub fn reload(
     session: &mut AuditSession,
     path: &Path,
     loaded: anyhow::Result<LoadedPolicy>,
-    in_force: &mut Policy,
     names: &mut HostNames,
     metrics: &Metrics,
     drift: &DriftWatch,
@@ -137,7 +136,6 @@ pub fn reload(
     let result = loaded.and_then(|loaded| {
         let rules = loaded.matcher.policy().rules.len();
         put_in_force(session, drift, loaded.matcher)?;
-        *in_force = loaded.parsed;
         names.adopt(loaded.answers);
         Ok(rules)
     });
@@ -157,7 +155,7 @@ pub fn reload(
     }
 }
 
-/// Puts in force the addresses that host names of `in_force` stand for after their records
+/// Puts in force the addresses that host names of the policy stand for after their records
 /// expired and were asked again (`answers`; `changes`: the names whose addresses changed):
 /// one `resolved` alert per changed name. Should the new addresses make the policy invalid
 /// (two rules now claim one address), the addresses in force stay, the names are asked again
@@ -166,33 +164,33 @@ pub fn re_resolve(
     session: &mut AuditSession,
     names: &mut HostNames,
     (answers, changes): (Answers, Vec<NameChange>),
-    in_force: &Policy,
     drift: &DriftWatch,
 ) -> Vec<Alert> {
-    if changes.is_empty() {
+    // Without a change (or host names), nothing to compile again.
+    let Some(written) = answers.written().filter(|_| !changes.is_empty()) else {
         names.adopt(answers);
         return Vec::new();
-    }
-    let result = Matcher::new(answers.apply(in_force.clone()))
+    };
+    let result = Matcher::new(answers.apply(written))
         .map_err(anyhow::Error::from)
         .and_then(|matcher| put_in_force(session, drift, matcher));
     if let Err(error) = result {
         warn!("new addresses of the policy's host names are not in force: {error:#}");
-        names.retry_later();
-        return vec![Alert::now(AlertBody::PolicyError {
-            policy: in_force.path.display().to_string(),
+        let alert = Alert::now(AlertBody::PolicyError {
+            policy: written.path.display().to_string(),
             errors: located_messages(&error),
-        })];
+        });
+        names.retry_later();
+        return vec![alert];
     }
-    names.adopt(answers);
-    changes
+    let alerts = changes
         .into_iter()
         .map(|change| {
             info!(
                 "{} now stands for {:?} (added {:?}, removed {:?})",
                 change.name, change.addresses, change.added, change.removed
             );
-            let rules = in_force
+            let rules = written
                 .rules
                 .iter()
                 .filter(|rule| {
@@ -210,7 +208,9 @@ pub fn re_resolve(
                 removed: change.removed,
             })
         })
-        .collect()
+        .collect();
+    names.adopt(answers);
+    alerts
 }
 
 /// Swaps `matcher` in for auditing (kernel tables included) and hands its policy to the

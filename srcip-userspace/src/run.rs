@@ -53,12 +53,11 @@ pub struct RunConfig {
     pub keep_resolved: std::time::Duration,
 }
 
-/// A policy as its file says, with host names, and compiled for auditing with their
-/// addresses now.
+/// A policy compiled for auditing with its host names' addresses now.
 pub struct LoadedPolicy {
-    pub parsed: Policy,
     pub matcher: Matcher,
-    /// Its host names' addresses, for [`HostNames::adopt`] when the policy is put in force.
+    /// Its host names' addresses (and the policy as written, when it names hosts), for
+    /// [`HostNames::adopt`] when the policy is put in force.
     pub answers: Answers,
 }
 
@@ -69,11 +68,10 @@ pub async fn load_policy(
     names: &HostNames,
     router: &Router,
 ) -> anyhow::Result<LoadedPolicy> {
-    let parsed = policy::load(path)?;
-    require_pin_sources_on_host(&parsed, router).await?;
-    let (resolved, answers) = names.resolve(parsed.clone()).await?;
+    let written = policy::load(path)?;
+    require_pin_sources_on_host(&written, router).await?;
+    let (resolved, answers) = names.resolve(written).await?;
     Ok(LoadedPolicy {
-        parsed,
         matcher: Matcher::new(resolved)?,
         answers,
     })
@@ -212,11 +210,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     system::require_privileges()?;
     let mut names = HostNames::new(config.resolv_conf.as_deref(), config.keep_resolved)?;
     let router = Router::new()?;
-    let LoadedPolicy {
-        parsed: mut policy_in_force,
-        matcher,
-        answers,
-    } = load_policy(&config.policy, &names, &router).await?;
+    let LoadedPolicy { matcher, answers } = load_policy(&config.policy, &names, &router).await?;
     names.adopt(answers);
     let host = prepare_host()?;
     let mount = host.cgroup2_mount;
@@ -286,12 +280,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 let Some(loaded) = auditing_meanwhile(
                     load_policy(&config.policy, &names, &router), &mut session, &mut delivery, &mut stop,
                 ).await else { break None };
-                vec![reload(&mut session, &config.policy, loaded, &mut policy_in_force, &mut names, &metrics, &drift)]
+                vec![reload(&mut session, &config.policy, loaded, &mut names, &metrics, &drift)]
             }
             () = expired(&names) => {
                 let Some(refreshed) = auditing_meanwhile(names.refresh(), &mut session, &mut delivery, &mut stop).await
                     else { break None };
-                re_resolve(&mut session, &mut names, refreshed, &policy_in_force, &drift)
+                re_resolve(&mut session, &mut names, refreshed, &drift)
             }
             alerts = session.next_alerts() => alerts,
             alerts = drift.next_alerts() => alerts,

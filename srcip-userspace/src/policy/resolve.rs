@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::Path,
+    sync::Arc,
     time::Duration,
 };
 
@@ -36,6 +37,8 @@ pub struct HostNames {
     /// How long an address stays in force after the last answer that held it.
     keep: Duration,
     names: HashMap<String, Name>,
+    /// The policy in force as its file says, when it names hosts (see [`Answers`]).
+    written: Option<Arc<Policy>>,
 }
 
 /// `--resolv-conf` names a file srcip cannot ask name servers with: bad input (exit 2).
@@ -47,13 +50,24 @@ pub struct ResolvConfError {
 }
 
 /// A policy's host names resolved, not yet in force.
-pub struct Answers(HashMap<String, Name>);
+pub struct Answers {
+    names: HashMap<String, Name>,
+    /// The policy as its file says, with its host names, to compile again when their
+    /// addresses change. Only a policy that names hosts is kept so: one of addresses alone
+    /// would be a second copy of every rule (a kilobyte each) for nothing.
+    written: Option<Arc<Policy>>,
+}
 
 impl Answers {
-    /// `policy` (as parsed, with host names) with each name replaced by these addresses, each
-    /// at the name's location.
-    pub fn apply(&self, policy: Policy) -> Policy {
-        apply(&self.0, policy)
+    /// The policy as its file says, when it names hosts.
+    pub fn written(&self) -> Option<&Policy> {
+        self.written.as_deref()
+    }
+
+    /// `policy` (as written, with host names) with each name replaced by these addresses,
+    /// each at the name's location.
+    pub fn apply(&self, policy: &Policy) -> Policy {
+        apply(&self.names, policy.clone())
     }
 }
 
@@ -90,6 +104,7 @@ impl HostNames {
             resolver,
             keep,
             names: HashMap::new(),
+            written: None,
         })
     }
 
@@ -133,13 +148,29 @@ impl HostNames {
             name.update(addresses, expires, now, self.keep);
             names.insert(text, name);
         }
-        let policy = apply(&names, policy);
-        Ok((policy, Answers(names)))
+        if names.is_empty() {
+            return Ok((
+                policy,
+                Answers {
+                    names,
+                    written: None,
+                },
+            ));
+        }
+        let resolved = apply(&names, policy.clone());
+        Ok((
+            resolved,
+            Answers {
+                names,
+                written: Some(Arc::new(policy)),
+            },
+        ))
     }
 
     /// Puts in force the answers of the policy that now is.
     pub fn adopt(&mut self, answers: Answers) {
-        self.names = answers.0;
+        self.names = answers.names;
+        self.written = answers.written;
     }
 
     /// When the first answer expires; `None` without host names.
@@ -182,7 +213,8 @@ impl HostNames {
                 });
             }
         }
-        (Answers(names), changes)
+        let written = self.written.clone();
+        (Answers { names, written }, changes)
     }
 
     /// After answers that could not be put in force (the policy compiled with them is
