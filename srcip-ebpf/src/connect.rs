@@ -40,7 +40,7 @@ use srcip_common::{
 use crate::{
     address::{address_v4, mapped_v4, nonzero, read, read_v6, socket_source},
     maps::{PREDICTED_V4_SOURCES, PREDICTED_V6_SOURCES, PRESENT_PIN_SOURCES, count},
-    owner::{audited_udp_owner, connecting_owner},
+    owner::{audited_udp_owner, connecting_owner, release_tcp_owner},
     policy::{self, Connection, Delivery, allows_source, enforcing_rule},
     report::record,
 };
@@ -224,7 +224,11 @@ fn connecting(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     if policy::state().enforcing == 0 {
         return ALLOW;
     }
-    enforce(ctx, owner, hook_family)
+    let verdict = enforce(ctx, owner, hook_family);
+    if verdict == REFUSE {
+        release_tcp_owner(ctx);
+    }
+    verdict
 }
 
 #[inline(always)]

@@ -29,7 +29,7 @@ use aya_ebpf::{
         },
     },
     macros::{btf_map, cgroup_sock, map},
-    maps::{Array, LruHashMap},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockContext},
 };
 use srcip_common::{
@@ -57,6 +57,10 @@ static TCP_OWNERS: Array<TcpOwnerSlot> = Array::with_max_entries(TCP_OWNER_ENTRI
 #[map]
 static DISPLACED_TCP_OWNERS: LruHashMap<u64, SocketOwner> =
     LruHashMap::with_max_entries(TCP_OWNER_ENTRIES, 0);
+
+/// See [`scratch`].
+#[map]
+static OWNER_SCRATCH: PerCpuArray<SocketOwner> = PerCpuArray::with_max_entries(1, 0);
 
 /// A slot of `TCP_OWNERS`: the owner of the socket with `cookie`, free while `cookie` is 0
 /// (no socket has that cookie).
@@ -180,26 +184,82 @@ fn tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
         }
     }
     // Sockets not audited come here too: one lookup in a table that is nearly empty.
-    // SAFETY: a value of a preallocated map stays valid for the program run.
-    let displaced = unsafe { &mut *DISPLACED_TCP_OWNERS.get_ptr_mut(&cookie)? };
-    if displaced.audited == 0 {
-        return None;
-    }
-    let owner = store_tcp_owner(cookie, displaced)?;
+    let displaced = displaced_tcp_owner(cookie)?;
+    // Copied out first: displacing the slot's holder inserts into the same LRU hash, which
+    // may hand this very entry to the holder.
+    let moving = scratch()?;
+    copy_owner(displaced, moving);
     // Taken: the slot has it now.
     displaced.audited = 0;
-    Some(owner)
+    store_tcp_owner(cookie, moving)
 }
 
 /// The owner of the TCP socket with `cookie`, taken: only audited sockets have one, and only
-/// until their SYN, so that a retransmitted SYN finds none. It is read in place: a slot is
-/// written again only by a socket about `TCP_OWNER_ENTRIES` cookies later.
+/// until their SYN, so that a retransmitted SYN finds none. The owner is copied out of its
+/// slot before the slot is freed, since another socket may take a free slot at once.
 pub fn take_tcp_owner(cookie: u64) -> Option<&'static SocketOwner> {
     let owner = tcp_owner(cookie)?;
     let slot = tcp_slot(cookie)?;
+    let taken = scratch()?;
+    copy_owner(owner, taken);
+    // SAFETY: as in `tcp_owner`. Volatile accesses keep their order, so this second look
+    // comes after the copy: a socket that took the slot meanwhile marked it free first and
+    // moved this owner to `DISPLACED_TCP_OWNERS`, whole, so the copy is taken from there.
+    unsafe {
+        if ptr::read_volatile(&(*slot).cookie) != cookie {
+            let displaced = displaced_tcp_owner(cookie)?;
+            copy_owner(displaced, taken);
+            displaced.audited = 0;
+            return Some(taken);
+        }
+        ptr::write_volatile(&mut (*slot).cookie, 0);
+    }
+    Some(taken)
+}
+
+/// Frees the slot of a TCP socket whose `connect()` srcip refused: it sends no SYN, and a
+/// held slot would make the next socket to want it move the owner aside for nothing.
+pub fn release_tcp_owner(ctx: &SockAddrContext) {
+    // SAFETY: the context pointer the kernel passed to this program.
+    if unsafe { (*ctx.sock_addr).protocol } as u8 != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: the program's context, as the helper expects in this hook.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let Some(slot) = tcp_slot(cookie) else {
+        return;
+    };
     // SAFETY: as in `tcp_owner`.
-    unsafe { ptr::write_volatile(&mut (*slot).cookie, 0) };
-    Some(owner)
+    unsafe {
+        if ptr::read_volatile(&(*slot).cookie) == cookie {
+            ptr::write_volatile(&mut (*slot).cookie, 0);
+        }
+    }
+}
+
+fn displaced_tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
+    // SAFETY: a value of a preallocated map stays valid for the program run.
+    let owner = unsafe { &mut *DISPLACED_TCP_OWNERS.get_ptr_mut(&cookie)? };
+    (owner.audited != 0).then_some(owner)
+}
+
+/// This CPU's room for an owner on its way between tables: the programs' stacks have no
+/// room for one (the egress program is near 5.10's 512 bytes).
+fn scratch() -> Option<&'static mut SocketOwner> {
+    // SAFETY: a per-CPU value, used by one program run at a time on its CPU.
+    OWNER_SCRATCH
+        .get_ptr_mut(0)
+        .map(|owner| unsafe { &mut *owner })
+}
+
+/// `to = from`, a word at a time with volatile accesses: they keep their order around the
+/// slot's `cookie`, and a whole-struct copy would go through the stack.
+fn copy_owner(from: *const SocketOwner, to: *mut SocketOwner) {
+    let (from, to) = (from.cast::<u64>(), to.cast::<u64>());
+    for word in 0..size_of::<SocketOwner>() / 8 {
+        // SAFETY: both point at whole owners (7 aligned words, `srcip_common::owner`).
+        unsafe { ptr::write_volatile(to.add(word), ptr::read_volatile(from.add(word))) };
+    }
 }
 
 /// The owner of the UDP socket `sk` when its datagrams are audited.
@@ -260,13 +320,7 @@ fn store_tcp_owner(cookie: u64, owner: &SocketOwner) -> Option<&'static mut Sock
             count(Counter::HookErrors);
         }
         ptr::write_volatile(&mut (*slot).cookie, 0);
-        // A word at a time: a volatile write of the whole owner would go through the stack,
-        // which connect4 has no room for on 5.10 (and BPF has no fence instruction).
-        let from = ptr::from_ref(owner).cast::<u64>();
-        let to = (&raw mut (*slot).owner).cast::<u64>();
-        for word in 0..size_of::<SocketOwner>() / 8 {
-            ptr::write_volatile(to.add(word), *from.add(word));
-        }
+        copy_owner(owner, &raw mut (*slot).owner);
         ptr::write_volatile(&mut (*slot).cookie, cookie);
         Some(&mut (*slot).owner)
     }
