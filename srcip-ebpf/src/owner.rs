@@ -196,24 +196,27 @@ fn tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
 
 /// The owner of the TCP socket with `cookie`, taken: only audited sockets have one, and only
 /// until their SYN, so that a retransmitted SYN finds none. The owner is copied out of its
-/// slot before the slot is freed, since another socket may take a free slot at once.
+/// slot before the slot is freed, since another socket may take a free slot at once. The
+/// copy is the one pointer callers see, wherever the owner was.
 pub fn take_tcp_owner(cookie: u64) -> Option<&'static SocketOwner> {
-    let owner = tcp_owner(cookie)?;
     let slot = tcp_slot(cookie)?;
     let taken = scratch()?;
-    copy_owner(owner, taken);
-    // SAFETY: as in `tcp_owner`. Volatile accesses keep their order, so this second look
-    // comes after the copy: a socket that took the slot meanwhile marked it free first and
-    // moved this owner to `DISPLACED_TCP_OWNERS`, whole, so the copy is taken from there.
+    // SAFETY: as in `tcp_owner`. Volatile accesses keep their order, so the second look at
+    // the slot's cookie comes after the copy: a socket that took the slot meanwhile marked it
+    // free first and moved this owner to `DISPLACED_TCP_OWNERS`, whole, where it is taken.
     unsafe {
-        if ptr::read_volatile(&(*slot).cookie) != cookie {
-            let displaced = displaced_tcp_owner(cookie)?;
-            copy_owner(displaced, taken);
-            displaced.audited = 0;
-            return Some(taken);
+        if ptr::read_volatile(&(*slot).cookie) == cookie {
+            copy_owner(&(*slot).owner, taken);
+            if ptr::read_volatile(&(*slot).cookie) == cookie {
+                ptr::write_volatile(&mut (*slot).cookie, 0);
+                return Some(taken);
+            }
         }
-        ptr::write_volatile(&mut (*slot).cookie, 0);
     }
+    // Displaced before its SYN: taken from that table, leaving the slot to its holder.
+    let displaced = displaced_tcp_owner(cookie)?;
+    copy_owner(displaced, taken);
+    displaced.audited = 0;
     Some(taken)
 }
 

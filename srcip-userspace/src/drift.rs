@@ -52,11 +52,10 @@ pub struct Predictions {
     /// from srcip (`ip rule ... uidrange`, `fwmark`), so while the host has such rules,
     /// destinations are predicted for each of them too.
     programs: BTreeSet<Program>,
-    /// Whether the host has such rules now (the drift task's last reading): without them
-    /// every program is routed as srcip is, and a newly noted one is not worth predicting
-    /// again for at once.
-    routes_by_program: bool,
-    /// Woken when `programs` grew: the drift task predicts again.
+    /// Woken when `programs` grew: the drift task predicts again. A `Notify` keeps the
+    /// wake-up of a program noted while a reading runs, so none is missed; without uid or
+    /// mark rules on the host that reading changes nothing, and costs one reading per
+    /// program noted (at most [`MAX_PROGRAMS`]).
     programs_grew: Arc<Notify>,
 }
 
@@ -66,7 +65,8 @@ struct PredictedDestination {
     /// [`Program::default`]: predicted as srcip itself.
     program: Program,
     src: Option<IpAddr>,
-    reason: String,
+    /// Shared with every violation that carries it.
+    reason: Arc<str>,
 }
 
 /// Written by the drift task, read by the audit session; both on the daemon's one thread,
@@ -85,7 +85,7 @@ impl Predictions {
         dst: IpAddr,
         src: IpAddr,
         program: Program,
-    ) -> Option<&str> {
+    ) -> Option<&Arc<str>> {
         let predicted = self.by_rule.get(rule)?;
         let made_for = |wanted: Program| {
             predicted
@@ -98,7 +98,7 @@ impl Predictions {
         made_for(program)
             .or_else(|| made_for(Program::default()))
             .filter(|predicted| predicted.src == Some(src))
-            .map(|predicted| predicted.reason.as_str())
+            .map(|predicted| &predicted.reason)
     }
 
     /// `program` violated a rule: predict for it from now on (up to [`MAX_PROGRAMS`]), so
@@ -110,9 +110,7 @@ impl Predictions {
         {
             return;
         }
-        if self.routes_by_program {
-            self.programs_grew.notify_one();
-        }
+        self.programs_grew.notify_one();
     }
 }
 
@@ -304,7 +302,7 @@ async fn evaluate(
                         destination: *prefix,
                         program: *program,
                         src: check.predicted_src,
-                        reason: check.reason.clone(),
+                        reason: Arc::from(check.reason.as_str()),
                     });
                 match (compliant.get(&key).copied(), allowed) {
                     (None | Some(true), false) => {
@@ -337,15 +335,7 @@ async fn evaluate(
             warn!("cannot update the pin sources the host has: {error:#}");
         }
     }
-    let mut shared_predictions = lock(&shared.predictions);
-    shared_predictions.by_rule = by_rule;
-    shared_predictions.routes_by_program = routes_by_program;
-    // A program noted while this reading ran was not woken for (the host's rules were not
-    // known yet, or it came after `programs` was read): predict again for it at once.
-    let predicted_programs = programs.len() - 1;
-    if routes_by_program && shared_predictions.programs.len() > predicted_programs {
-        shared_predictions.programs_grew.notify_one();
-    }
+    lock(&shared.predictions).by_rule = by_rule;
     Ok(alerts)
 }
 

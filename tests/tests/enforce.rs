@@ -1,5 +1,5 @@
 //! Enforcement: `pin` binds an unmodified program in an audited cgroup to its rule's source,
-//! `block` refuses a disallowed source at `attempt_connect()`, whether the program bound it or the
+//! `block` refuses a disallowed source at `connect()`, whether the program bound it or the
 //! routing tables would choose it. Processes outside the audited cgroups, and everything
 //! after the daemon stops, are left alone. Each test's host namespace routes the partner
 //! from the disallowed address, as in the incident.
@@ -8,8 +8,8 @@ use std::{path::PathBuf, process::Command};
 
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
-    PolicyFile, Signal, TestCgroup, Topology, attempt_connect, attempt_udp_client, ip_in,
-    srcip_bin, unique_name,
+    PolicyFile, Signal, TestCgroup, Topology, attempt_connect, attempt_udp_client, connect, ip_in,
+    srcip_bin, udp_client, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -83,9 +83,8 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
     let audited = cgroup.child("audited");
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
-        let client = attempt_connect(&topology.host, &audited, None, dst, 443);
+        let client = connect(&topology.host, &audited, None, dst, 443);
         assert_eq!(client.src, pinned_src, "the kernel bound the pin source");
-        assert_eq!(client.error, None);
         let pinned = pinned_line(&mut daemon, client.src_port);
         assert_eq!(
             (pinned.rule.as_deref(), pinned.action.as_str()),
@@ -104,15 +103,15 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
     // Outside the audited cgroup the route's choice stands.
     let other = cgroup.child("other");
     assert_eq!(
-        attempt_connect(&topology.host, &other, None, PARTNER_V4, 443).src,
+        connect(&topology.host, &other, None, PARTNER_V4, 443).src,
         OTHER_V4
     );
     assert_eq!(
-        attempt_connect(&topology.host, &other, None, PARTNER_V6, 443).src,
+        connect(&topology.host, &other, None, PARTNER_V6, 443).src,
         OTHER_V6
     );
     // A program that bound a source itself keeps it, and its violation is reported.
-    let bound = attempt_connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    let bound = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
     assert_eq!(bound.src, OTHER_V4);
     daemon.wait_for("the bound client's violation", |line| {
         line.violation()
@@ -130,7 +129,7 @@ fn pin_binds_an_unmodified_client_in_the_cgroup_and_leaves_the_others_alone() {
 
     // Stopped: nothing is enforced any more.
     assert_eq!(
-        attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
+        connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
         OTHER_V4
     );
 }
@@ -144,8 +143,8 @@ fn pin_binds_connected_udp_in_both_families() {
     let audited = cgroup.child("audited");
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
-        let client = attempt_udp_client(&topology.host, &audited, &["--connect"], dst, 443);
-        assert_eq!((client.src.as_str(), client.error), (pinned_src, None));
+        let client = udp_client(&topology.host, &audited, &["--connect"], dst, 443);
+        assert_eq!(client.src, pinned_src);
         let pinned = pinned_line(&mut daemon, client.src_port);
         assert_eq!(
             (pinned.protocol.as_str(), pinned.src.as_str()),
@@ -163,14 +162,13 @@ fn pin_sets_the_source_of_unconnected_udp_unless_the_program_chose_one() {
     let audited = cgroup.child("audited");
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
-        let client = attempt_udp_client(&topology.host, &audited, &[], dst, 443);
-        assert_eq!(client.error, None);
+        let client = udp_client(&topology.host, &audited, &[], dst, 443);
         // The packet's source: what the partner sees.
         assert_eq!(pinned_line(&mut daemon, client.src_port).src, pinned_src);
     }
 
     // A source the program chose per datagram (`IP_PKTINFO`) is its own: reported, kept.
-    let chosen = attempt_udp_client(
+    let chosen = udp_client(
         &topology.host,
         &audited,
         &["--pktinfo", OTHER_V4],
@@ -240,31 +238,30 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
             "udp-client {options:?}"
         );
     }
-    let allowed = attempt_udp_client(
+    // The allowed source passes (`udp_client` fails the test on EPERM).
+    udp_client(
         &topology.host,
         &audited,
         &["--pktinfo", ALLOWED_V4],
         PARTNER_V4,
         443,
     );
-    assert_eq!(allowed.error, None);
 
     // Compliant traffic passes, and so does everything outside the audited cgroup.
-    let allowed = attempt_connect(&topology.host, &audited, Some(ALLOWED_V4), PARTNER_V4, 443);
-    assert_eq!(allowed.error, None);
-    let other = attempt_connect(
+    connect(&topology.host, &audited, Some(ALLOWED_V4), PARTNER_V4, 443);
+    let other = connect(
         &topology.host,
         &cgroup.child("other"),
         None,
         PARTNER_V4,
         443,
     );
-    assert_eq!((other.src.as_str(), other.error), (OTHER_V4, None));
+    assert_eq!(other.src, OTHER_V4);
 
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
-    let after = attempt_connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
-    assert_eq!(after.error, None, "nothing is blocked once srcip stopped");
+    // Nothing is blocked once srcip stopped: `connect` fails the test on EPERM.
+    connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
 }
 
 /// Between a routing change and srcip's next reading of the routes (`--route-settle`, made
@@ -294,8 +291,8 @@ fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() 
     daemon.wait_for("the recovery", |line| line.route_recovered().is_some());
 
     topology.route_partner_via_other_source();
-    let early = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
-    assert_eq!((early.src.as_str(), early.error), (OTHER_V4, None));
+    let early = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(early.src, OTHER_V4);
     let line = daemon.wait_for("the violation that got through", |line| {
         line.violation()
             .is_some_and(|violation| violation.src_port == early.src_port)
@@ -316,13 +313,13 @@ fn a_reload_from_alert_to_pin_decides_the_next_connection() {
     let audited = cgroup.child("audited");
 
     assert_eq!(
-        attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
+        connect(&topology.host, &audited, None, PARTNER_V4, 443).src,
         OTHER_V4
     );
     std::fs::write(&policy.path, policy_with("pin")).unwrap();
     daemon.signal(Signal::SIGHUP);
     daemon.wait_for("the reload", |line| line.kind() == "reloaded");
-    let client = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let client = connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(client.src, ALLOWED_V4);
     pinned_line(&mut daemon, client.src_port);
 }
@@ -384,7 +381,7 @@ fn a_reload_to_a_pin_source_the_host_does_not_have_is_refused_and_pin_goes_on() 
     );
 
     // The policy in force still pins to .10.
-    let client = attempt_connect(
+    let client = connect(
         &topology.host,
         &cgroup.child("audited"),
         None,
@@ -427,7 +424,7 @@ fn keep_enforcing_pins_while_srcip_is_down_and_the_next_start_takes_it_over() {
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
     // srcip is down; the kernel still pins.
-    let pinned = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let pinned = connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(pinned.src, ALLOWED_V4, "pinned while srcip is down");
     let kept_count = std::fs::read_dir(&kept.0).unwrap().count();
     assert!(
@@ -439,7 +436,7 @@ fn keep_enforcing_pins_while_srcip_is_down_and_the_next_start_takes_it_over() {
     let mut daemon =
         enforcing_daemon_with(&topology, &cgroup, &policy, &["--kept-links", kept_links]);
     assert_eq!(std::fs::read_dir(&kept.0).unwrap().count(), 0);
-    let taken_over = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let taken_over = connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(taken_over.src, ALLOWED_V4, "the new run pins");
     pinned_line(&mut daemon, taken_over.src_port);
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
@@ -449,7 +446,7 @@ fn keep_enforcing_pins_while_srcip_is_down_and_the_next_start_takes_it_over() {
         0,
         "a run without --keep-enforcing keeps nothing"
     );
-    let after = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    let after = connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(after.src, OTHER_V4, "nothing is enforced any more");
 }
 
@@ -464,12 +461,12 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
     let audited = cgroup.child("audited");
 
     // Pinned while the source is there, so what follows is pin's failure, not its absence.
-    let pinned = attempt_connect(&topology.host, &audited, None, PARTNER_V6, 443);
+    let pinned = connect(&topology.host, &audited, None, PARTNER_V6, 443);
     assert_eq!(pinned.src, ALLOWED_V6);
     // IPv6: deleting the primary IPv4 address would take the secondary and the routes along.
     ip_in(&topology.host.name, "-6 addr del 2001:db8::10/64 dev v0");
-    let tcp = attempt_connect(&topology.host, &audited, None, PARTNER_V6, 443);
-    assert_eq!((tcp.src.as_str(), tcp.error), (OTHER_V6, None));
+    let tcp = connect(&topology.host, &audited, None, PARTNER_V6, 443);
+    assert_eq!(tcp.src, OTHER_V6);
     let line = daemon.wait_for("the unpinned connection's violation", |line| {
         line.violation()
             .is_some_and(|violation| violation.src_port == tcp.src_port)
