@@ -29,7 +29,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{check::DestinationCheck, connection_json::write_connection_line};
+use crate::{check::DestinationCheck, connection_json::write_connection_line, events::Comm};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -127,7 +127,7 @@ pub struct ConnectionReport {
     pub dst_port: u16,
     pub allowed_sources: Arc<[String]>,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub uid: u32,
     pub cgroup_id: u64,
     pub cgroup: Option<Arc<str>>,
@@ -139,7 +139,7 @@ pub struct ConnectionReport {
     /// On a violation whose source is the one the kernel is predicted to choose for its
     /// destination (not bound by the program, not translated): why the kernel chose it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Arc<str>>,
     /// On a violation of a `block` rule: whether the kernel refused it. `false` when the
     /// connection left anyway: the program bound no source and the prediction said allowed
     /// (a routing change not yet followed, docs/design.md).
@@ -170,6 +170,17 @@ pub enum Verdict {
     Compliant,
     Violation,
     Unmatched,
+}
+
+impl Verdict {
+    /// As lines write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Compliant => "compliant",
+            Self::Violation => "violation",
+            Self::Unmatched => "unmatched",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -328,11 +339,7 @@ pub fn text_message(body: &AlertBody) -> String {
         AlertBody::Pinned(report) => format!("pinned {}", connection_text(report)),
         AlertBody::Connect(report) => format!(
             "connect ({}) {}",
-            match report.verdict {
-                Verdict::Compliant => "compliant",
-                Verdict::Violation => "violation",
-                Verdict::Unmatched => "unmatched",
-            },
+            report.verdict.as_str(),
             connection_text(report)
         ),
         AlertBody::Lost { count, sink: None } => {

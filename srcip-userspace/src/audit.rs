@@ -7,7 +7,7 @@
 
 use std::{
     path::Path,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the kernel's counters are read and audited cgroups are checked for having been
 /// recreated.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `allowed_sources` of a connection no rule matched: shared, not allocated per line.
+static NO_SOURCES: LazyLock<Arc<[String]>> = LazyLock::new(|| Arc::from(Vec::new()));
 
 pub struct AuditSession {
     programs: KernelPrograms,
@@ -189,7 +192,7 @@ impl AuditSession {
                         })
                     })
                     .flatten()
-                    .map(str::to_owned);
+                    .cloned();
                 let (time, fold_window) = (event.time, event.fold_window);
                 let report = Self::report(rule, verdict, cgroup_names, netns, event, reason);
                 if let Some(window) = fold_window {
@@ -300,7 +303,7 @@ impl AuditSession {
         cgroup_names: &mut CgroupNames,
         netns: &mut NetnsInodes,
         event: ConnectEvent,
-        reason: Option<String>,
+        reason: Option<Arc<str>>,
     ) -> ConnectionReport {
         let cgroup = cgroup_names.name_of(event.cgroup_id);
         let refused = matches!(event.enforcement, Enforcement::Refused { .. });
@@ -318,7 +321,7 @@ impl AuditSession {
             dst: event.dst,
             dst_port: event.dst_port,
             allowed_sources: rule.map_or_else(
-                || Arc::from(Vec::new()),
+                || Arc::clone(&NO_SOURCES),
                 |rule| Arc::clone(&rule.allowed_sources_text),
             ),
             pid: event.pid,

@@ -10,7 +10,7 @@
 
 use std::{io::Write as _, net::IpAddr, time::SystemTime};
 
-use crate::alerts::{ConnectionReport, Verdict};
+use crate::alerts::ConnectionReport;
 
 /// Appends the line (without its newline) for `report`, of type `type_name`, to `out`.
 pub fn write_connection_line(
@@ -61,12 +61,7 @@ pub fn write_connection_line(
     optional_string(out, report.unit.as_deref());
     out.extend_from_slice(b",\"container\":");
     optional_string(out, report.container.as_deref());
-    let verdict = match report.verdict {
-        Verdict::Compliant => "compliant",
-        Verdict::Violation => "violation",
-        Verdict::Unmatched => "unmatched",
-    };
-    constant(out, ",\"verdict\":\"", verdict, "\"");
+    constant(out, ",\"verdict\":\"", report.verdict.as_str(), "\"");
     if let Some(reason) = &report.reason {
         out.extend_from_slice(b",\"reason\":");
         string(out, reason);
@@ -113,8 +108,24 @@ fn number(out: &mut Vec<u8>, key: &str, value: impl itoa::Integer) {
 
 /// An address, quoted: its text has no character JSON escapes.
 fn address(out: &mut Vec<u8>, address: IpAddr) {
-    // Formatting into a Vec cannot fail.
-    let _ = write!(out, "\"{address}\"");
+    out.push(b'"');
+    match address {
+        // Four numbers through `itoa`: `Display` went through the formatting machinery, a
+        // tenth of srcip's CPU under `--all`.
+        IpAddr::V4(v4) => {
+            for (index, octet) in v4.octets().into_iter().enumerate() {
+                if index > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+            }
+        }
+        // Formatting into a Vec cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+    out.push(b'"');
 }
 
 /// A string from outside srcip, quoted and escaped.

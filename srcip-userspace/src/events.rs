@@ -56,7 +56,7 @@ pub struct ConnectEvent {
     pub uid: u32,
     /// The packet's mark as it left (0 for a connection refused at `connect()`).
     pub mark: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: u64,
     pub netns_cookie: u64,
     /// This violation opened a folding window in `FOLDS`; user space flushes the window's
@@ -64,6 +64,63 @@ pub struct ConnectEvent {
     pub fold_window: Option<OpenedWindow>,
     /// What the kernel did to the connection besides recording it.
     pub enforcement: Enforcement,
+}
+
+/// A process's command name (`comm`), held inline: `--all` decodes one per connection, and
+/// a `String` would be an allocation each.
+#[derive(Clone, Copy)]
+pub struct Comm {
+    /// UTF-8; room for the kernel's 16 bytes each replaced by U+FFFD (3 bytes), as a name
+    /// need not be UTF-8.
+    text: [u8; Comm::CAPACITY],
+    len: u8,
+}
+
+impl Comm {
+    const CAPACITY: usize = 16 * 3;
+
+    /// The name in a record: up to its first NUL, not UTF-8 replaced.
+    pub fn from_kernel(comm: &[u8; 16]) -> Self {
+        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        Self::from(&*String::from_utf8_lossy(&comm[..len]))
+    }
+}
+
+impl From<&str> for Comm {
+    /// Cut at [`Comm::CAPACITY`] bytes, on a character boundary.
+    fn from(name: &str) -> Self {
+        let mut len = name.len().min(Self::CAPACITY);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut text = [0; Self::CAPACITY];
+        text[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self {
+            text,
+            len: len as u8,
+        }
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.text[..usize::from(self.len)])
+            .expect("a Comm holds the UTF-8 it was made from")
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, formatter)
+    }
+}
+
+impl serde::Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self)
+    }
 }
 
 /// A `pin` or `block` the kernel carried out at `connect()`.
@@ -219,7 +276,6 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         IPPROTO_UDP => Protocol::Udp,
         other => return Err(DecodeError::UnknownProtocol(other)),
     };
-    let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(16);
     let fold_window = (record.flags & RecordFlags::FOLD_WINDOW != 0).then_some(OpenedWindow {
         key: FoldKey {
             rule: record.rule,
@@ -245,7 +301,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         pid: record.pid,
         uid: record.uid,
         mark: record.mark,
-        comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
+        comm: Comm::from_kernel(&record.comm),
         cgroup_id: record.cgroup_id,
         netns_cookie: record.netns_cookie,
         fold_window,
@@ -326,7 +382,7 @@ mod tests {
         assert_eq!((event.src_port, event.dst_port), (40000, 443));
         assert_eq!(event.family, Family::Ipv4);
         assert_eq!(event.protocol, Protocol::Tcp);
-        assert_eq!(event.comm, "curl");
+        assert_eq!(&*event.comm, "curl");
         assert_eq!((event.pid, event.uid, event.cgroup_id), (1234, 1000, 42));
         assert_eq!(event.time, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
     }

@@ -179,7 +179,7 @@ impl Seen {
                 report
                     .unit
                     .as_deref()
-                    .map_or_else(|| report.comm.clone(), str::to_owned)
+                    .map_or_else(|| report.comm.to_string(), str::to_owned)
             });
     }
 

@@ -25,9 +25,10 @@ pub struct ProtocolLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
-    /// Empty for a violation no rule matched (`unmatched = "alert"`).
-    rule: String,
-    action: String,
+    /// Empty for a violation no rule matched (`unmatched = "alert"`). Shared with the rule,
+    /// as `action` is static: counting an alert allocates nothing.
+    rule: Option<Arc<str>>,
+    action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -169,8 +170,8 @@ impl Metrics {
         match &alert.body {
             AlertBody::Violation(report) => {
                 let labels = RuleLabels {
-                    rule: report.rule.as_deref().unwrap_or_default().to_owned(),
-                    action: report.action.to_owned(),
+                    rule: report.rule.clone(),
+                    action: report.action,
                 };
                 let count = report.folded.as_ref().map_or(1, |folded| folded.count);
                 if report.blocked == Some(true) {
@@ -180,8 +181,8 @@ impl Metrics {
             }
             AlertBody::Pinned(report) => {
                 let labels = RuleLabels {
-                    rule: report.rule.as_deref().unwrap_or_default().to_owned(),
-                    action: report.action.to_owned(),
+                    rule: report.rule.clone(),
+                    action: report.action,
                 };
                 self.pinned.get_or_create(&labels).inc();
             }

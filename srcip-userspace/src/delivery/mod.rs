@@ -75,6 +75,33 @@ fn client_runtime(sink: &str) -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
+/// An alert as sinks and watchers hold it: its place in the batch the audit made it in.
+/// Handing it to every sink costs a reference count, not an allocation per alert (`--all`
+/// hands over one per connection); the batch is freed once every sink is done with it.
+#[derive(Clone)]
+pub struct SharedAlert {
+    batch: Arc<Vec<Alert>>,
+    index: usize,
+}
+
+impl SharedAlert {
+    /// An alert made apart from a batch (a sink's `lost` line).
+    fn single(alert: Alert) -> Self {
+        Self {
+            batch: Arc::new(vec![alert]),
+            index: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for SharedAlert {
+    type Target = Alert;
+
+    fn deref(&self) -> &Alert {
+        &self.batch[self.index]
+    }
+}
+
 /// How long `stop` waits for each sink to write what it was given.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -90,7 +117,7 @@ pub struct Delivery {
 /// The sending end of one sink's queue.
 struct SinkQueue {
     name: String,
-    queue: mpsc::SyncSender<Arc<Alert>>,
+    queue: mpsc::SyncSender<SharedAlert>,
     counters: SinkCounters,
     thread: JoinHandle<()>,
 }
@@ -198,18 +225,18 @@ impl Delivery {
 
     /// Hands `alerts` to every sink, without waiting for any.
     pub fn deliver(&mut self, alerts: Vec<Alert>) {
-        let alerts: Vec<Arc<Alert>> = alerts.into_iter().map(Arc::new).collect();
-        for alert in &alerts {
-            self.metrics.observe(alert);
-        }
-        for sink in &self.sinks {
-            for alert in &alerts {
-                sink.offer(alert);
+        let batch = Arc::new(alerts);
+        for index in 0..batch.len() {
+            let alert = SharedAlert {
+                batch: Arc::clone(&batch),
+                index,
+            };
+            self.metrics.observe(&alert);
+            for sink in &self.sinks {
+                sink.offer(&alert);
             }
-        }
-        if let Some(watch) = &self.watch {
-            for alert in &alerts {
-                watch.publish(alert);
+            if let Some(watch) = &self.watch {
+                watch.publish(&alert);
             }
         }
         self.report_lost();
@@ -218,14 +245,14 @@ impl Delivery {
     /// A `lost` line for each sink that dropped alerts, to every sink. A line a sink cannot
     /// take either is counted with the rest and reported once it has room.
     fn report_lost(&mut self) {
-        let lost: Vec<Arc<Alert>> = self
+        let lost: Vec<SharedAlert> = self
             .sinks
             .iter()
             .filter_map(|sink| {
                 let count = sink.counters.unreported_lost.swap(0, Ordering::Relaxed);
                 (count > 0).then(|| {
                     warn!("sink {} lost {count} alerts", sink.name);
-                    Arc::new(Alert::now(AlertBody::Lost {
+                    SharedAlert::single(Alert::now(AlertBody::Lost {
                         count,
                         sink: Some(sink.name.clone()),
                     }))
@@ -281,10 +308,10 @@ impl Delivery {
 }
 
 impl SinkQueue {
-    fn offer(&self, alert: &Arc<Alert>) {
+    fn offer(&self, alert: &SharedAlert) {
         // Full, or the sink's thread has ended (stdout's reader is gone): either way the
         // sink will not write this alert.
-        match self.queue.try_send(Arc::clone(alert)) {
+        match self.queue.try_send(alert.clone()) {
             Ok(()) => {
                 self.counters.backlog.inc();
             }

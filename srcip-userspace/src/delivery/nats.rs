@@ -8,14 +8,11 @@
 //! duplicate that a retry sends within its deduplication window (2 minutes by default).
 //! Messages go through the sink's spool (`spool.rs`), as every network sink's do.
 
-use std::{
-    io,
-    sync::{Arc, mpsc},
-    time::Duration,
-};
+use std::{io, sync::mpsc, time::Duration};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 
+use super::SharedAlert;
 use super::{
     SinkCounters, client_runtime,
     spool::{Spool, forward},
@@ -131,7 +128,7 @@ impl Connection {
 /// Publishes what arrives in `alerts` until the queue is closed, through `spool`.
 pub(super) fn write_nats(
     target: &NatsTarget,
-    alerts: &mpsc::Receiver<Arc<Alert>>,
+    alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
     spool: Spool,
 ) {

@@ -5,13 +5,14 @@ use std::{
     io,
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::PathBuf,
-    sync::{Arc, mpsc},
+    sync::mpsc,
     thread::JoinHandle,
 };
 
 use anyhow::Context as _;
 use tracing::warn;
 
+use super::SharedAlert;
 use super::{
     SinkCounters, SpoolSettings,
     nats::{NatsTarget, write_nats},
@@ -19,7 +20,7 @@ use super::{
     syslog::{SyslogTarget, write_syslog},
     webhook::{self, WebhookTarget, write_webhook},
 };
-use crate::alerts::{Alert, AlertWriter, Format, host_name};
+use crate::alerts::{AlertWriter, Format, host_name};
 
 /// Alerts written in one go, at most: a batch is one write and one flush.
 pub(super) const BATCH_ALERTS: usize = 1024;
@@ -137,7 +138,7 @@ impl Sink {
     /// counting in `counters` what it writes and what it cannot.
     pub fn spawn(
         self,
-        alerts: mpsc::Receiver<Arc<Alert>>,
+        alerts: mpsc::Receiver<SharedAlert>,
         counters: SinkCounters,
     ) -> anyhow::Result<JoinHandle<()>> {
         let name = self.name();
@@ -164,7 +165,7 @@ impl Sink {
 
 /// The next batch: waits for one alert, then takes what else is queued. `None`: the queue
 /// is closed and empty.
-pub(super) fn next_batch(alerts: &mpsc::Receiver<Arc<Alert>>) -> Option<Vec<Arc<Alert>>> {
+pub(super) fn next_batch(alerts: &mpsc::Receiver<SharedAlert>) -> Option<Vec<SharedAlert>> {
     let first = alerts.recv().ok()?;
     let mut batch = vec![first];
     batch.extend(alerts.try_iter().take(BATCH_ALERTS - 1));
@@ -174,7 +175,7 @@ pub(super) fn next_batch(alerts: &mpsc::Receiver<Arc<Alert>>) -> Option<Vec<Arc<
 fn write_stdout(
     format: Format,
     closed: tokio::sync::oneshot::Sender<io::Error>,
-    alerts: &mpsc::Receiver<Arc<Alert>>,
+    alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
 ) {
     let mut writer = AlertWriter::new(format, host_name(), io::stdout());
@@ -195,7 +196,7 @@ fn write_stdout(
 fn write_file(
     path: &std::path::Path,
     file: File,
-    alerts: &mpsc::Receiver<Arc<Alert>>,
+    alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
 ) {
     let mut writer = Some(AlertWriter::new(Format::Json, host_name(), file));

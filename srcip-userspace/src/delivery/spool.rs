@@ -10,10 +10,7 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        mpsc::{self, RecvTimeoutError},
-    },
+    sync::mpsc::{self, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -22,6 +19,7 @@ use backon::{BackoffBuilder as _, ExponentialBuilder};
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use tracing::{info, warn};
 
+use super::SharedAlert;
 use super::{SinkCounters, sink::BATCH_ALERTS};
 use crate::alerts::Alert;
 
@@ -40,7 +38,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// when srcip runs again.
 pub(super) fn forward(
     name: &str,
-    alerts: &mpsc::Receiver<Arc<Alert>>,
+    alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
     mut spool: Spool,
     mut render: impl FnMut(&Alert) -> Vec<u8>,
@@ -74,7 +72,7 @@ pub(super) fn forward(
         };
         match arrived {
             Ok(first) => {
-                let batch: Vec<Arc<Alert>> = std::iter::once(first)
+                let batch: Vec<SharedAlert> = std::iter::once(first)
                     .chain(alerts.try_iter().take(BATCH_ALERTS - 1))
                     .collect();
                 let rendered: Vec<Vec<u8>> = batch.iter().map(|alert| render(alert)).collect();

@@ -14,12 +14,13 @@ use std::{
     net::{TcpStream, ToSocketAddrs as _, UdpSocket},
     os::unix::net::UnixDatagram,
     path::PathBuf,
-    sync::{Arc, mpsc},
+    sync::mpsc,
     time::Duration,
 };
 
 use serde_json::Value;
 
+use super::SharedAlert;
 use super::{
     SinkCounters,
     spool::{MAX_BACKOFF, Spool, forward},
@@ -146,7 +147,7 @@ impl Connection {
 /// Sends what arrives in `alerts` until the queue is closed, through `spool`.
 pub(super) fn write_syslog(
     target: &SyslogTarget,
-    alerts: &mpsc::Receiver<Arc<Alert>>,
+    alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
     spool: Spool,
 ) {

@@ -23,6 +23,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use super::SharedAlert;
 use crate::alerts::{Alert, AlertBody, AlertWriter, Format, host_name};
 
 /// Where `srcip run` listens and `srcip watch` connects unless `--socket` says otherwise.
@@ -36,9 +37,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 pub struct WatchServer {
     path: PathBuf,
-    alerts: broadcast::Sender<Arc<Alert>>,
+    alerts: broadcast::Sender<SharedAlert>,
     /// The daemon's `started` line, which every watcher gets first.
-    started: Arc<Mutex<Option<Arc<Alert>>>>,
+    started: Arc<Mutex<Option<SharedAlert>>>,
     shutdown: Arc<Notify>,
     accepting: JoinHandle<()>,
 }
@@ -88,15 +89,15 @@ impl WatchServer {
     }
 
     /// Sends `alert` to every watcher; never waits.
-    pub fn publish(&self, alert: &Arc<Alert>) {
+    pub fn publish(&self, alert: &SharedAlert) {
         if matches!(alert.body, AlertBody::Started { .. }) {
             *self
                 .started
                 .lock()
-                .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::clone(alert));
+                .unwrap_or_else(|poison| poison.into_inner()) = Some(alert.clone());
         }
         // An error only means that nobody watches.
-        let _ = self.alerts.send(Arc::clone(alert));
+        let _ = self.alerts.send(alert.clone());
     }
 
     /// Stops accepting, lets each watcher write what it was sent (up to a moment), and
@@ -118,8 +119,8 @@ impl WatchServer {
 
 async fn accept(
     listener: UnixListener,
-    alerts: broadcast::Sender<Arc<Alert>>,
-    started: Arc<Mutex<Option<Arc<Alert>>>>,
+    alerts: broadcast::Sender<SharedAlert>,
+    started: Arc<Mutex<Option<SharedAlert>>>,
     shutdown: Arc<Notify>,
 ) {
     let host: Arc<str> = host_name().into();
@@ -148,12 +149,12 @@ async fn accept(
 /// the watcher falls behind.
 async fn serve(
     mut stream: UnixStream,
-    first: Option<Arc<Alert>>,
-    mut alerts: broadcast::Receiver<Arc<Alert>>,
+    first: Option<SharedAlert>,
+    mut alerts: broadcast::Receiver<SharedAlert>,
     host: Arc<str>,
 ) {
     let mut lines = AlertWriter::new(Format::Json, host.to_string(), Vec::new());
-    let mut pending: Vec<Arc<Alert>> = first.into_iter().collect();
+    let mut pending: Vec<SharedAlert> = first.into_iter().collect();
     loop {
         let mut missed = None;
         if pending.is_empty() {
@@ -172,7 +173,7 @@ async fn serve(
             }
         }
         if let Some(count) = missed {
-            pending.push(Arc::new(Alert::now(AlertBody::Lost {
+            pending.push(SharedAlert::single(Alert::now(AlertBody::Lost {
                 count,
                 sink: Some("watch".to_owned()),
             })));
@@ -188,7 +189,7 @@ async fn serve(
 async fn send(
     stream: &mut UnixStream,
     lines: &mut AlertWriter<Vec<u8>>,
-    batch: &[Arc<Alert>],
+    batch: &[SharedAlert],
 ) -> io::Result<()> {
     lines.write_batch(batch.iter().map(|alert| &**alert))?;
     let bytes = std::mem::take(lines.get_mut());

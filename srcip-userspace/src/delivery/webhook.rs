@@ -6,15 +6,11 @@
 //! verified against the system's trust store, or, with `--sink-ca FILE`, against the
 //! certificates of that file only (an internal CA).
 
-use std::{
-    io,
-    path::Path,
-    sync::{Arc, mpsc},
-    time::Duration,
-};
+use std::{io, path::Path, sync::mpsc, time::Duration};
 
 use anyhow::Context as _;
 
+use super::SharedAlert;
 use super::{
     SinkCounters, client_runtime,
     spool::{Spool, forward},
@@ -70,7 +66,7 @@ pub fn client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
 pub(super) fn write_webhook(
     target: &WebhookTarget,
     client: &reqwest::Client,
-    alerts: &mpsc::Receiver<Arc<Alert>>,
+    alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
     spool: Spool,
 ) {
