@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Command};
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
     PolicyFile, Signal, TestCgroup, Topology, attempt_connect, attempt_udp_client, connect, ip_in,
-    srcip_bin, udp_client, unique_name,
+    nft_in, run, srcip_bin, udp_client, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -63,6 +63,62 @@ fn enforcing_daemon_with(
     drifted.sort();
     assert_eq!(drifted, [PARTNER_V4, "2001:db8:50::/64"]);
     daemon
+}
+
+/// Makes the partner's namespace count the datagrams to port 443 that arrive from each of
+/// `sources`: what a partner's firewall would see. The rules go with the namespace.
+fn count_arrivals_at_partner(topology: &Topology, sources: &[&str]) {
+    let mut commands = "add table inet arrivals; \
+        add chain inet arrivals input { type filter hook input priority 0; }; "
+        .to_owned();
+    for source in sources {
+        let family = if source.contains(':') { "ip6" } else { "ip" };
+        commands += &format!(
+            "add rule inet arrivals input {family} saddr {source} udp dport 443 counter; "
+        );
+    }
+    nft_in(&topology.partner.name, &commands);
+}
+
+/// Datagrams from `source` counted since [`count_arrivals_at_partner`], once there is one:
+/// a datagram sent before the host knew the partner's link address (IPv6's neighbour
+/// discovery, slow while tests run in parallel) waits for it, up to a few seconds.
+fn arrivals_at_partner(topology: &Topology, source: &str) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let arrived = arrivals_counted(topology, source);
+        if arrived > 0 || std::time::Instant::now() > deadline {
+            return arrived;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn arrivals_counted(topology: &Topology, source: &str) -> u64 {
+    let output = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topology.partner.name,
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "arrivals",
+            "input",
+        ],
+    );
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let rule = listing
+        .lines()
+        .find(|line| line.contains(&format!("saddr {source} ")))
+        .unwrap_or_else(|| panic!("no arrivals rule for {source}: {listing}"));
+    let packets = rule
+        .split_once("packets ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no packet count in {rule}"));
+    packets.parse().expect("a packet count")
 }
 
 /// The `pinned` line of the connection from `src_port`.
@@ -160,11 +216,17 @@ fn pin_sets_the_source_of_unconnected_udp_unless_the_program_chose_one() {
     let policy = PolicyFile::new(&policy_with("pin"));
     let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
     let audited = cgroup.child("audited");
+    count_arrivals_at_partner(&topology, &[ALLOWED_V4, ALLOWED_V6]);
 
     for (dst, pinned_src) in [(PARTNER_V4, ALLOWED_V4), (PARTNER_V6, ALLOWED_V6)] {
         let client = udp_client(&topology.host, &audited, &[], dst, 443);
-        // The packet's source: what the partner sees.
+        // The packet's source as srcip saw it leave, and as the partner received it.
         assert_eq!(pinned_line(&mut daemon, client.src_port).src, pinned_src);
+        assert_eq!(
+            arrivals_at_partner(&topology, pinned_src),
+            1,
+            "from {pinned_src}"
+        );
     }
 
     // A source the program chose per datagram (`IP_PKTINFO`) is its own: reported, kept.

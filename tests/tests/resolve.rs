@@ -143,6 +143,54 @@ fn a_moved_name_is_audited_at_its_new_address_and_the_old_one_leaves_after_keep_
     );
 }
 
+/// New answers that would make the policy invalid (the name moves onto an address another
+/// rule claims for the same port) are refused with a `policy_error`: the addresses in force
+/// stay, and the name is asked again only after a pause, not at each expiry of its
+/// one-second records, which would repeat the error every second.
+#[test]
+fn answers_that_would_make_the_policy_invalid_leave_the_addresses_in_force() {
+    let topology = Topology::new();
+    let dns = NameServer::start(&topology.partner, "203.0.113.1", NAME, &[FIRST], 1);
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(&format!(
+        "{POLICY}\n[[rule]]\nname = \"moved-by-address\"\ndestinations = [\"{MOVED}\"]\nports = [443]\nprotocol = \"tcp\"\nallowed_sources = [\"203.0.113.10\"]\n"
+    ));
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &[
+            "--all",
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--resolv-conf",
+            dns.resolv_conf.to_str().unwrap(),
+        ],
+    );
+
+    dns.change(NAME, &[MOVED]);
+    let refused = daemon.wait_for("the refused answers", |line| {
+        matches!(line, Line::PolicyError { .. })
+    });
+    let Line::PolicyError { errors, .. } = refused else {
+        unreachable!()
+    };
+    assert!(
+        errors.iter().any(|error| error.contains(&format!(
+            "rules \"partner-by-name\" and \"moved-by-address\" can both match {MOVED}/32"
+        ))),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        verdict_of_connection(&mut daemon, &topology, &cgroup, FIRST),
+        violation_of_rule(),
+        "the name's address in force stays"
+    );
+    let again = daemon.wait_at_most(Duration::from_secs(5), "a second policy_error", |line| {
+        matches!(line, Line::PolicyError { .. })
+    });
+    assert!(again.is_none(), "asked again at once: {again:?}");
+}
+
 #[test]
 fn check_resolves_through_the_given_name_servers() {
     let topology = Topology::new();
