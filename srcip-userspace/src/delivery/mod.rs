@@ -75,6 +75,14 @@ fn client_runtime(sink: &str) -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
+/// The line saying that sink `name` lost `count` alerts.
+fn lost_line(name: &str, count: u64) -> SharedAlert {
+    SharedAlert::single(Alert::now(AlertBody::Lost {
+        count,
+        sink: Some(name.to_owned()),
+    }))
+}
+
 /// An alert as sinks and watchers hold it: its place in the batch the audit made it in.
 /// Handing it to every sink costs a reference count, not an allocation per alert (`--all`
 /// hands over one per connection); the batch is freed once every sink is done with it.
@@ -119,6 +127,9 @@ struct SinkQueue {
     name: String,
     queue: mpsc::SyncSender<SharedAlert>,
     counters: SinkCounters,
+    /// Alerts this sink lost whose `lost` line its full queue could not take either: the
+    /// next line for it says them too.
+    lost_unsaid: u64,
     thread: JoinHandle<()>,
 }
 
@@ -218,6 +229,7 @@ impl Delivery {
             name,
             queue,
             counters,
+            lost_unsaid: 0,
             thread,
         });
         Ok(())
@@ -242,29 +254,30 @@ impl Delivery {
         self.report_lost();
     }
 
-    /// A `lost` line for each sink that dropped alerts, to every sink. A line a sink cannot
-    /// take either is counted with the rest and reported once it has room.
+    /// A `lost` line for each sink that dropped alerts, to every sink and watcher. A sink
+    /// whose queue cannot take the line about itself keeps the count, and its next line
+    /// says it too, so that no loss goes unsaid where it happened; the others get each loss
+    /// once (one that cannot take it has lost one alert more).
     fn report_lost(&mut self) {
-        let lost: Vec<SharedAlert> = self
-            .sinks
-            .iter()
-            .filter_map(|sink| {
-                let count = sink.counters.unreported_lost.swap(0, Ordering::Relaxed);
-                (count > 0).then(|| {
-                    warn!("sink {} lost {count} alerts", sink.name);
-                    SharedAlert::single(Alert::now(AlertBody::Lost {
-                        count,
-                        sink: Some(sink.name.clone()),
-                    }))
-                })
-            })
-            .collect();
-        for alert in &lost {
-            for sink in &self.sinks {
-                sink.offer(alert);
+        for named in 0..self.sinks.len() {
+            let sink = &mut self.sinks[named];
+            let newly_lost = sink.counters.unreported_lost.swap(0, Ordering::Relaxed);
+            let unsaid = newly_lost + std::mem::take(&mut sink.lost_unsaid);
+            if unsaid > 0 && !sink.try_offer(&lost_line(&sink.name, unsaid)) {
+                sink.lost_unsaid = unsaid;
+            }
+            if newly_lost == 0 {
+                continue;
+            }
+            warn!("sink {} lost {newly_lost} alerts", sink.name);
+            let line = lost_line(&sink.name, newly_lost);
+            for (index, other) in self.sinks.iter().enumerate() {
+                if index != named {
+                    other.offer(&line);
+                }
             }
             if let Some(watch) = &self.watch {
-                watch.publish(alert);
+                watch.publish(&line);
             }
         }
     }
@@ -308,14 +321,144 @@ impl Delivery {
 }
 
 impl SinkQueue {
+    /// Queues `alert`, or counts it as lost for this sink.
     fn offer(&self, alert: &SharedAlert) {
-        // Full, or the sink's thread has ended (stdout's reader is gone): either way the
-        // sink will not write this alert.
-        match self.queue.try_send(alert.clone()) {
-            Ok(()) => {
-                self.counters.backlog.inc();
-            }
-            Err(_) => self.counters.lost(1),
+        if !self.try_offer(alert) {
+            self.counters.lost(1);
         }
+    }
+
+    /// Queues `alert`; `false` when the queue is full or the sink's thread has ended
+    /// (stdout's reader is gone): either way the sink will not write it.
+    fn try_offer(&self, alert: &SharedAlert) -> bool {
+        let queued = self.queue.try_send(alert.clone()).is_ok();
+        if queued {
+            self.counters.backlog.inc();
+        }
+        queued
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs::OpenOptions,
+        io::Read as _,
+        os::unix::fs::OpenOptionsExt as _,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A sink whose reader stalls loses what its queue cannot hold, and says how much, even
+    /// when its queue is still full as the loss is first reported: every alert delivered is
+    /// either written or counted in a `lost` line for the sink. Another sink hears of each
+    /// loss once.
+    #[test]
+    fn a_stalled_sink_says_how_many_alerts_it_lost() {
+        let folder = tempfile::tempdir().unwrap();
+        let pipe = folder.path().join("alerts");
+        nix::unistd::mkfifo(&pipe, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Open before the sink opens its end, and not read yet: once the pipe is full, the
+        // sink's thread blocks in its write and its queue fills up.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&pipe)
+            .unwrap();
+        let spool = SpoolSettings {
+            folder: folder.path().join("spool"),
+            max_bytes: 1 << 20,
+        };
+        let file = folder.path().join("alerts.json");
+        let sinks = [SinkSpec::File(pipe.clone()), SinkSpec::File(file.clone())];
+        let metrics = Arc::new(Metrics::new());
+        let mut delivery =
+            Delivery::start(Format::Json, true, &sinks, &spool, None, None, metrics).unwrap();
+        // In batches the sink that reads keeps up with, so that only the stalled one loses.
+        const BATCHES: usize = 80;
+        const BATCH: usize = 1000;
+        // More than the queue and the pipe hold.
+        const _: () = assert!(BATCHES * BATCH > SINK_QUEUE_ALERTS + 10_000);
+        let sent = BATCHES * BATCH;
+        for _ in 0..BATCHES {
+            let alerts = (0..BATCH)
+                .map(|_| {
+                    Alert::now(AlertBody::Stopped {
+                        decided_in_kernel: 0,
+                    })
+                })
+                .collect();
+            delivery.deliver(alerts);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            delivery.sinks[0].lost_unsaid > 0,
+            "the queue was full when the loss was reported"
+        );
+
+        // The reader comes back; the next deliveries carry the whole count.
+        nix::fcntl::fcntl(
+            &reader,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .unwrap();
+        let reading = std::thread::spawn(move || {
+            let mut text = String::new();
+            reader.read_to_string(&mut text).unwrap();
+            text
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while delivery.sinks[0].lost_unsaid > 0 {
+            assert!(Instant::now() < deadline, "the lost line never got through");
+            std::thread::sleep(Duration::from_millis(20));
+            delivery.deliver(Vec::new());
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(delivery.stop());
+
+        let pipe_sink = format!("file:{}", pipe.display());
+        let file_sink = format!("file:{}", file.display());
+        let (written, lost) = tally(&reading.join().unwrap());
+        let stalled_lost = lost.get(&pipe_sink).copied().unwrap_or(0);
+        assert_eq!(
+            written + stalled_lost,
+            sent as u64,
+            "{written} written, {lost:?} lost"
+        );
+        assert!(
+            stalled_lost > 0,
+            "nothing was lost: the test did not stall the sink"
+        );
+        let (written, lost) = tally(&std::fs::read_to_string(&file).unwrap());
+        assert_eq!(
+            lost.get(&pipe_sink).copied(),
+            Some(stalled_lost),
+            "the other sink hears of the loss once"
+        );
+        assert_eq!(
+            written + lost.get(&file_sink).copied().unwrap_or(0),
+            sent as u64
+        );
+    }
+
+    /// The `stopped` lines written, and the counts of the `lost` lines per sink they name.
+    fn tally(lines: &str) -> (u64, std::collections::HashMap<String, u64>) {
+        let (mut written, mut lost) = (0, std::collections::HashMap::new());
+        for line in lines.lines() {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            match line["type"].as_str() {
+                Some("stopped") => written += 1,
+                Some("lost") => {
+                    let sink = line["sink"].as_str().unwrap().to_owned();
+                    *lost.entry(sink).or_default() += line["count"].as_u64().unwrap();
+                }
+                other => panic!("unexpected line type {other:?}"),
+            }
+        }
+        (written, lost)
     }
 }
