@@ -206,7 +206,7 @@ pub fn take_tcp_owner(cookie: u64) -> Option<&'static SocketOwner> {
     // free first and moved this owner to `DISPLACED_TCP_OWNERS`, whole, where it is taken.
     unsafe {
         if ptr::read_volatile(&(*slot).cookie) == cookie {
-            copy_owner(&(*slot).owner, taken);
+            copy_owner(&raw const (*slot).owner, taken);
             if ptr::read_volatile(&(*slot).cookie) == cookie {
                 ptr::write_volatile(&mut (*slot).cookie, 0);
                 return Some(taken);

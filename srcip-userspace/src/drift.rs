@@ -52,10 +52,9 @@ pub struct Predictions {
     /// from srcip (`ip rule ... uidrange`, `fwmark`), so while the host has such rules,
     /// destinations are predicted for each of them too.
     programs: BTreeSet<Program>,
-    /// Woken when `programs` grew: the drift task predicts again. A `Notify` keeps the
-    /// wake-up of a program noted while a reading runs, so none is missed; without uid or
-    /// mark rules on the host that reading changes nothing, and costs one reading per
-    /// program noted (at most [`MAX_PROGRAMS`]).
+    /// Woken when `programs` grew: the drift task predicts again, if the host has such
+    /// rules. A `Notify` keeps the wake-up of a program noted while a reading runs, so none
+    /// is missed.
     programs_grew: Arc<Notify>,
 }
 
@@ -181,9 +180,19 @@ async fn watch_routes(
     let mut compliant: HashMap<Key, bool> = HashMap::new();
     let mut notifications = subscribe();
     let programs_grew = Arc::clone(&lock(&shared.predictions).programs_grew);
+    // Whether the next reading is only for a newly noted program: it is worth making only
+    // while the host routes by uid or mark.
+    let mut for_programs_only = false;
     loop {
         let current = Arc::clone(&policy.borrow_and_update());
-        match evaluate(&router, &current, &mut compliant, &mut shared).await {
+        let reading = evaluate(
+            &router,
+            &current,
+            &mut compliant,
+            &mut shared,
+            for_programs_only,
+        );
+        match reading.await {
             Ok(found) if found.is_empty() => {}
             Ok(found) => {
                 if alerts.send(found).is_err() {
@@ -193,17 +202,23 @@ async fn watch_routes(
             Err(error) => warn!("cannot predict the policy's sources: {error:#}"),
         }
         // Wait for a change of routes, addresses, rules or policy.
-        tokio::select! {
-            changed = policy.changed() => if changed.is_err() { return },
-            () = programs_grew.notified() => {}
+        for_programs_only = tokio::select! {
+            changed = policy.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+            () = programs_grew.notified() => true,
             () = next_notification(&mut notifications) => {
                 // Let the rest of a burst arrive, then read everything once.
                 tokio::time::sleep(settle).await;
                 if let Some(events) = &mut notifications {
                     while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, events.next()).await {}
                 }
+                false
             }
-        }
+        };
     }
 }
 
@@ -255,12 +270,14 @@ async fn next_notification(notifications: &mut Option<Notifications>) {
 }
 
 /// Predicts every destination of `policy`; a drift alert for each that became disallowed
-/// (or is at the first reading), a recovery for each that became allowed again.
+/// (or is at the first reading), a recovery for each that became allowed again. With
+/// `for_programs_only`, nothing when the host routes every program as srcip.
 async fn evaluate(
     router: &Router,
     policy: &Policy,
     compliant: &mut HashMap<Key, bool>,
     shared: &mut Shared,
+    for_programs_only: bool,
 ) -> anyhow::Result<Vec<Alert>> {
     let host = router.host().await?;
     let mut alerts = Vec::new();
@@ -274,6 +291,8 @@ async fn evaluate(
         .any(|rule| rule.uid_range.is_some() || rule.fwmark.is_some());
     if routes_by_program {
         programs.extend(lock(&shared.predictions).programs.iter().copied());
+    } else if for_programs_only {
+        return Ok(Vec::new());
     }
     // Rebuilt each time, so that destinations a reload removed are forgotten.
     let mut now = HashMap::new();

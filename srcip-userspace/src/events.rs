@@ -79,7 +79,8 @@ pub struct Comm {
 impl Comm {
     const CAPACITY: usize = 16 * 3;
 
-    /// The name in a record: up to its first NUL, not UTF-8 replaced.
+    /// The name in a record: up to its first NUL, with bytes that are not UTF-8 replaced by
+    /// U+FFFD.
     pub fn from_kernel(comm: &[u8; 16]) -> Self {
         let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
         Self::from(&*String::from_utf8_lossy(&comm[..len]))
@@ -367,6 +368,18 @@ mod tests {
             mark: 0,
             reserved_tail: 0,
         }
+    }
+
+    #[test]
+    fn command_names_are_held_whole_whatever_their_bytes() {
+        assert_eq!(&*Comm::from_kernel(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
+        assert_eq!(&*Comm::from_kernel(b"0123456789abcdef"), "0123456789abcdef");
+        // Sixteen bytes that are not UTF-8: each replaced, the longest name there can be.
+        assert_eq!(&*Comm::from_kernel(&[0xff; 16]), "\u{fffd}".repeat(16));
+        // A name longer than the room is cut at a character, never inside one: here the
+        // 48th byte is the first of a two-byte character.
+        let long = format!("a{}", "é".repeat(30));
+        assert_eq!(&*Comm::from(long.as_str()), format!("a{}", "é".repeat(23)));
     }
 
     #[test]
