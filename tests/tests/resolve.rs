@@ -26,6 +26,25 @@ protocol = "tcp"
 allowed_sources = ["203.0.113.10"]
 "#;
 
+/// A daemon with `--all` in the topology's host namespace, auditing `cgroup`, asking `dns`.
+fn audit_by_name(
+    topology: &Topology,
+    policy: &PolicyFile,
+    cgroup: &TestCgroup,
+    dns: &NameServer,
+    extra: &[&str],
+) -> Daemon {
+    let mut args = vec![
+        "--all",
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+        "--resolv-conf",
+        dns.resolv_conf.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    Daemon::start_in(&topology.host, &policy.path, &args)
+}
+
 /// Connects from the source the policy does not allow and returns the verdict and rule of
 /// the daemon's `connect` line for it (`--all`).
 fn verdict_of_connection(
@@ -63,19 +82,13 @@ fn a_moved_name_is_audited_at_its_new_address_and_the_old_one_leaves_after_keep_
     let dns = NameServer::start(&topology.partner, "203.0.113.1", NAME, &[FIRST], 1);
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(POLICY);
-    let mut daemon = Daemon::start_in(
-        &topology.host,
-        &policy.path,
-        &[
-            "--all",
-            "--cgroup",
-            cgroup.path.to_str().unwrap(),
-            "--resolv-conf",
-            dns.resolv_conf.to_str().unwrap(),
-            // Long enough for the checks below on an emulated VM; short for the test.
-            "--keep-resolved",
-            "10s",
-        ],
+    // Long enough for the checks below on an emulated VM; short for the test.
+    let mut daemon = audit_by_name(
+        &topology,
+        &policy,
+        &cgroup,
+        &dns,
+        &["--keep-resolved", "10s"],
     );
 
     assert_eq!(
@@ -155,17 +168,7 @@ fn answers_that_would_make_the_policy_invalid_leave_the_addresses_in_force() {
     let policy = PolicyFile::new(&format!(
         "{POLICY}\n[[rule]]\nname = \"moved-by-address\"\ndestinations = [\"{MOVED}\"]\nports = [443]\nprotocol = \"tcp\"\nallowed_sources = [\"203.0.113.10\"]\n"
     ));
-    let mut daemon = Daemon::start_in(
-        &topology.host,
-        &policy.path,
-        &[
-            "--all",
-            "--cgroup",
-            cgroup.path.to_str().unwrap(),
-            "--resolv-conf",
-            dns.resolv_conf.to_str().unwrap(),
-        ],
-    );
+    let mut daemon = audit_by_name(&topology, &policy, &cgroup, &dns, &[]);
 
     dns.change(NAME, &[MOVED]);
     let refused = daemon.wait_for("the refused answers", |line| {
