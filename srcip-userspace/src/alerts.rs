@@ -164,8 +164,7 @@ pub struct Folded {
     pub last_time: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Compliant,
     Violation,
@@ -180,6 +179,12 @@ impl Verdict {
             Self::Violation => "violation",
             Self::Unmatched => "unmatched",
         }
+    }
+}
+
+impl Serialize for Verdict {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 

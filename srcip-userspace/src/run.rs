@@ -173,12 +173,13 @@ impl StopSignals {
         })
     }
 
-    /// The name of the next stop signal.
-    async fn next(&mut self) -> &'static str {
-        tokio::select! {
+    /// Returns when a stop signal comes, and says which.
+    async fn next(&mut self) {
+        let why = tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",
-        }
+        };
+        info!("{why}: stopping");
     }
 }
 
@@ -196,10 +197,7 @@ async fn auditing_meanwhile<T>(
     loop {
         tokio::select! {
             done = &mut work => return Some(done),
-            why = stop.next() => {
-                info!("{why}: stopping");
-                return None;
-            }
+            () = stop.next() => return None,
             alerts = session.next_alerts() => delivery.deliver(alerts),
         }
     }
@@ -273,7 +271,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     let stdout_error = loop {
         let alerts = tokio::select! {
-            why = stop.next() => { info!("{why}: stopping"); break None }
+            () = stop.next() => break None,
             error = delivery.stdout_failed() => break Some(error),
             why = reload_requested(&mut sighup, &mut policy_watch) => {
                 info!("{why}: reloading {}", config.policy.display());

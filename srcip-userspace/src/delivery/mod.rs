@@ -77,7 +77,7 @@ fn client_runtime(sink: &str) -> Option<tokio::runtime::Runtime> {
 }
 
 /// The line saying that sink `name` lost `count` alerts.
-fn lost_line(name: &str, count: u64) -> SharedAlert {
+pub(super) fn lost_line(name: &str, count: u64) -> SharedAlert {
     SharedAlert::single(Alert::now(AlertBody::Lost {
         count,
         sink: Some(name.to_owned()),
@@ -265,10 +265,8 @@ impl Delivery {
         for named in 0..self.sinks.len() {
             let sink = &mut self.sinks[named];
             let newly_lost = sink.counters.unreported_lost.swap(0, Ordering::Relaxed);
-            let unsaid = newly_lost + std::mem::take(&mut sink.lost_unsaid);
-            if unsaid > 0 && !sink.try_offer(&lost_line(&sink.name, unsaid)) {
-                sink.lost_unsaid = unsaid;
-            }
+            sink.lost_unsaid += newly_lost;
+            sink.say_lost();
             if newly_lost == 0 {
                 continue;
             }
@@ -306,12 +304,8 @@ impl Delivery {
         for mut sink in self.sinks {
             let deadline = std::time::Instant::now() + STOP_GRACE;
             // A loss its full queue could not say yet is said as soon as it has room.
-            while sink.lost_unsaid > 0 && std::time::Instant::now() < deadline {
-                if sink.try_offer(&lost_line(&sink.name, sink.lost_unsaid)) {
-                    sink.lost_unsaid = 0;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+            while !sink.say_lost() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             if sink.lost_unsaid > 0 {
                 warn!(
@@ -340,6 +334,19 @@ impl Delivery {
 }
 
 impl SinkQueue {
+    /// Queues the `lost` line of all this sink lost and has not said yet; `false` while its
+    /// queue has no room for it.
+    fn say_lost(&mut self) -> bool {
+        if self.lost_unsaid == 0 {
+            return true;
+        }
+        let said = self.try_offer(&lost_line(&self.name, self.lost_unsaid));
+        if said {
+            self.lost_unsaid = 0;
+        }
+        said
+    }
+
     /// Queues `alert`, or counts it as lost for this sink.
     fn offer(&self, alert: &SharedAlert) {
         if !self.try_offer(alert) {

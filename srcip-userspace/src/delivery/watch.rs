@@ -23,8 +23,8 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::SharedAlert;
-use crate::alerts::{Alert, AlertBody, AlertWriter, Format, host_name};
+use super::{SharedAlert, lost_line};
+use crate::alerts::{AlertBody, AlertWriter, Format, host_name};
 
 /// Where `srcip run` listens and `srcip watch` connects unless `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/srcip/srcip.sock";
@@ -173,10 +173,7 @@ async fn serve(
             }
         }
         if let Some(count) = missed {
-            pending.push(SharedAlert::single(Alert::now(AlertBody::Lost {
-                count,
-                sink: Some("watch".to_owned()),
-            })));
+            pending.push(lost_line("watch", count));
         }
         if send(&mut stream, &mut lines, &pending).await.is_err() || missed.is_some() {
             debug!("a watcher was cut loose or went away");

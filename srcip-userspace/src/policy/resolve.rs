@@ -148,23 +148,12 @@ impl HostNames {
             name.update(addresses, expires, now, self.keep);
             names.insert(text, name);
         }
-        if names.is_empty() {
-            return Ok((
-                policy,
-                Answers {
-                    names,
-                    written: None,
-                },
-            ));
-        }
-        let resolved = apply(&names, policy.clone());
-        Ok((
-            resolved,
-            Answers {
-                names,
-                written: Some(Arc::new(policy)),
-            },
-        ))
+        let (resolved, written) = if names.is_empty() {
+            (policy, None)
+        } else {
+            (apply(&names, policy.clone()), Some(Arc::new(policy)))
+        };
+        Ok((resolved, Answers { names, written }))
     }
 
     /// Puts in force the answers of the policy that now is.
