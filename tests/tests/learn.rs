@@ -30,7 +30,7 @@ fn a_learnt_policy_validates_and_allows_exactly_the_sources_seen() {
         .expect("spawning srcip policy learn");
     let (sender, lines) = mpsc::channel();
     let stderr = learn.stderr.take().unwrap();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = sender.send(line);
         }
@@ -57,8 +57,10 @@ fn a_learnt_policy_validates_and_allows_exactly_the_sources_seen() {
     );
 
     let status = learn.wait().unwrap();
+    // Everything it wrote, up to the end of its stderr.
+    reader.join().unwrap();
     said.extend(lines.try_iter());
-    assert!(status.success(), "{said:#?}");
+    assert!(status.success(), "{status}: {said:#?}");
     assert!(
         said.iter()
             .any(|line| line.contains("learnt 3 connections to 2 destinations")),
