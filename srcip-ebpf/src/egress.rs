@@ -15,7 +15,8 @@
 //!   (`IP_PKTINFO`). Only the packet has it.
 //!
 //! The hook runs for every packet of every socket, so it leaves at once for anything but a
-//! TCP SYN or a UDP datagram of a socket with an audited owner. Attribution comes from that
+//! TCP SYN or a UDP datagram of a socket with an audited owner, and decides that on the
+//! packet's headers, read in place, before calling any helper. Attribution comes from that
 //! owner record (`owner.rs`): the current-task helpers are not allowed here before 6.10, and
 //! the sender is not always current anyway.
 
@@ -55,6 +56,12 @@ fn observe(ctx: &SkBuffContext) {
     if sk.is_null() {
         return;
     }
+    // Most packets (a connection's data and acknowledgements, the host's ICMP answers) leave
+    // here, on their headers alone, before any helper is called.
+    let kind = Kind::in_place(ctx);
+    if matches!(kind, Some(Kind::Other)) {
+        return;
+    }
     // SAFETY: `sk` is the packet's socket, as the kernel gave it; the helper checks it.
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
@@ -62,9 +69,9 @@ fn observe(ctx: &SkBuffContext) {
     }
     // SAFETY: a non-null full socket is readable for this program run.
     let socket = unsafe { &*sk };
-    match socket.protocol as u8 {
+    match (socket.protocol as u8, kind) {
         // Only the SYN: a connection's one packet sent in SYN_SENT (or its retransmission).
-        IPPROTO_TCP if socket.state == BPF_TCP_SYN_SENT => {
+        (IPPROTO_TCP, Some(Kind::TcpSyn) | None) if socket.state == BPF_TCP_SYN_SENT => {
             // SAFETY: the context is the helper's argument; it names the packet's socket.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
             // Taken, not read: the owner is needed for this one packet, and a retransmitted
@@ -77,20 +84,24 @@ fn observe(ctx: &SkBuffContext) {
             };
             decide(ctx, socket, owner, &packet);
         }
-        IPPROTO_UDP => {
+        (IPPROTO_UDP, Some(Kind::Udp { .. }) | None) => {
             let Some(owner) = audited_udp_owner(sk) else {
-                return;
-            };
-            let Some(packet) = Packet::read(ctx, IPPROTO_UDP) else {
                 return;
             };
             // The common case, a socket sending to the same place again: one comparison. A
             // reload changes the generation, so flows are decided again.
             let generation = policy::state().generation;
-            let fingerprint = packet.fingerprint(generation);
-            if owner.last_flow == fingerprint {
+            let fingerprint = match kind {
+                Some(Kind::Udp { flow }) => flow.fingerprint(generation),
+                // Not known without the headers in place: the flow table decides.
+                _ => NO_FLOW,
+            };
+            if fingerprint != NO_FLOW && owner.last_flow == fingerprint {
                 return;
             }
+            let Some(packet) = Packet::read(ctx, IPPROTO_UDP) else {
+                return;
+            };
             // A flow this socket sent before, though not last (a resolver): one lookup.
             let seen = udp::seen_before(ctx, &packet, generation);
             // The flow is decided below, in this same run, so a matching fingerprint later
@@ -101,6 +112,158 @@ fn observe(ctx: &SkBuffContext) {
             }
         }
         _ => {}
+    }
+}
+
+/// What a packet is, as far as this program cares.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A TCP segment with SYN and without ACK: a connection's first packet.
+    TcpSyn,
+    /// A UDP datagram, and the words of its flow.
+    Udp { flow: FlowWords },
+    /// Anything else: nothing to do.
+    Other,
+}
+
+impl Kind {
+    /// The packet's kind, from its headers read in place (direct packet access: loads, no
+    /// helper). `None` when they are not all in the packet's linear part, or an IPv4 header
+    /// has options: the socket then tells (`bpf_sk_fullsock`), as for every packet before.
+    #[inline(always)]
+    fn in_place(ctx: &SkBuffContext) -> Option<Self> {
+        // Enough for an IPv4 header without options and the ports; TCP's flags and IPv6
+        // need more, checked below.
+        let head = Linear::<24>::at(ctx)?;
+        match head.byte(0) {
+            // IPv4, a 20-byte header.
+            0x45 => match head.byte(9) {
+                IPPROTO_TCP => Some(Self::tcp(Linear::<34>::at(ctx)?.byte(33))),
+                IPPROTO_UDP => Some(Self::Udp {
+                    flow: FlowWords {
+                        family: AF_INET,
+                        src: [head.word(12), 0, 0, 0],
+                        dst: [head.word(16), 0, 0, 0],
+                        ports: head.word(20),
+                    },
+                }),
+                _ => Some(Self::Other),
+            },
+            // IPv4 with options.
+            0x46..=0x4f => None,
+            // IPv6: the version is the first byte's high half. A packet behind an extension
+            // header is not followed, as in `Packet::read`.
+            version_and_class if version_and_class >> 4 == 6 => match head.byte(6) {
+                IPPROTO_TCP => Some(Self::tcp(Linear::<54>::at(ctx)?.byte(53))),
+                IPPROTO_UDP => {
+                    let header = Linear::<44>::at(ctx)?;
+                    Some(Self::Udp {
+                        flow: FlowWords {
+                            family: AF_INET6,
+                            src: [
+                                header.word(8),
+                                header.word(12),
+                                header.word(16),
+                                header.word(20),
+                            ],
+                            dst: [
+                                header.word(24),
+                                header.word(28),
+                                header.word(32),
+                                header.word(36),
+                            ],
+                            ports: header.word(40),
+                        },
+                    })
+                }
+                _ => Some(Self::Other),
+            },
+            _ => Some(Self::Other),
+        }
+    }
+
+    /// A TCP segment with these flags (the header's 14th byte).
+    #[inline(always)]
+    fn tcp(flags: u8) -> Self {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        if flags & (SYN | ACK) == SYN {
+            Self::TcpSyn
+        } else {
+            Self::Other
+        }
+    }
+}
+
+/// A UDP datagram's flow as the words its headers hold, in place: both ports (a socket's own
+/// port does not change, so it costs nothing to include it).
+#[derive(Clone, Copy)]
+struct FlowWords {
+    family: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    ports: u32,
+}
+
+/// `SocketOwner::last_flow` when no flow was decided by fingerprint yet.
+const NO_FLOW: u64 = 0;
+
+impl FlowWords {
+    /// An FNV-style hash of the flow and the policy `generation`. Two flows share one by
+    /// accident with odds of 2⁻⁶⁴; it is not meant to resist a program that crafts
+    /// destinations to collide with its own last one.
+    #[inline(always)]
+    fn fingerprint(&self, generation: u32) -> u64 {
+        let words = [
+            u64::from(self.src[0]) << 32 | u64::from(self.src[1]),
+            u64::from(self.src[2]) << 32 | u64::from(self.src[3]),
+            u64::from(self.dst[0]) << 32 | u64::from(self.dst[1]),
+            u64::from(self.dst[2]) << 32 | u64::from(self.dst[3]),
+            u64::from(self.ports) << 32 | u64::from(generation) << 8 | u64::from(self.family),
+        ];
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for word in words {
+            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
+            hash ^= hash >> 29;
+        }
+        // Never `NO_FLOW`.
+        hash | 1
+    }
+}
+
+/// The packet's first `N` bytes, where they are in its linear part: readable in place.
+#[derive(Clone, Copy)]
+struct Linear<const N: usize> {
+    data: *const u8,
+}
+
+impl<const N: usize> Linear<N> {
+    #[inline(always)]
+    fn at(ctx: &SkBuffContext) -> Option<Self> {
+        // SAFETY: fields of the context the kernel passed to this program.
+        let (data, data_end) = unsafe { ((*ctx.skb.skb).data, (*ctx.skb.skb).data_end) };
+        (data as usize + N <= data_end as usize).then_some(Self {
+            data: data as *const u8,
+        })
+    }
+
+    #[inline(always)]
+    fn byte(self, at: usize) -> u8 {
+        // SAFETY: `at` is below N, which `at` checked against the packet's end, a check the
+        // verifier follows. Callers pass constants below N.
+        unsafe { *self.data.add(at) }
+    }
+
+    /// The 4 bytes at `at`, as they lie in memory, in one load (`read_unaligned` would be
+    /// four, and this runs for every datagram).
+    #[inline(always)]
+    fn word(self, at: usize) -> u32 {
+        // SAFETY: as in `byte`, for `at + 4 <= N`. Callers pass multiples of 4, and a packet
+        // this host makes starts its IP header at an aligned offset of its buffer (the
+        // link-layer headroom is reserved in 16-byte steps). Were one not aligned, the load
+        // is still one instruction on the machines the kernel allows it on: the verifier
+        // refuses a misaligned packet load where the CPU cannot make it.
+        unsafe { ptr::read(self.data.add(at).cast::<u32>()) }
     }
 }
 
@@ -221,38 +384,5 @@ impl Packet {
             dst,
             dst_port: u16::from_be_bytes(dst_port),
         })
-    }
-
-    /// An FNV-style hash of the flow and the policy `generation`, a word at a time (fixed indexes: the verifier follows
-    /// them without loops). Two flows share one by accident with odds of 2⁻⁶⁴; it is not meant
-    /// to resist a program that crafts destinations to collide with its own last one.
-    fn fingerprint(&self, generation: u32) -> u64 {
-        let word = |bytes: &[u8; 16], half: usize| {
-            let at = half * 8;
-            u64::from_ne_bytes([
-                bytes[at],
-                bytes[at + 1],
-                bytes[at + 2],
-                bytes[at + 3],
-                bytes[at + 4],
-                bytes[at + 5],
-                bytes[at + 6],
-                bytes[at + 7],
-            ])
-        };
-        let words = [
-            word(&self.src, 0),
-            word(&self.src, 1),
-            word(&self.dst, 0),
-            word(&self.dst, 1),
-            u64::from(generation) << 32 | u64::from(self.dst_port) << 8 | u64::from(self.family),
-        ];
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for word in words {
-            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
-            hash ^= hash >> 29;
-        }
-        // Zero means "no flow yet".
-        hash | 1
     }
 }
