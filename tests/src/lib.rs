@@ -36,6 +36,23 @@ pub fn enter(cgroup: Option<String>, netns: Option<String>) {
         .expect("entering the namespace");
 }
 
+/// `--ip-options` of the clients: IPv4 options (three no-ops and an end, 4 bytes) on every
+/// packet of the socket, so that its IPv4 header is 24 bytes instead of 20.
+pub fn add_ip_options(socket: &impl std::os::fd::AsRawFd) {
+    let options: [u8; 4] = [1, 1, 1, 0];
+    // SAFETY: IP_OPTIONS reads `options.len()` bytes from the buffer given.
+    let result = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::IPPROTO_IP,
+            nix::libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(result, 0, "setsockopt(IP_OPTIONS)");
+}
+
 /// A loopback port nobody listens on now, for a server to be started on later.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -32,6 +32,34 @@ fn is_violation_from(port: u16) -> impl Fn(&Line) -> bool {
     move |line| line.violation().is_some_and(|c| c.src_port == port)
 }
 
+/// The egress program reads a packet's headers in place, and one whose IPv4 header has
+/// options through its socket and a helper instead: such a connection is judged all the same.
+#[test]
+fn a_connection_whose_ipv4_header_has_options_is_judged() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    let options = ["--bind", OTHER_V4, "--ip-options"];
+    let wrong = client(&topology.host, &cgroup.path, &options, PARTNER_V4, 443)
+        .pop()
+        .expect("tcp-client reports its connection");
+    let line = daemon.wait_for("the violation", is_violation_from(wrong.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (
+            violation.src.as_str(),
+            violation.dst.as_str(),
+            violation.dst_port
+        ),
+        (OTHER_V4, PARTNER_V4, 443)
+    );
+    let (_, lines) = daemon.stop_with(Signal::SIGTERM);
+    let violations = lines.iter().filter_map(Line::violation).count();
+    assert_eq!(violations, 1, "{lines:#?}");
+}
+
 #[test]
 fn compliant_connection_gives_no_alert() {
     let topology = Topology::new();

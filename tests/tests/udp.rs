@@ -275,6 +275,52 @@ fn a_compliant_udp_flow_gives_no_alert() {
     assert_eq!(connects, 1, "five datagrams of one flow are one report");
 }
 
+/// The egress program reads a packet's headers in place, and one whose IPv4 header has
+/// options through its socket and a helper instead: such datagrams are judged all the same,
+/// once per flow.
+#[test]
+fn datagrams_whose_ipv4_header_has_options_are_judged_once_per_flow() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(DNS_POLICY);
+    let mut daemon = audit(&policy, &cgroup, &["--all"]);
+
+    let wrong = udp_client(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V4, "--ip-options", "--count", "3"],
+        PARTNER_V4,
+        53,
+    );
+    let right = udp_client(
+        &topology.host,
+        &cgroup.path,
+        &["--ip-options", "--count", "3"],
+        PARTNER_V4,
+        53,
+    );
+    let line = daemon.wait_for("the datagrams' violation", violation_to(PARTNER_V4));
+    assert_udp_violation(line.violation().unwrap(), OTHER_V4, PARTNER_V4, wrong.pid);
+    daemon.wait_for("the compliant flow", |line| {
+        line.connect()
+            .is_some_and(|c| c.src_port == right.src_port && c.verdict == "compliant")
+    });
+    let (_, lines) = daemon.stop_with(Signal::SIGTERM);
+    for client in [&wrong, &right] {
+        let reports = lines
+            .iter()
+            .filter(|line| {
+                line.connect()
+                    .is_some_and(|c| c.src_port == client.src_port)
+            })
+            .count();
+        assert_eq!(
+            reports, 1,
+            "three datagrams of one flow are one report: {lines:#?}"
+        );
+    }
+}
+
 /// The UDP_FLOWS map's memory, as the kernel accounts it (fdinfo of srcip's map descriptors).
 fn lru_map_memlock(pid: u32) -> u64 {
     let mut largest = 0;

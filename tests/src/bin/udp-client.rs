@@ -18,6 +18,7 @@
 //! `--wait` makes the socket (bound and connected as asked), prints `ready`, and sends only
 //! after a line on stdin: a socket made before srcip started.
 //! `--spread N` makes the destinations the N consecutive IPv4 addresses from DST_ADDR.
+//! `--ip-options` puts IPv4 options on the socket's datagrams.
 
 use std::{
     mem::size_of,
@@ -42,6 +43,7 @@ fn main() {
     let mut count = 1;
     let mut spread = None;
     let mut wait = false;
+    let mut ip_options = false;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -57,6 +59,7 @@ fn main() {
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--spread" => spread = args.next().and_then(|n| n.parse::<u32>().ok()),
             "--wait" => wait = true,
+            "--ip-options" => ip_options = true,
             _ => positional.push(arg),
         }
     }
@@ -80,6 +83,9 @@ fn main() {
 
     let socket =
         Socket::new(Domain::for_address(destinations[0]), Type::DGRAM, None).expect("socket");
+    if ip_options {
+        srcip_tests::add_ip_options(&socket);
+    }
     if let Some(address) = bind {
         let address: IpAddr = address.parse().expect("--bind ADDR");
         socket
