@@ -249,9 +249,16 @@ impl<const N: usize> Linear<N> {
 
     #[inline(always)]
     fn byte(self, at: usize) -> u8 {
-        // SAFETY: `at` is below N, which `at` checked against the packet's end, a check the
-        // verifier follows. Callers pass constants below N.
+        // SAFETY: `at` is below N, which `Linear::at` checked against the packet's end, a
+        // check the verifier follows. Callers pass constants below N.
         unsafe { *self.data.add(at) }
+    }
+
+    /// All N bytes, copied.
+    #[inline(always)]
+    fn bytes(self) -> [u8; N] {
+        // SAFETY: as in `byte`; the array's alignment is one byte.
+        unsafe { ptr::read(self.data.cast::<[u8; N]>()) }
     }
 
     /// The 4 bytes at `at`, as they lie in memory, in one load (`read_unaligned` would be
@@ -322,15 +329,10 @@ fn socket_source(socket: &bpf_sock, family: u8) -> Option<[u8; 16]> {
 /// more than in place (docs/BENCHMARKS.md). The helper is the fallback for the rest.
 #[inline(always)]
 fn packet_start<const N: usize>(ctx: &SkBuffContext) -> Option<[u8; N]> {
-    // SAFETY: fields of the context the kernel passed to this program.
-    let (data, data_end) = unsafe { ((*ctx.skb.skb).data, (*ctx.skb.skb).data_end) };
-    let (data, data_end) = (data as usize, data_end as usize);
-    if data + N <= data_end {
-        // SAFETY: the N bytes from `data` are in the packet (checked against `data_end`,
-        // which the verifier follows); the array's alignment is one byte.
-        return Some(unsafe { ptr::read(data as *const [u8; N]) });
+    match Linear::<N>::at(ctx) {
+        Some(linear) => Some(linear.bytes()),
+        None => ctx.skb.load(0).ok(),
     }
-    ctx.skb.load(0).ok()
 }
 
 /// The addresses and ports a TCP or UDP packet carries, in the record layout.
