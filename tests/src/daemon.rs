@@ -19,8 +19,9 @@ use crate::{Line, Netns, srcip_bin};
 const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `srcip run` may take to load and attach: the verifier checks every program
 /// first, which under the matrix's software emulation, with another test's daemon loading
-/// beside it, took up to 15 s on 5.10.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// beside it, took more than 15 s on 5.10 in CI. Every test that starts a daemon of its own
+/// waits this long for its first line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
     child: Child,

@@ -18,7 +18,7 @@ use std::{
 };
 
 pub use alerts::{Connection, Line};
-pub use daemon::Daemon;
+pub use daemon::{Daemon, START_TIMEOUT};
 pub use nix::sys::signal::Signal;
 
 /// For the helper binaries: moves this process into the cgroup directory `cgroup` and into

@@ -10,13 +10,13 @@ use std::{
 };
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
-    connect, make_violation, srcip_bin, udp_client,
+    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, START_TIMEOUT, Signal,
+    TestCgroup, Topology, connect, make_violation, srcip_bin, udp_client,
 };
 
-/// The JSON lines of `path` once `done` holds for them, waiting up to 15 s.
-fn file_lines_until(path: &Path, done: impl Fn(&[Line]) -> bool) -> Vec<Line> {
-    let deadline = Instant::now() + Duration::from_secs(15);
+/// The JSON lines of `path` once `done` holds for them, waiting up to `timeout`.
+fn file_lines_until(path: &Path, timeout: Duration, done: impl Fn(&[Line]) -> bool) -> Vec<Line> {
+    let deadline = Instant::now() + timeout;
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         // Only whole lines: the sink may be writing the last one.
@@ -36,6 +36,9 @@ fn file_lines_until(path: &Path, done: impl Fn(&[Line]) -> bool) -> Vec<Line> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// How long a line may take once the daemon has started.
+const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[test]
 fn a_file_sink_gets_every_alert_and_quiet_keeps_stdout_empty() {
@@ -66,7 +69,7 @@ fn a_file_sink_gets_every_alert_and_quiet_keeps_stdout_empty() {
         .unwrap();
         srcip.wait_with_output().unwrap()
     };
-    file_lines_until(&file, |lines| {
+    file_lines_until(&file, START_TIMEOUT, |lines| {
         lines
             .iter()
             .any(|line| matches!(line, Line::Started { .. }))
@@ -79,7 +82,7 @@ fn a_file_sink_gets_every_alert_and_quiet_keeps_stdout_empty() {
         PARTNER_V4,
         443,
     );
-    file_lines_until(&file, |lines| {
+    file_lines_until(&file, LINE_TIMEOUT, |lines| {
         lines
             .iter()
             .filter_map(Line::violation)
@@ -92,7 +95,7 @@ fn a_file_sink_gets_every_alert_and_quiet_keeps_stdout_empty() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.stdout.is_empty(), "--quiet writes nothing to stdout");
-    let lines = file_lines_until(&file, |lines| {
+    let lines = file_lines_until(&file, LINE_TIMEOUT, |lines| {
         lines
             .iter()
             .any(|line| matches!(line, Line::Stopped { .. }))

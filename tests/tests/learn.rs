@@ -4,12 +4,11 @@ use std::{
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
     sync::mpsc,
-    time::Duration,
 };
 
 use srcip_tests::{
-    ALLOWED_V4, ALLOWED_V6, Daemon, Line, OTHER_V4, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
-    TestCgroup, Topology, connect, udp_client,
+    ALLOWED_V4, ALLOWED_V6, Daemon, Line, OTHER_V4, PARTNER_V4, PARTNER_V6, PolicyFile,
+    START_TIMEOUT, Signal, TestCgroup, Topology, connect, udp_client,
 };
 
 #[test]
@@ -19,7 +18,9 @@ fn a_learnt_policy_validates_and_allows_exactly_the_sources_seen() {
     let dir = tempfile::tempdir().unwrap();
     let learnt = dir.path().join("learnt.toml");
     let mut learn = Command::new(srcip_tests::srcip_bin())
-        .args(["policy", "learn", "--duration", "4s", "--cgroup"])
+        // Long enough for the three clients below under the matrix's software emulation,
+        // where spawning one into its cgroup and namespace can take a second.
+        .args(["policy", "learn", "--duration", "10s", "--cgroup"])
         .arg(&cgroup.path)
         .arg("--output")
         .arg(&learnt)
@@ -42,7 +43,7 @@ fn a_learnt_policy_validates_and_allows_exactly_the_sources_seen() {
     {
         said.push(
             lines
-                .recv_timeout(Duration::from_secs(30))
+                .recv_timeout(START_TIMEOUT)
                 .expect("learn says it is learning"),
         );
     }

@@ -10,8 +10,8 @@ use std::{
 
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_POLICY,
-    PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, client, connect,
-    connect_many, srcip_bin,
+    PARTNER_V4, PARTNER_V6, PolicyFile, START_TIMEOUT, Signal, TestCgroup, Topology, client,
+    connect, connect_many, srcip_bin,
 };
 
 /// A daemon auditing only `cgroup` (so that other tests' traffic never shows up here).
@@ -526,8 +526,8 @@ fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
             let _ = sender.send(line);
         }
     });
+    let mut seen = vec![lines.recv_timeout(START_TIMEOUT).expect("a started line")];
     let timeout = Duration::from_secs(15);
-    let mut seen = vec![lines.recv_timeout(timeout).expect("a started line")];
     assert!(seen[0].contains(" started: "), "{seen:?}");
 
     // 15 bytes, the most a name holds: what a forged line would start with.
