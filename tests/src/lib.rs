@@ -21,6 +21,12 @@ pub use alerts::{Connection, Line};
 pub use daemon::{Daemon, START_TIMEOUT};
 pub use nix::sys::signal::Signal;
 
+/// How long an alert may take to reach a receiver that was down when srcip first tried it:
+/// the sink waits up to 30 s between attempts (`MAX_BACKOFF` in
+/// srcip-userspace/src/delivery/spool.rs), a wait that grows while the daemon starts and
+/// connects under the matrix's emulation, and the attempt itself may take seconds there.
+pub const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// For the helper binaries: moves this process into the cgroup directory `cgroup` and into
 /// the network namespace `/run/netns/NETNS`. Threads created afterwards inherit both.
 pub fn enter(cgroup: Option<String>, netns: Option<String>) {

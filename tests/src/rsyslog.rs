@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::DELIVERY_TIMEOUT;
+
 pub struct Rsyslog {
     child: Child,
     folder: tempfile::TempDir,
@@ -71,9 +73,10 @@ template(name="fields" type="string" string="%inputname%|%app-name%|%msgid%|%str
         rsyslog
     }
 
-    /// The lines written so far, once one satisfies `wanted` (waiting up to 15 s).
+    /// The lines written so far, once one satisfies `wanted` (waiting up to
+    /// [`DELIVERY_TIMEOUT`]).
     pub fn wait_for(&self, what: &str, wanted: impl Fn(&str) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
         loop {
             let text =
                 std::fs::read_to_string(self.folder.path().join("out.log")).unwrap_or_default();

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::DELIVERY_TIMEOUT;
+
 const RECEIVER: &str = r#"
 import http.server, json, ssl, sys
 port, cert, key, out = sys.argv[1:]
@@ -102,9 +104,10 @@ impl WebhookReceiver {
         receiver
     }
 
-    /// Every POST received so far, once `done` holds for them (waiting up to 30 s).
+    /// Every POST received so far, once `done` holds for them (waiting up to
+    /// [`DELIVERY_TIMEOUT`]).
     pub fn wait_for(&self, done: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
         loop {
             let text = std::fs::read_to_string(&self.out).unwrap_or_default();
             let posts: Vec<serde_json::Value> = text

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures_util::StreamExt as _;
 use srcip_tests::{
-    Daemon, Line, PARTNER_POLICY, PolicyFile, Signal, TestCgroup, Topology, free_port,
-    make_violation, nats::NatsServer,
+    DELIVERY_TIMEOUT, Daemon, Line, PARTNER_POLICY, PolicyFile, Signal, TestCgroup, Topology,
+    free_port, make_violation, nats::NatsServer,
 };
 
 /// Every message of `stream` on the server at `port`, read by a new consumer from the
@@ -129,7 +129,7 @@ fn alerts_made_while_the_server_is_down_reach_the_stream_when_it_is_back() {
     std::thread::sleep(Duration::from_millis(500));
     let server = NatsServer::start(port);
     // The sink retries with backoff; wait until both spooled alerts are in the stream.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + DELIVERY_TIMEOUT;
     loop {
         if let Some(replayed) = replay(server.port, "SRCIP")
             && replayed.iter().any(|(_, kind, port)| {

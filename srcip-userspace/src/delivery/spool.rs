@@ -27,7 +27,7 @@ const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
 
 /// Spooled alerts handed to the receiver in one send, at most.
 const SEND_BATCH: usize = 256;
-/// The longest wait between two attempts to reach a receiver that is down.
+/// The longest wait between two attempts to reach a receiver that is down, jitter included.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Moves what arrives in `alerts` through `spool` to a receiver, until the queue is closed:
@@ -47,7 +47,9 @@ pub(super) fn forward(
     let new_backoff = || {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(MAX_BACKOFF)
+            // backon's jitter adds up to the delay itself, so the delay stops at half the
+            // longest wait.
+            .with_max_delay(MAX_BACKOFF / 2)
             .with_jitter()
             .without_max_times()
             .build()
