@@ -16,7 +16,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use crate::{Line, Netns, srcip_bin};
 
 /// How long any expected line may take. Generous: CI machines are shared and noisy.
-const LINE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `srcip run` may take to load and attach: the verifier checks every program
 /// first, which under the matrix's software emulation takes about 20 s on 5.10 on an idle
 /// guest, and twice that with another test's daemon loading beside it. Every test that

@@ -18,7 +18,7 @@ use std::{
 };
 
 pub use alerts::{Connection, Line};
-pub use daemon::{Daemon, START_TIMEOUT};
+pub use daemon::{Daemon, LINE_TIMEOUT, START_TIMEOUT};
 pub use nix::sys::signal::Signal;
 
 /// How long an alert may take to reach a receiver that was down when srcip first tried it:

@@ -10,8 +10,8 @@ use std::{
 };
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, START_TIMEOUT, Signal,
-    TestCgroup, Topology, connect, make_violation, srcip_bin, udp_client,
+    Daemon, LINE_TIMEOUT, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, START_TIMEOUT,
+    Signal, TestCgroup, Topology, connect, make_violation, srcip_bin, udp_client,
 };
 
 /// The JSON lines of `path` once `done` holds for them, waiting up to `timeout`.
@@ -36,9 +36,6 @@ fn file_lines_until(path: &Path, timeout: Duration, done: impl Fn(&[Line]) -> bo
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-
-/// How long a line may take once the daemon has started.
-const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[test]
 fn a_file_sink_gets_every_alert_and_quiet_keeps_stdout_empty() {

@@ -9,9 +9,9 @@ use std::{
 };
 
 use srcip_tests::{
-    ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_POLICY,
-    PARTNER_V4, PARTNER_V6, PolicyFile, START_TIMEOUT, Signal, TestCgroup, Topology, client,
-    connect, connect_many, srcip_bin,
+    ALLOWED_V4, ALLOWED_V6, Connection, Daemon, LINE_TIMEOUT, Line, OTHER_V4, OTHER_V6,
+    PARTNER_POLICY, PARTNER_V4, PARTNER_V6, PolicyFile, START_TIMEOUT, Signal, TestCgroup,
+    Topology, client, connect, connect_many, srcip_bin,
 };
 
 /// A daemon auditing only `cgroup` (so that other tests' traffic never shows up here).
@@ -527,7 +527,6 @@ fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
         }
     });
     let mut seen = vec![lines.recv_timeout(START_TIMEOUT).expect("a started line")];
-    let timeout = Duration::from_secs(15);
     assert!(seen[0].contains(" started: "), "{seen:?}");
 
     // 15 bytes, the most a name holds: what a forged line would start with.
@@ -538,7 +537,11 @@ fn a_process_named_with_a_newline_cannot_forge_a_text_alert_line() {
         .expect("tcp-client reports its connection");
     let port = format!(":{} ", client.src_port);
     while !seen.last().unwrap().contains(&port) {
-        seen.push(lines.recv_timeout(timeout).expect("the violation's line"));
+        seen.push(
+            lines
+                .recv_timeout(LINE_TIMEOUT)
+                .expect("the violation's line"),
+        );
     }
     srcip.kill().unwrap();
     srcip.wait().unwrap();
