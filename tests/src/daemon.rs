@@ -15,8 +15,9 @@ use nix::{sys::signal::Signal, unistd::Pid};
 
 use crate::{Line, Netns, srcip_bin};
 
-/// How long any expected line may take. Generous: CI machines are shared and noisy.
-pub const LINE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long any expected line may take. Generous: CI machines are shared and noisy, and
+/// the matrix's guests run under software emulation beside another test's daemon loading.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `srcip run` may take to load and attach: the verifier checks every program
 /// first, which under the matrix's software emulation takes about 20 s on 5.10 on an idle
 /// guest, and twice that with another test's daemon loading beside it. Every test that

@@ -67,7 +67,7 @@ impl NameServer {
             folder,
             resolv_conf,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + crate::SERVER_START_TIMEOUT;
         while !listening(netns) {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!("dnsmasq exited at start ({status}); its stderr is above");

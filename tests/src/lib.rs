@@ -27,6 +27,11 @@ pub use nix::sys::signal::Signal;
 /// connects under the matrix's emulation, and the attempt itself may take seconds there.
 pub const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
 
+/// How long a test's own server (rsyslogd, nats-server, dnsmasq, the webhook receiver) may
+/// take to answer: in the matrix's 5.10 guest a process start alone takes up to 0.6 s, and
+/// the verifier of another test's daemon may hold both vCPUs for 20 s meanwhile.
+pub const SERVER_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// For the helper binaries: moves this process into the cgroup directory `cgroup` and into
 /// the network namespace `/run/netns/NETNS`. Threads created afterwards inherit both.
 pub fn enter(cgroup: Option<String>, netns: Option<String>) {
@@ -392,7 +397,7 @@ pub fn connect_line(
 
 /// Waits until something listens on loopback `port` (a test server starting).
 pub fn wait_until_listening(port: u16, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + SERVER_START_TIMEOUT;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             std::time::Instant::now() < deadline,

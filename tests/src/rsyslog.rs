@@ -60,7 +60,7 @@ template(name="fields" type="string" string="%inputname%|%app-name%|%msgid%|%str
             folder,
             socket,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + crate::SERVER_START_TIMEOUT;
         while !(rsyslog.socket.exists()
             && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
         {

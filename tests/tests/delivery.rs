@@ -143,7 +143,7 @@ impl Watcher {
     fn next(&self) -> Line {
         let text = self
             .lines
-            .recv_timeout(Duration::from_secs(15))
+            .recv_timeout(LINE_TIMEOUT)
             .expect("a line from srcip watch");
         Line::parse(&text)
     }

@@ -8,8 +8,8 @@ use std::{
 };
 
 use srcip_tests::{
-    ALLOWED_V4, Daemon, Netns, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology,
-    connect, free_port, make_violation,
+    ALLOWED_V4, Daemon, LINE_TIMEOUT, Netns, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup,
+    Topology, connect, free_port, make_violation,
 };
 
 /// `GET /metrics` on the loopback of `netns`, where the daemon runs: the content type and
@@ -105,7 +105,7 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
     }
 
     // The kernel's counters are read once a second.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + LINE_TIMEOUT;
     let scrape = loop {
         let (content_type, scrape) = scrape(&topology.host, port);
         assert!(

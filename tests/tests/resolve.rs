@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PolicyFile, TestCgroup, Topology, check_in_with, connect_line,
-    dns::NameServer, ip_in, nft_in, run,
+    Daemon, LINE_TIMEOUT, Line, OTHER_V4, PolicyFile, TestCgroup, Topology, check_in_with,
+    connect_line, dns::NameServer, ip_in, nft_in, run,
 };
 
 const NAME: &str = "api.partner.srcip.test";
@@ -236,7 +236,7 @@ fn a_stop_signal_while_a_name_server_is_silent_stops_the_daemon_at_once() {
          add chain inet silent input { type filter hook input priority 0; }; \
          add rule inet silent input udp dport 53 counter drop",
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + LINE_TIMEOUT;
     while dropped_queries(&topology.partner.name) == 0 {
         assert!(Instant::now() < deadline, "srcip asked no name server");
         std::thread::sleep(Duration::from_millis(100));
