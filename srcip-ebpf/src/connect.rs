@@ -111,21 +111,21 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
         ACTION_BLOCK => {
             // SAFETY: as above.
             let src_port = read(unsafe { &(*sk).src_port }) as u16;
-            judge_block(owner, &connection, chosen, (index, rule), src_port)
+            judge_block(owner, &connection, chosen, index, src_port)
         }
         _ => ALLOW,
     }
 }
 
-/// `block`: refuses, and records, a connection or datagram whose source `rule` (with its
-/// index) does not allow: the one its program `chosen`, else the one predicted for its
+/// `block`: refuses, and records, a connection or datagram whose source the rule with
+/// `rule_index` does not allow: the one its program `chosen`, else the one predicted for its
 /// destination. `src_port`: the socket's, when bound.
 #[inline(always)]
 fn judge_block(
     owner: &SocketOwner,
     connection: &Connection,
     chosen: Option<[u8; 16]>,
-    (index, rule): (u32, &KernelRule),
+    rule_index: u32,
     src_port: u16,
 ) -> i32 {
     let (src, flags) = match chosen {
@@ -137,14 +137,14 @@ fn judge_block(
             None => return ALLOW,
         },
     };
-    if allows_source(rule, connection.family, &src) {
+    if allows_source(rule_index, connection.family, &src) {
         return ALLOW;
     }
     let refused = Connection {
         src: &src,
         ..*connection
     };
-    let delivery = Delivery::Violation { rule: index };
+    let delivery = Delivery::Violation { rule: rule_index };
     record(owner, &refused, &src, src_port, delivery, flags);
     REFUSE
 }
@@ -261,7 +261,7 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
         }
         ACTION_BLOCK => {
             let src_port = read(&socket.src_port) as u16;
-            judge_block(owner, &connection, bound, (index, rule), src_port)
+            judge_block(owner, &connection, bound, index, src_port)
         }
         _ => ALLOW,
     }

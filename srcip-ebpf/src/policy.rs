@@ -2,6 +2,16 @@
 //! (`srcip_common::policy`). Compliant connections, and unmatched ones the policy ignores,
 //! need no record (unless pinned, which is reported): they cost the connecting task a trie
 //! lookup and nothing more.
+//!
+//! The two loops over the policy, finding the rule (candidates, and each one's port ranges)
+//! and testing the source against it (allowed sources, byte by byte), are global functions:
+//! the verifier checks a global function once, on its own, for any arguments, where it
+//! checks a static one (or inlined code) again on every path that reaches it. Those paths
+//! are many in every hook (socket families, owner tables, pin and block), and walking the
+//! loops on each made up most of what the verifier walked: about 20 s of every start on
+//! 5.10 under the kernel matrix's emulation, 8 s with them global (docs/design.md). Before
+//! 5.12 a global function takes only scalars (and the context), so the connection crosses
+//! as words.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use srcip_common::{
@@ -88,7 +98,7 @@ fn verdict(connection: &Connection) -> Verdict {
     };
     match lookup(connection) {
         Lookup::Rule(_, rule) if rule.undecidable != 0 => Verdict::Undecided,
-        Lookup::Rule(index, rule) if !allows_source(rule, connection.family, connection.src) => {
+        Lookup::Rule(index, _) if !allows_source(index, connection.family, connection.src) => {
             Verdict::Violation { rule: index }
         }
         Lookup::Rule(_, rule) => Verdict::Fine {
@@ -108,19 +118,56 @@ enum Lookup {
 }
 
 fn lookup(connection: &Connection) -> Lookup {
-    let dst = connection.dst;
-    let candidates = if connection.family == AF_INET {
+    let (dst_high, dst_low) = address_words(connection.dst);
+    let found = srcip_policy_rule(
+        u64::from(connection.family),
+        u64::from(connection.protocol),
+        u64::from(connection.dst_port),
+        dst_high,
+        dst_low,
+    );
+    match found {
+        FOUND_TRUNCATED => Lookup::Truncated,
+        FOUND_NONE => Lookup::Unmatched,
+        // The index the function read from the candidates, so `RULES` has it.
+        index => match RULES.get(index as u32) {
+            Some(rule) => Lookup::Rule(index as u32, rule),
+            None => Lookup::Unmatched,
+        },
+    }
+}
+
+/// What [`srcip_policy_rule`] returns besides a rule's index (which is below 2³²).
+const FOUND_NONE: u64 = u64::MAX;
+const FOUND_TRUNCATED: u64 = u64::MAX - 1;
+
+/// The index in `RULES` of the rule that applies to a connection of `family` and
+/// `protocol` to `dst_port` at the address whose record-layout words are `dst_high` and
+/// `dst_low`; `FOUND_TRUNCATED` when none of the listed candidates does but more rules
+/// apply there than were listed, else `FOUND_NONE`. A global function: see the module's
+/// comment.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn srcip_policy_rule(
+    family: u64,
+    protocol: u64,
+    dst_port: u64,
+    dst_high: u64,
+    dst_low: u64,
+) -> u64 {
+    let dst = address_from_words(dst_high, dst_low);
+    let candidates = if family == u64::from(AF_INET) {
         V4_DESTINATIONS.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
     } else {
-        V6_DESTINATIONS.get(Key::new(128, *dst))
+        V6_DESTINATIONS.get(Key::new(128, dst))
     };
     let Some(candidates) = candidates else {
-        return Lookup::Unmatched;
+        return FOUND_NONE;
     };
-    match first_matching_rule(candidates, connection) {
-        Some((index, rule)) => Lookup::Rule(index, rule),
-        None if candidates.truncated != 0 => Lookup::Truncated,
-        None => Lookup::Unmatched,
+    match first_matching_rule(candidates, protocol as u8, dst_port as u16) {
+        Some(index) => u64::from(index),
+        None if candidates.truncated != 0 => FOUND_TRUNCATED,
+        None => FOUND_NONE,
     }
 }
 
@@ -134,12 +181,10 @@ pub fn enforcing_rule(connection: &Connection) -> Option<(u32, &'static KernelRu
         _ => None,
     }
 }
-/// The first candidate rule whose protocol and ports include the connection, with its index.
-fn first_matching_rule(
-    candidates: &Candidates,
-    connection: &Connection,
-) -> Option<(u32, &'static KernelRule)> {
-    let protocol = if connection.protocol == IPPROTO_TCP {
+
+/// The index of the first candidate rule whose protocol and ports include the connection.
+fn first_matching_rule(candidates: &Candidates, protocol: u8, dst_port: u16) -> Option<u32> {
+    let protocol = if protocol == IPPROTO_TCP {
         PROTOCOL_TCP
     } else {
         PROTOCOL_UDP
@@ -150,8 +195,8 @@ fn first_matching_rule(
         }
         let rule_index = candidates.rules[index];
         let rule = RULES.get(rule_index)?;
-        if rule.protocols & protocol != 0 && includes_port(rule, connection.dst_port) {
-            return Some((rule_index, rule));
+        if rule.protocols & protocol != 0 && includes_port(rule, dst_port) {
+            return Some(rule_index);
         }
     }
     None
@@ -173,14 +218,33 @@ fn includes_port(rule: &KernelRule, port: u16) -> bool {
     false
 }
 
-/// Whether `rule` allows `src`, an address of `family` in the record layout.
-pub fn allows_source(rule: &KernelRule, family: u8, src: &[u8; 16]) -> bool {
+/// Whether the rule with `rule_index` in `RULES` allows `src`, an address of `family` in
+/// the record layout.
+pub fn allows_source(rule_index: u32, family: u8, src: &[u8; 16]) -> bool {
+    let (src_high, src_low) = address_words(src);
+    srcip_policy_allows(u64::from(rule_index), u64::from(family), src_high, src_low) != 0
+}
+
+/// 1 when the rule with `rule_index` allows the source of `family` whose record-layout
+/// words are `src_high` and `src_low`, else 0. A global function: see the module's comment.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn srcip_policy_allows(
+    rule_index: u64,
+    family: u64,
+    src_high: u64,
+    src_low: u64,
+) -> u64 {
+    let Some(rule) = RULES.get(rule_index as u32) else {
+        return 0;
+    };
+    let src = address_from_words(src_high, src_low);
     for index in 0..MAX_ALLOWED_SOURCES {
         if index as u32 >= rule.source_count {
             break;
         }
         let allowed = &rule.sources[index];
-        if allowed.family != u32::from(family) {
+        if u64::from(allowed.family) != family {
             continue;
         }
         let mut inside = true;
@@ -190,8 +254,26 @@ pub fn allows_source(rule: &KernelRule, family: u8, src: &[u8; 16]) -> bool {
             }
         }
         if inside {
-            return true;
+            return 1;
         }
     }
-    false
+    0
+}
+
+/// An address in the record layout as two words, its first 8 bytes and its last, for a
+/// global function's arguments.
+fn address_words(address: &[u8; 16]) -> (u64, u64) {
+    let mut high = [0; 8];
+    let mut low = [0; 8];
+    high.copy_from_slice(&address[..8]);
+    low.copy_from_slice(&address[8..]);
+    (u64::from_ne_bytes(high), u64::from_ne_bytes(low))
+}
+
+/// The address [`address_words`] made the words of.
+fn address_from_words(high: u64, low: u64) -> [u8; 16] {
+    let mut address = [0; 16];
+    address[..8].copy_from_slice(&high.to_ne_bytes());
+    address[8..].copy_from_slice(&low.to_ne_bytes());
+    address
 }
