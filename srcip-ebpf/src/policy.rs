@@ -8,8 +8,8 @@
 //! the verifier checks a global function once, on its own, for any arguments, where it
 //! checks a static one (or inlined code) again on every path that reaches it. Those paths
 //! are many in every hook (socket families, owner tables, pin and block), and walking the
-//! loops on each made up most of what the verifier walked: about 20 s of every start on
-//! 5.10 under the kernel matrix's emulation, 8 s with them global (docs/design.md). Before
+//! loops on each made up most of what the verifier walked: about 19 s of every start on
+//! 5.10 under the kernel matrix's emulation, 2 s with them global (docs/design.md). Before
 //! 5.12 a global function takes only scalars (and the context), so the connection crosses
 //! as words.
 
