@@ -19,9 +19,11 @@ use crate::{Line, Netns, srcip_bin};
 /// the matrix's guests run under software emulation beside another test's daemon loading.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `srcip run` may take to load and attach: the verifier checks every program
-/// first, which under the matrix's software emulation takes about 20 s on 5.10 on an idle
-/// guest, and twice that with another test's daemon loading beside it. Every test that
-/// starts a daemon of its own waits this long for its first line.
+/// first. Under the matrix's software emulation a start on 5.10 takes about 8 s on an idle
+/// guest (25 s while the verifier walked the policy's loops on every path, docs/design.md),
+/// and twice that with another test's daemon loading beside it; the limit leaves room for
+/// a slower machine. Every test that starts a daemon of its own waits this long for its
+/// first line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Daemon {
