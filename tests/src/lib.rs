@@ -29,7 +29,8 @@ pub const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 /// How long a test's own server (rsyslogd, nats-server, dnsmasq, the webhook receiver) may
 /// take to answer: in the matrix's 5.10 guest a process start alone takes up to 0.6 s, and
-/// the verifier of another test's daemon may hold both vCPUs for 20 s meanwhile.
+/// another test's daemon may be starting beside it (8 s there, 25 s before the policy's
+/// loops became global functions): the limit leaves room for a slower machine.
 pub const SERVER_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// For the helper binaries: moves this process into the cgroup directory `cgroup` and into
