@@ -23,6 +23,12 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Hash of audited cgroup ids, see [`crate::scope`].
     pub const AUDITED_CGROUPS: &str = "AUDITED_CGROUPS";
+    /// Hash of `scope::CgroupPath` → unused byte: the audited cgroups' paths, whose new
+    /// instances the cgroup tracepoint programs add to `AUDITED_CGROUPS`.
+    pub const AUDITED_CGROUP_PATHS: &str = "AUDITED_CGROUP_PATHS";
+    /// The `cgroup:cgroup_mkdir` and `cgroup:cgroup_rmdir` tracepoint programs.
+    pub const CGROUP_MKDIR_PROGRAM: &str = "srcip_cgroup_mkdir";
+    pub const CGROUP_RMDIR_PROGRAM: &str = "srcip_cgroup_rmdir";
     /// Global bit mask of the cgroup levels present in `AUDITED_CGROUPS`.
     pub const AUDITED_CGROUP_LEVELS: &str = "AUDITED_CGROUP_LEVELS";
     /// LPM tries of destination prefixes → `policy::Candidates`.
@@ -47,7 +53,7 @@ pub mod names {
     pub const FOLD_WINDOW_NS: &str = "FOLD_WINDOW_NS";
     /// Global: non-zero audits srcip's own sockets too.
     pub const AUDIT_DAEMON: &str = "AUDIT_DAEMON";
-    /// Socket-local storage of `owner::SocketOwner`.
+    /// Socket-local storage of `owner::UdpOwner`.
     pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
     /// The `cgroup/sock_create` program that records a socket's owner.
     pub const SOCK_CREATE_PROGRAM: &str = "srcip_sock_create";

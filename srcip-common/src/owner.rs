@@ -11,7 +11,7 @@
 //! `TCP_OWNER_ENTRIES` cookies later whether it was or not.
 
 /// Slots of the TCP owner table: how many sockets may be created after a TCP socket before
-/// it loses its owner if it has not sent its SYN yet. 32,768 slots of 64 bytes take 2 MiB
+/// it loses its owner if it has not sent its SYN yet. 32,768 slots of 56 bytes take 1.75 MiB
 /// of kernel memory, allocated when srcip starts. A power of two: the slot is the cookie's
 /// low bits.
 pub const TCP_OWNER_ENTRIES: u32 = 32 * 1024;
@@ -36,14 +36,38 @@ pub struct SocketOwner {
     pub audited: u32,
     /// `OWNER_*` bits.
     pub flags: u32,
-    /// Fingerprint of the last flow (source, destination, port) this socket's packets were
-    /// decided for: a UDP datagram of the same flow, or a retransmitted SYN, costs a
-    /// comparison, not a map lookup.
-    /// Written in one aligned 8-byte store, so a reader never sees half of it.
-    pub last_flow: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56);
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 48);
+
+/// What a UDP socket's storage holds: its owner, and the last flow its datagrams were decided
+/// for, so that the next datagram of that flow costs a comparison, not a map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpOwner {
+    pub owner: SocketOwner,
+    pub last_flow: LastFlow,
+}
+
+const _: () = assert!(core::mem::size_of::<UdpOwner>() == 96);
+
+/// A UDP flow as the words of its headers, compared whole: a hash of it would let a program
+/// that wants to hide a datagram send a decoy whose hash is the same first. All zero (family
+/// 0) matches no datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastFlow {
+    /// Source and destination addresses as they lie in the packet (IPv4: the first word).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Source and destination ports, as they lie in the packet.
+    pub ports: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// `PolicyState::generation` the flow was decided under: a reload decides it again.
+    pub generation: u32,
+    pub reserved: u32,
+}
 
 /// `SocketOwner::flags`: srcip bound the socket to a `pin` rule's source at `connect()`, so
 /// its connection is reported as pinned.
@@ -53,4 +77,6 @@ pub const OWNER_PINNED: u32 = 1 << 0;
 mod user {
     // SAFETY: plain-old-data with explicit widths and no padding (size asserted above).
     unsafe impl aya::Pod for super::SocketOwner {}
+    // SAFETY: as above (size asserted above, every field an integer).
+    unsafe impl aya::Pod for super::UdpOwner {}
 }

@@ -40,7 +40,7 @@ use srcip_common::{
 use crate::{
     address::{address_v4, mapped_v4, nonzero, read, read_v6, socket_source},
     maps::{PREDICTED_V4_SOURCES, PREDICTED_V6_SOURCES, PRESENT_PIN_SOURCES, count},
-    owner::{audited_udp_owner, connecting_owner, release_tcp_owner},
+    owner::{calling_owner, release_tcp_owner},
     policy::{self, Connection, Delivery, allows_source, enforcing_rule},
     report::record,
 };
@@ -69,13 +69,13 @@ pub fn srcip_sendmsg6(ctx: SockAddrContext) -> i32 {
     sending(&ctx, AF_INET6)
 }
 
-/// A datagram of an unconnected UDP socket (a connected one's never comes here). Sockets made
-/// before srcip started were given their owner by user space at start.
+/// A datagram of an unconnected UDP socket (a connected one's never comes here). A socket
+/// with no owner yet is adopted by its sender when the sender is audited (`calling_owner`).
 #[inline(always)]
 fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     // SAFETY: the context pointer the kernel passed to this program; `sk` is never null here.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    let Some(owner) = audited_udp_owner(sk) else {
+    let Some(owner) = calling_owner(ctx) else {
         return ALLOW;
     };
     // The mark says whether this datagram was pinned, not an earlier one.
@@ -215,7 +215,7 @@ fn set_pin_source(
 /// `hook_family`: `AF_INET` for connect4, `AF_INET6` for connect6.
 #[inline(always)]
 fn connecting(ctx: &SockAddrContext, hook_family: u8) -> i32 {
-    let Some(owner) = connecting_owner(ctx) else {
+    let Some(owner) = calling_owner(ctx) else {
         return ALLOW;
     };
     // A UDP socket connected again keeps its owner: the mark says whether this connection

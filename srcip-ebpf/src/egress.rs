@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use srcip_common::{
-    owner::SocketOwner,
+    owner::{LastFlow, SocketOwner},
     record::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -79,36 +79,41 @@ fn observe(ctx: &SkBuffContext) {
             let Some(owner) = take_tcp_owner(cookie) else {
                 return;
             };
-            let Some(packet) = Packet::read(ctx, IPPROTO_TCP) else {
+            let Some(packet) = Packet::read(ctx, socket, IPPROTO_TCP) else {
                 return;
             };
             decide(ctx, socket, owner, &packet);
         }
         (IPPROTO_UDP, Some(Kind::Udp { .. }) | None) => {
-            let Some(owner) = audited_udp_owner(sk) else {
+            let Some(udp) = audited_udp_owner(sk) else {
                 return;
             };
-            // The common case, a socket sending to the same place again: one comparison. A
-            // reload changes the generation, so flows are decided again.
+            // The common case, a socket sending to the same place again: one comparison of
+            // the whole flow. A reload changes the generation, so flows are decided again.
             let generation = policy::state().generation;
-            let fingerprint = match kind {
-                Some(Kind::Udp { flow }) => flow.fingerprint(generation),
-                // Not known without the headers in place: the flow table decides.
-                _ => NO_FLOW,
+            // Not known without the headers in place: the flow table decides.
+            let in_place = match kind {
+                Some(Kind::Udp { family }) => Some(family),
+                _ => None,
             };
-            if fingerprint != NO_FLOW && owner.last_flow == fingerprint {
+            if let Some(family) = in_place
+                && is_last_flow(ctx, family, &udp.last_flow, generation)
+            {
                 return;
             }
-            let Some(packet) = Packet::read(ctx, IPPROTO_UDP) else {
+            let Some(packet) = Packet::read(ctx, socket, IPPROTO_UDP) else {
                 return;
             };
             // A flow this socket sent before, though not last (a resolver): one lookup.
             let seen = udp::seen_before(ctx, &packet, generation);
-            // The flow is decided below, in this same run, so a matching fingerprint later
-            // means "already reported".
-            owner.last_flow = fingerprint;
+            // The flow is decided below, in this same run, so the same flow later means
+            // "already reported".
+            match in_place {
+                Some(family) => remember_flow(ctx, family, &mut udp.last_flow, generation),
+                None => udp.last_flow.family = 0,
+            }
             if !seen {
-                decide(ctx, socket, owner, &packet);
+                decide(ctx, socket, &udp.owner, &packet);
             }
         }
         _ => {}
@@ -120,8 +125,8 @@ fn observe(ctx: &SkBuffContext) {
 enum Kind {
     /// A TCP segment with SYN and without ACK: a connection's first packet.
     TcpSyn,
-    /// A UDP datagram, and the words of its flow.
-    Udp { flow: FlowWords },
+    /// A UDP datagram of `family` whose headers are in place (`is_last_flow`).
+    Udp { family: u8 },
     /// Anything else: nothing to do.
     Other,
 }
@@ -139,43 +144,20 @@ impl Kind {
             // IPv4, a 20-byte header.
             0x45 => match head.byte(9) {
                 IPPROTO_TCP => Some(Self::tcp(Linear::<34>::at(ctx)?.byte(33))),
-                IPPROTO_UDP => Some(Self::Udp {
-                    flow: FlowWords {
-                        family: AF_INET,
-                        src: [head.word(12), 0, 0, 0],
-                        dst: [head.word(16), 0, 0, 0],
-                        ports: head.word(20),
-                    },
-                }),
+                IPPROTO_UDP => Some(Self::Udp { family: AF_INET }),
                 _ => Some(Self::Other),
             },
             // IPv4 with options.
             0x46..=0x4f => None,
-            // IPv6: the version is the first byte's high half. A packet behind an extension
-            // header is not followed, as in `Packet::read`.
+            // IPv6: the version is the first byte's high half. A transport header behind
+            // extension headers is found by `Packet::read`.
             version_and_class if version_and_class >> 4 == 6 => match head.byte(6) {
                 IPPROTO_TCP => Some(Self::tcp(Linear::<54>::at(ctx)?.byte(53))),
                 IPPROTO_UDP => {
-                    let header = Linear::<44>::at(ctx)?;
-                    Some(Self::Udp {
-                        flow: FlowWords {
-                            family: AF_INET6,
-                            src: [
-                                header.word(8),
-                                header.word(12),
-                                header.word(16),
-                                header.word(20),
-                            ],
-                            dst: [
-                                header.word(24),
-                                header.word(28),
-                                header.word(32),
-                                header.word(36),
-                            ],
-                            ports: header.word(40),
-                        },
-                    })
+                    Linear::<44>::at(ctx)?;
+                    Some(Self::Udp { family: AF_INET6 })
                 }
+                next if is_ipv6_extension(next) => None,
                 _ => Some(Self::Other),
             },
             _ => Some(Self::Other),
@@ -195,40 +177,53 @@ impl Kind {
     }
 }
 
-/// A UDP datagram's flow as the words its headers hold, in place: both ports (a socket's own
-/// port does not change, so it costs nothing to include it).
-#[derive(Clone, Copy)]
-struct FlowWords {
-    family: u8,
-    src: [u32; 4],
-    dst: [u32; 4],
-    ports: u32,
+/// The header words of a UDP datagram of `family` whose headers are in place: source and
+/// destination addresses (IPv4: one word each) and both ports. A socket's own port does not
+/// change, so including it costs nothing.
+#[inline(always)]
+fn flow_words(ctx: &SkBuffContext, family: u8) -> Option<([u32; 4], [u32; 4], u32)> {
+    if family == AF_INET {
+        let head = Linear::<24>::at(ctx)?;
+        return Some((
+            [head.word(12), 0, 0, 0],
+            [head.word(16), 0, 0, 0],
+            head.word(20),
+        ));
+    }
+    let head = Linear::<44>::at(ctx)?;
+    Some((
+        [head.word(8), head.word(12), head.word(16), head.word(20)],
+        [head.word(24), head.word(28), head.word(32), head.word(36)],
+        head.word(40),
+    ))
 }
 
-/// `SocketOwner::last_flow` when no flow was decided by fingerprint yet.
-const NO_FLOW: u64 = 0;
+/// Whether the datagram is of the flow its socket decided last, under this policy
+/// `generation`: every word compared, so that no other flow passes for it.
+#[inline(always)]
+fn is_last_flow(ctx: &SkBuffContext, family: u8, last: &LastFlow, generation: u32) -> bool {
+    let Some((src, dst, ports)) = flow_words(ctx, family) else {
+        return false;
+    };
+    last.family == u32::from(family)
+        && last.generation == generation
+        && last.ports == ports
+        && last.src == src
+        && last.dst == dst
+}
 
-impl FlowWords {
-    /// An FNV-style hash of the flow and the policy `generation`. Two flows share one by
-    /// accident with odds of 2⁻⁶⁴; it is not meant to resist a program that crafts
-    /// destinations to collide with its own last one.
-    #[inline(always)]
-    fn fingerprint(&self, generation: u32) -> u64 {
-        let words = [
-            u64::from(self.src[0]) << 32 | u64::from(self.src[1]),
-            u64::from(self.src[2]) << 32 | u64::from(self.src[3]),
-            u64::from(self.dst[0]) << 32 | u64::from(self.dst[1]),
-            u64::from(self.dst[2]) << 32 | u64::from(self.dst[3]),
-            u64::from(self.ports) << 32 | u64::from(generation) << 8 | u64::from(self.family),
-        ];
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for word in words {
-            hash = (hash ^ word).wrapping_mul(0x0100_0000_01b3);
-            hash ^= hash >> 29;
-        }
-        // Never `NO_FLOW`.
-        hash | 1
-    }
+/// Makes the datagram's flow its socket's last decided one.
+#[inline(always)]
+fn remember_flow(ctx: &SkBuffContext, family: u8, last: &mut LastFlow, generation: u32) {
+    let Some((src, dst, ports)) = flow_words(ctx, family) else {
+        last.family = 0;
+        return;
+    };
+    last.src = src;
+    last.dst = dst;
+    last.ports = ports;
+    last.generation = generation;
+    last.family = u32::from(family);
 }
 
 /// The packet's first `N` bytes, where they are in its linear part: readable in place.
@@ -347,10 +342,10 @@ impl Packet {
     /// At cgroup egress the packet starts with its IP header. One read takes what the
     /// smallest packet of either protocol has (an IPv4 header without options and the ports,
     /// which TCP and UDP place alike: 24 bytes); only an IPv4 header with options, or IPv6,
-    /// needs a second. IPv6 extension headers are not followed: a packet behind one is not
-    /// seen.
+    /// needs a second, and IPv6 extension headers one more per header. A packet whose
+    /// transport header is not found is judged by its `socket` when the socket is connected.
     #[inline(always)]
-    fn read(ctx: &SkBuffContext, protocol: u8) -> Option<Self> {
+    fn read(ctx: &SkBuffContext, socket: &bpf_sock, protocol: u8) -> Option<Self> {
         let head: [u8; 24] = packet_start(ctx)?;
         let mut src = [0; 16];
         let mut dst = [0; 16];
@@ -370,13 +365,18 @@ impl Packet {
                 (AF_INET, dst_port)
             }
             6 => {
-                if head[6] != protocol {
-                    return None;
-                }
                 let header: [u8; 44] = packet_start(ctx)?;
                 src.copy_from_slice(&header[8..24]);
                 dst.copy_from_slice(&header[24..40]);
-                (AF_INET6, [header[42], header[43]])
+                let dst_port = if header[6] == protocol {
+                    [header[42], header[43]]
+                } else {
+                    match transport_behind_extensions(ctx, header[6], protocol, &mut dst) {
+                        Some(transport) => ctx.skb.load(transport + 2).ok()?,
+                        None => socket_destination_v6(socket, &mut dst)?,
+                    }
+                };
+                (AF_INET6, dst_port)
             }
             _ => return None,
         };
@@ -387,4 +387,94 @@ impl Packet {
             dst_port: u16::from_be_bytes(dst_port),
         })
     }
+}
+
+/// IPv6 extension headers that may stand between the IPv6 header and TCP or UDP.
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const AUTHENTICATION: u8 = 51;
+const DESTINATION_OPTIONS: u8 = 60;
+
+/// How many extension headers are followed: a socket can have the kernel add hop-by-hop
+/// options, destination options twice and a routing header, and the kernel itself a
+/// fragment header; twice that leaves room for what a future kernel adds.
+const MAX_IPV6_EXTENSIONS: usize = 8;
+
+#[inline(always)]
+fn is_ipv6_extension(next_header: u8) -> bool {
+    matches!(
+        next_header,
+        HOP_BY_HOP | ROUTING | FRAGMENT | AUTHENTICATION | DESTINATION_OPTIONS
+    )
+}
+
+/// The offset of the `protocol` header behind the IPv6 extension headers that start with
+/// `next` (the IPv6 header's next header), in at most `MAX_IPV6_EXTENSIONS` steps. A routing
+/// header sends the packet to its first hop: `dst` is set to the destination it finally goes
+/// to. `None`: not found (more headers, ESP, a later fragment).
+#[inline(always)]
+fn transport_behind_extensions(
+    ctx: &SkBuffContext,
+    mut next: u8,
+    protocol: u8,
+    dst: &mut [u8; 16],
+) -> Option<usize> {
+    let mut offset = 40;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        if next == protocol {
+            return Some(offset);
+        }
+        // Next header, length, and for a routing header its type.
+        let extension: [u8; 4] = ctx.skb.load(offset).ok()?;
+        let units = usize::from(extension[1]);
+        let length = match next {
+            HOP_BY_HOP | DESTINATION_OPTIONS => (units + 1) * 8,
+            ROUTING => {
+                // Segment routing (type 4) lists its segments last first, so the final
+                // destination is the first; types 0 and 2 list them in order, 16 bytes each
+                // after 8 bytes of header.
+                let final_destination = match extension[2] {
+                    4 => 8,
+                    _ if units >= 2 => units * 8 - 8,
+                    _ => return None,
+                };
+                *dst = ctx.skb.load(offset + final_destination).ok()?;
+                (units + 1) * 8
+            }
+            FRAGMENT => {
+                // Only the first fragment carries the transport header.
+                if u16::from_be_bytes([extension[2], extension[3]]) & 0xfff8 != 0 {
+                    return None;
+                }
+                8
+            }
+            AUTHENTICATION => (units + 2) * 4,
+            _ => return None,
+        };
+        next = extension[0];
+        offset += length;
+    }
+    (next == protocol).then_some(offset)
+}
+
+/// A connected socket's destination (IPv6) and port, in the record layout: what a packet
+/// whose headers could not be followed is judged by. `None` for an unconnected socket.
+#[inline(always)]
+fn socket_destination_v6(socket: &bpf_sock, dst: &mut [u8; 16]) -> Option<[u8; 2]> {
+    let connected =
+        socket.protocol == u32::from(IPPROTO_TCP) || socket.state == BPF_TCP_ESTABLISHED;
+    if !connected {
+        return None;
+    }
+    // Each word on its own, at a constant offset, as in `socket_source`.
+    dst[..4].copy_from_slice(&socket.dst_ip6[0].to_ne_bytes());
+    dst[4..8].copy_from_slice(&socket.dst_ip6[1].to_ne_bytes());
+    dst[8..12].copy_from_slice(&socket.dst_ip6[2].to_ne_bytes());
+    dst[12..].copy_from_slice(&socket.dst_ip6[3].to_ne_bytes());
+    // A 4-byte load, which every kernel allows: 5.10's `dst_port` is a word whose low half,
+    // as it lies in memory, is the port in network order.
+    // SAFETY: a field of the full socket, readable for the program run.
+    let word = unsafe { ptr::read_volatile((&raw const socket.dst_port).cast::<u32>()) };
+    Some(word.to_ne_bytes()[..2].try_into().ok()?)
 }

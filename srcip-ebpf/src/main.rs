@@ -6,6 +6,7 @@
 #![allow(internal_features)]
 
 mod address;
+mod cgroups;
 mod connect;
 mod egress;
 mod fold;

@@ -33,7 +33,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use srcip_common::{
-    owner::{SocketOwner, TCP_OWNER_ENTRIES},
+    owner::{SocketOwner, TCP_OWNER_ENTRIES, UdpOwner},
     record::{AF_INET, AF_INET6, Counter, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -41,7 +41,7 @@ use crate::{maps::count, scope::current_task_is_audited};
 
 /// UDP sockets' owners (and srcip's own UDP sockets', see `srcip_common::owner`).
 #[btf_map]
-static SOCKET_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
+static SOCKET_OWNERS: SkStorage<UdpOwner> = SkStorage::new();
 
 /// Audited TCP sockets' owners, in the slot `cookie % TCP_OWNER_ENTRIES`. Cookies are
 /// never reused, so a slot left behind by a closed socket is only one the next socket with
@@ -113,14 +113,13 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     ALLOW
 }
 
-/// The owner of the socket `connect()` is running for, when it is audited. A socket created
-/// before srcip started has no owner yet: the task connecting it, which is current in
-/// `cgroup/connect4/6`, is the best owner there is, and is recorded here. (Unconnected UDP
-/// sockets made earlier are adopted by user space at start, `srcip-userspace/src/adopt.rs`:
-/// adopting them at `sendmsg4/6` would need those programs attached always, and with them
-/// the kernel locks every such socket for every datagram; they are attached only while the
-/// policy pins or blocks UDP, `connect.rs`.)
-pub fn connecting_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
+/// The owner of the socket `connect()` or `sendmsg()` is running for, when it is audited. A
+/// socket with no owner yet gets the calling task, which is current in `cgroup/connect4/6`
+/// and `sendmsg4/6`, when that task is audited: a socket created before srcip started, one
+/// created by another process and passed in (`SCM_RIGHTS`, systemd's socket activation), or
+/// one created before its process was moved into an audited cgroup. It is audited from its
+/// first connect or unconnected datagram in the audited process.
+pub fn calling_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
     let context = ctx.sock_addr.cast();
     // SAFETY: the context pointer the kernel passed to this program; `sk` is never null in
     // these hooks.
@@ -144,8 +143,10 @@ pub fn connecting_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwne
             store_tcp_owner(cookie, &current_task_as_owner(context, true))
         }
         IPPROTO_UDP => match udp_owner(sk) {
-            Some(owner) => (owner.audited != 0).then_some(owner),
-            None if may_adopt() => store_udp_owner(sk, &current_task_as_owner(context, true)),
+            Some(udp) => (udp.owner.audited != 0).then_some(&mut udp.owner),
+            None if may_adopt() => {
+                store_udp_owner(sk, &current_task_as_owner(context, true)).map(|udp| &mut udp.owner)
+            }
             None => None,
         },
         _ => None,
@@ -260,28 +261,29 @@ fn scratch() -> Option<&'static mut SocketOwner> {
 fn copy_owner(from: *const SocketOwner, to: *mut SocketOwner) {
     let (from, to) = (from.cast::<u64>(), to.cast::<u64>());
     for word in 0..size_of::<SocketOwner>() / 8 {
-        // SAFETY: both point at whole owners (7 aligned words, `srcip_common::owner`).
+        // SAFETY: both point at whole owners (6 aligned words, `srcip_common::owner`).
         unsafe { ptr::write_volatile(to.add(word), ptr::read_volatile(from.add(word))) };
     }
 }
 
 /// The owner of the UDP socket `sk` when its datagrams are audited.
-pub fn audited_udp_owner(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
-    udp_owner(sk).filter(|owner| owner.audited != 0)
+pub fn audited_udp_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
+    udp_owner(sk).filter(|udp| udp.owner.audited != 0)
 }
 
-fn udp_owner(sk: *mut bpf_sock) -> Option<&'static mut SocketOwner> {
+fn udp_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
     // SAFETY: `sk` is a socket pointer the kernel gave this hook; without the create flag the
     // helper only looks up. The map pointer is the map's own definition, as the helper expects.
     let owner = unsafe {
-        bpf_sk_storage_get(owners_map(), sk.cast(), ptr::null_mut(), 0).cast::<SocketOwner>()
+        bpf_sk_storage_get(owners_map(), sk.cast(), ptr::null_mut(), 0).cast::<UdpOwner>()
     };
     // SAFETY: a non-null result points at the socket's storage, which lives as long as the
-    // socket, and so for the whole program run. Other CPUs may write `last_flow` (one aligned
-    // 8-byte word) and `flags` (one aligned 4-byte word, at each connect and, while the
-    // sendmsg programs are attached, each datagram) at the same time; every other field is
-    // written only when the storage is created. Two threads sending on one unconnected
-    // socket at once may see each other's `OWNER_PINNED`: the mark is best effort there.
+    // socket, and so for the whole program run. Other CPUs may write `last_flow` and `flags`
+    // (one aligned 4-byte word, at each connect and each datagram) at the same time; every
+    // other field is written only when the storage is created. Two threads sending on one
+    // socket at once may mix two flows' words in `last_flow`: a mixed flow matches neither
+    // datagram's, so the next of each is looked up in the flow table, never skipped. They
+    // may also see each other's `OWNER_PINNED`: the mark is best effort there.
     unsafe { owner.as_mut() }
 }
 
@@ -297,7 +299,6 @@ fn current_task_as_owner(ctx: *mut c_void, audited: bool) -> SocketOwner {
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         audited: u32::from(audited),
         flags: 0,
-        last_flow: 0,
     }
 }
 
@@ -331,13 +332,15 @@ fn store_tcp_owner(cookie: u64, owner: &SocketOwner) -> Option<&'static mut Sock
 
 /// `sk` is the socket, or in `sock_create` the program's context, which the helper takes
 /// as the socket there. Returns the stored owner.
-fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
-    // SAFETY: as in `udp_owner`; the helper copies `owner` into the new storage.
+fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mut UdpOwner> {
+    // SAFETY: as in `udp_owner`. Created zeroed (not audited, no last flow) and then filled
+    // in place: an initial value would take a `UdpOwner` of room on the stack, which the
+    // sendmsg programs do not have.
     let stored = unsafe {
         bpf_sk_storage_get(
             owners_map(),
             sk.cast(),
-            ptr::from_ref(owner).cast_mut().cast(),
+            ptr::null_mut(),
             BPF_SK_STORAGE_GET_F_CREATE.into(),
         )
     };
@@ -346,7 +349,9 @@ fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mu
         count(Counter::HookErrors);
     }
     // SAFETY: as in `udp_owner`.
-    unsafe { stored.cast::<SocketOwner>().as_mut() }
+    let stored = unsafe { stored.cast::<UdpOwner>().as_mut() }?;
+    copy_owner(owner, &raw mut stored.owner);
+    Some(stored)
 }
 
 /// aya-ebpf keeps `SkStorage::as_ptr` private and its accessors take only connect contexts.

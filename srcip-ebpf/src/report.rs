@@ -10,7 +10,7 @@ use srcip_common::{
 };
 
 use crate::{
-    fold::{Fold, fold},
+    fold::{self, Fold},
     maps::{count, submit},
     policy::{Connection, Delivery, delivery, reports_all},
 };
@@ -49,6 +49,7 @@ pub fn record(
     if socket_src != connection.src {
         flags |= RecordFlags::TRANSLATED;
     }
+    let mut fold_key = None;
     let rule = match delivery {
         Delivery::Skip => {
             count(if tcp {
@@ -70,12 +71,12 @@ pub fn record(
                 wire_src: *connection.src,
                 dst: *connection.dst,
             };
-            match fold(&key, now) {
+            match fold::repeat(&key, now) {
                 Fold::Folded => {
                     count(Counter::Folded);
                     return;
                 }
-                Fold::OpenedWindow => flags |= RecordFlags::FOLD_WINDOW,
+                Fold::NoWindow => fold_key = Some(key),
                 Fold::Unfolded => {}
             }
             rule
@@ -91,6 +92,12 @@ pub fn record(
     // `ConnectRecord`; every field is written, none is read.
     let urgent = !matches!(delivery, Delivery::Quiet | Delivery::Pinned);
     submit::<ConnectRecord>(urgent, |record| unsafe {
+        // The record has its room: a window opened now is flushed when it closes.
+        if let Some(key) = &fold_key
+            && fold::open(key, now)
+        {
+            flags |= RecordFlags::FOLD_WINDOW;
+        }
         (&raw mut (*record).header).write(RecordHeader {
             kind: RecordKind::Connect as u32,
             len: size_of::<ConnectRecord>() as u32,

@@ -26,7 +26,7 @@ use std::{
 };
 
 use aya::maps::MapError;
-use srcip_common::owner::SocketOwner;
+use srcip_common::owner::{LastFlow, SocketOwner, UdpOwner};
 use tracing::{debug, info, warn};
 
 use crate::{cgroup::AuditedCgroup, netns::NetnsInodes};
@@ -149,7 +149,11 @@ fn adopt_process(
             Some(owner) => owner,
             None => owner.insert(process_owner(&proc_dir, pid, &cgroup, netns)?),
         };
-        match netns.owners_mut().insert(&socket, *owner, BPF_NOEXIST) {
+        let stored = UdpOwner {
+            owner: *owner,
+            last_flow: LastFlow::default(),
+        };
+        match netns.owners_mut().insert(&socket, stored, BPF_NOEXIST) {
             Ok(()) => adopted += 1,
             // Recorded by `sock_create` or `connect4/6` meanwhile: theirs is exact.
             Err(MapError::SyscallError(error))
@@ -219,7 +223,6 @@ fn process_owner(
         comm,
         audited: 1,
         flags: 0,
-        last_flow: 0,
     })
 }
 

@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use srcip_common::record::Counter;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     adopt::{self, adopt_udp_sockets},
@@ -273,7 +273,8 @@ impl AuditSession {
     }
 
     /// A systemd unit's cgroup gets a new directory, and so a new id, on every restart of the
-    /// unit. Audit the new one; connections made in its first second may be missed.
+    /// unit. The kernel's cgroup_mkdir program audits the new one in `mkdir` itself; this
+    /// once-a-second look is the fallback for a path too long for it to recognise.
     fn follow_recreated_cgroups(&mut self) {
         for cgroup in &mut self.audited {
             let Some(id) = cgroup.current_id().filter(|id| *id != cgroup.id) else {
@@ -283,9 +284,10 @@ impl AuditSession {
                 warn!("cannot audit the recreated cgroup {}: {error}", cgroup.path);
                 continue;
             }
+            // The kernel's cgroup_rmdir program has usually taken it out already.
             if let Err(error) = self.audited_ids.remove(&cgroup.id) {
-                warn!(
-                    "cannot forget the old id of cgroup {}: {error}",
+                debug!(
+                    "the old id of cgroup {} is not in the audited set: {error}",
                     cgroup.path
                 );
             }

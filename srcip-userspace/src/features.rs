@@ -37,6 +37,7 @@ const ANCESTOR_CGROUP: BpfHelper = BpfHelper::BPF_FUNC_get_current_ancestor_cgro
 const NETNS_COOKIE: BpfHelper = BpfHelper::BPF_FUNC_get_netns_cookie;
 const SK_STORAGE_GET: BpfHelper = BpfHelper::BPF_FUNC_sk_storage_get;
 const SK_FULLSOCK: BpfHelper = BpfHelper::BPF_FUNC_sk_fullsock;
+const READ_KERNEL_STRING: BpfHelper = BpfHelper::BPF_FUNC_probe_read_kernel_str;
 
 /// In the order a reader would fix them: program types, maps, then helpers per hook.
 pub const REQUIREMENTS: &[Requirement] = &[
@@ -60,6 +61,13 @@ pub const REQUIREMENTS: &[Requirement] = &[
         since: "4.10",
         used_for: "seeing the source address TCP connections and UDP datagrams leave with",
         probe: Probe::Program(ProgramType::CgroupSkb),
+    },
+    Requirement {
+        id: "tracepoint",
+        feature: "tracepoint programs",
+        since: "4.7",
+        used_for: "--cgroup: auditing a restarted unit's new cgroup from its first socket",
+        probe: Probe::Program(ProgramType::TracePoint),
     },
     Requirement {
         id: "ring-buffer",
@@ -109,6 +117,13 @@ pub const REQUIREMENTS: &[Requirement] = &[
         since: "5.7",
         used_for: "--cgroup (auditing a cgroup and its descendants)",
         probe: Probe::Helper(ProgramType::CgroupSock, ANCESTOR_CGROUP),
+    },
+    Requirement {
+        id: "tracepoint-string",
+        feature: "bpf_probe_read_kernel_str in tracepoint programs",
+        since: "5.5",
+        used_for: "--cgroup: recognising a restarted unit's new cgroup by its path",
+        probe: Probe::Helper(ProgramType::TracePoint, READ_KERNEL_STRING),
     },
     Requirement {
         id: "egress-fullsock",

@@ -6,26 +6,27 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SkStorage},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, TracePoint,
         cgroup_skb::CgroupSkbLinkId,
         cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
+        trace_point::TracePointLinkId,
     },
 };
 use nix::sys::resource::{Resource, setrlimit};
 use srcip_common::{
     fold::{FoldKey, FoldState},
     names,
-    owner::SocketOwner,
+    owner::UdpOwner,
     policy::{PinSource, PredictedSource, reload_room},
-    scope::MAX_CGROUP_LEVEL,
+    scope::{CgroupPath, MAX_CGROUP_LEVEL},
 };
 use tracing::{debug, info, warn};
 
 use crate::{cgroup::AuditedCgroup, policy::KernelTables, policy_maps::KernelPolicy};
 
-/// Where a program attaches; every hook is on the cgroup2 root.
+/// Where a program attaches: every cgroup hook is on the cgroup2 root.
 #[derive(Clone, Copy)]
 enum Hook {
     /// `cgroup/sock_create` or `cgroup/connect4/6`, whose attach type the object names.
@@ -33,6 +34,8 @@ enum Hook {
     CgroupSockAddr,
     /// `cgroup_skb/egress`.
     Egress,
+    /// A tracepoint of the `cgroup` category.
+    CgroupEvent(&'static str),
 }
 
 /// A program of the eBPF object and what srcip loses without it.
@@ -70,8 +73,11 @@ const PROGRAMS: &[ProgramSpec] = &[
 ];
 
 /// Programs loaded at start (so that a kernel that refuses them is known at once) but
-/// attached only while the policy pins or blocks UDP: with any program at sendmsg4/6 the
-/// kernel locks every unconnected UDP socket around every datagram.
+/// attached only while they are needed: with any program at sendmsg4/6 the kernel locks
+/// every unconnected UDP socket around every datagram. They are needed while the policy
+/// pins or blocks UDP, and whenever `--cgroup` scopes the audit: a socket that reaches an
+/// audited process from outside (passed in, or made before the process moved in) is adopted
+/// at its first datagram there.
 const DATAGRAM_PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
         name: names::SENDMSG4_PROGRAM,
@@ -82,6 +88,22 @@ const DATAGRAM_PROGRAMS: &[ProgramSpec] = &[
         name: names::SENDMSG6_PROGRAM,
         hook: Hook::CgroupSockAddr,
         provides: "pin and block of unconnected IPv6 UDP datagrams (cgroup/sendmsg6)",
+    },
+];
+
+/// With `--cgroup`: the programs that put a new instance of an audited cgroup (a restarted
+/// unit's) into the audited set in `mkdir` itself, and take a removed one out. Attached
+/// before the others.
+const CGROUP_PROGRAMS: &[ProgramSpec] = &[
+    ProgramSpec {
+        name: names::CGROUP_MKDIR_PROGRAM,
+        hook: Hook::CgroupEvent("cgroup_mkdir"),
+        provides: "auditing a restarted unit's cgroup from its first socket (tracepoint cgroup:cgroup_mkdir)",
+    },
+    ProgramSpec {
+        name: names::CGROUP_RMDIR_PROGRAM,
+        hook: Hook::CgroupEvent("cgroup_rmdir"),
+        provides: "forgetting a removed instance of an audited cgroup (tracepoint cgroup:cgroup_rmdir)",
     },
 ];
 
@@ -134,6 +156,7 @@ enum AttachedLink {
     Egress(CgroupSkbLinkId),
     Sock(CgroupSockLinkId),
     SockAddr(CgroupSockAddrLinkId),
+    CgroupEvent(TracePointLinkId),
     /// An enforcing program's link pinned in bpffs (`--keep-enforcing`): it stays attached
     /// when srcip stops, until the pin is removed.
     Kept(PinnedLink),
@@ -146,6 +169,9 @@ pub struct KernelPrograms {
     links: Vec<(&'static str, AttachedLink)>,
     /// The `DATAGRAM_PROGRAMS`' links while attached.
     datagram_links: Vec<(&'static str, AttachedLink)>,
+    /// `--cgroup` scopes the audit: the `DATAGRAM_PROGRAMS` stay attached to adopt sockets
+    /// that reach an audited process from outside.
+    adopts_at_send: bool,
     cgroup_root: File,
     /// Where this run pins its enforcing links (`--keep-enforcing`).
     keep_in: Option<std::path::PathBuf>,
@@ -187,7 +213,7 @@ pub struct EventMaps {
     /// Audited cgroup ids, kept current when an audited cgroup is recreated.
     pub audited_cgroups: HashMap<MapData, u64, u8>,
     /// Socket owners; srcip's own sockets' entries tell namespace cookies.
-    pub socket_owners: SkStorage<MapData, SocketOwner>,
+    pub socket_owners: SkStorage<MapData, UdpOwner>,
     /// Violation windows being folded; user space flushes and deletes closed ones.
     pub folds: HashMap<MapData, FoldKey, FoldState>,
     /// The policy the kernel decides with; a reload replaces it.
@@ -260,6 +286,8 @@ impl KernelPrograms {
 
         let mut audited_cgroups: HashMap<MapData, u64, u8> =
             take_map(&mut ebpf, names::AUDITED_CGROUPS)?;
+        let mut audited_paths: HashMap<MapData, CgroupPath, u8> =
+            take_map(&mut ebpf, names::AUDITED_CGROUP_PATHS)?;
         for cgroup in audited {
             audited_cgroups
                 .insert(cgroup.id, 0, 0)
@@ -267,6 +295,20 @@ impl KernelPrograms {
                     name: names::AUDITED_CGROUPS,
                     source,
                 })?;
+            match CgroupPath::new(&cgroup.path) {
+                Some(path) => {
+                    audited_paths
+                        .insert(path, 0, 0)
+                        .map_err(|source| LoadError::Map {
+                            name: names::AUDITED_CGROUP_PATHS,
+                            source,
+                        })?
+                }
+                None => warn!(
+                    "--cgroup {}: the path is too long for the kernel to recognise a new instance of it; a restart of it is followed within a second",
+                    cgroup.path
+                ),
+            }
         }
         let maps = EventMaps {
             events: take_map(&mut ebpf, names::EVENTS)?,
@@ -288,6 +330,7 @@ impl KernelPrograms {
             ebpf,
             links: Vec::new(),
             datagram_links: Vec::new(),
+            adopts_at_send: !audited.is_empty(),
             cgroup_root,
             keep_in: kept_links
                 .filter(|kept| kept.keep)
@@ -296,7 +339,12 @@ impl KernelPrograms {
         for spec in DATAGRAM_PROGRAMS {
             programs.load(spec)?;
         }
-        for spec in PROGRAMS {
+        let cgroup_programs = if audited.is_empty() {
+            &[][..]
+        } else {
+            CGROUP_PROGRAMS
+        };
+        for spec in cgroup_programs.iter().chain(PROGRAMS) {
             programs.load(spec)?;
             // On error `programs` is dropped, which detaches what was already attached.
             let link = programs.attach(spec)?;
@@ -377,14 +425,16 @@ impl KernelPrograms {
             .map_err(|error| error.to_string())
     }
 
-    /// Attaches the sendmsg programs when `enforced` (the policy pins or blocks UDP) and
-    /// detaches them when not; nothing when they already are as asked.
+    /// Attaches the sendmsg programs when `enforced` (the policy pins or blocks UDP) or the
+    /// audit is scoped, and detaches them when neither; nothing when they already are as
+    /// asked.
     pub fn enforce_datagrams(&mut self, enforced: bool) -> Result<(), LoadError> {
+        let wanted = enforced || self.adopts_at_send;
         let attached = !self.datagram_links.is_empty();
-        if enforced == attached {
+        if wanted == attached {
             return Ok(());
         }
-        if !enforced {
+        if !wanted {
             let links = std::mem::take(&mut self.datagram_links);
             self.detach_links(links, Kept::Remove);
             info!("detached the sendmsg programs: the policy pins and blocks no UDP");
@@ -414,6 +464,9 @@ impl KernelPrograms {
                 .map_err(program_error)?
                 .load(),
             Hook::Egress => <&mut CgroupSkb>::try_from(program)
+                .map_err(program_error)?
+                .load(),
+            Hook::CgroupEvent(_) => <&mut TracePoint>::try_from(program)
                 .map_err(program_error)?
                 .load(),
         }
@@ -449,6 +502,12 @@ impl KernelPrograms {
                 <&mut CgroupSkb>::try_from(program)
                     .map_err(program_error)?
                     .attach(&*cgroup_root, CgroupSkbAttachType::Egress, mode)
+                    .map_err(program_error)?,
+            ),
+            Hook::CgroupEvent(event) => AttachedLink::CgroupEvent(
+                <&mut TracePoint>::try_from(program)
+                    .map_err(program_error)?
+                    .attach("cgroup", event)
                     .map_err(program_error)?,
             ),
         })
@@ -489,6 +548,9 @@ impl KernelPrograms {
                     .map(|program| program.detach(link)),
                 AttachedLink::SockAddr(link) => program
                     .and_then(|program| <&mut CgroupSockAddr>::try_from(program).ok())
+                    .map(|program| program.detach(link)),
+                AttachedLink::CgroupEvent(link) => program
+                    .and_then(|program| <&mut TracePoint>::try_from(program).ok())
                     .map(|program| program.detach(link)),
             };
             match result {

@@ -23,10 +23,10 @@ use nix::{
     sched::{CloneFlags, setns},
     sys::socket::{AddressFamily, SockFlag, SockType, socket},
 };
-use srcip_common::owner::SocketOwner;
+use srcip_common::owner::UdpOwner;
 
 pub struct NetnsInodes {
-    owners: SkStorage<MapData, SocketOwner>,
+    owners: SkStorage<MapData, UdpOwner>,
     /// `None`: searched and not found. A cookie is never reused, so it is not searched again.
     inode_by_cookie: HashMap<u64, Option<u64>>,
     /// The cookie each probed inode had. Inodes are reused once a namespace is gone, so a
@@ -36,7 +36,7 @@ pub struct NetnsInodes {
 
 impl NetnsInodes {
     /// `owners` is the kernel's socket-owner storage, where the probe sockets' cookies land.
-    pub fn new(owners: SkStorage<MapData, SocketOwner>) -> Self {
+    pub fn new(owners: SkStorage<MapData, UdpOwner>) -> Self {
         Self {
             owners,
             inode_by_cookie: HashMap::new(),
@@ -70,7 +70,7 @@ impl NetnsInodes {
     }
 
     /// The socket-owner storage itself, which adoption (`adopt.rs`) writes.
-    pub fn owners_mut(&mut self) -> &mut SkStorage<MapData, SocketOwner> {
+    pub fn owners_mut(&mut self) -> &mut SkStorage<MapData, UdpOwner> {
         &mut self.owners
     }
 
@@ -98,7 +98,7 @@ fn dir_entries(dir: &str) -> Vec<PathBuf> {
 
 /// `setns` moves only the calling thread, so a scoped thread enters the namespace and ends
 /// there; the daemon's own threads never leave theirs.
-fn cookie_of(owners: &SkStorage<MapData, SocketOwner>, path: &Path) -> io::Result<u64> {
+fn cookie_of(owners: &SkStorage<MapData, UdpOwner>, path: &Path) -> io::Result<u64> {
     let namespace = File::open(path)?;
     std::thread::scope(|scope| {
         scope
@@ -111,7 +111,7 @@ fn cookie_of(owners: &SkStorage<MapData, SocketOwner>, path: &Path) -> io::Resul
                     None,
                 )?;
                 let owner = owners.get(&socket, 0).map_err(io::Error::other)?;
-                Ok(owner.netns_cookie)
+                Ok(owner.owner.netns_cookie)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace probe thread panicked")))

@@ -65,6 +65,48 @@ pub fn add_ip_options(socket: &impl std::os::fd::AsRawFd) {
     assert_eq!(result, 0, "setsockopt(IP_OPTIONS)");
 }
 
+/// `--ipv6-header KIND` of the clients: IPv6 extension headers on every packet of the
+/// socket, which an egress program must look behind to find TCP or UDP:
+/// - `dstopts`: a destination options header (padding only);
+/// - `srh:VIA`: a segment routing header (type 4; any user may set one) that sends the packet
+///   to VIA first: the IPv6 header's destination is then VIA, and the connection's own
+///   destination is the header's last segment.
+pub fn add_ipv6_header(socket: &impl std::os::fd::AsRawFd, kind: &str) {
+    let (option, header): (i32, Vec<u8>) = match kind.split_once(':') {
+        None if kind == "dstopts" => {
+            // Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4 bytes.
+            (nix::libc::IPV6_DSTOPTS, vec![0, 0, 1, 4, 0, 0, 0, 0])
+        }
+        Some(("srh", via)) => {
+            let via: std::net::Ipv6Addr = via.parse().expect("srh:VIA with an IPv6 address");
+            // Two segments: the first (index 0, the last visited) is the destination the
+            // kernel writes in at send time, the second VIA. Length: 4 units of 8 bytes past
+            // the first 8; segments left 1, last entry 1.
+            let mut header = vec![0, 4, 4, 1, 1, 0, 0, 0];
+            header.extend([0; 16]);
+            header.extend(via.octets());
+            (nix::libc::IPV6_RTHDR, header)
+        }
+        _ => panic!("--ipv6-header dstopts|srh:VIA"),
+    };
+    // SAFETY: the option reads `header.len()` bytes from the buffer given.
+    let result = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::IPPROTO_IPV6,
+            option,
+            header.as_ptr().cast(),
+            header.len() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        result,
+        0,
+        "setsockopt({kind}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// A loopback port nobody listens on now, for a server to be started on later.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -4,15 +4,16 @@
 //! blocked one does).
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME]
-//!            [--uid UID] [--mark MARK] [--ip-options] [--io-uring] [--displace-owner]
-//!            DST_ADDR DST_PORT`
+//!            [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring]
+//!            [--displace-owner] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
 //!
 //! `--comm NAME` renames the process before it creates its sockets; `--uid UID` makes it run
 //! as that user (gid too) once it has joined the cgroup and namespace; `--mark MARK` sets
-//! `SO_MARK` on each socket before it connects, `--ip-options` IPv4 options. `--io-uring` has the
+//! `SO_MARK` on each socket before it connects, `--ip-options` IPv4 options, `--ipv6-header`
+//! IPv6 extension headers (`srcip_tests::add_ipv6_header`). `--io-uring` has the
 //! kernel make the connection instead, in an io_uring worker (forced with `IOSQE_ASYNC`):
 //! outside this program's context, as a kernel thread in the root cgroup before Linux 5.12
 //! (and 5.10.162), and as an `iou-wrk-TID` thread with a name of its own after. It needs `--bind` (the source is then known before the connect)
@@ -46,6 +47,7 @@ fn main() {
     let mut uid: Option<u32> = None;
     let mut mark: Option<u32> = None;
     let mut ip_options = false;
+    let mut ipv6_header = None;
     let mut displace_owner = false;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
@@ -57,6 +59,7 @@ fn main() {
             "--comm" => comm = args.next(),
             "--io-uring" => io_uring = true,
             "--ip-options" => ip_options = true,
+            "--ipv6-header" => ipv6_header = args.next(),
             "--displace-owner" => displace_owner = true,
             "--uid" => uid = Some(args.next().and_then(|n| n.parse().ok()).expect("--uid UID")),
             "--mark" => {
@@ -71,7 +74,7 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--io-uring] [--displace-owner] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
@@ -103,25 +106,30 @@ fn main() {
     }
     // Kept open until the end, so that every connection gets its own source port.
     let sockets: Vec<Socket> = (0..count)
-        .map(|_| start_connection(SocketAddr::new(dst, port), bind, mark, ip_options))
+        .map(|_| {
+            let socket = new_socket(
+                SocketAddr::new(dst, port),
+                ip_options,
+                ipv6_header.as_deref(),
+            );
+            connect(socket, SocketAddr::new(dst, port), bind, mark)
+        })
         .collect();
     // Let the handshakes (or the refusals) finish before the sockets close.
     std::thread::sleep(Duration::from_millis(200));
     drop(sockets);
 }
 
-/// Starts a non-blocking connection and prints the source the kernel chose for it.
-fn start_connection(
-    dst: SocketAddr,
-    bind: Option<IpAddr>,
-    mark: Option<u32>,
-    ip_options: bool,
-) -> Socket {
+/// A TCP socket for `dst`, with the IP options or IPv6 extension headers asked for.
+fn new_socket(dst: SocketAddr, ip_options: bool, ipv6_header: Option<&str>) -> Socket {
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
     if ip_options {
         srcip_tests::add_ip_options(&socket);
     }
-    connect(socket, dst, bind, mark)
+    if let Some(kind) = ipv6_header {
+        srcip_tests::add_ipv6_header(&socket, kind);
+    }
+    socket
 }
 
 /// See `--displace-owner`.
@@ -165,6 +173,7 @@ fn cookie(socket: &Socket) -> u64 {
     cookie
 }
 
+/// Starts a non-blocking connection and prints the source the kernel chose for it.
 fn connect(socket: Socket, dst: SocketAddr, bind: Option<IpAddr>, mark: Option<u32>) -> Socket {
     if let Some(mark) = mark {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)

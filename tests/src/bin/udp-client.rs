@@ -3,7 +3,8 @@
 //! address and port, and `null` or the error that stopped it).
 //!
 //! `udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC |
-//!            --sendmmsg] [--count N] DST_ADDR[,DST_ADDR…] DST_PORT`
+//!            --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR]
+//!            DST_ADDR[,DST_ADDR…] DST_PORT`
 //!
 //! - default: `sendto()` each destination from one unconnected socket;
 //! - `--connect`: `connect()` to the one destination, then `send()`;
@@ -18,7 +19,14 @@
 //! `--wait` makes the socket (bound and connected as asked), prints `ready`, and sends only
 //! after a line on stdin: a socket made before srcip started.
 //! `--spread N` makes the destinations the N consecutive IPv4 addresses from DST_ADDR.
-//! `--ip-options` puts IPv4 options on the socket's datagrams.
+//! `--ip-options` puts IPv4 options on the socket's datagrams, `--ipv6-header KIND` IPv6
+//! extension headers (`srcip_tests::add_ipv6_header`).
+//!
+//! Where the socket comes from (default: made by this process in `--cgroup`):
+//! - `--created-in DIR`: made while this process is in cgroup DIR, which then moves into
+//!   `--cgroup` before it binds, connects or sends;
+//! - `--passed-from DIR`: made by another process, in cgroup DIR, and passed to this one in
+//!   `--cgroup` with `SCM_RIGHTS`, as systemd's socket activation passes sockets.
 
 use std::{
     mem::size_of,
@@ -26,7 +34,10 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use nix::libc;
+use nix::{
+    libc,
+    sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg},
+};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 enum Mode {
@@ -44,6 +55,9 @@ fn main() {
     let mut spread = None;
     let mut wait = false;
     let mut ip_options = false;
+    let mut ipv6_header = None;
+    let mut created_in = None;
+    let mut passed_from = None;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -60,12 +74,15 @@ fn main() {
             "--spread" => spread = args.next().and_then(|n| n.parse::<u32>().ok()),
             "--wait" => wait = true,
             "--ip-options" => ip_options = true,
+            "--ipv6-header" => ipv6_header = args.next(),
+            "--created-in" => created_in = args.next(),
+            "--passed-from" => passed_from = args.next(),
             _ => positional.push(arg),
         }
     }
     let [destinations, port] = positional.as_slice() else {
         panic!(
-            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --sendmmsg] [--count N] DST_ADDR[,DST_ADDR...] DST_PORT"
+            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR] DST_ADDR[,DST_ADDR...] DST_PORT"
         );
     };
     let port: u16 = port.parse().expect("DST_PORT");
@@ -79,13 +96,34 @@ fn main() {
             .collect();
     }
 
-    srcip_tests::enter(cgroup, netns);
-
-    let socket =
-        Socket::new(Domain::for_address(destinations[0]), Type::DGRAM, None).expect("socket");
-    if ip_options {
-        srcip_tests::add_ip_options(&socket);
-    }
+    let new_socket = || {
+        let socket =
+            Socket::new(Domain::for_address(destinations[0]), Type::DGRAM, None).expect("socket");
+        if ip_options {
+            srcip_tests::add_ip_options(&socket);
+        }
+        if let Some(kind) = &ipv6_header {
+            srcip_tests::add_ipv6_header(&socket, kind);
+        }
+        socket
+    };
+    let socket = match (created_in, passed_from) {
+        (Some(elsewhere), None) => {
+            srcip_tests::enter(Some(elsewhere), netns);
+            let socket = new_socket();
+            join_cgroup(&cgroup.expect("--cgroup DIR"));
+            socket
+        }
+        (None, Some(elsewhere)) => {
+            srcip_tests::enter(Some(elsewhere), netns);
+            socket_from_another_process(new_socket, &cgroup.expect("--cgroup DIR"))
+        }
+        (None, None) => {
+            srcip_tests::enter(cgroup, netns);
+            new_socket()
+        }
+        (Some(_), Some(_)) => panic!("--created-in and --passed-from exclude each other"),
+    };
     if let Some(address) = bind {
         let address: IpAddr = address.parse().expect("--bind ADDR");
         socket
@@ -135,6 +173,66 @@ fn main() {
         }
     }
     report(&socket, None);
+}
+
+/// Moves this process into the cgroup directory `cgroup`.
+fn join_cgroup(cgroup: &str) {
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+}
+
+/// A socket made by a child process that stays in this process's cgroup, and passed here
+/// with `SCM_RIGHTS` after this process moved into `cgroup`.
+fn socket_from_another_process(new_socket: impl Fn() -> Socket, cgroup: &str) -> Socket {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let (here, there) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    // SAFETY: this process has one thread; the child only makes a socket, sends it and exits.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let socket = new_socket();
+            let fds = [socket.as_raw_fd()];
+            let sent = sendmsg::<()>(
+                there.as_raw_fd(),
+                &[std::io::IoSlice::new(b"socket")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            );
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(i32::from(sent.is_err())) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            join_cgroup(cgroup);
+            let mut buffer = [0; 16];
+            let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+            let mut control = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let message = recvmsg::<()>(
+                here.as_raw_fd(),
+                &mut iov,
+                Some(&mut control),
+                MsgFlags::empty(),
+            )
+            .expect("recvmsg");
+            let fd = message
+                .cmsgs()
+                .expect("control messages")
+                .find_map(|cmsg| match cmsg {
+                    ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                    _ => None,
+                })
+                .expect("a socket passed with SCM_RIGHTS");
+            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+            assert!(
+                matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
+                "the socket's maker failed: {status:?}"
+            );
+            // SAFETY: a descriptor this process now owns, received just above.
+            unsafe { Socket::from_raw_fd(fd) }
+        }
+    }
 }
 
 /// Prints the report line: the socket's address as the kernel has it now, and the error
