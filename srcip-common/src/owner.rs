@@ -66,7 +66,8 @@ pub struct LastFlow {
     pub family: u32,
     /// `PolicyState::generation` the flow was decided under: a reload decides it again.
     pub generation: u32,
-    pub reserved: u32,
+    /// Non-zero: the flow violates a `block` rule, and each of its datagrams is stopped.
+    pub blocked: u32,
 }
 
 /// `SocketOwner::flags`: srcip bound the socket to a `pin` rule's source at `connect()`, so

@@ -115,6 +115,9 @@ impl RecordFlags {
     /// With `REFUSED`: the program had bound no source, so `src_addr` is the one the route
     /// module predicted the kernel would choose.
     pub const PREDICTED: u32 = 1 << 4;
+    /// With `REFUSED`: stopped at egress, on the source the packet carried (a TCP
+    /// `connect()` then fails by timeout), not at `connect()`/`sendmsg()`.
+    pub const AT_EGRESS: u32 = 1 << 5;
 }
 
 /// Indexes of the per-CPU `COUNTERS` map.

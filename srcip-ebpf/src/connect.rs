@@ -110,32 +110,45 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
         }
         ACTION_BLOCK => {
             // SAFETY: as above.
-            let src_port = read(unsafe { &(*sk).src_port }) as u16;
-            judge_block(owner, &connection, chosen, index, src_port)
+            let (src_port, routed_as_predicted) =
+                unsafe { (read(&(*sk).src_port) as u16, routed_as_predicted(&*sk)) };
+            judge_block(
+                owner,
+                &connection,
+                chosen.ok_or(routed_as_predicted),
+                index,
+                src_port,
+            )
         }
         _ => ALLOW,
     }
 }
 
 /// `block`: refuses, and records, a connection or datagram whose source the rule with
-/// `rule_index` does not allow: the one its program `chosen`, else the one predicted for its
-/// destination. `src_port`: the socket's, when bound.
+/// `rule_index` does not allow, where that source is known exactly here: the one its program
+/// `chosen`, or else (`Err(routed_as_predicted)`: the socket names no device and sets no
+/// mark) the one user space predicted for exactly its destination. Everything else goes on,
+/// and the egress program judges, and stops, what it sends. `src_port`: the socket's, when
+/// bound.
 #[inline(always)]
 fn judge_block(
     owner: &SocketOwner,
     connection: &Connection,
-    chosen: Option<[u8; 16]>,
+    chosen: Result<[u8; 16], bool>,
     rule_index: u32,
     src_port: u16,
 ) -> i32 {
     let (src, flags) = match chosen {
-        Some(src) => (src, RecordFlags::REFUSED),
-        None => match predicted_source(connection.family, connection.dst, owner.netns_cookie) {
-            Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
-            // No prediction (no route, another namespace, or not read yet): the packet at
-            // egress tells, and is reported if it violates.
-            None => return ALLOW,
-        },
+        Ok(src) => (src, RecordFlags::REFUSED),
+        Err(true) => {
+            match predicted_source(connection.family, connection.dst, owner.netns_cookie) {
+                Some(src) => (src, RecordFlags::REFUSED | RecordFlags::PREDICTED),
+                // No exact prediction (not one for the whole destination, no route, another
+                // namespace, or not read yet): the packet at egress tells.
+                None => return ALLOW,
+            }
+        }
+        Err(false) => return ALLOW,
     };
     if allows_source(rule_index, connection.family, &src) {
         return ALLOW;
@@ -261,7 +274,8 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
         }
         ACTION_BLOCK => {
             let src_port = read(&socket.src_port) as u16;
-            judge_block(owner, &connection, bound, index, src_port)
+            let chosen = bound.ok_or(routed_as_predicted(socket));
+            judge_block(owner, &connection, chosen, index, src_port)
         }
         _ => ALLOW,
     }
@@ -281,6 +295,14 @@ fn destination(address: &bpf_sock_addr, hook_family: u8) -> (u8, [u8; 16], u16) 
         Some(v4) => (AF_INET, v4, port),
         None => (AF_INET6, dst, port),
     }
+}
+
+/// Whether the route lookup for this socket is the one user space predicted with: no device
+/// (`SO_BINDTODEVICE`) and no mark (`SO_MARK`), which policy routing may select on. (Its
+/// uid matters only where a rule selects by uid, and then nothing is predicted.)
+#[inline(always)]
+fn routed_as_predicted(socket: &bpf_sock) -> bool {
+    read(&socket.bound_dev_if) == 0 && read(&socket.mark) == 0
 }
 
 /// What the route module predicted the kernel will choose for `dst`, for a socket of the

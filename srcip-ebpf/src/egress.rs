@@ -34,38 +34,41 @@ use srcip_common::{
 };
 
 use crate::{
-    owner::{audited_udp_owner, take_tcp_owner},
+    owner::{audited_udp_owner, block_syn, blocked_syn, take_tcp_owner},
     policy::{self, Connection},
     report::report,
     udp,
 };
 
-/// cgroup_skb programs decide whether the packet may leave: srcip always lets it.
+/// cgroup_skb programs decide whether the packet may leave: srcip lets it, unless it
+/// violates a `block` rule (a UDP sender then gets EPERM; a TCP SYN is retransmitted, and
+/// stopped again, until `connect()` times out).
 const PASS: i32 = 1;
+const DROP: i32 = 0;
 
 #[cgroup_skb(egress)]
 pub fn srcip_egress(ctx: SkBuffContext) -> i32 {
-    observe(&ctx);
-    PASS
+    if observe(&ctx) { DROP } else { PASS }
 }
 
+/// Records what the packet tells; true when a `block` rule stops it.
 #[inline(always)]
-fn observe(ctx: &SkBuffContext) {
+fn observe(ctx: &SkBuffContext) -> bool {
     // SAFETY: the context pointer the kernel passed to this program.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return;
+        return false;
     }
     // Most packets (a connection's data and acknowledgements, the host's ICMP answers) leave
     // here, on their headers alone, before any helper is called.
     let kind = Kind::in_place(ctx);
     if matches!(kind, Some(Kind::Other)) {
-        return;
+        return false;
     }
     // SAFETY: `sk` is the packet's socket, as the kernel gave it; the helper checks it.
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
-        return;
+        return false;
     }
     // SAFETY: a non-null full socket is readable for this program run.
     let socket = unsafe { &*sk };
@@ -77,16 +80,19 @@ fn observe(ctx: &SkBuffContext) {
             // Taken, not read: the owner is needed for this one packet, and a retransmitted
             // SYN finds nothing, so it is not reported twice.
             let Some(owner) = take_tcp_owner(cookie) else {
-                return;
+                // A retransmission of a SYN already stopped: stopped again, unreported.
+                return blocked_syn(cookie);
             };
-            let Some(packet) = Packet::read(ctx, socket, IPPROTO_TCP) else {
-                return;
-            };
-            decide(ctx, socket, owner, &packet);
+            let blocked = Packet::read(ctx, socket, IPPROTO_TCP)
+                .is_some_and(|packet| decide(ctx, socket, owner, &packet));
+            if blocked {
+                block_syn(cookie);
+            }
+            blocked
         }
         (IPPROTO_UDP, Some(Kind::Udp { .. }) | None) => {
             let Some(udp) = audited_udp_owner(sk) else {
-                return;
+                return false;
             };
             // The common case, a socket sending to the same place again: one comparison of
             // the whole flow. A reload changes the generation, so flows are decided again.
@@ -99,24 +105,31 @@ fn observe(ctx: &SkBuffContext) {
             if let Some(family) = in_place
                 && is_last_flow(ctx, family, &udp.last_flow, generation)
             {
-                return;
+                return udp.last_flow.blocked != 0;
             }
             let Some(packet) = Packet::read(ctx, socket, IPPROTO_UDP) else {
-                return;
+                return false;
             };
             // A flow this socket sent before, though not last (a resolver): one lookup.
-            let seen = udp::seen_before(ctx, &packet, generation);
-            // The flow is decided below, in this same run, so the same flow later means
-            // "already reported".
+            let blocked = match udp::flow(ctx, &packet, generation) {
+                udp::Flow::Seen { blocked } => blocked,
+                udp::Flow::New(verdict) => {
+                    let blocked = decide(ctx, socket, &udp.owner, &packet);
+                    if let (true, Some(verdict)) = (blocked, verdict) {
+                        *verdict = 1;
+                    }
+                    blocked
+                }
+            };
             match in_place {
-                Some(family) => remember_flow(ctx, family, &mut udp.last_flow, generation),
+                Some(family) => {
+                    remember_flow(ctx, family, &mut udp.last_flow, generation, blocked);
+                }
                 None => udp.last_flow.family = 0,
             }
-            if !seen {
-                decide(ctx, socket, &udp.owner, &packet);
-            }
+            blocked
         }
-        _ => {}
+        _ => false,
     }
 }
 
@@ -212,9 +225,15 @@ fn is_last_flow(ctx: &SkBuffContext, family: u8, last: &LastFlow, generation: u3
         && last.dst == dst
 }
 
-/// Makes the datagram's flow its socket's last decided one.
+/// Makes the datagram's flow its socket's last decided one, with its verdict.
 #[inline(always)]
-fn remember_flow(ctx: &SkBuffContext, family: u8, last: &mut LastFlow, generation: u32) {
+fn remember_flow(
+    ctx: &SkBuffContext,
+    family: u8,
+    last: &mut LastFlow,
+    generation: u32,
+    blocked: bool,
+) {
     let Some((src, dst, ports)) = flow_words(ctx, family) else {
         last.family = 0;
         return;
@@ -223,6 +242,7 @@ fn remember_flow(ctx: &SkBuffContext, family: u8, last: &mut LastFlow, generatio
     last.dst = dst;
     last.ports = ports;
     last.generation = generation;
+    last.blocked = u32::from(blocked);
     last.family = u32::from(family);
 }
 
@@ -269,8 +289,9 @@ impl<const N: usize> Linear<N> {
     }
 }
 
+/// Decides and reports the connection `packet` starts; true when a `block` rule stops it.
 #[inline(always)]
-fn decide(ctx: &SkBuffContext, socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) {
+fn decide(ctx: &SkBuffContext, socket: &bpf_sock, owner: &SocketOwner, packet: &Packet) -> bool {
     let socket_src = socket_source(socket, packet.family).unwrap_or(packet.src);
     let connection = Connection {
         family: packet.family,
@@ -282,7 +303,7 @@ fn decide(ctx: &SkBuffContext, socket: &bpf_sock, owner: &SocketOwner, packet: &
         mark: unsafe { (*ctx.skb.skb).mark },
     };
     // The socket's own port: the packet's may have been translated with its address.
-    report(owner, &connection, &socket_src, socket.src_port as u16);
+    report(owner, &connection, &socket_src, socket.src_port as u16)
 }
 
 /// The source address the socket itself holds for a packet of `family`, in the record

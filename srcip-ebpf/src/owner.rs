@@ -58,6 +58,12 @@ static TCP_OWNERS: Array<TcpOwnerSlot> = Array::with_max_entries(TCP_OWNER_ENTRI
 static DISPLACED_TCP_OWNERS: LruHashMap<u64, SocketOwner> =
     LruHashMap::with_max_entries(TCP_OWNER_ENTRIES, 0);
 
+/// TCP sockets whose SYN `block` stopped at egress, until their `connect()` times out. The
+/// least recently used is forgotten first: 4,096 connections trying at once, each for two
+/// minutes, before one retransmission leaves.
+#[map]
+static BLOCKED_SYNS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+
 /// See [`scratch`].
 #[map]
 static OWNER_SCRATCH: PerCpuArray<SocketOwner> = PerCpuArray::with_max_entries(1, 0);
@@ -219,6 +225,20 @@ pub fn take_tcp_owner(cookie: u64) -> Option<&'static SocketOwner> {
     copy_owner(displaced, taken);
     displaced.audited = 0;
     Some(taken)
+}
+
+/// Notes that the SYN of the TCP socket with `cookie` was stopped (`block`), so that its
+/// retransmissions, which find no owner, are stopped too.
+pub fn block_syn(cookie: u64) {
+    if BLOCKED_SYNS.insert(&cookie, &0, 0).is_err() {
+        count(Counter::HookErrors);
+    }
+}
+
+/// Whether the TCP socket with `cookie`, in `SYN_SENT` with no owner left, had its SYN
+/// stopped: a retransmission.
+pub fn blocked_syn(cookie: u64) -> bool {
+    BLOCKED_SYNS.get_ptr(&cookie).is_some()
 }
 
 /// Frees the slot of a TCP socket whose `connect()` srcip refused: it sends no SYN, and a

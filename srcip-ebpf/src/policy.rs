@@ -17,8 +17,8 @@ use aya_ebpf::maps::lpm_trie::Key;
 use srcip_common::{
     fold::NO_RULE,
     policy::{
-        ACTION_ALERT, ACTION_PIN, Candidates, KernelRule, MAX_ALLOWED_SOURCES, MAX_CANDIDATES,
-        MAX_PORT_RANGES, PROTOCOL_TCP, PROTOCOL_UDP, PolicyState,
+        ACTION_ALERT, ACTION_BLOCK, ACTION_PIN, Candidates, KernelRule, MAX_ALLOWED_SOURCES,
+        MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP, PROTOCOL_UDP, PolicyState,
     },
     record::{AF_INET, IPPROTO_TCP},
 };
@@ -169,6 +169,14 @@ pub extern "C" fn srcip_policy_rule(
         None if candidates.truncated != 0 => FOUND_TRUNCATED,
         None => FOUND_NONE,
     }
+}
+
+/// Whether the rule with `rule_index` (`NO_RULE`: none) blocks what violates it.
+pub fn blocks(rule_index: u32) -> bool {
+    rule_index != NO_RULE
+        && RULES
+            .get(rule_index)
+            .is_some_and(|rule| rule.action == ACTION_BLOCK)
 }
 
 /// The rule that applies to `connection` when it pins or blocks, with its index. (The

@@ -12,19 +12,32 @@ use srcip_common::{
 use crate::{
     fold::{self, Fold},
     maps::{count, submit},
-    policy::{Connection, Delivery, delivery, reports_all},
+    policy::{Connection, Delivery, blocks, delivery, reports_all},
 };
 
 /// Decides `connection` against the policy, folds a repeated violation, and records what user
-/// space must see. `connection.src` is the source on the wire, which the policy judges;
+/// space must see. Returns whether a `block` rule refuses it: the caller stops its packet,
+/// and the record says so. `connection.src` is the source on the wire, which the policy judges;
 /// `socket_src` the one the kernel chose for the socket (the same unless this host translated
 /// it), and `src_port` the socket's port. Inlined, like the functions it calls, so
 /// that the caller's frame and its own share one stack: the verifier allows 512 bytes for
 /// the whole call chain, and 5.10 counts each frame at its largest.
 #[inline(always)]
-pub fn report(owner: &SocketOwner, connection: &Connection, socket_src: &[u8; 16], src_port: u16) {
+pub fn report(
+    owner: &SocketOwner,
+    connection: &Connection,
+    socket_src: &[u8; 16],
+    src_port: u16,
+) -> bool {
     let delivery = delivery(connection, owner.flags & OWNER_PINNED != 0);
-    record(owner, connection, socket_src, src_port, delivery, 0);
+    let blocked = matches!(delivery, Delivery::Violation { rule } if blocks(rule));
+    let flags = if blocked {
+        RecordFlags::REFUSED | RecordFlags::AT_EGRESS
+    } else {
+        0
+    };
+    record(owner, connection, socket_src, src_port, delivery, flags);
+    blocked
 }
 
 /// `report` for a connection already decided (`delivery`), with `RecordFlags` the caller
@@ -49,7 +62,7 @@ pub fn record(
     if socket_src != connection.src {
         flags |= RecordFlags::TRANSLATED;
     }
-    let mut fold_key = None;
+    let mut open_window = false;
     let rule = match delivery {
         Delivery::Skip => {
             count(if tcp {
@@ -61,22 +74,12 @@ pub fn record(
         }
         // With `--all` every connection gets its own line, so nothing is folded.
         Delivery::Violation { rule } if !reports_all() => {
-            let key = FoldKey {
-                rule,
-                protocol: connection.protocol,
-                family: connection.family,
-                dst_port: connection.dst_port,
-                cgroup_id: owner.cgroup_id,
-                src: *socket_src,
-                wire_src: *connection.src,
-                dst: *connection.dst,
-            };
-            match fold::repeat(&key, now) {
+            match fold::repeat(&fold_key(owner, connection, socket_src, rule), now) {
                 Fold::Folded => {
                     count(Counter::Folded);
                     return;
                 }
-                Fold::NoWindow => fold_key = Some(key),
+                Fold::NoWindow => open_window = true,
                 Fold::Unfolded => {}
             }
             rule
@@ -93,9 +96,8 @@ pub fn record(
     let urgent = !matches!(delivery, Delivery::Quiet | Delivery::Pinned);
     submit::<ConnectRecord>(urgent, |record| unsafe {
         // The record has its room: a window opened now is flushed when it closes.
-        if let Some(key) = &fold_key
-            && fold::open(key, now)
-        {
+        // The key is made again rather than kept: the stack has no room for two.
+        if open_window && fold::open(&fold_key(owner, connection, socket_src, rule), now) {
             flags |= RecordFlags::FOLD_WINDOW;
         }
         (&raw mut (*record).header).write(RecordHeader {
@@ -121,4 +123,24 @@ pub fn record(
         (&raw mut (*record).mark).write(connection.mark);
         (&raw mut (*record).reserved_tail).write(0);
     });
+}
+
+/// The folding key of a violation of `rule`: what makes two violations the same one.
+#[inline(always)]
+fn fold_key(
+    owner: &SocketOwner,
+    connection: &Connection,
+    socket_src: &[u8; 16],
+    rule: u32,
+) -> FoldKey {
+    FoldKey {
+        rule,
+        protocol: connection.protocol,
+        family: connection.family,
+        dst_port: connection.dst_port,
+        cgroup_id: owner.cgroup_id,
+        src: *socket_src,
+        wire_src: *connection.src,
+        dst: *connection.dst,
+    }
 }

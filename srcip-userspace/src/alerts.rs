@@ -9,8 +9,8 @@
 //! `family` (on the wire), `src`, `wire_src` (null unless this host translated `src`),
 //! `src_port`, `dst`, `dst_port`, `allowed_sources`, `pid`, `comm`, `uid`, `cgroup_id`, `cgroup` (relative to the cgroup2 mount; null when the cgroup
 //! is gone), `netns` (inode; null when the namespace is gone) and `verdict` (`compliant`,
-//! `violation` or `unmatched`); a violation of a `block` rule adds `blocked` (and `predicted`
-//! when the refused source was predicted, not bound). `lost` has `count`. `started` adds `version`, `policy`,
+//! `violation` or `unmatched`); a violation of a `block` rule adds `blocked`, `blocked_at` when
+//! it was, and `predicted` when the refused source was predicted, not bound. `lost` has `count`. `started` adds `version`, `policy`,
 //! `rules`, `cgroups` (the audited cgroups, empty for all), `kernel` (the release) and
 //! `degraded` (what srcip cannot report here, and why; empty when all works). `reloaded` has
 //! `policy` and `rules`, `policy_error` `policy` and `errors`. `resolved` (a host name of the
@@ -140,11 +140,14 @@ pub struct ConnectionReport {
     /// destination (not bound by the program, not translated): why the kernel chose it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Arc<str>>,
-    /// On a violation of a `block` rule: whether the kernel refused it. `false` when the
-    /// connection left anyway: the program bound no source and the prediction said allowed
-    /// (a routing change not yet followed, docs/design.md).
+    /// On a violation of a `block` rule: whether the kernel refused it. `false` only when
+    /// the kernel could not decide the rule (more ports, sources or overlapping rules than
+    /// it holds, docs/design.md) and the connection left before user space judged it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked: Option<bool>,
+    /// On a blocked violation: where the kernel stopped it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_at: Option<BlockedAt>,
     /// On a blocked connection whose program bound no source: `src` is the source the
     /// routing tables would have given it, as predicted, not one it left with.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -152,6 +155,26 @@ pub struct ConnectionReport {
     /// Set on a folded `violation`: the repeats it stands for.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub folded: Option<Folded>,
+}
+
+/// Where `block` stopped a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockedAt {
+    /// At `connect()` or `sendmsg()`, with EPERM: its source was known exactly there.
+    Connect,
+    /// Its first packet, on the source it carried: a UDP sender gets EPERM, a TCP
+    /// `connect()` times out.
+    Egress,
+}
+
+impl BlockedAt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Egress => "egress",
+        }
+    }
 }
 
 /// Repeats of a violation written as one line when their window closed.
@@ -338,7 +361,11 @@ pub fn text_message(body: &AlertBody) -> String {
             )
         }
         AlertBody::Violation(report) if report.blocked == Some(true) => {
-            format!("VIOLATION BLOCKED {}", connection_text(report))
+            let at = report.blocked_at.map_or("", |at| match at {
+                BlockedAt::Connect => " at connect",
+                BlockedAt::Egress => " at egress",
+            });
+            format!("VIOLATION BLOCKED{at} {}", connection_text(report))
         }
         AlertBody::Violation(report) => format!("VIOLATION {}", connection_text(report)),
         AlertBody::Pinned(report) => format!("pinned {}", connection_text(report)),
@@ -500,6 +527,7 @@ mod tests {
                 allowed_sources: vec!["2001:db8::10".to_owned()].into(),
                 reason: None,
                 blocked: None,
+                blocked_at: None,
                 predicted: false,
                 pid: 42,
                 comm: "curl".into(),
@@ -550,6 +578,7 @@ mod tests {
             verdict: Verdict::Violation,
             reason: Some("route 198.51.100.0/24 via \"x\"".into()),
             blocked: Some(true),
+            blocked_at: Some(BlockedAt::Egress),
             predicted: true,
             folded: Some(Folded {
                 count: 12,

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     adopt::{self, adopt_udp_sockets},
-    alerts::{Alert, AlertBody, ConnectionReport, Verdict},
+    alerts::{Alert, AlertBody, BlockedAt, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     drift::SharedPredictions,
     events::{BootClock, ConnectEvent, Enforcement, EventRing, KernelEvent},
@@ -308,11 +308,26 @@ impl AuditSession {
         reason: Option<Arc<str>>,
     ) -> ConnectionReport {
         let cgroup = cgroup_names.name_of(event.cgroup_id);
-        let refused = matches!(event.enforcement, Enforcement::Refused { .. });
         let blocking = rule.is_some_and(|rule| rule.action == Action::Block);
+        let (refused, predicted, blocked_at) = match event.enforcement {
+            Enforcement::Refused {
+                predicted,
+                at_egress,
+            } => (
+                true,
+                predicted,
+                Some(if at_egress {
+                    BlockedAt::Egress
+                } else {
+                    BlockedAt::Connect
+                }),
+            ),
+            _ => (false, false, None),
+        };
         ConnectionReport {
             blocked: (verdict == Verdict::Violation && blocking).then_some(refused),
-            predicted: event.enforcement == Enforcement::Refused { predicted: true },
+            blocked_at,
+            predicted,
             rule: rule.map(|rule| Arc::clone(&rule.name)),
             action: rule.map_or("alert", |rule| rule.action.as_str()),
             protocol: event.protocol.as_str(),

@@ -53,6 +53,11 @@ pub struct DestinationCheck {
     pub fix: Vec<String>,
     /// Source-keyed rules that do not protect this destination (`explain.rs`).
     pub warnings: Vec<String>,
+    /// The prediction holds for every address of the destination and every program that
+    /// binds no source, sets no mark and names no device (`HostRouting::predicts_whole`):
+    /// `block` may refuse at `connect()` on it.
+    #[serde(skip)]
+    pub exact: bool,
 }
 
 /// Checks every destination; `Ok(true)` when every one is compliant.
@@ -159,6 +164,7 @@ pub async fn check_destination(
         compliant,
         reason: route::reason(&query, &prediction, host),
         warnings: route::unprotecting_rules(rule, &query, &prediction, host),
+        exact: host.predicts_whole(destination, prediction.route.as_ref()),
         fix,
     })
 }

@@ -73,6 +73,9 @@ pub fn write_connection_line(
             b",\"blocked\":false"
         });
     }
+    if let Some(blocked_at) = report.blocked_at {
+        constant(out, ",\"blocked_at\":\"", blocked_at.as_str(), "\"");
+    }
     if report.predicted {
         out.extend_from_slice(b",\"predicted\":true");
     }

@@ -306,11 +306,14 @@ async fn evaluate(
                 let check = check_destination(router, &host, rule, *prefix, *program).await?;
                 let key = (rule.name.clone(), *prefix, *program);
                 let allowed = check.compliant;
-                // The kernel's map has one prediction per destination: srcip's.
-                if let (Action::Block, Some(src), true) = (
+                // The kernel's map has one prediction per destination: srcip's, and only
+                // one that holds for the whole destination; the others are judged on the
+                // packet at egress.
+                if let (Action::Block, Some(src), true, true) = (
                     rule.action,
                     check.predicted_src,
                     *program == Program::default(),
+                    check.exact,
                 ) {
                     blocking.push((*prefix, src));
                 }

@@ -131,9 +131,12 @@ pub enum Enforcement {
     /// srcip bound the socket to its `pin` rule's source.
     Pinned,
     /// The kernel refused the connection (`block`). `predicted`: the program had bound no
-    /// source, and `src` is the one the routing tables would have chosen.
+    /// source, and `src` is the one the routing tables would have chosen. `at_egress`: its
+    /// packet was stopped, on the source it carried, rather than its `connect()` or
+    /// `sendmsg()`.
     Refused {
         predicted: bool,
+        at_egress: bool,
     },
 }
 
@@ -309,6 +312,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         enforcement: if record.flags & RecordFlags::REFUSED != 0 {
             Enforcement::Refused {
                 predicted: record.flags & RecordFlags::PREDICTED != 0,
+                at_egress: record.flags & RecordFlags::AT_EGRESS != 0,
             }
         } else if record.flags & RecordFlags::PINNED != 0 {
             Enforcement::Pinned

@@ -90,6 +90,9 @@ pub struct Connection {
     /// On a violation of a `block` rule: whether the kernel refused it.
     #[serde(default)]
     pub blocked: Option<bool>,
+    /// On a blocked violation: `connect` (EPERM at `connect()`/`sendmsg()`) or `egress`.
+    #[serde(default)]
+    pub blocked_at: Option<String>,
     /// On a blocked connection that bound no source: `src` is the predicted one.
     #[serde(default)]
     pub predicted: Option<bool>,

@@ -8,8 +8,8 @@ use std::{path::PathBuf, process::Command};
 
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
-    PolicyFile, Signal, TestCgroup, Topology, attempt_connect, attempt_udp_client, connect, ip_in,
-    nft_in, run, srcip_bin, udp_client, unique_name,
+    PolicyFile, Signal, TestCgroup, Topology, attempt_connect, attempt_udp_client, client, connect,
+    ip_in, nft_in, run, srcip_bin, udp_client, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -80,6 +80,26 @@ fn count_arrivals_at_partner(topology: &Topology, sources: &[&str]) {
     nft_in(&topology.partner.name, &commands);
 }
 
+/// Makes the partner's namespace count the TCP SYNs to port 443 that arrive from each of
+/// `sources`.
+fn count_syns_at_partner(topology: &Topology, sources: &[&str]) {
+    let mut commands = "add table inet syns; \
+        add chain inet syns input { type filter hook input priority 0; }; "
+        .to_owned();
+    for source in sources {
+        let family = if source.contains(':') { "ip6" } else { "ip" };
+        commands += &format!(
+            "add rule inet syns input {family} saddr {source} tcp dport 443 tcp flags syn counter; "
+        );
+    }
+    nft_in(&topology.partner.name, &commands);
+}
+
+/// TCP SYNs from `source` counted since [`count_syns_at_partner`].
+fn syns_counted(topology: &Topology, source: &str) -> u64 {
+    counted(topology, "syns", source)
+}
+
 /// Datagrams from `source` counted since [`count_arrivals_at_partner`], once there is one:
 /// a datagram sent before the host knew the partner's link address (IPv6's neighbour
 /// discovery, slow while tests run in parallel) waits for it, up to a few seconds.
@@ -95,6 +115,11 @@ fn arrivals_at_partner(topology: &Topology, source: &str) -> u64 {
 }
 
 fn arrivals_counted(topology: &Topology, source: &str) -> u64 {
+    counted(topology, "arrivals", source)
+}
+
+/// The packets the rule for `source` of the partner's counting `table` saw.
+fn counted(topology: &Topology, table: &str, source: &str) -> u64 {
     let output = run(
         "ip",
         &[
@@ -105,7 +130,7 @@ fn arrivals_counted(topology: &Topology, source: &str) -> u64 {
             "list",
             "chain",
             "inet",
-            "arrivals",
+            table,
             "input",
         ],
     );
@@ -113,7 +138,7 @@ fn arrivals_counted(topology: &Topology, source: &str) -> u64 {
     let rule = listing
         .lines()
         .find(|line| line.contains(&format!("saddr {source} ")))
-        .unwrap_or_else(|| panic!("no arrivals rule for {source}: {listing}"));
+        .unwrap_or_else(|| panic!("no {table} rule for {source}: {listing}"));
     let packets = rule
         .split_once("packets ")
         .and_then(|(_, rest)| rest.split_whitespace().next())
@@ -280,8 +305,12 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
         });
         let violation = line.violation().unwrap();
         assert_eq!(
-            (violation.blocked, violation.predicted),
-            (Some(true), Some(true))
+            (
+                violation.blocked,
+                violation.blocked_at.as_deref(),
+                violation.predicted
+            ),
+            (Some(true), Some("connect"), Some(true))
         );
         assert_eq!(
             (violation.src.as_str(), violation.dst.as_str()),
@@ -327,10 +356,10 @@ fn block_refuses_a_bound_or_predicted_wrong_source_at_once_and_lets_the_right_on
 }
 
 /// Between a routing change and srcip's next reading of the routes (`--route-settle`, made
-/// long here), `block` judges a socket that bound no source by the previous prediction: the
-/// connection leaves, and is reported as a violation that was not blocked.
+/// long here), the prediction in the kernel says the connection is allowed: it is not
+/// refused at `connect()`, and its SYN is stopped at egress, on the source it carries.
 #[test]
-fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() {
+fn until_srcip_reads_a_routing_change_block_stops_the_wrong_source_at_egress() {
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&["audited"]);
     let policy = PolicyFile::new(&policy_with("block"));
@@ -352,14 +381,22 @@ fn until_srcip_reads_a_routing_change_block_judges_by_the_previous_prediction() 
     ip_in(&topology.host.name, "route del 198.51.100.50/32");
     daemon.wait_for("the recovery", |line| line.route_recovered().is_some());
 
+    count_syns_at_partner(&topology, &[OTHER_V4]);
     topology.route_partner_via_other_source();
     let early = connect(&topology.host, &audited, None, PARTNER_V4, 443);
     assert_eq!(early.src, OTHER_V4);
-    let line = daemon.wait_for("the violation that got through", |line| {
+    let line = daemon.wait_for("the violation stopped at egress", |line| {
         line.violation()
             .is_some_and(|violation| violation.src_port == early.src_port)
     });
-    assert_eq!(line.violation().unwrap().blocked, Some(false));
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (violation.blocked, violation.blocked_at.as_deref()),
+        (Some(true), Some("egress"))
+    );
+    // Its retransmissions are stopped too: nothing from .11 reached the partner.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(syns_counted(&topology, OTHER_V4), 0);
 
     daemon.wait_for("the drift", |line| line.route_drift().is_some());
     let late = attempt_connect(&topology.host, &audited, None, PARTNER_V4, 443);
@@ -552,4 +589,152 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
             .is_some_and(|violation| violation.src_port == udp.src_port)
     });
     assert_eq!(line.violation().unwrap().src, OTHER_V6);
+}
+
+/// A `block` rule on a prefix is judged for each destination as the kernel routes it: a more
+/// specific route inside the prefix gives one destination the allowed source and another
+/// the wrong one. No single guess for the prefix decides: the compliant connection passes,
+/// the wrong one is stopped on the source its packet carries, and the partner's side sees
+/// only the compliant one.
+#[test]
+fn block_judges_each_destination_as_routed_never_one_guess_per_prefix() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let audited = cgroup.child("audited");
+    let policy = PolicyFile::new(
+        r#"
+[[rule]]
+name = "partner-net"
+destinations = ["198.51.100.0/24"]
+ports = [443]
+allowed_sources = ["203.0.113.10"]
+action = "block"
+"#,
+    );
+    ip_in(&topology.partner.name, "addr add 198.51.100.60/32 dev lo");
+    ip_in(
+        &topology.host.name,
+        "route add 198.51.100.0/24 via 203.0.113.1 src 203.0.113.11",
+    );
+    ip_in(
+        &topology.host.name,
+        "route add 198.51.100.50/32 via 203.0.113.1 src 203.0.113.10",
+    );
+    count_syns_at_partner(&topology, &[ALLOWED_V4, OTHER_V4]);
+    count_arrivals_at_partner(&topology, &[OTHER_V4]);
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &["--cgroup", audited.to_str().unwrap(), "--fold-window", "0"],
+    );
+    // The prefix's first address is routed from .11: the prefix drifts, as `check` says.
+    daemon.wait_for("the drift", |line| line.route_drift().is_some());
+
+    let compliant = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(compliant.src, ALLOWED_V4);
+    let wrong = connect(&topology.host, &audited, None, "198.51.100.60", 443);
+    assert_eq!(wrong.src, OTHER_V4);
+    let line = daemon.wait_for("the violation stopped at egress", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == wrong.src_port)
+    });
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (violation.blocked, violation.blocked_at.as_deref()),
+        (Some(true), Some("egress"))
+    );
+    // UDP the same way: the datagram is stopped, and its sender told at once.
+    let datagram = attempt_udp_client(&topology.host, &audited, &[], "198.51.100.60", 443);
+    assert_eq!(datagram.error.as_deref(), Some("EPERM"), "{datagram:?}");
+    udp_client(&topology.host, &audited, &[], PARTNER_V4, 443);
+
+    // The compliant SYN may wait for the partner's link address.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while syns_counted(&topology, ALLOWED_V4) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        syns_counted(&topology, ALLOWED_V4) >= 1,
+        "the compliant SYN did not reach the partner"
+    );
+    assert_eq!(syns_counted(&topology, OTHER_V4), 0, "a SYN from .11 left");
+    assert_eq!(
+        arrivals_counted(&topology, OTHER_V4),
+        0,
+        "a datagram from .11 left"
+    );
+    let (_, lines) = daemon.stop_with(Signal::SIGTERM);
+    let violations: Vec<_> = lines.iter().filter_map(Line::violation).collect();
+    assert!(
+        violations
+            .iter()
+            .all(|violation| violation.dst != PARTNER_V4),
+        "the compliant destination was judged by the prefix's guess: {violations:#?}"
+    );
+}
+
+/// What the prediction cannot know is judged on the packet: a connected UDP socket that
+/// sets a wrong source per datagram with `IP_PKTINFO` is stopped at egress, and a program
+/// whose mark policy routing sends from the allowed source is never refused, though srcip's
+/// own (unmarked) prediction says the wrong one.
+#[test]
+fn block_judges_per_datagram_sources_and_marked_programs_on_the_wire() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let audited = cgroup.child("audited");
+    let policy = PolicyFile::new(&policy_with("block"));
+    topology.route_partner_via_other_source();
+    ip_in(&topology.host.name, "rule add fwmark 7 lookup 100");
+    ip_in(
+        &topology.host.name,
+        "route add 198.51.100.50/32 via 203.0.113.1 src 203.0.113.10 table 100",
+    );
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &["--cgroup", audited.to_str().unwrap(), "--fold-window", "0"],
+    );
+    daemon.wait_for("the drift", |line| line.route_drift().is_some());
+
+    // Marked 7: policy routing gives it .10, which is allowed.
+    let marked = client(&topology.host, &audited, &["--mark", "7"], PARTNER_V4, 443);
+    assert_eq!(marked[0].src, ALLOWED_V4);
+    // Unmarked: .11, stopped at its SYN.
+    let unmarked = connect(&topology.host, &audited, None, PARTNER_V4, 443);
+    assert_eq!(unmarked.src, OTHER_V4);
+    let line = daemon.wait_for("the unmarked violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == unmarked.src_port)
+    });
+    assert_eq!(
+        line.violation().unwrap().blocked_at.as_deref(),
+        Some("egress")
+    );
+
+    // Connected to the partner from the allowed source, then a datagram with IP_PKTINFO
+    // choosing .11: stopped, and the sender gets EPERM.
+    let options = ["--bind", ALLOWED_V4, "--connected-pktinfo", OTHER_V4];
+    let sneaky = attempt_udp_client(&topology.host, &audited, &options, PARTNER_V4, 443);
+    assert_eq!(sneaky.error.as_deref(), Some("EPERM"), "{sneaky:?}");
+    let line = daemon.wait_for("the per-datagram violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.protocol == "udp")
+    });
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (violation.blocked, violation.blocked_at.as_deref()),
+        (Some(true), Some("egress"))
+    );
+    // The same socket choosing the allowed source per datagram passes.
+    let options = ["--bind", ALLOWED_V4, "--connected-pktinfo", ALLOWED_V4];
+    udp_client(&topology.host, &audited, &options, PARTNER_V4, 443);
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    assert!(
+        !lines
+            .iter()
+            .filter_map(Line::violation)
+            .any(|v| v.src_port == marked[0].src_port),
+        "the marked, compliant connection was reported: {lines:#?}"
+    );
 }

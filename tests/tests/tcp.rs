@@ -130,6 +130,7 @@ fn wrong_source_gives_a_violation_with_every_field() {
             // The program bound its source: not the kernel's choice, so no reason.
             reason: None,
             blocked: None,
+            blocked_at: None,
             predicted: None,
             count: None,
             first_time: None,

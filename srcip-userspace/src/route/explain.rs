@@ -163,6 +163,7 @@ mod tests {
                 oif: Some("eth0".into()),
                 pref_src: pref_src.map(|src| src.parse().unwrap()),
                 table: MAIN_TABLE,
+                multipath: false,
             }),
             unreachable: None,
         }

@@ -164,6 +164,7 @@ mod tests {
                 oif: Some("eth0".into()),
                 pref_src: None,
                 table,
+                multipath: false,
             }),
             unreachable: None,
         }

@@ -10,11 +10,12 @@ use netlink_packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressHeaderFlags},
     link::LinkAttribute,
+    route::{RouteAddress, RouteAttribute, RouteMessage},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
 use rtnetlink::IpVersion;
 
-use super::{Program, RouteError, prefix_text};
+use super::{MatchedRoute, Program, RouteError, prefix_text};
 
 /// An address of the host, on an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub struct PolicyRule {
 pub struct HostRouting {
     pub addresses: Vec<HostAddress>,
     pub rules: Vec<PolicyRule>,
+    /// The destination prefix of every route of every table, both families.
+    routes: Vec<IpNet>,
     interfaces: HashMap<u32, String>,
 }
 
@@ -119,11 +122,47 @@ impl HostRouting {
             }
         }
         rules.sort_by_key(|rule| rule.priority);
+        let mut routes = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            // No destination: a dump, of every table.
+            let mut message = RouteMessage::default();
+            message.header.address_family = family;
+            let mut dumped = handle.route().get(message).execute();
+            while let Some(message) = dumped.try_next().await.map_err(dump("routes"))? {
+                routes.extend(route_prefix(&message));
+            }
+        }
         Ok(Self {
             addresses,
             rules,
+            routes,
             interfaces,
         })
+    }
+
+    /// Whether the source predicted for one address of `prefix`, by the route `matched`,
+    /// is the source the kernel chooses for every address of it, every port and every
+    /// program that binds no source, sets no mark and names no device: `matched` covers
+    /// the whole prefix with one next hop, no route of any table and no policy rule's `to`
+    /// lies inside it, and no policy rule selects by uid, mark, protocol, port, interface
+    /// or TOS. `block` refuses at `connect()` on such a prediction only; every other
+    /// connection is judged on the packet it sends.
+    pub fn predicts_whole(&self, prefix: IpNet, matched: Option<&MatchedRoute>) -> bool {
+        let Some(matched) = matched else {
+            return false;
+        };
+        let inside = |net: &IpNet| net.prefix_len() > prefix.prefix_len() && prefix.contains(net);
+        !matched.multipath
+            && matched.prefix.contains(&prefix)
+            && !self.routes.iter().any(inside)
+            && !self.rules.iter().any(|rule| {
+                rule.uid_range.is_some()
+                    || rule.fwmark.is_some()
+                    || rule.ip_protocol.is_some()
+                    || rule.dst_ports.is_some()
+                    || rule.other_selectors
+                    || rule.to.as_ref().is_some_and(inside)
+            })
     }
 
     pub fn interface_name(&self, index: u32) -> Option<String> {
@@ -176,6 +215,10 @@ impl PolicyRule {
                 | RuleAttribute::SourcePortRange(_) => rule.other_selectors = true,
                 _ => {}
             }
+        }
+        // `tos`: a program may set its own.
+        if header.tos != 0 {
+            rule.other_selectors = true;
         }
         if mark.is_some() || mask.is_some() {
             rule.fwmark = Some((mark.unwrap_or(0), mask.unwrap_or(u32::MAX)));
@@ -262,6 +305,25 @@ impl PolicyRule {
     }
 }
 
+/// A dumped route's destination prefix (a default route has no destination attribute).
+fn route_prefix(message: &RouteMessage) -> Option<IpNet> {
+    let destination = message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        });
+    let address = destination.unwrap_or(match message.header.address_family {
+        AddressFamily::Inet6 => IpAddr::from([0u16; 8]),
+        _ => IpAddr::from([0u8; 4]),
+    });
+    IpNet::new(address, message.header.destination_prefix_length)
+        .ok()
+        .map(|net| net.trunc())
+}
+
 #[cfg(test)]
 impl HostRouting {
     /// A host with `addresses` (`INTERFACE ADDRESS/LEN`) and `rules`, for tests.
@@ -280,8 +342,15 @@ impl HostRouting {
         Self {
             addresses,
             rules,
+            routes: Vec::new(),
             interfaces: HashMap::new(),
         }
+    }
+
+    /// The same host with routes to these prefixes, in some table.
+    pub fn with_routes(mut self, routes: &[&str]) -> Self {
+        self.routes = routes.iter().map(|route| route.parse().unwrap()).collect();
+        self
     }
 }
 
@@ -305,5 +374,56 @@ impl PolicyRule {
         };
         rule.text = rule.describe();
         rule
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::route::RouteType;
+
+    use super::*;
+
+    fn matched(prefix: &str) -> MatchedRoute {
+        MatchedRoute {
+            prefix: prefix.parse().unwrap(),
+            kind: RouteType::Unicast,
+            gateway: None,
+            oif: None,
+            pref_src: None,
+            table: super::super::MAIN_TABLE,
+            multipath: false,
+        }
+    }
+
+    #[test]
+    fn a_prediction_holds_for_a_prefix_only_when_nothing_routes_part_of_it_apart() {
+        let host = HostRouting::for_tests(&[], Vec::new()).with_routes(&[
+            "0.0.0.0/0",
+            "198.51.100.60/32",
+            "203.0.113.0/24",
+        ]);
+        let default = matched("0.0.0.0/0");
+        let whole = |prefix: &str, route: &MatchedRoute| {
+            host.predicts_whole(prefix.parse().unwrap(), Some(route))
+        };
+        // A more specific route inside the /24 gives part of it another source.
+        assert!(!whole("198.51.100.0/24", &default));
+        assert!(whole("198.51.100.50/32", &default));
+        assert!(whole("192.0.2.0/24", &default));
+        // The matched route must cover the whole prefix.
+        assert!(!whole("192.0.2.0/24", &matched("192.0.2.0/25")));
+        // Several next hops: no one source.
+        let multipath = MatchedRoute {
+            multipath: true,
+            ..default.clone()
+        };
+        assert!(!whole("192.0.2.0/24", &multipath));
+        assert!(!host.predicts_whole("192.0.2.0/24".parse().unwrap(), None));
+        // A rule that routes programs apart by uid: no one prediction for all of them.
+        let mut by_uid = PolicyRule::source_keyed(100, "0.0.0.0/0", 100);
+        by_uid.from = None;
+        by_uid.uid_range = Some(1000..=1000);
+        let host = HostRouting::for_tests(&[], vec![by_uid]).with_routes(&["0.0.0.0/0"]);
+        assert!(!host.predicts_whole("198.51.100.50/32".parse().unwrap(), Some(&default)));
     }
 }

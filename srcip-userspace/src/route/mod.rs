@@ -114,6 +114,8 @@ pub struct MatchedRoute {
     /// The route's own `src`, when it has one.
     pub pref_src: Option<IpAddr>,
     pub table: u32,
+    /// Several next hops (ECMP): the source may differ from one connection to the next.
+    pub multipath: bool,
 }
 
 /// A netlink connection for route lookups and dumps; clones share it.
@@ -244,6 +246,7 @@ impl MatchedRoute {
             oif: attributes.oif.and_then(|index| host.interface_name(index)),
             pref_src: attributes.pref_src,
             table: attributes.table.unwrap_or(u32::from(reply.header.table)),
+            multipath: attributes.multipath,
         }
     }
 }
@@ -256,6 +259,7 @@ struct Attributes {
     pref_src: Option<IpAddr>,
     oif: Option<u32>,
     table: Option<u32>,
+    multipath: bool,
 }
 
 impl Attributes {
@@ -275,6 +279,7 @@ impl Attributes {
                 RouteAttribute::PrefSource(source) => found.pref_src = address(source),
                 RouteAttribute::Oif(index) => found.oif = Some(*index),
                 RouteAttribute::Table(table) => found.table = Some(*table),
+                RouteAttribute::MultiPath(hops) => found.multipath = hops.len() > 1,
                 _ => {}
             }
         }

@@ -3,6 +3,7 @@
 //! address and port, and `null` or the error that stopped it).
 //!
 //! `udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC |
+//!            --connected-pktinfo SRC |
 //!            --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR]
 //!            DST_ADDR[,DST_ADDR…] DST_PORT`
 //!
@@ -10,6 +11,8 @@
 //! - `--connect`: `connect()` to the one destination, then `send()`;
 //! - `--pktinfo SRC`: `sendmsg()` with `IP_PKTINFO`/`IPV6_PKTINFO` choosing the source SRC
 //!   per datagram, as DNS servers on multi-IP hosts do;
+//! - `--connected-pktinfo SRC`: `connect()` to the one destination, then `sendmsg()` with no
+//!   address and `IP_PKTINFO` choosing the source SRC;
 //! - `--sendmmsg`: one `sendmmsg()` call with a datagram to each destination.
 //!
 //! A refused `connect()` or `sendto()` ends the client; its report then has `error` (the
@@ -44,6 +47,7 @@ enum Mode {
     SendTo,
     Connect,
     PacketInfo(IpAddr),
+    ConnectedPacketInfo(IpAddr),
     SendMmsg,
 }
 
@@ -69,6 +73,10 @@ fn main() {
                 let source = args.next().and_then(|text| text.parse().ok());
                 mode = Mode::PacketInfo(source.expect("--pktinfo ADDR"));
             }
+            "--connected-pktinfo" => {
+                let source = args.next().and_then(|text| text.parse().ok());
+                mode = Mode::ConnectedPacketInfo(source.expect("--connected-pktinfo ADDR"));
+            }
             "--sendmmsg" => mode = Mode::SendMmsg,
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--spread" => spread = args.next().and_then(|n| n.parse::<u32>().ok()),
@@ -82,7 +90,7 @@ fn main() {
     }
     let [destinations, port] = positional.as_slice() else {
         panic!(
-            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR] DST_ADDR[,DST_ADDR...] DST_PORT"
+            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --connected-pktinfo SRC | --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR] DST_ADDR[,DST_ADDR...] DST_PORT"
         );
     };
     let port: u16 = port.parse().expect("DST_PORT");
@@ -130,7 +138,7 @@ fn main() {
             .bind(&SocketAddr::new(address, 0).into())
             .expect("bind");
     }
-    if let Mode::Connect = mode
+    if let Mode::Connect | Mode::ConnectedPacketInfo(_) = mode
         && let Err(error) = socket.connect(&destinations[0].into())
     {
         report(&socket, Some(&error));
@@ -163,10 +171,17 @@ fn main() {
             }
             Mode::PacketInfo(source) => {
                 for destination in &destinations {
-                    if let Err(error) = send_with_source(&socket, *destination, source, payload) {
+                    let sent = send_with_source(&socket, Some(*destination), source, payload);
+                    if let Err(error) = sent {
                         report(&socket, Some(&error));
                         return;
                     }
+                }
+            }
+            Mode::ConnectedPacketInfo(source) => {
+                if let Err(error) = send_with_source(&socket, None, source, payload) {
+                    report(&socket, Some(&error));
+                    return;
                 }
             }
             Mode::SendMmsg => send_to_all(&socket, &destinations, payload),
@@ -258,14 +273,15 @@ fn report(socket: &Socket, error: Option<&std::io::Error>) {
     );
 }
 
-/// `sendmsg()` with the source chosen by `IP_PKTINFO` or `IPV6_PKTINFO`.
+/// `sendmsg()` with the source chosen by `IP_PKTINFO` or `IPV6_PKTINFO`, to `destination`
+/// (`None`: the connected socket's peer).
 fn send_with_source(
     socket: &Socket,
-    destination: SocketAddr,
+    destination: Option<SocketAddr>,
     source: IpAddr,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let address = SockAddr::from(destination);
+    let address = destination.map(SockAddr::from);
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr().cast_mut().cast(),
         iov_len: payload.len(),
@@ -274,8 +290,10 @@ fn send_with_source(
     let mut control = [0u64; 8];
     // SAFETY: msghdr is plain data; every pointer set below outlives the call.
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_name = address.as_ptr().cast_mut().cast();
-    message.msg_namelen = address.len();
+    if let Some(address) = &address {
+        message.msg_name = address.as_ptr().cast_mut().cast();
+        message.msg_namelen = address.len();
+    }
     message.msg_iov = &raw mut iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
