@@ -74,6 +74,10 @@ pub struct LastFlow {
 /// its connection is reported as pinned.
 pub const OWNER_PINNED: u32 = 1 << 0;
 
+/// `SocketOwner::flags`: why the last connection or datagram of a `pin` rule was not
+/// pinned, as `RecordFlags::PIN_ERRORS` spells it (the record copies these bits).
+pub const OWNER_PIN_ERRORS: u32 = crate::record::RecordFlags::PIN_ERRORS;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data with explicit widths and no padding (size asserted above).

@@ -118,6 +118,18 @@ impl RecordFlags {
     /// With `REFUSED`: stopped at egress, on the source the packet carried (a TCP
     /// `connect()` then fails by timeout), not at `connect()`/`sendmsg()`.
     pub const AT_EGRESS: u32 = 1 << 5;
+    /// Why a `pin` rule's connection was not pinned (the same bits in
+    /// `SocketOwner::flags`, set at its `connect()` or datagram): its program had chosen a
+    /// source itself,
+    pub const PIN_BOUND_ADDRESS: u32 = 1 << 6;
+    /// its socket's port was bound (a bound socket cannot be bound again),
+    pub const PIN_BOUND_PORT: u32 = 1 << 7;
+    /// the pin source is not an address of the host in the socket's network namespace,
+    pub const PIN_ABSENT: u32 = 1 << 8;
+    /// or the rule has no pin source of the destination's family.
+    pub const PIN_NO_SOURCE: u32 = 1 << 9;
+    pub const PIN_ERRORS: u32 =
+        Self::PIN_BOUND_ADDRESS | Self::PIN_BOUND_PORT | Self::PIN_ABSENT | Self::PIN_NO_SOURCE;
 }
 
 /// Indexes of the per-CPU `COUNTERS` map.

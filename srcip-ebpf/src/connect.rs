@@ -32,7 +32,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use srcip_common::{
-    owner::{OWNER_PINNED, SocketOwner},
+    owner::{OWNER_PIN_ERRORS, OWNER_PINNED, SocketOwner},
     policy::{ACTION_BLOCK, ACTION_PIN, KernelRule, PinSource},
     record::{AF_INET, AF_INET6, Counter, IPPROTO_UDP, RecordFlags},
 };
@@ -78,8 +78,8 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     let Some(owner) = calling_owner(ctx) else {
         return ALLOW;
     };
-    // The mark says whether this datagram was pinned, not an earlier one.
-    owner.flags &= !OWNER_PINNED;
+    // The marks say whether this datagram was pinned, or why not, not an earlier one's.
+    owner.flags &= !(OWNER_PINNED | OWNER_PIN_ERRORS);
     if policy::state().enforcing == 0 {
         return ALLOW;
     }
@@ -102,10 +102,15 @@ fn sending(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     match rule.action {
         // A datagram to an IPv4-mapped address is sent through sendmsg4, so in sendmsg6 the
         // destination is IPv6: its family is the hook's.
-        ACTION_PIN if chosen.is_none() && family == hook_family => {
-            if set_pin_source(address, rule, hook_family, owner.netns_cookie) {
-                owner.flags |= OWNER_PINNED;
-            }
+        ACTION_PIN if chosen.is_some() => {
+            owner.flags |= RecordFlags::PIN_BOUND_ADDRESS;
+            ALLOW
+        }
+        ACTION_PIN if family == hook_family => {
+            owner.flags |= match set_pin_source(address, rule, hook_family, owner.netns_cookie) {
+                Ok(()) => OWNER_PINNED,
+                Err(error) => error,
+            };
             ALLOW
         }
         ACTION_BLOCK => {
@@ -175,15 +180,15 @@ fn message_source(address: &bpf_sock_addr, hook_family: u8) -> Option<[u8; 16]> 
 }
 
 /// Sets the datagram's source to `rule`'s pin source for `family` (the hook's: each hook may
-/// write only its own family's field), when the host has it in the socket's namespace; false
-/// when it does not (the datagram then takes the route's).
+/// write only its own family's field), when the host has it in the socket's namespace; else
+/// the datagram takes the route's source, and the `RecordFlags::PIN_*` bit says why.
 #[inline(always)]
 fn set_pin_source(
     address: &mut bpf_sock_addr,
     rule: &KernelRule,
     family: u8,
     netns_cookie: u64,
-) -> bool {
+) -> Result<(), u32> {
     let mut pin = PinSource {
         family: u32::from(family),
         addr: [0; 16],
@@ -194,7 +199,7 @@ fn set_pin_source(
         pin.addr = rule.pin_v6;
     }
     if pin.addr == [0; 16] {
-        return false;
+        return Err(RecordFlags::PIN_NO_SOURCE);
     }
     let present = PRESENT_PIN_SOURCES
         .get_ptr(&pin)
@@ -202,7 +207,7 @@ fn set_pin_source(
         .is_some_and(|cookie| unsafe { *cookie } == netns_cookie);
     if !present {
         count(Counter::PinFailures);
-        return false;
+        return Err(RecordFlags::PIN_ABSENT);
     }
     // Each word is written on its own: the context allows only 4-byte stores.
     if family == AF_INET {
@@ -222,7 +227,7 @@ fn set_pin_source(
         address.msg_src_ip6[2] = word(2);
         address.msg_src_ip6[3] = word(3);
     }
-    true
+    Ok(())
 }
 
 /// `hook_family`: `AF_INET` for connect4, `AF_INET6` for connect6.
@@ -231,9 +236,9 @@ fn connecting(ctx: &SockAddrContext, hook_family: u8) -> i32 {
     let Some(owner) = calling_owner(ctx) else {
         return ALLOW;
     };
-    // A UDP socket connected again keeps its owner: the mark says whether this connection
-    // was pinned, not an earlier one.
-    owner.flags &= !OWNER_PINNED;
+    // A UDP socket connected again keeps its owner: the marks say whether this connection
+    // was pinned, or why not, not an earlier one's.
+    owner.flags &= !(OWNER_PINNED | OWNER_PIN_ERRORS);
     if policy::state().enforcing == 0 {
         return ALLOW;
     }
@@ -266,10 +271,15 @@ fn enforce(ctx: &SockAddrContext, owner: &mut SocketOwner, hook_family: u8) -> i
         return ALLOW;
     };
     match rule.action {
-        ACTION_PIN if bound.is_none() => {
-            if pin(ctx.sock_addr, socket, rule, family) {
-                owner.flags |= OWNER_PINNED;
-            }
+        ACTION_PIN if bound.is_some() => {
+            owner.flags |= RecordFlags::PIN_BOUND_ADDRESS;
+            ALLOW
+        }
+        ACTION_PIN => {
+            owner.flags |= match pin(ctx.sock_addr, socket, rule, family) {
+                Ok(()) => OWNER_PINNED,
+                Err(error) => error,
+            };
             ALLOW
         }
         ACTION_BLOCK => {
@@ -336,18 +346,24 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
-/// Binds the socket to `rule`'s pin source for `family`; false when the rule has none of that
-/// family, or the kernel refused (the address is gone from the socket's namespace, or the
-/// program bound a port): then the connection goes on with the route's choice.
+/// Binds the socket to `rule`'s pin source for `family`. When the rule has none of that
+/// family, the program bound a port, or the kernel refused (the address is gone from the
+/// socket's namespace), the connection goes on with the route's choice, and the
+/// `RecordFlags::PIN_*` bit says why.
 #[inline(always)]
-fn pin(ctx: *mut bpf_sock_addr, socket: &bpf_sock, rule: &KernelRule, family: u8) -> bool {
+fn pin(
+    ctx: *mut bpf_sock_addr,
+    socket: &bpf_sock,
+    rule: &KernelRule,
+    family: u8,
+) -> Result<(), u32> {
     // A bound port cannot be bound again.
     if read(&socket.src_port) != 0 {
-        return false;
+        return Err(RecordFlags::PIN_BOUND_PORT);
     }
     let result = if socket.family == u32::from(AF_INET) {
         if rule.pin_v4 == [0; 4] {
-            return false;
+            return Err(RecordFlags::PIN_NO_SOURCE);
         }
         let mut address = SockaddrIn {
             family: u16::from(AF_INET),
@@ -367,7 +383,7 @@ fn pin(ctx: *mut bpf_sock_addr, socket: &bpf_sock, rule: &KernelRule, family: u8
         let mut addr = [0; 16];
         if family == AF_INET {
             if rule.pin_v4 == [0; 4] {
-                return false;
+                return Err(RecordFlags::PIN_NO_SOURCE);
             }
             // An IPv6 socket reaches an IPv4 destination from `::ffff:a.b.c.d`.
             addr[10] = 0xff;
@@ -375,7 +391,7 @@ fn pin(ctx: *mut bpf_sock_addr, socket: &bpf_sock, rule: &KernelRule, family: u8
             addr[12..].copy_from_slice(&rule.pin_v4);
         } else {
             if rule.pin_v6 == [0; 16] {
-                return false;
+                return Err(RecordFlags::PIN_NO_SOURCE);
             }
             addr = rule.pin_v6;
         }
@@ -397,6 +413,7 @@ fn pin(ctx: *mut bpf_sock_addr, socket: &bpf_sock, rule: &KernelRule, family: u8
     };
     if result != 0 {
         count(Counter::PinFailures);
+        return Err(RecordFlags::PIN_ABSENT);
     }
-    result == 0
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use srcip_common::{
     fold::{FoldKey, NO_RULE},
-    owner::{OWNER_PINNED, SocketOwner},
+    owner::{OWNER_PIN_ERRORS, OWNER_PINNED, SocketOwner},
     record::{ConnectRecord, Counter, IPPROTO_TCP, RecordFlags, RecordHeader, RecordKind},
 };
 
@@ -31,11 +31,10 @@ pub fn report(
 ) -> bool {
     let delivery = delivery(connection, owner.flags & OWNER_PINNED != 0);
     let blocked = matches!(delivery, Delivery::Violation { rule } if blocks(rule));
-    let flags = if blocked {
-        RecordFlags::REFUSED | RecordFlags::AT_EGRESS
-    } else {
-        0
-    };
+    let mut flags = owner.flags & OWNER_PIN_ERRORS;
+    if blocked {
+        flags |= RecordFlags::REFUSED | RecordFlags::AT_EGRESS;
+    }
     record(owner, connection, socket_src, src_port, delivery, flags);
     blocked
 }

@@ -148,6 +148,9 @@ pub struct ConnectionReport {
     /// On a blocked violation: where the kernel stopped it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_at: Option<BlockedAt>,
+    /// On a violation of a `pin` rule: why it was not pinned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_error: Option<Arc<str>>,
     /// On a blocked connection whose program bound no source: `src` is the source the
     /// routing tables would have given it, as predicted, not one it left with.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -528,6 +531,7 @@ mod tests {
                 reason: None,
                 blocked: None,
                 blocked_at: None,
+                pin_error: None,
                 predicted: false,
                 pid: 42,
                 comm: "curl".into(),
@@ -579,6 +583,7 @@ mod tests {
             reason: Some("route 198.51.100.0/24 via \"x\"".into()),
             blocked: Some(true),
             blocked_at: Some(BlockedAt::Egress),
+            pin_error: Some("the socket was \"bound\"".into()),
             predicted: true,
             folded: Some(Folded {
                 count: 12,

@@ -20,7 +20,7 @@ use crate::{
     alerts::{Alert, AlertBody, BlockedAt, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     drift::SharedPredictions,
-    events::{BootClock, ConnectEvent, Enforcement, EventRing, KernelEvent},
+    events::{BootClock, ConnectEvent, Enforcement, EventRing, KernelEvent, PinError},
     folding::Folding,
     loader::{AuditSettings, KernelPrograms},
     metrics::{Metrics, ProtocolLabels},
@@ -324,10 +324,16 @@ impl AuditSession {
             ),
             _ => (false, false, None),
         };
+        let pinning = rule.filter(|rule| rule.action == Action::Pin);
+        let pin_error = match (verdict, pinning) {
+            (Verdict::Violation, Some(rule)) => pin_error(rule, &event),
+            _ => None,
+        };
         ConnectionReport {
             blocked: (verdict == Verdict::Violation && blocking).then_some(refused),
             blocked_at,
             predicted,
+            pin_error,
             rule: rule.map(|rule| Arc::clone(&rule.name)),
             action: rule.map_or("alert", |rule| rule.action.as_str()),
             protocol: event.protocol.as_str(),
@@ -391,6 +397,43 @@ impl AuditSession {
         self.matcher = matcher;
         Ok(())
     }
+}
+
+/// Why a violation of the `pin` rule `rule` was not pinned, in words: what the kernel said
+/// when it tried, or the translation that changed the pinned source on the way out.
+fn pin_error(rule: &Rule, event: &ConnectEvent) -> Option<Arc<str>> {
+    let pin_source = || {
+        rule.pin_sources
+            .iter()
+            .map(|(source, _)| *source)
+            .find(|source| source.is_ipv4() == event.dst.is_ipv4())
+    };
+    let text = match event.pin_error {
+        Some(PinError::BoundAddress) => format!(
+            "the program chose its own source, {}, and a chosen source is kept",
+            event.src
+        ),
+        Some(PinError::BoundPort) => format!(
+            "the socket was already bound to port {}: a bound socket cannot be bound again",
+            event.src_port
+        ),
+        Some(PinError::Absent) => match pin_source() {
+            Some(source) => {
+                format!("{source} is not an address of this host in the socket's network namespace")
+            }
+            None => "the pin source is not an address of this host".to_owned(),
+        },
+        Some(PinError::NoSource) => {
+            format!("the rule has no {} source to pin", event.family.as_str())
+        }
+        None => match event.wire_src {
+            Some(wire) => format!(
+                "address translation on this host changed the source to {wire} on the way out"
+            ),
+            None => return None,
+        },
+    };
+    Some(Arc::from(text))
 }
 
 fn rule_and_verdict(decision: Decision<'_>) -> (Option<&Rule>, Verdict) {

@@ -76,6 +76,10 @@ pub fn write_connection_line(
     if let Some(blocked_at) = report.blocked_at {
         constant(out, ",\"blocked_at\":\"", blocked_at.as_str(), "\"");
     }
+    if let Some(pin_error) = &report.pin_error {
+        out.extend_from_slice(b",\"pin_error\":");
+        string(out, pin_error);
+    }
     if report.predicted {
         out.extend_from_slice(b",\"predicted\":true");
     }

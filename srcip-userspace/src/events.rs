@@ -64,6 +64,34 @@ pub struct ConnectEvent {
     pub fold_window: Option<OpenedWindow>,
     /// What the kernel did to the connection besides recording it.
     pub enforcement: Enforcement,
+    /// Why a `pin` rule's connection was not pinned, when the kernel tried.
+    pub pin_error: Option<PinError>,
+}
+
+/// Why the kernel could not pin a connection (`RecordFlags::PIN_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinError {
+    /// The program had chosen its source itself (bound it, or `IP_PKTINFO`).
+    BoundAddress,
+    /// The socket's port was bound: a bound socket cannot be bound again.
+    BoundPort,
+    /// The pin source is not an address of the host in the socket's network namespace.
+    Absent,
+    /// The rule has no pin source of the destination's family.
+    NoSource,
+}
+
+impl PinError {
+    fn of(flags: u32) -> Option<Self> {
+        [
+            (RecordFlags::PIN_BOUND_ADDRESS, Self::BoundAddress),
+            (RecordFlags::PIN_BOUND_PORT, Self::BoundPort),
+            (RecordFlags::PIN_ABSENT, Self::Absent),
+            (RecordFlags::PIN_NO_SOURCE, Self::NoSource),
+        ]
+        .into_iter()
+        .find_map(|(flag, error)| (flags & flag != 0).then_some(error))
+    }
 }
 
 /// A process's command name (`comm`), held inline: `--all` decodes one per connection, and
@@ -319,6 +347,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         } else {
             Enforcement::None
         },
+        pin_error: PinError::of(record.flags),
     })
 }
 

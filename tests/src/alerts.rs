@@ -93,6 +93,9 @@ pub struct Connection {
     /// On a blocked violation: `connect` (EPERM at `connect()`/`sendmsg()`) or `egress`.
     #[serde(default)]
     pub blocked_at: Option<String>,
+    /// On a violation of a `pin` rule: why it was not pinned.
+    #[serde(default)]
+    pub pin_error: Option<String>,
     /// On a blocked connection that bound no source: `src` is the predicted one.
     #[serde(default)]
     pub predicted: Option<bool>,

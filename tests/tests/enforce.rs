@@ -570,7 +570,12 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
         line.violation()
             .is_some_and(|violation| violation.src_port == tcp.src_port)
     });
-    assert_eq!(line.violation().unwrap().action, "pin");
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.action, "pin");
+    assert_eq!(
+        violation.pin_error.as_deref(),
+        Some("2001:db8::10 is not an address of this host in the socket's network namespace")
+    );
     // An unconnected socket's datagram is not given the missing source either, once the
     // drift watch has read the change (a settle of 150 ms and one reading; no line says so,
     // as the destination was wrong already).
@@ -588,7 +593,52 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
         line.violation()
             .is_some_and(|violation| violation.src_port == udp.src_port)
     });
-    assert_eq!(line.violation().unwrap().src, OTHER_V6);
+    let violation = line.violation().unwrap();
+    assert_eq!(violation.src, OTHER_V6);
+    assert!(
+        violation
+            .pin_error
+            .as_deref()
+            .is_some_and(|error| error.contains("is not an address of this host")),
+        "{violation:#?}"
+    );
+}
+
+/// A `pin` rule's violation says why srcip could not pin it: a socket bound to a port only
+/// (clients that fix their source port), or one whose program chose its source.
+#[test]
+fn a_violation_of_a_pin_rule_says_why_it_was_not_pinned() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+
+    let port_bound = client(
+        &topology.host,
+        &audited,
+        &["--bind-port", "40001"],
+        PARTNER_V4,
+        443,
+    );
+    assert_eq!(port_bound[0].src, OTHER_V4);
+    let line = daemon.wait_for("the port-bound violation", |line| {
+        line.violation().is_some_and(|v| v.src_port == 40001)
+    });
+    assert_eq!(
+        line.violation().unwrap().pin_error.as_deref(),
+        Some("the socket was already bound to port 40001: a bound socket cannot be bound again")
+    );
+
+    let chosen = connect(&topology.host, &audited, Some(OTHER_V4), PARTNER_V4, 443);
+    let line = daemon.wait_for("the chosen source's violation", |line| {
+        line.violation()
+            .is_some_and(|v| v.src_port == chosen.src_port)
+    });
+    assert_eq!(
+        line.violation().unwrap().pin_error.as_deref(),
+        Some("the program chose its own source, 203.0.113.11, and a chosen source is kept")
+    );
 }
 
 /// A `block` rule on a prefix is judged for each destination as the kernel routes it: a more

@@ -131,6 +131,7 @@ fn wrong_source_gives_a_violation_with_every_field() {
             reason: None,
             blocked: None,
             blocked_at: None,
+            pin_error: None,
             predicted: None,
             count: None,
             first_time: None,

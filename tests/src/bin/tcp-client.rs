@@ -3,12 +3,15 @@
 //! "error":…}` (`error`: null, or the errno's name when `connect()` failed at once, as a
 //! blocked one does).
 //!
-//! `tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME]
+//! `tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME]
 //!            [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring]
 //!            [--displace-owner] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
+//!
+//! `--bind-port PORT` binds each socket to PORT on the unspecified address (the kernel still
+//! chooses the source), as clients that fix their source port do.
 //!
 //! `--comm NAME` renames the process before it creates its sockets; `--uid UID` makes it run
 //! as that user (gid too) once it has joined the cgroup and namespace; `--mark MARK` sets
@@ -41,6 +44,7 @@ fn main() {
     let mut cgroup = None;
     let mut netns = None;
     let mut bind = None;
+    let mut bind_port = None;
     let mut count = 1;
     let mut comm = None;
     let mut io_uring = false;
@@ -55,6 +59,13 @@ fn main() {
             "--cgroup" => cgroup = args.next(),
             "--netns" => netns = args.next(),
             "--bind" => bind = args.next(),
+            "--bind-port" => {
+                bind_port = Some(
+                    args.next()
+                        .and_then(|port| port.parse::<u16>().ok())
+                        .expect("--bind-port PORT"),
+                );
+            }
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--comm" => comm = args.next(),
             "--io-uring" => io_uring = true,
@@ -74,7 +85,7 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
@@ -92,9 +103,14 @@ fn main() {
         let result = unsafe { nix::libc::prctl(nix::libc::PR_SET_NAME, name.as_ptr()) };
         assert_eq!(result, 0, "prctl(PR_SET_NAME)");
     }
-    let bind: Option<IpAddr> = bind.map(|address| address.parse().expect("--bind ADDR"));
+    let bind: Option<SocketAddr> = match (bind, bind_port) {
+        (Some(address), None) => Some(SocketAddr::new(address.parse().expect("--bind ADDR"), 0)),
+        (None, Some(port)) => Some(SocketAddr::new(unspecified_like(dst), port)),
+        (None, None) => None,
+        (Some(_), Some(_)) => panic!("--bind and --bind-port exclude each other"),
+    };
     if io_uring {
-        let bind = bind.expect("--io-uring needs --bind");
+        let bind = bind.expect("--io-uring needs --bind").ip();
         connect_in_io_uring_worker(SocketAddr::new(dst, port), bind);
         return;
     }
@@ -133,7 +149,7 @@ fn new_socket(dst: SocketAddr, ip_options: bool, ipv6_header: Option<&str>) -> S
 }
 
 /// See `--displace-owner`.
-fn connect_after_displacing_owner(dst: SocketAddr, bind: Option<IpAddr>) -> Socket {
+fn connect_after_displacing_owner(dst: SocketAddr, bind: Option<SocketAddr>) -> Socket {
     let slots = u64::from(srcip_common::owner::TCP_OWNER_ENTRIES);
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
     let first = cookie(&socket);
@@ -173,16 +189,22 @@ fn cookie(socket: &Socket) -> u64 {
     cookie
 }
 
+/// The unspecified address of `address`'s family.
+fn unspecified_like(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u16; 8]),
+    }
+}
+
 /// Starts a non-blocking connection and prints the source the kernel chose for it.
-fn connect(socket: Socket, dst: SocketAddr, bind: Option<IpAddr>, mark: Option<u32>) -> Socket {
+fn connect(socket: Socket, dst: SocketAddr, bind: Option<SocketAddr>, mark: Option<u32>) -> Socket {
     if let Some(mark) = mark {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
             .expect("SO_MARK");
     }
     if let Some(address) = bind {
-        socket
-            .bind(&SocketAddr::new(address, 0).into())
-            .expect("bind");
+        socket.bind(&address.into()).expect("bind");
     }
     socket.set_nonblocking(true).expect("non-blocking");
     let error = match socket.connect(&dst.into()) {
