@@ -53,6 +53,7 @@ pub mod names {
     pub const FOLD_WINDOW_NS: &str = "FOLD_WINDOW_NS";
     /// Global: non-zero audits srcip's own sockets too.
     pub const AUDIT_DAEMON: &str = "AUDIT_DAEMON";
+    pub const FINDS_MPTCP_SOCKETS: &str = "FINDS_MPTCP_SOCKETS";
     /// Socket-local storage of `owner::UdpOwner`.
     pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
     /// The `cgroup/sock_create` program that records a socket's owner.

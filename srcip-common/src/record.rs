@@ -48,6 +48,10 @@ pub const AF_INET6: u8 = 10;
 /// IP protocol numbers (`IPPROTO_TCP`, `IPPROTO_UDP`).
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// An MPTCP socket's protocol, as the socket holds it: more than a byte, so sockets'
+/// protocols are compared whole (as a byte it reads as TCP's 6). Its packets leave through
+/// subflows, TCP sockets of the kernel's own.
+pub const IPPROTO_MPTCP: u32 = 262;
 
 /// One outbound connection with the source the kernel chose for it.
 ///

@@ -72,9 +72,12 @@ fn observe(ctx: &SkBuffContext) -> bool {
     }
     // SAFETY: a non-null full socket is readable for this program run.
     let socket = unsafe { &*sk };
-    match (socket.protocol as u8, kind) {
+    // Compared whole: see `IPPROTO_MPTCP` (an MPTCP socket's packets are its subflows').
+    const TCP: u32 = IPPROTO_TCP as u32;
+    const UDP: u32 = IPPROTO_UDP as u32;
+    match (socket.protocol, kind) {
         // Only the SYN: a connection's one packet sent in SYN_SENT (or its retransmission).
-        (IPPROTO_TCP, Some(Kind::TcpSyn) | None) if socket.state == BPF_TCP_SYN_SENT => {
+        (TCP, Some(Kind::TcpSyn) | None) if socket.state == BPF_TCP_SYN_SENT => {
             // SAFETY: the context is the helper's argument; it names the packet's socket.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
             // Taken, not read: the owner is needed for this one packet, and a retransmitted
@@ -90,7 +93,7 @@ fn observe(ctx: &SkBuffContext) -> bool {
             }
             blocked
         }
-        (IPPROTO_UDP, Some(Kind::Udp { .. }) | None) => {
+        (UDP, Some(Kind::Udp { .. }) | None) => {
             let Some(udp) = audited_udp_owner(sk) else {
                 return false;
             };

@@ -15,6 +15,11 @@
 //!   listener, a failed connect); its owner is moved to an LRU hash, and back into its
 //!   slot when its socket connects.
 //! - A UDP socket sends for as long as it lives: socket-local storage, freed with it.
+//! - An MPTCP socket too, as it may open a subflow at any time: each subflow is a TCP socket
+//!   the kernel makes itself (no `sock_create`), from whichever of the host's addresses its
+//!   path manager picks, in a kernel worker. Its `connect4/6` finds the MPTCP socket
+//!   (`bpf_skc_to_mptcp_sock`, Linux 5.19) and gives the subflow that socket's owner, in
+//!   the subflow's TCP slot; from there on it is a TCP connection like any other.
 
 use core::{ffi::c_void, ptr};
 
@@ -25,7 +30,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_sk_storage_get,
+            bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
         },
     },
     macros::{btf_map, cgroup_sock, map},
@@ -34,12 +39,13 @@ use aya_ebpf::{
 };
 use srcip_common::{
     owner::{SocketOwner, TCP_OWNER_ENTRIES, UdpOwner},
-    record::{AF_INET, AF_INET6, Counter, IPPROTO_TCP, IPPROTO_UDP},
+    record::{AF_INET, AF_INET6, Counter, IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{maps::count, scope::current_task_is_audited};
 
-/// UDP sockets' owners (and srcip's own UDP sockets', see `srcip_common::owner`).
+/// UDP and MPTCP sockets' owners (and srcip's own UDP sockets', see
+/// `srcip_common::owner`). An MPTCP socket's `last_flow` is unused.
 #[btf_map]
 static SOCKET_OWNERS: SkStorage<UdpOwner> = SkStorage::new();
 
@@ -85,6 +91,15 @@ static DAEMON_TGID: u32 = 0;
 /// Set by the loader for `srcip demo`, whose client is a thread of srcip.
 #[unsafe(no_mangle)]
 static AUDIT_DAEMON: u32 = 0;
+/// Set by the loader when the kernel has `bpf_skc_to_mptcp_sock` (Linux 5.19): the
+/// verifier sees a constant, and on older kernels never reaches the call, which it would
+/// refuse.
+#[unsafe(no_mangle)]
+static FINDS_MPTCP_SOCKETS: u32 = 0;
+
+/// Protocols as a socket holds them, compared whole (see `IPPROTO_MPTCP`).
+const TCP: u32 = IPPROTO_TCP as u32;
+const UDP: u32 = IPPROTO_UDP as u32;
 
 /// `sock_create` allows every socket: srcip refuses connections, never sockets.
 const ALLOW: i32 = 1;
@@ -103,16 +118,19 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     let audited = (!daemon || audits_daemon()) && current_task_is_audited();
     // In this hook the helpers take the context itself as the socket.
     let context = ctx.sock.cast();
-    match sock.protocol as u8 {
-        IPPROTO_TCP if audited => {
+    match sock.protocol {
+        TCP if audited => {
             // SAFETY: the program's context, as the helper expects in this hook.
             let cookie = unsafe { bpf_get_socket_cookie(context) };
             store_tcp_owner(cookie, &current_task_as_owner(context, true));
         }
         // srcip's own UDP sockets are recorded too: the daemon learns namespace cookies
         // from them.
-        IPPROTO_UDP if audited || daemon => {
-            store_udp_owner(ctx.sock, &current_task_as_owner(context, audited));
+        UDP if audited || daemon => {
+            store_socket_owner(ctx.sock, &current_task_as_owner(context, audited));
+        }
+        IPPROTO_MPTCP if audited => {
+            store_socket_owner(ctx.sock, &current_task_as_owner(context, true));
         }
         _ => {}
     }
@@ -136,27 +154,56 @@ pub fn calling_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> 
         )
     };
     let may_adopt = || (!current_task_is_daemon() || audits_daemon()) && current_task_is_audited();
-    match protocol as u8 {
-        IPPROTO_TCP => {
+    match protocol {
+        TCP => {
             // SAFETY: the program's context, as the helper expects in this hook.
             let cookie = unsafe { bpf_get_socket_cookie(context) };
             if let Some(owner) = tcp_owner(cookie) {
                 return Some(owner);
+            }
+            // An MPTCP subflow connects in a kernel worker as often as in the owner: it is
+            // a connection of its MPTCP socket's owner, whoever is on the CPU.
+            if let Some(connection) = mptcp_socket(sk) {
+                let stored = match stored_owner(connection) {
+                    Some(stored) => stored,
+                    // An MPTCP socket made before srcip started (or passed in): adopted
+                    // at its first subflow's connect, which runs in its program.
+                    None if may_adopt() => {
+                        store_socket_owner(connection, &current_task_as_owner(context, true))?
+                    }
+                    None => return None,
+                };
+                if stored.owner.audited == 0 {
+                    return None;
+                }
+                return store_tcp_owner(cookie, &stored.owner);
             }
             if !may_adopt() {
                 return None;
             }
             store_tcp_owner(cookie, &current_task_as_owner(context, true))
         }
-        IPPROTO_UDP => match udp_owner(sk) {
+        UDP => match stored_owner(sk) {
             Some(udp) => (udp.owner.audited != 0).then_some(&mut udp.owner),
-            None if may_adopt() => {
-                store_udp_owner(sk, &current_task_as_owner(context, true)).map(|udp| &mut udp.owner)
-            }
+            None if may_adopt() => store_socket_owner(sk, &current_task_as_owner(context, true))
+                .map(|udp| &mut udp.owner),
             None => None,
         },
         _ => None,
     }
+}
+
+/// The MPTCP socket whose subflow `sk` is, on kernels that can tell (`FINDS_MPTCP_SOCKETS`).
+fn mptcp_socket(sk: *mut bpf_sock) -> Option<*mut bpf_sock> {
+    // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
+    if unsafe { core::ptr::read_volatile(&FINDS_MPTCP_SOCKETS) } == 0 {
+        return None;
+    }
+    // SAFETY: `sk` is the socket the kernel gave this hook; the helper returns null for a
+    // socket that is not an MPTCP subflow. The result is a kernel `struct mptcp_sock`,
+    // which starts with its `struct sock`: socket-local storage takes it as a socket.
+    let connection = unsafe { bpf_skc_to_mptcp_sock(sk.cast()) };
+    (!connection.is_null()).then_some(connection.cast())
 }
 
 fn audits_daemon() -> bool {
@@ -245,7 +292,7 @@ pub fn blocked_syn(cookie: u64) -> bool {
 /// held slot would make the next socket to want it move the owner aside for nothing.
 pub fn release_tcp_owner(ctx: &SockAddrContext) {
     // SAFETY: the context pointer the kernel passed to this program.
-    if unsafe { (*ctx.sock_addr).protocol } as u8 != IPPROTO_TCP {
+    if unsafe { (*ctx.sock_addr).protocol } != TCP {
         return;
     }
     // SAFETY: the program's context, as the helper expects in this hook.
@@ -288,10 +335,11 @@ fn copy_owner(from: *const SocketOwner, to: *mut SocketOwner) {
 
 /// The owner of the UDP socket `sk` when its datagrams are audited.
 pub fn audited_udp_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
-    udp_owner(sk).filter(|udp| udp.owner.audited != 0)
+    stored_owner(sk).filter(|udp| udp.owner.audited != 0)
 }
 
-fn udp_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
+/// The owner in the socket-local storage of `sk`, a UDP or MPTCP socket.
+fn stored_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
     // SAFETY: `sk` is a socket pointer the kernel gave this hook; without the create flag the
     // helper only looks up. The map pointer is the map's own definition, as the helper expects.
     let owner = unsafe {
@@ -352,8 +400,8 @@ fn store_tcp_owner(cookie: u64, owner: &SocketOwner) -> Option<&'static mut Sock
 
 /// `sk` is the socket, or in `sock_create` the program's context, which the helper takes
 /// as the socket there. Returns the stored owner.
-fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mut UdpOwner> {
-    // SAFETY: as in `udp_owner`. Created zeroed (not audited, no last flow) and then filled
+fn store_socket_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mut UdpOwner> {
+    // SAFETY: as in `stored_owner`. Created zeroed (not audited, no last flow) and then filled
     // in place: an initial value would take a `UdpOwner` of room on the stack, which the
     // sendmsg programs do not have.
     let stored = unsafe {
@@ -368,7 +416,7 @@ fn store_udp_owner(sk: *mut bpf_sock, owner: &SocketOwner) -> Option<&'static mu
     if stored.is_null() {
         count(Counter::HookErrors);
     }
-    // SAFETY: as in `udp_owner`.
+    // SAFETY: as in `stored_owner`.
     let stored = unsafe { stored.cast::<UdpOwner>().as_mut() }?;
     copy_owner(owner, &raw mut stored.owner);
     Some(stored)

@@ -58,6 +58,50 @@ pub struct DestinationCheck {
     /// `block` may refuse at `connect()` on it.
     #[serde(skip)]
     pub exact: bool,
+    /// Why the kernel chose `predicted_src`: `reason` without what `pin` adds, and what a
+    /// violation that left with that source carries.
+    #[serde(skip)]
+    pub route_reason: String,
+}
+
+/// Whether a `pin` rule's pin source would bind a connection to a destination: a pinned
+/// connection leaves with it whatever the kernel would choose.
+enum PinOutlook {
+    /// Not a `pin` rule, or none of its sources is of the destination's family.
+    NotPinned,
+    /// The host has the pin source: pin binds to it.
+    Applies(IpAddr),
+    /// The host does not have the pin source: pin cannot bind to it, and the kernel's
+    /// choice decides.
+    SourceMissing(IpAddr),
+}
+
+impl PinOutlook {
+    fn of(rule: &Rule, dst: IpAddr, host: &HostRouting) -> Self {
+        let pin_source = rule
+            .pin_sources
+            .iter()
+            .map(|(source, _)| *source)
+            .find(|source| source.is_ipv4() == dst.is_ipv4());
+        match pin_source {
+            None => Self::NotPinned,
+            Some(source) if host.owns(source) => Self::Applies(source),
+            Some(source) => Self::SourceMissing(source),
+        }
+    }
+
+    fn explain(&self, route_reason: &str) -> String {
+        match self {
+            Self::NotPinned => route_reason.to_owned(),
+            Self::Applies(source) => format!(
+                "pin binds the rule's connections to {source}, an address of this host; \
+                 without pin: {route_reason}"
+            ),
+            Self::SourceMissing(source) => {
+                format!("pin cannot apply: {source} is not an address of this host; {route_reason}")
+            }
+        }
+    }
 }
 
 /// Checks every destination; `Ok(true)` when every one is compliant.
@@ -133,7 +177,10 @@ pub async fn check_destination(
     let dst = representative(destination);
     let query = query_for(rule, dst, program);
     let prediction = router.predict(&query, host).await?;
-    let compliant = prediction.src.is_some_and(|src| rule.allows_source(src));
+    let route_reason = route::reason(&query, &prediction, host);
+    let pin = PinOutlook::of(rule, dst, host);
+    let compliant = matches!(pin, PinOutlook::Applies(_))
+        || prediction.src.is_some_and(|src| rule.allows_source(src));
     let fix = if compliant {
         Vec::new()
     } else {
@@ -162,7 +209,8 @@ pub async fn check_destination(
             .map(|net| policy::display_net(*net))
             .collect(),
         compliant,
-        reason: route::reason(&query, &prediction, host),
+        reason: pin.explain(&route_reason),
+        route_reason,
         warnings: route::unprotecting_rules(rule, &query, &prediction, host),
         exact: host.predicts_whole(destination, prediction.route.as_ref()),
         fix,

@@ -6,8 +6,8 @@
 //! IPv4 and IPv6. Any notification (or a lost one: the socket's buffer overran) makes it
 //! predict every destination again, as `srcip check` does, a short moment later so that a
 //! burst of changes (an interface coming up with its addresses and routes) is one
-//! evaluation. It predicts once at start too, so a destination that is already wrong is
-//! reported then. Predictions are per destination, per program routed apart (uid and
+//! evaluation. It predicts once at start too, before the daemon writes `started`, so a
+//! destination that is already wrong is reported then, and `block` and `pin` are in force. Predictions are per destination, per program routed apart (uid and
 //! mark, see [`Predictions::note_program`]) and per routing change, never per connection.
 //! Those of blocking rules' destinations also go to the kernel, where `block` judges a
 //! socket that bound no source by them (`srcip-ebpf/src/connect.rs`). Alerts go to the
@@ -120,28 +120,44 @@ pub struct DriftWatch {
 }
 
 impl DriftWatch {
-    /// Starts the task on the current tokio runtime with the policy in force; it keeps
-    /// `predictions`, and the kernel's `routing_maps` for `block` and `pin`, current. `settle`:
-    /// how long after a notification the routes are read, so that a burst of changes (an
-    /// interface coming up with its addresses and routes) is one reading.
-    pub fn start(
+    /// Reads the routes once and starts the task on the current tokio runtime with the
+    /// policy in force; it keeps `predictions`, and the kernel's `routing_maps` for `block`
+    /// and `pin`, current. Returns the first reading's alerts: the daemon says it started
+    /// only once `block` judges by predictions and `pin` knows which sources the host has.
+    /// `settle`: how long after a notification the routes are read again, so that a burst
+    /// of changes (an interface coming up with its addresses and routes) is one reading.
+    pub async fn start(
         router: Router,
         policy: Arc<Policy>,
         predictions: SharedPredictions,
         routing_maps: Option<RoutingMaps>,
         settle: Duration,
-    ) -> Self {
+    ) -> (Self, Vec<Alert>) {
         let (alerts_tx, alerts) = mpsc::unbounded_channel();
-        let (policy_tx, policy_rx) = watch::channel(policy);
-        let shared = Shared {
-            predictions,
-            routing_maps,
+        let mut readings = Readings {
+            router,
+            compliant: HashMap::new(),
+            shared: Shared {
+                predictions,
+                routing_maps,
+            },
         };
-        tokio::spawn(watch_routes(router, policy_rx, alerts_tx, shared, settle));
-        Self {
+        // Subscribed first, so that a change made during the first reading is read again.
+        let notifications = subscribe();
+        let first = readings.read(&policy, false).await;
+        let (policy_tx, policy_rx) = watch::channel(policy);
+        tokio::spawn(watch_routes(
+            readings,
+            notifications,
+            policy_rx,
+            alerts_tx,
+            settle,
+        ));
+        let watch = Self {
             alerts,
             policy: policy_tx,
-        }
+        };
+        (watch, first)
     }
 
     /// The next drift alerts. Cancel-safe.
@@ -170,39 +186,46 @@ struct Shared {
     routing_maps: Option<RoutingMaps>,
 }
 
-async fn watch_routes(
+/// What each reading needs, and what it leaves for the next.
+struct Readings {
     router: Router,
-    mut policy: watch::Receiver<Arc<Policy>>,
-    alerts: mpsc::UnboundedSender<Vec<Alert>>,
-    mut shared: Shared,
-    settle: Duration,
-) {
-    let mut compliant: HashMap<Key, bool> = HashMap::new();
-    let mut notifications = subscribe();
-    let programs_grew = Arc::clone(&lock(&shared.predictions).programs_grew);
-    // Whether the next reading is only for a newly noted program: it is worth making only
-    // while the host routes by uid or mark.
-    let mut for_programs_only = false;
-    loop {
-        let current = Arc::clone(&policy.borrow_and_update());
+    /// Each destination's verdict at the last reading: a change is an alert.
+    compliant: HashMap<Key, bool>,
+    shared: Shared,
+}
+
+impl Readings {
+    /// Predicts every destination of `policy` (see [`evaluate`]); a reading that fails is
+    /// logged and leaves the previous state.
+    async fn read(&mut self, policy: &Policy, for_programs_only: bool) -> Vec<Alert> {
         let reading = evaluate(
-            &router,
-            &current,
-            &mut compliant,
-            &mut shared,
+            &self.router,
+            policy,
+            &mut self.compliant,
+            &mut self.shared,
             for_programs_only,
         );
-        match reading.await {
-            Ok(found) if found.is_empty() => {}
-            Ok(found) => {
-                if alerts.send(found).is_err() {
-                    return;
-                }
-            }
-            Err(error) => warn!("cannot predict the policy's sources: {error:#}"),
-        }
-        // Wait for a change of routes, addresses, rules or policy.
-        for_programs_only = tokio::select! {
+        reading.await.unwrap_or_else(|error| {
+            warn!("cannot predict the policy's sources: {error:#}");
+            Vec::new()
+        })
+    }
+}
+
+/// After the first reading: reads again at each change of routes, addresses, rules or
+/// policy, and at each program newly seen violating.
+async fn watch_routes(
+    mut readings: Readings,
+    mut notifications: Option<Notifications>,
+    mut policy: watch::Receiver<Arc<Policy>>,
+    alerts: mpsc::UnboundedSender<Vec<Alert>>,
+    settle: Duration,
+) {
+    let programs_grew = Arc::clone(&lock(&readings.shared.predictions).programs_grew);
+    loop {
+        // Whether this reading is only for a newly noted program: it is worth making only
+        // while the host routes by uid or mark.
+        let for_programs_only = tokio::select! {
             changed = policy.changed() => {
                 if changed.is_err() {
                     return;
@@ -219,6 +242,11 @@ async fn watch_routes(
                 false
             }
         };
+        let current = Arc::clone(&policy.borrow_and_update());
+        let found = readings.read(&current, for_programs_only).await;
+        if !found.is_empty() && alerts.send(found).is_err() {
+            return;
+        }
     }
 }
 
@@ -324,7 +352,7 @@ async fn evaluate(
                         destination: *prefix,
                         program: *program,
                         src: check.predicted_src,
-                        reason: Arc::from(check.reason.as_str()),
+                        reason: Arc::from(check.route_reason.as_str()),
                     });
                 match (compliant.get(&key).copied(), allowed) {
                     (None | Some(true), false) => {

@@ -6,7 +6,8 @@
 //! do) instead of a verifier dump. The README's feature table is this list.
 //!
 //! Every kernel of the test matrix (Debian's 5.10, 6.1, 6.12 and the host's) has all of
-//! them, so srcip has one set of programs and `started.degraded` is empty there.
+//! them, so srcip has one set of programs. One feature is optional: finding an MPTCP
+//! subflow's socket (Linux 5.19), which 5.10 lacks; `started.degraded` says so there.
 
 use aya::{
     maps::MapType,
@@ -140,6 +141,28 @@ pub const REQUIREMENTS: &[Requirement] = &[
         probe: Probe::Helper(ProgramType::CgroupSkb, SK_STORAGE_GET),
     },
 ];
+
+/// `SRCIP_TEST_MISSING_FEATURE` for [`finds_mptcp_sockets`].
+pub const MPTCP_SOCKETS: &str = "mptcp-subflows";
+
+/// What srcip loses where [`finds_mptcp_sockets`] is false, for `started.degraded`.
+pub const WITHOUT_MPTCP_SOCKETS: &str = "mptcp: this kernel (before 5.19) has no bpf_skc_to_mptcp_sock, so srcip cannot tell which MPTCP socket a subflow belongs to; the subflows the kernel adds after the first are attributed to the task that opened them (a kernel worker), and under --cgroup they are not audited";
+
+/// Whether the kernel has `bpf_skc_to_mptcp_sock` (Linux 5.19), with which srcip gives each
+/// MPTCP subflow its socket's owner. Optional: without it srcip audits on, and says what it
+/// loses ([`WITHOUT_MPTCP_SOCKETS`]). Probed in a cgroup_skb program, which needs no attach
+/// type: the kernels that have the helper offer it to every socket program srcip loads (it
+/// is one of the socket helpers every such program type may call).
+pub fn finds_mptcp_sockets() -> bool {
+    if std::env::var("SRCIP_TEST_MISSING_FEATURE").as_deref() == Ok(MPTCP_SOCKETS) {
+        return false;
+    }
+    is_helper_supported(
+        ProgramType::CgroupSkb,
+        BpfHelper::BPF_FUNC_skc_to_mptcp_sock,
+    )
+    .unwrap_or(false)
+}
 
 /// Features the kernel lacks, one line each.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@ use srcip_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{cgroup::AuditedCgroup, policy::KernelTables, policy_maps::KernelPolicy};
+use crate::{cgroup::AuditedCgroup, features, policy::KernelTables, policy_maps::KernelPolicy};
 
 /// Where a program attaches: every cgroup hook is on the cgroup2 root.
 #[derive(Clone, Copy)]
@@ -257,6 +257,7 @@ impl KernelPrograms {
         let wakeup_bytes = u64::from(ring_buffer_bytes / 2);
         let daemon_tgid = std::process::id();
         let audit_daemon = u32::from(audit_self);
+        let finds_mptcp_sockets = u32::from(features::finds_mptcp_sockets());
         let fold_window_ns = u64::try_from(fold_window.as_nanos()).unwrap_or(u64::MAX);
         // Room for the policy and a reload that grows it by a quarter; the trie holds the old
         // and the new prefixes while a reload replaces them, `RULES` two halves.
@@ -267,6 +268,7 @@ impl KernelPrograms {
             .override_global(names::REPORT_ALL, &report_all, true)
             .override_global(names::DAEMON_TGID, &daemon_tgid, true)
             .override_global(names::AUDIT_DAEMON, &audit_daemon, true)
+            .override_global(names::FINDS_MPTCP_SOCKETS, &finds_mptcp_sockets, true)
             .override_global(names::FOLD_WINDOW_NS, &fold_window_ns, true)
             .map_max_entries(names::FOLDS, fold_entries.max(1))
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
@@ -603,7 +605,7 @@ fn refusal(spec: &ProgramSpec, source: aya::programs::ProgramError) -> LoadError
         return LoadError::Refused {
             name: spec.name,
             provides: spec.provides,
-            reason: crate::features::verifier_refusal(&log).to_owned(),
+            reason: features::verifier_refusal(&log).to_owned(),
         };
     }
     LoadError::Program {

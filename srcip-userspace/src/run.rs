@@ -125,10 +125,14 @@ pub fn prepare_host() -> anyhow::Result<Host> {
     features::check(&kernel)?;
     let cgroup2_mount = system::cgroup2_mount()?;
     system::ensure_kernel_file_systems()?;
+    let mut degraded = system::degraded_by_privileges()?;
+    if !features::finds_mptcp_sockets() {
+        degraded.push(features::WITHOUT_MPTCP_SOCKETS.to_owned());
+    }
     Ok(Host {
         cgroup2_mount,
         kernel,
-        degraded: system::degraded_by_privileges()?,
+        degraded,
     })
 }
 
@@ -253,6 +257,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         },
         Arc::clone(&metrics),
     )?;
+    let (mut drift, first_drift) = DriftWatch::start(
+        router.clone(),
+        session.matcher().shared_policy(),
+        session.predictions(),
+        session.take_routing_maps(),
+        config.route_settle,
+    )
+    .await;
     let started = AlertBody::Started {
         version: env!("CARGO_PKG_VERSION"),
         policy: config.policy.display().to_string(),
@@ -262,13 +274,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         degraded: host.degraded,
     };
     delivery.deliver(vec![Alert::now(started)]);
-    let mut drift = DriftWatch::start(
-        router.clone(),
-        session.matcher().shared_policy(),
-        session.predictions(),
-        session.take_routing_maps(),
-        config.route_settle,
-    );
+    delivery.deliver(first_drift);
     let stdout_error = loop {
         let alerts = tokio::select! {
             () = stop.next() => break None,

@@ -301,6 +301,93 @@ impl Default for Topology {
     }
 }
 
+/// An MPTCP listener in a namespace of the test's own, accepting connections, answering
+/// each one's first byte (`tcp-client --mptcp`), and holding them (the kernel's further
+/// subflows join them) until dropped. Its thread enters the namespace:
+/// a thread's network namespace is its own.
+pub struct MptcpListener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MptcpListener {
+    pub fn start(netns: &Netns, address: &str, port: u16) -> Self {
+        const IPPROTO_MPTCP: i32 = 262;
+        let path = format!("/run/netns/{}", netns.name);
+        let address = std::net::SocketAddr::new(address.parse().expect("an address"), port);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let (ready, started) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let namespace = std::fs::File::open(&path).expect("opening the namespace");
+            nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("entering the namespace");
+            let listener = socket2::Socket::new(
+                socket2::Domain::for_address(address),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::from(IPPROTO_MPTCP)),
+            )
+            .expect("an MPTCP socket (is MPTCP built in and net.mptcp.enabled 1?)");
+            listener
+                .bind(&address.into())
+                .expect("binding the MPTCP listener");
+            listener.listen(16).expect("listen");
+            listener.set_nonblocking(true).expect("non-blocking");
+            ready.send(()).unwrap();
+            let mut held = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((connection, _)) => {
+                        answer_a_byte(&connection);
+                        held.push(connection);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        });
+        started.recv().expect("the MPTCP listener started");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Reads a byte and sends one back; a client that sends none is held all the same.
+fn answer_a_byte(connection: &socket2::Socket) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = connection;
+    let mut byte = [0; 1];
+    let answered = connection.set_nonblocking(false).is_ok()
+        && connection
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .is_ok()
+        && stream.read_exact(&mut byte).is_ok()
+        && stream.write_all(b"!").is_ok();
+    if !answered {
+        eprintln!("the MPTCP listener got no byte to answer");
+    }
+}
+
+impl Drop for MptcpListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whether the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("the release");
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|number| number.parse::<u32>().unwrap_or(0));
+    let found = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
 /// The cgroup2 mount of this machine (never hard-coded: hybrid hosts mount it elsewhere).
 pub fn cgroup2_mount() -> PathBuf {
     let output = run("findmnt", &["-n", "-t", "cgroup2", "-o", "TARGET"]);

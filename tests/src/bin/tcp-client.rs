@@ -5,7 +5,7 @@
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME]
 //!            [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring]
-//!            [--displace-owner] DST_ADDR DST_PORT`
+//!            [--displace-owner] [--mptcp] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
@@ -21,6 +21,12 @@
 //! outside this program's context, as a kernel thread in the root cgroup before Linux 5.12
 //! (and 5.10.162), and as an `iou-wrk-TID` thread with a name of its own after. It needs `--bind` (the source is then known before the connect)
 //! and makes one connection.
+//!
+//! `--mptcp` makes each socket an MPTCP one (`IPPROTO_MPTCP`), sends a byte and waits for
+//! one back (the path manager opens further subflows once the connection is fully
+//! established, which takes data), and keeps it open for a second while the kernel opens
+//! the subflows the namespace's MPTCP endpoints ask for (`ip mptcp endpoint ... subflow`).
+//! The partner must answer (`srcip_tests::MptcpListener`).
 //!
 //! `--displace-owner` creates its socket, then more TCP sockets (each closed at once) until
 //! one has a socket cookie that srcip's TCP owner table gives the same slot (the cookie's
@@ -53,6 +59,7 @@ fn main() {
     let mut ip_options = false;
     let mut ipv6_header = None;
     let mut displace_owner = false;
+    let mut mptcp = false;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -72,6 +79,7 @@ fn main() {
             "--ip-options" => ip_options = true,
             "--ipv6-header" => ipv6_header = args.next(),
             "--displace-owner" => displace_owner = true,
+            "--mptcp" => mptcp = true,
             "--uid" => uid = Some(args.next().and_then(|n| n.parse().ok()).expect("--uid UID")),
             "--mark" => {
                 mark = Some(
@@ -85,7 +93,7 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
@@ -127,18 +135,27 @@ fn main() {
                 SocketAddr::new(dst, port),
                 ip_options,
                 ipv6_header.as_deref(),
+                mptcp,
             );
             connect(socket, SocketAddr::new(dst, port), bind, mark)
         })
         .collect();
-    // Let the handshakes (or the refusals) finish before the sockets close.
-    std::thread::sleep(Duration::from_millis(200));
+    if mptcp {
+        sockets.iter().for_each(exchange_a_byte);
+    }
+    // Let the handshakes (or the refusals) finish before the sockets close; MPTCP's further
+    // subflows start after the exchange.
+    let linger = if mptcp { 1000 } else { 200 };
+    std::thread::sleep(Duration::from_millis(linger));
     drop(sockets);
 }
 
-/// A TCP socket for `dst`, with the IP options or IPv6 extension headers asked for.
-fn new_socket(dst: SocketAddr, ip_options: bool, ipv6_header: Option<&str>) -> Socket {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+/// A TCP (or MPTCP) socket for `dst`, with the IP options or IPv6 extension headers asked
+/// for.
+fn new_socket(dst: SocketAddr, ip_options: bool, ipv6_header: Option<&str>, mptcp: bool) -> Socket {
+    const IPPROTO_MPTCP: i32 = 262;
+    let protocol = mptcp.then_some(socket2::Protocol::from(IPPROTO_MPTCP));
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, protocol).expect("socket");
     if ip_options {
         srcip_tests::add_ip_options(&socket);
     }
@@ -146,6 +163,26 @@ fn new_socket(dst: SocketAddr, ip_options: bool, ipv6_header: Option<&str>) -> S
         srcip_tests::add_ipv6_header(&socket, kind);
     }
     socket
+}
+
+/// See `--mptcp`.
+fn exchange_a_byte(socket: &Socket) {
+    use std::io::{Read as _, Write as _};
+    socket.set_nonblocking(false).expect("blocking");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("SO_RCVTIMEO");
+    socket
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("SO_SNDTIMEO");
+    let mut stream = socket;
+    stream
+        .write_all(b"?")
+        .expect("sending a byte to the partner");
+    let mut answer = [0; 1];
+    stream
+        .read_exact(&mut answer)
+        .expect("the partner's answer (is it an MptcpListener?)");
 }
 
 /// See `--displace-owner`.
