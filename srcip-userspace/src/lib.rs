@@ -25,4 +25,5 @@ mod reload;
 mod route;
 pub mod run;
 mod system;
+mod systemd;
 mod workload;

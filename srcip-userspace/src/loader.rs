@@ -14,7 +14,10 @@ use aya::{
         trace_point::TracePointLinkId,
     },
 };
-use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::{
+    resource::{Resource, setrlimit},
+    signal::{SigSet, SigmaskHow, Signal, pthread_sigmask},
+};
 use srcip_common::{
     fold::{FoldKey, FoldState},
     names,
@@ -452,27 +455,44 @@ impl KernelPrograms {
         Ok(())
     }
 
+    /// Loads `spec`'s program. The verifier gives up with EAGAIN (or EINTR) when a signal
+    /// comes for the loading thread: that is no refusal. So the signals srcip handles
+    /// (`systemctl reload` or stop during the start) wait while this thread loads, handled
+    /// by another thread or once it is done, and a load another signal interrupts is made
+    /// again.
     fn load(&mut self, spec: &ProgramSpec) -> Result<(), LoadError> {
-        let program_error = |source| refusal(spec, source);
+        const ATTEMPTS: u32 = 10;
+        let _deferred = HandledSignalsDeferred::new();
+        let mut attempt = 1;
+        loop {
+            match self.load_once(spec)? {
+                Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                    if attempt < ATTEMPTS
+                        && matches!(io_error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) =>
+                {
+                    debug!("loading {} was interrupted ({io_error}); again", spec.name);
+                    attempt += 1;
+                }
+                result => return result.map_err(|source| refusal(spec, source)),
+            }
+        }
+    }
+
+    /// One attempt: the outer error is a broken build, the inner one the kernel's answer.
+    fn load_once(
+        &mut self,
+        spec: &ProgramSpec,
+    ) -> Result<Result<(), aya::programs::ProgramError>, LoadError> {
         let program = self
             .ebpf
             .program_mut(spec.name)
             .ok_or(LoadError::Missing(spec.name))?;
-        match spec.hook {
-            Hook::CgroupSock => <&mut CgroupSock>::try_from(program)
-                .map_err(program_error)?
-                .load(),
-            Hook::CgroupSockAddr => <&mut CgroupSockAddr>::try_from(program)
-                .map_err(program_error)?
-                .load(),
-            Hook::Egress => <&mut CgroupSkb>::try_from(program)
-                .map_err(program_error)?
-                .load(),
-            Hook::CgroupEvent(_) => <&mut TracePoint>::try_from(program)
-                .map_err(program_error)?
-                .load(),
-        }
-        .map_err(program_error)
+        Ok(match spec.hook {
+            Hook::CgroupSock => <&mut CgroupSock>::try_from(program).and_then(|p| p.load()),
+            Hook::CgroupSockAddr => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load()),
+            Hook::Egress => <&mut CgroupSkb>::try_from(program).and_then(|p| p.load()),
+            Hook::CgroupEvent(_) => <&mut TracePoint>::try_from(program).and_then(|p| p.load()),
+        })
     }
 
     /// Attaches a loaded program at the cgroup2 root.
@@ -560,6 +580,41 @@ impl KernelPrograms {
                 Some(Err(error)) => warn!("detaching {name} failed: {error}"),
                 None => warn!("detaching {name} failed: program not found"),
             }
+        }
+    }
+}
+
+/// Blocks SIGHUP, SIGINT and SIGTERM in this thread until dropped: they stay pending, or go
+/// to a thread that takes them, and are handled then.
+struct HandledSignalsDeferred {
+    previous: Option<SigSet>,
+}
+
+impl HandledSignalsDeferred {
+    fn new() -> Self {
+        let mut handled = SigSet::empty();
+        for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGTERM] {
+            handled.add(signal);
+        }
+        let mut previous = SigSet::empty();
+        let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut previous));
+        if let Err(error) = &blocked {
+            debug!(
+                "cannot defer signals while loading ({error}); a load they interrupt is made again"
+            );
+        }
+        Self {
+            previous: blocked.ok().map(|()| previous),
+        }
+    }
+}
+
+impl Drop for HandledSignalsDeferred {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous
+            && let Err(error) = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(previous), None)
+        {
+            warn!("cannot restore the signal mask after loading: {error}");
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     policy::{self, Answers, HostNames, Matcher, Policy, PolicyError, PolicyLoadError},
     reload::{PolicyWatch, re_resolve, reload},
     route::Router,
-    system,
+    system, systemd,
 };
 
 pub struct RunConfig {
@@ -208,6 +208,10 @@ async fn auditing_meanwhile<T>(
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // Signals before any slow step: a SIGHUP (`systemctl reload`) or SIGTERM that comes while
+    // srcip starts must not kill it (their default action), but wait for the start to end.
+    let mut stop = StopSignals::install()?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Privileges first: without them nothing else matters, and the policy may be root-only.
     system::require_privileges()?;
     let mut names = HostNames::new(config.resolv_conf.as_deref(), config.keep_resolved)?;
@@ -222,8 +226,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .map(|given| cgroup::resolve_audited(&mount, given))
         .collect::<Result<Vec<AuditedCgroup>, _>>()?;
 
-    let mut stop = StopSignals::install()?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut policy_watch = PolicyWatch::new(&config.policy);
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = config.metrics {
@@ -275,16 +277,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     delivery.deliver(vec![Alert::now(started)]);
     delivery.deliver(first_drift);
+    systemd::ready();
     let stdout_error = loop {
         let alerts = tokio::select! {
             () = stop.next() => break None,
             error = delivery.stdout_failed() => break Some(error),
             why = reload_requested(&mut sighup, &mut policy_watch) => {
                 info!("{why}: reloading {}", config.policy.display());
+                systemd::reloading();
                 let Some(loaded) = auditing_meanwhile(
                     load_policy(&config.policy, &names, &router), &mut session, &mut delivery, &mut stop,
                 ).await else { break None };
-                vec![reload(&mut session, &config.policy, loaded, &mut names, &metrics, &drift)]
+                let outcome = reload(&mut session, &config.policy, loaded, &mut names, &metrics, &drift);
+                systemd::reloaded();
+                vec![outcome]
             }
             () = expired(&names) => {
                 let Some(refreshed) = auditing_meanwhile(names.refresh(), &mut session, &mut delivery, &mut stop).await
@@ -296,14 +302,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         };
         delivery.deliver(alerts);
     };
+    systemd::stopping();
     delivery.deliver(session.stop());
     delivery.stop().await;
     match stdout_error {
-        // Whoever read our output is gone (`srcip run | head`): a normal way to stop.
         None => Ok(()),
+        // Whoever read the alerts is gone: an error, so that a service manager restarts
+        // srcip (`Restart=on-failure`) instead of taking it for a clean stop.
         Some(error) if error.kind() == io::ErrorKind::BrokenPipe => {
-            info!("stdout was closed: stopping");
-            Ok(())
+            anyhow::bail!(
+                "stdout was closed (its reader stopped): alerts could not be written there"
+            )
         }
         Some(error) => Err(anyhow::Error::new(error).context("writing alerts to stdout")),
     }

@@ -29,6 +29,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Daemon {
     child: Child,
     lines: Receiver<String>,
+    /// A line [`Daemon::has_written`] took from `lines` and nobody has waited for yet.
+    pending: Option<String>,
     stderr: Arc<Mutex<String>>,
     /// Every line read so far, in order.
     pub seen: Vec<Line>,
@@ -56,7 +58,49 @@ impl Daemon {
     }
 
     /// `command` runs srcip (nsenter execs it, so the child is srcip itself).
-    fn start_with(mut command: Command, policy: &Path, args: &[&str]) -> Self {
+    fn start_with(command: Command, policy: &Path, args: &[&str]) -> Self {
+        let mut daemon = Self::spawn_with(command, policy, args);
+        daemon.wait_started();
+        daemon
+    }
+
+    /// As [`Daemon::start`], returning at once, while srcip is still starting; see
+    /// [`Daemon::wait_started`] and [`Daemon::has_written`].
+    pub fn spawn(policy: &Path, args: &[&str]) -> Self {
+        Self::spawn_with(Command::new(srcip_bin()), policy, args)
+    }
+
+    /// Waits for the `started` line.
+    pub fn wait_started(&mut self) {
+        let started = self.wait_at_most(START_TIMEOUT, "started", |line| {
+            matches!(line, Line::Started { .. })
+        });
+        if started.is_none() {
+            self.fail(&format!("no started line within {START_TIMEOUT:?}"));
+        }
+    }
+
+    /// Whether srcip has written a line yet (which, at start, is `started`); the line is
+    /// kept for [`Daemon::wait_for`] and the others.
+    pub fn has_written(&mut self) -> bool {
+        if self.pending.is_some() {
+            return true;
+        }
+        match self.lines.try_recv() {
+            Ok(text) => {
+                self.pending = Some(text);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether srcip's process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn spawn_with(mut command: Command, policy: &Path, args: &[&str]) -> Self {
         let folder = tempfile::tempdir().expect("a folder for the watch socket and spool");
         let socket = folder.path().join("srcip.sock");
         command
@@ -99,21 +143,15 @@ impl Daemon {
             }
         });
 
-        let mut daemon = Self {
+        Self {
             child,
             lines,
+            pending: None,
             stderr,
             seen: Vec::new(),
             socket,
             _folder: folder,
-        };
-        let started = daemon.wait_at_most(START_TIMEOUT, "started", |line| {
-            matches!(line, Line::Started { .. })
-        });
-        if started.is_none() {
-            daemon.fail(&format!("no started line within {START_TIMEOUT:?}"));
         }
-        daemon
     }
 
     /// The next line (after those already seen) that satisfies `wanted`.
@@ -134,7 +172,11 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            let next = match self.pending.take() {
+                Some(text) => Ok(text),
+                None => self.lines.recv_timeout(left),
+            };
+            match next {
                 Ok(text) => {
                     let line = Line::parse(&text);
                     self.seen.push(line.clone());
@@ -148,6 +190,11 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// What srcip wrote to stderr so far (its logs).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -174,6 +221,9 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        if let Some(text) = self.pending.take() {
+            self.seen.push(Line::parse(&text));
+        }
         while let Ok(text) = self.lines.recv_timeout(Duration::from_secs(2)) {
             self.seen.push(Line::parse(&text));
         }

@@ -62,3 +62,79 @@ fn a_receiver_down_across_a_daemon_restart_gets_every_alert() {
     assert_eq!(count("stopped"), 1, "the first daemon's: {alerts:#?}");
     assert_eq!(alerts[0]["type"], "started", "oldest first: {alerts:#?}");
 }
+
+/// A webhook URL with a token in its path and query (as webhook services give them): the
+/// token goes in the request and nowhere else. Not in `/metrics`, the logs, the lines, or
+/// the spool's file name; the sink is named by scheme, host and port, and a digest.
+#[test]
+fn a_webhook_token_shows_nowhere_but_in_the_request() {
+    use std::io::{Read as _, Write as _};
+
+    let port = free_port();
+    let metrics_port = free_port();
+    let certificates = TestCertificates::new();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let spool = tempfile::tempdir().unwrap();
+    let url = format!(
+        "https://srcip:s3cret-password@127.0.0.1:{port}/hooks/T0KEN-IN-PATH?key=T0KEN-IN-QUERY"
+    );
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let args = [
+        "--sink",
+        &url,
+        "--sink-ca",
+        certificates.ca.to_str().unwrap(),
+        "--spool",
+        spool.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+    ];
+    let secrets = ["s3cret-password", "T0KEN-IN-PATH", "T0KEN-IN-QUERY"];
+    let mut daemon = Daemon::start(&policy.path, &args);
+    // The receiver is down: the violation waits in the spool, and the sink logs its failures.
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+
+    let mut scrape = String::new();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: srcip\r\n\r\n")
+        .unwrap();
+    stream.read_to_string(&mut scrape).unwrap();
+    let name = format!("https://127.0.0.1:{port}#");
+    assert!(
+        scrape.contains(&format!("sink=\"{name}")),
+        "the sink is named by scheme, host and port: {scrape}"
+    );
+    let spool_files: Vec<String> = std::fs::read_dir(spool.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let logs = daemon.stderr();
+    let lines = format!("{:?}", daemon.seen);
+    for secret in secrets {
+        assert!(!scrape.contains(secret), "{secret} in /metrics: {scrape}");
+        assert!(!logs.contains(secret), "{secret} in the logs: {logs}");
+        assert!(!lines.contains(secret), "{secret} in the lines: {lines}");
+        assert!(
+            spool_files.iter().all(|file| !file.contains(secret)),
+            "{secret} in the spool's files: {spool_files:?}"
+        );
+    }
+
+    // The request itself has the whole URL: the receiver takes the violation.
+    let receiver = WebhookReceiver::start(port, &certificates);
+    receiver.wait_for(|posts| {
+        posts.iter().any(|post| {
+            post["alerts"].as_array().is_some_and(|alerts| {
+                alerts.iter().any(|alert| {
+                    alert["type"] == "violation" && alert["src_port"] == u64::from(client.src_port)
+                })
+            })
+        })
+    });
+}

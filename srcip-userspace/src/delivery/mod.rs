@@ -15,6 +15,7 @@ mod syslog;
 mod watch;
 mod webhook;
 
+use anyhow::Context as _;
 use std::{
     sync::{
         Arc,
@@ -63,6 +64,23 @@ impl SpoolSettings {
                 )
             })?;
         spool::Spool::open(&self.folder, name, self.max_bytes)
+    }
+
+    /// As [`SpoolSettings::open`], first renaming the spool an earlier srcip kept for this
+    /// sink under `former_name`, when there is one and none under `name` yet.
+    fn open_renaming(&self, name: &str, former_name: &str) -> anyhow::Result<spool::Spool> {
+        let former = spool::Spool::path_of(&self.folder, former_name);
+        let current = spool::Spool::path_of(&self.folder, name);
+        if former != current && former.exists() && !current.exists() {
+            std::fs::rename(&former, &current).with_context(|| {
+                format!(
+                    "cannot rename the spool {} to {}",
+                    former.display(),
+                    current.display()
+                )
+            })?;
+        }
+        self.open(name)
     }
 }
 
@@ -375,6 +393,28 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn a_spool_named_after_the_whole_url_is_taken_over_with_its_alerts() {
+        let folder = tempfile::tempdir().unwrap();
+        let url = "https://hooks.example.net/T0KEN";
+        let mut former = spool::Spool::open(folder.path(), url, 1 << 20).unwrap();
+        former.append(&[b"waiting".to_vec()]).unwrap();
+        drop(former);
+        let settings = SpoolSettings {
+            folder: folder.path().to_owned(),
+            max_bytes: 1 << 20,
+        };
+        let spool = settings
+            .open_renaming("https://hooks.example.net:443#12345678", url)
+            .unwrap();
+        assert_eq!(spool.oldest(10).unwrap().0, [b"waiting".to_vec()]);
+        let files: Vec<_> = std::fs::read_dir(folder.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, ["https___hooks.example.net_443_12345678.redb"]);
+    }
 
     /// A sink whose reader stalls loses what its queue cannot hold, and says how much, even
     /// when its queue is still full as the loss is first reported: every alert delivered is

@@ -66,6 +66,16 @@ impl NatsTarget {
             self.server, self.subject, self.stream
         )
     }
+
+    /// The sink's name wherever it shows (metrics labels, logs, `lost` lines, the spool's
+    /// file name): the URL without credentials (`user:password@`).
+    pub fn name(&self) -> String {
+        let server = self
+            .server
+            .rsplit_once('@')
+            .map_or(self.server.as_str(), |(_, host)| host);
+        format!("nats://{server}/{}?stream={}", self.subject, self.stream)
+    }
 }
 
 /// A connection with its JetStream context, the stream known to exist.
@@ -132,7 +142,7 @@ pub(super) fn write_nats(
     counters: &SinkCounters,
     spool: Spool,
 ) {
-    let Some(runtime) = client_runtime(&target.url()) else {
+    let Some(runtime) = client_runtime(&target.name()) else {
         return;
     };
     let host = host_name();
@@ -181,7 +191,7 @@ pub(super) fn write_nats(
         message.append(&mut json);
         message
     };
-    forward(&target.url(), alerts, counters, spool, render, send);
+    forward(&target.name(), alerts, counters, spool, render, send);
 }
 
 /// FNV-1a, 64 bits: a stable id for a message's content.

@@ -113,12 +113,14 @@ impl Sink {
                 target: target.clone(),
             }),
             SinkSpec::Nats(target) => Ok(Self::Nats {
-                spool: spool.open(&target.url())?,
+                spool: spool.open_renaming(&target.name(), &target.url())?,
                 target: target.clone(),
             }),
             SinkSpec::Webhook(target) => Ok(Self::Webhook {
                 client: webhook::client(ca)?,
-                spool: spool.open(&target.url)?,
+                // Earlier srcips named it after the whole URL: taken over, with what it
+                // holds.
+                spool: spool.open_renaming(&target.name(), &target.url)?,
                 target: target.clone(),
             }),
         }
@@ -129,8 +131,8 @@ impl Sink {
             Self::Stdout { .. } => "stdout".to_owned(),
             Self::File { path, .. } => format!("file:{}", path.display()),
             Self::Syslog { target, .. } => target.url(),
-            Self::Nats { target, .. } => target.url(),
-            Self::Webhook { target, .. } => target.url.clone(),
+            Self::Nats { target, .. } => target.name(),
+            Self::Webhook { target, .. } => target.name(),
         }
     }
 

@@ -159,7 +159,8 @@ pub struct Spool {
 impl Spool {
     /// Opens (or creates) the spool of `sink` in `folder`, and counts what a previous run
     /// left in it.
-    pub fn open(folder: &Path, sink: &str, max_bytes: u64) -> anyhow::Result<Self> {
+    /// The file of sink `sink`'s spool in `folder`.
+    pub fn path_of(folder: &Path, sink: &str) -> PathBuf {
         let name: String = sink
             .chars()
             .map(|c| {
@@ -170,7 +171,11 @@ impl Spool {
                 }
             })
             .collect();
-        let path = folder.join(format!("{name}.redb"));
+        folder.join(format!("{name}.redb"))
+    }
+
+    pub fn open(folder: &Path, sink: &str, max_bytes: u64) -> anyhow::Result<Self> {
+        let path = Self::path_of(folder, sink);
         let db = Database::create(&path).with_context(|| {
             format!(
                 "cannot open the spool {} of sink {sink} (is another srcip run using this --spool?)",

@@ -23,6 +23,7 @@ const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where a webhook sink posts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookTarget {
+    /// The whole URL, which often holds a token: used to post, and shown nowhere.
     pub url: String,
 }
 
@@ -39,6 +40,34 @@ impl WebhookTarget {
             Ok(_) => Err(format!("{url}: a webhook URL needs a host")),
             Err(error) => Err(format!("{url} is not a URL: {error}")),
         })
+    }
+
+    /// The sink's name wherever it shows (metrics labels, logs, `lost` lines, the spool's
+    /// file name): scheme, host and port. A URL with more (a path, a query, credentials:
+    /// where webhook services put their tokens) gets a digest of the whole URL besides,
+    /// which tells two such sinks on one host apart and reveals nothing of the token.
+    pub fn name(&self) -> String {
+        let Ok(url) = reqwest::Url::parse(&self.url) else {
+            // `parse` took it: never happens.
+            return "webhook".to_owned();
+        };
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default().unwrap_or_default();
+        let mut name = format!("{}://{host}:{port}", url.scheme());
+        let more = url.path() != "/"
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+            || url.password().is_some();
+        if more {
+            let digest = ring::digest::digest(&ring::digest::SHA256, self.url.as_bytes());
+            let short: String = digest.as_ref()[..4]
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect();
+            name.push_str(&format!("#{short}"));
+        }
+        name
     }
 }
 
@@ -70,7 +99,8 @@ pub(super) fn write_webhook(
     counters: &SinkCounters,
     spool: Spool,
 ) {
-    let Some(runtime) = client_runtime(&target.url) else {
+    let name = target.name();
+    let Some(runtime) = client_runtime(&name) else {
         return;
     };
     let host = host_name();
@@ -92,7 +122,8 @@ pub(super) fn write_webhook(
                 .body(body)
                 .send()
                 .await
-                .map_err(io::Error::other)?;
+                // reqwest's errors name the URL, token and all.
+                .map_err(|error| io::Error::other(error.without_url()))?;
             let status = response.status();
             if status.is_success() {
                 Ok(())
@@ -101,5 +132,35 @@ pub(super) fn write_webhook(
             }
         })
     };
-    forward(&target.url, alerts, counters, spool, render, send);
+    forward(&name, alerts, counters, spool, render, send);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sink_is_named_by_scheme_host_and_port_and_a_digest_of_the_rest() {
+        let name = |url: &str| WebhookTarget::parse(url).unwrap().unwrap().name();
+        assert_eq!(
+            name("https://hooks.example.net/"),
+            "https://hooks.example.net:443"
+        );
+        assert_eq!(name("http://10.0.0.1:8080"), "http://10.0.0.1:8080");
+        let with_token = name("https://user:pw@hooks.example.net/services/T0KEN?key=K3Y");
+        assert!(
+            with_token.starts_with("https://hooks.example.net:443#"),
+            "{with_token}"
+        );
+        assert!(
+            !with_token.contains("T0KEN")
+                && !with_token.contains("K3Y")
+                && !with_token.contains("pw")
+        );
+        assert_ne!(
+            name("https://hooks.example.net/a"),
+            name("https://hooks.example.net/b"),
+            "two sinks on one host keep apart"
+        );
+    }
 }
