@@ -61,6 +61,16 @@ pub enum AlertBody {
         #[serde(skip_serializing_if = "Option::is_none")]
         sink: Option<String>,
     },
+    /// A network sink's receiver refused alerts for good (an HTTP 4xx, a message too large):
+    /// they went to the spool's dead-letter table, and the sink went on with the next.
+    /// Never sent to that sink.
+    DeadLetter {
+        /// The sink, named without secrets.
+        sink: String,
+        count: u64,
+        /// The receiver's answer.
+        error: String,
+    },
     /// The kernel would now choose a disallowed source for a destination of the policy.
     RouteDrift(DestinationCheck),
     /// A destination that drifted is allowed again.
@@ -101,6 +111,7 @@ impl AlertBody {
             Self::Pinned(_) => "pinned",
             Self::Connect(_) => "connect",
             Self::Lost { .. } => "lost",
+            Self::DeadLetter { .. } => "dead_letter",
             Self::RouteDrift(_) => "route_drift",
             Self::RouteRecovered(_) => "route_recovered",
             Self::Reloaded { .. } => "reloaded",
@@ -384,6 +395,9 @@ pub fn text_message(body: &AlertBody) -> String {
             count,
             sink: Some(sink),
         } => format!("LOST {count} alerts that sink {sink} could not take"),
+        AlertBody::DeadLetter { sink, count, error } => format!(
+            "DEAD LETTER {count} alerts that sink {sink} refused for good ({error}), kept in its spool"
+        ),
         AlertBody::RouteDrift(check) => format!(
             "ROUTE DRIFT {}, allowed: {}; {}; fix: {}",
             prediction_text(check),

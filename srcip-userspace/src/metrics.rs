@@ -64,6 +64,8 @@ pub struct Metrics {
     /// Alerts a network sink put in its spool before sending.
     pub sink_spooled: Family<SinkLabels, Counter>,
     pub sink_backlog: Family<SinkLabels, Gauge>,
+    /// Alerts a network sink's receiver refused for good, kept in its spool's dead letters.
+    pub sink_dead_letters: Family<SinkLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
 }
 
@@ -83,6 +85,7 @@ impl Metrics {
             sink_failed: Family::default(),
             sink_spooled: Family::default(),
             sink_backlog: Family::default(),
+            sink_dead_letters: Family::default(),
             reloads: Family::default(),
         };
         let registry = &mut metrics.registry;
@@ -145,6 +148,11 @@ impl Metrics {
             "sink_backlog",
             "Alerts waiting in a sink's queue or spool",
             metrics.sink_backlog.clone(),
+        );
+        registry.register(
+            "sink_dead_letters",
+            "Alerts a network sink's receiver refused for good (an HTTP 4xx, too large), kept in the sink's spool",
+            metrics.sink_dead_letters.clone(),
         );
         registry.register(
             "policy_reloads",

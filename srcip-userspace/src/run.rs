@@ -10,7 +10,7 @@ use crate::{
     alerts::{Alert, AlertBody, Format},
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
-    delivery::{Delivery, SinkSpec, SpoolSettings, WatchServer},
+    delivery::{Delivery, DeliveryEvent, SinkSpec, SpoolSettings, WatchServer},
     drift::DriftWatch,
     features,
     loader::{AuditSettings, KeptLinks},
@@ -281,7 +281,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let stdout_error = loop {
         let alerts = tokio::select! {
             () = stop.next() => break None,
-            error = delivery.stdout_failed() => break Some(error),
+            event = delivery.next_event() => match event {
+                DeliveryEvent::StdoutFailed(error) => break Some(error),
+                DeliveryEvent::DeadLetter(line) => {
+                    delivery.deliver_dead_letter(*line);
+                    Vec::new()
+                }
+            },
             why = reload_requested(&mut sighup, &mut policy_watch) => {
                 info!("{why}: reloading {}", config.policy.display());
                 systemd::reloading();

@@ -41,6 +41,13 @@ pub enum Line {
         #[serde(default)]
         sink: Option<String>,
     },
+    DeadLetter {
+        time: String,
+        host: String,
+        sink: String,
+        count: u64,
+        error: String,
+    },
     Resolved {
         time: String,
         host: String,
@@ -149,6 +156,7 @@ impl Line {
             Self::Reloaded { .. } => "reloaded",
             Self::PolicyError { .. } => "policy_error",
             Self::Lost { .. } => "lost",
+            Self::DeadLetter { .. } => "dead_letter",
             Self::Resolved { .. } => "resolved",
             Self::Stopped { .. } => "stopped",
         }

@@ -1,6 +1,8 @@
 //! A real HTTPS webhook receiver for the webhook sink tests: Python's `http.server` behind
 //! `ssl`, with a certificate for 127.0.0.1 from a CA of the test's own. It writes one line
-//! per POST: `{"content_type": …, "alerts": [the body's JSON array]}`. Stopped on drop.
+//! per POST: `{"content_type": …, "alerts": [the body's JSON array]}`, or, started with
+//! [`WebhookReceiver::start_refusing`], answers 400 to a POST whose body holds a marker.
+//! Stopped on drop.
 
 use std::{
     path::PathBuf,
@@ -12,10 +14,17 @@ use crate::DELIVERY_TIMEOUT;
 
 const RECEIVER: &str = r#"
 import http.server, json, ssl, sys
-port, cert, key, out = sys.argv[1:]
+port, cert, key, out, refuse = sys.argv[1:]
 class Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if refuse and refuse.encode() in body:
+            answer = b"rejected: the batch holds " + refuse.encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+            return
         line = {"content_type": self.headers.get("Content-Type"), "alerts": json.loads(body)}
         with open(out, "a") as log:
             log.write(json.dumps(line) + "\n")
@@ -78,6 +87,12 @@ pub struct WebhookReceiver {
 impl WebhookReceiver {
     /// Listens on https://127.0.0.1:`port`/ with `certificates`, once it takes connections.
     pub fn start(port: u16, certificates: &TestCertificates) -> Self {
+        Self::start_refusing(port, certificates, "")
+    }
+
+    /// As [`WebhookReceiver::start`], answering 400 (for good) to every POST whose body
+    /// holds `marker`, and recording none of them.
+    pub fn start_refusing(port: u16, certificates: &TestCertificates, marker: &str) -> Self {
         let folder = tempfile::tempdir().expect("a folder for the receiver");
         let script = folder.path().join("receiver.py");
         std::fs::write(&script, RECEIVER).unwrap();
@@ -90,6 +105,7 @@ impl WebhookReceiver {
             .arg(certs.join("cert.pem"))
             .arg(certs.join("key.pem"))
             .arg(&out)
+            .arg(marker)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -2,7 +2,8 @@
 //! daemon restarts: every alert arrives at least once, none missing.
 
 use srcip_tests::{
-    Daemon, PARTNER_POLICY, PolicyFile, Signal, TestCgroup, Topology, free_port, make_violation,
+    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
+    client, free_port, make_violation,
     webhook::{TestCertificates, WebhookReceiver},
 };
 
@@ -137,4 +138,82 @@ fn a_webhook_token_shows_nowhere_but_in_the_request() {
             })
         })
     });
+}
+
+/// A receiver that refuses an alert for good (HTTP 400): that alert goes to the spool's
+/// dead letters and a `dead_letter` line says so on every other sink, never to the refusing
+/// one; the sink goes on with the next alerts instead of retrying forever.
+#[test]
+fn an_alert_the_receiver_refuses_is_dead_lettered_and_the_next_ones_arrive() {
+    let port = free_port();
+    let certificates = TestCertificates::new();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let spool = tempfile::tempdir().unwrap();
+    let receiver = WebhookReceiver::start_refusing(port, &certificates, "poison-pill");
+    let url = format!("https://127.0.0.1:{port}/alerts");
+    let args = [
+        "--sink",
+        &url,
+        "--sink-ca",
+        certificates.ca.to_str().unwrap(),
+        "--spool",
+        spool.path().to_str().unwrap(),
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+        // Each violation its own line: folded, the next one would wait in the first's window.
+        "--fold-window",
+        "0",
+    ];
+    let mut daemon = Daemon::start(&policy.path, &args);
+    let poison = client(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V4, "--comm", "poison-pill"],
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the dead letter", |line| {
+        matches!(line, Line::DeadLetter { .. })
+    });
+    let Line::DeadLetter {
+        sink, count, error, ..
+    } = line
+    else {
+        unreachable!()
+    };
+    assert!(
+        sink.starts_with(&format!("https://127.0.0.1:{port}#")),
+        "{sink}"
+    );
+    assert_eq!(count, 1);
+    assert!(
+        error.contains("400") && error.contains("rejected"),
+        "{error}"
+    );
+
+    let next = make_violation(&mut daemon, &topology, &cgroup.path);
+    let posts = receiver.wait_for(|posts| {
+        posts.iter().any(|post| {
+            post["alerts"].as_array().is_some_and(|alerts| {
+                alerts.iter().any(|alert| {
+                    alert["type"] == "violation" && alert["src_port"] == u64::from(next.src_port)
+                })
+            })
+        })
+    });
+    let received: Vec<&serde_json::Value> = posts
+        .iter()
+        .flat_map(|post| post["alerts"].as_array().unwrap())
+        .collect();
+    assert!(
+        received.iter().all(|alert| alert["type"] != "dead_letter"
+            && alert["src_port"] != u64::from(poison[0].src_port)),
+        "{received:#?}"
+    );
+    assert!(
+        received.iter().any(|alert| alert["type"] == "started"),
+        "the alerts batched with the refused one went on: {received:#?}"
+    );
 }

@@ -139,6 +139,17 @@ pub struct Delivery {
     /// Says why stdout failed: its reader has gone (`srcip run | head`, a normal way to
     /// stop), or another error.
     stdout_closed: Option<tokio::sync::oneshot::Receiver<std::io::Error>>,
+    /// `dead_letter` lines from the sinks' threads, and the sending end each sink gets.
+    dead_letter_lines: tokio::sync::mpsc::UnboundedReceiver<Alert>,
+    dead_letter_sender: tokio::sync::mpsc::UnboundedSender<Alert>,
+}
+
+/// What the delivery stage tells the daemon between two deliveries.
+pub enum DeliveryEvent {
+    /// Writing to stdout failed: its reader has gone, or another error.
+    StdoutFailed(std::io::Error),
+    /// A sink dead-lettered alerts: its line, for [`Delivery::deliver_dead_letter`].
+    DeadLetter(Box<Alert>),
 }
 
 /// The sending end of one sink's queue.
@@ -163,10 +174,19 @@ pub(super) struct SinkCounters {
     failed: Counter,
     spooled: Counter,
     backlog: Gauge,
+    dead_letters: Counter,
+    /// The sink's name and where its `dead_letter` lines go: to the delivery stage, which
+    /// hands them to every other sink.
+    name: Arc<str>,
+    dead_letter_lines: tokio::sync::mpsc::UnboundedSender<Alert>,
 }
 
 impl SinkCounters {
-    fn new(metrics: &Metrics, name: &str) -> Self {
+    fn new(
+        metrics: &Metrics,
+        name: &str,
+        dead_letter_lines: tokio::sync::mpsc::UnboundedSender<Alert>,
+    ) -> Self {
         let labels = SinkLabels {
             sink: name.to_owned(),
         };
@@ -176,6 +196,9 @@ impl SinkCounters {
             failed: metrics.sink_failed.get_or_create(&labels).clone(),
             spooled: metrics.sink_spooled.get_or_create(&labels).clone(),
             backlog: metrics.sink_backlog.get_or_create(&labels).clone(),
+            dead_letters: metrics.sink_dead_letters.get_or_create(&labels).clone(),
+            name: Arc::from(name),
+            dead_letter_lines,
         }
     }
 
@@ -201,6 +224,24 @@ impl SinkCounters {
         self.lost(count);
     }
 
+    /// `count` alerts the receiver refused for good (`error`, its answer) went to the
+    /// spool's dead letters.
+    pub(super) fn dead_lettered(&self, count: usize, error: String) {
+        self.backlog.dec_by(count as i64);
+        self.dead_letters.inc_by(count as u64);
+        warn!(
+            "sink {} refused {count} alerts for good ({error}); they are kept in its spool's dead letters",
+            self.name
+        );
+        let line = Alert::now(AlertBody::DeadLetter {
+            sink: self.name.to_string(),
+            count: count as u64,
+            error,
+        });
+        // The delivery stage is gone only when srcip stops: the log above says it then.
+        let _ = self.dead_letter_lines.send(line);
+    }
+
     fn lost(&self, count: usize) {
         self.unreported_lost
             .fetch_add(count as u64, Ordering::Relaxed);
@@ -219,11 +260,14 @@ impl Delivery {
         watch: Option<WatchServer>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let (dead_letter_sender, dead_letter_lines) = tokio::sync::mpsc::unbounded_channel();
         let mut delivery = Self {
             sinks: Vec::new(),
             metrics,
             watch,
             stdout_closed: None,
+            dead_letter_lines,
+            dead_letter_sender,
         };
         if !quiet {
             let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
@@ -242,7 +286,7 @@ impl Delivery {
     fn add(&mut self, sink: sink::Sink) -> anyhow::Result<()> {
         let (queue, alerts) = mpsc::sync_channel(SINK_QUEUE_ALERTS);
         let name = sink.name();
-        let counters = SinkCounters::new(&self.metrics, &name);
+        let counters = SinkCounters::new(&self.metrics, &name, self.dead_letter_sender.clone());
         let thread = sink.spawn(alerts, counters.clone())?;
         self.sinks.push(SinkQueue {
             name,
@@ -256,6 +300,20 @@ impl Delivery {
 
     /// Hands `alerts` to every sink, without waiting for any.
     pub fn deliver(&mut self, alerts: Vec<Alert>) {
+        self.deliver_except(alerts, None);
+    }
+
+    /// Hands a sink's `dead_letter` line to every sink but that one, which refused what the
+    /// line is about and might refuse the line too.
+    pub fn deliver_dead_letter(&mut self, line: Alert) {
+        let refusing = match &line.body {
+            AlertBody::DeadLetter { sink, .. } => Some(sink.clone()),
+            _ => None,
+        };
+        self.deliver_except(vec![line], refusing.as_deref());
+    }
+
+    fn deliver_except(&mut self, alerts: Vec<Alert>, except: Option<&str>) {
         let batch = Arc::new(alerts);
         for index in 0..batch.len() {
             let alert = SharedAlert {
@@ -264,7 +322,9 @@ impl Delivery {
             };
             self.metrics.observe(&alert);
             for sink in &self.sinks {
-                sink.offer(&alert);
+                if except != Some(sink.name.as_str()) {
+                    sink.offer(&alert);
+                }
             }
             if let Some(watch) = &self.watch {
                 watch.publish(&alert);
@@ -302,17 +362,12 @@ impl Delivery {
         }
     }
 
-    /// Resolves with stdout's error when writing to it failed; never, with `--quiet`.
-    pub async fn stdout_failed(&mut self) -> std::io::Error {
-        if let Some(closed) = &mut self.stdout_closed {
-            let result = closed.await;
-            self.stdout_closed = None;
-            if let Ok(error) = result {
-                return error;
-            }
+    /// The next thing the daemon must act on. Cancel-safe.
+    pub async fn next_event(&mut self) -> DeliveryEvent {
+        tokio::select! {
+            error = stdout_failed(&mut self.stdout_closed) => DeliveryEvent::StdoutFailed(error),
+            Some(line) = self.dead_letter_lines.recv() => DeliveryEvent::DeadLetter(Box::new(line)),
         }
-        // The stdout thread ended without an error, or there is none.
-        std::future::pending().await
     }
 
     /// Closes every queue and waits, up to a few seconds per sink, until each has written
@@ -349,6 +404,21 @@ impl Delivery {
             watch.stop().await;
         }
     }
+}
+
+/// Resolves with stdout's error when writing to it failed; never, with `--quiet`.
+async fn stdout_failed(
+    closed: &mut Option<tokio::sync::oneshot::Receiver<std::io::Error>>,
+) -> std::io::Error {
+    if let Some(receiver) = closed {
+        let result = receiver.await;
+        *closed = None;
+        if let Ok(error) = result {
+            return error;
+        }
+    }
+    // The stdout thread ended without an error, or there is none.
+    std::future::pending().await
 }
 
 impl SinkQueue {

@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use super::SharedAlert;
 use super::{
     SinkCounters, client_runtime,
-    spool::{Spool, forward},
+    spool::{SendError, Spool, forward},
 };
 use crate::alerts::{Alert, host_name, json_object};
 
@@ -158,7 +158,7 @@ pub(super) fn write_nats(
         })
         .collect();
     let mut connection: Option<Connection> = None;
-    let send = |messages: &[Vec<u8>]| -> io::Result<()> {
+    let send = |messages: &[Vec<u8>]| -> Result<(), SendError> {
         runtime.block_on(async {
             let result = tokio::time::timeout(NATS_TIMEOUT, async {
                 if connection.is_none() {
@@ -178,7 +178,7 @@ pub(super) fn write_nats(
             if result.is_err() {
                 connection = None;
             }
-            result
+            Ok(result?)
         })
     };
     let render = |alert: &Alert| -> Vec<u8> {

@@ -24,25 +24,46 @@ use super::{SinkCounters, sink::BATCH_ALERTS};
 use crate::alerts::Alert;
 
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
+/// Alerts the receiver refused for good, with its answer, under their `ALERTS` key: kept
+/// for an operator to look at (or resend), never retried.
+const DEAD_LETTERS: TableDefinition<u64, (&str, &[u8])> = TableDefinition::new("dead_letters");
 
 /// Spooled alerts handed to the receiver in one send, at most.
 const SEND_BATCH: usize = 256;
 /// The longest wait between two attempts to reach a receiver that is down, jitter included.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Why a receiver did not take a send.
+#[derive(Debug)]
+pub(super) enum SendError {
+    /// Down, busy, or the connection broke: sent again after a backoff.
+    Retry(io::Error),
+    /// The receiver will never take these alerts (an HTTP 4xx, a message too large); its
+    /// answer.
+    Refused(String),
+}
+
+impl From<io::Error> for SendError {
+    fn from(error: io::Error) -> Self {
+        Self::Retry(error)
+    }
+}
+
 /// Moves what arrives in `alerts` through `spool` to a receiver, until the queue is closed:
 /// each alert is rendered by `render` and committed to the spool first, and leaves it once
 /// `send` has taken it. A failed send is retried, oldest first, after an exponential
 /// backoff with jitter (200 ms up to [`MAX_BACKOFF`]), while new alerts keep going to the
-/// spool. When srcip stops, one last attempt is made; what is still spooled then is sent
-/// when srcip runs again.
+/// spool. A batch the receiver refuses for good is sent again one alert at a time, and
+/// each alert it refuses goes to the spool's dead-letter table (see [`SendError`]). When
+/// srcip stops, one last attempt is made; what is still spooled then is sent when srcip runs
+/// again.
 pub(super) fn forward(
     name: &str,
     alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
     mut spool: Spool,
     mut render: impl FnMut(&Alert) -> Vec<u8>,
-    mut send: impl FnMut(&[Vec<u8>]) -> io::Result<()>,
+    mut send: impl FnMut(&[Vec<u8>]) -> Result<(), SendError>,
 ) {
     let new_backoff = || {
         ExponentialBuilder::default()
@@ -97,7 +118,10 @@ pub(super) fn forward(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 // srcip stops: one last attempt, no waiting.
-                while !spool.is_empty() && send_oldest(&mut spool, &mut send, counters).is_ok() {}
+                while !spool.is_empty()
+                    && send_oldest(&mut spool, &mut send, counters, SEND_BATCH).is_ok()
+                {
+                }
                 if !spool.is_empty() {
                     info!(
                         "{} alerts for {name} stay in the spool {} until srcip runs again",
@@ -111,7 +135,7 @@ pub(super) fn forward(
         if spool.is_empty() || Instant::now() < next_attempt {
             continue;
         }
-        match send_oldest(&mut spool, &mut send, counters) {
+        match send_oldest(&mut spool, &mut send, counters, SEND_BATCH) {
             Ok(()) => {
                 if failing {
                     info!("{name} takes alerts again");
@@ -133,17 +157,40 @@ pub(super) fn forward(
     }
 }
 
-/// Sends the oldest spooled alerts and removes them once sent.
+/// Sends the oldest spooled alerts (up to `limit`) and removes them once sent. A batch the
+/// receiver refuses is sent again alert by alert, so that only what it refuses is
+/// dead-lettered.
 fn send_oldest(
     spool: &mut Spool,
-    send: &mut impl FnMut(&[Vec<u8>]) -> io::Result<()>,
+    send: &mut impl FnMut(&[Vec<u8>]) -> Result<(), SendError>,
     counters: &SinkCounters,
+    limit: usize,
 ) -> io::Result<()> {
-    let (messages, last) = spool.oldest(SEND_BATCH).map_err(io::Error::other)?;
-    send(&messages)?;
-    spool.remove_through(last).map_err(io::Error::other)?;
-    counters.written(messages.len());
-    Ok(())
+    let (messages, last) = spool.oldest(limit).map_err(io::Error::other)?;
+    if messages.is_empty() {
+        return Ok(());
+    }
+    match send(&messages) {
+        Ok(()) => {
+            spool.remove_through(last).map_err(io::Error::other)?;
+            counters.written(messages.len());
+            Ok(())
+        }
+        Err(SendError::Retry(error)) => Err(error),
+        Err(SendError::Refused(answer)) if messages.len() == 1 => {
+            spool
+                .dead_letter_oldest(&answer)
+                .map_err(io::Error::other)?;
+            counters.dead_lettered(1, answer);
+            Ok(())
+        }
+        Err(SendError::Refused(_)) => {
+            for _ in 0..messages.len() {
+                send_oldest(spool, send, counters, 1)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 pub struct Spool {
@@ -222,25 +269,29 @@ impl Spool {
     /// go to stay within `--spool-max`.
     pub fn append(&mut self, messages: &[Vec<u8>]) -> Result<u64, redb::Error> {
         let write = self.db.begin_write()?;
+        // Counted as the store will be once committed, and taken only then: a failed commit
+        // leaves the store, and so the counts, as they were.
+        let (mut next, mut entries, mut bytes) = (self.next, self.entries, self.bytes);
         let mut evicted = 0;
         {
             let mut table = write.open_table(ALERTS)?;
             for message in messages {
-                table.insert(self.next, message.as_slice())?;
-                self.next += 1;
-                self.entries += 1;
-                self.bytes += message.len() as u64;
+                table.insert(next, message.as_slice())?;
+                next += 1;
+                entries += 1;
+                bytes += message.len() as u64;
             }
-            while self.bytes > self.max_bytes {
+            while bytes > self.max_bytes {
                 let Some((_, value)) = table.pop_first()? else {
                     break;
                 };
-                self.bytes -= value.value().len() as u64;
-                self.entries -= 1;
+                bytes -= value.value().len() as u64;
+                entries -= 1;
                 evicted += 1;
             }
         }
         write.commit()?;
+        (self.next, self.entries, self.bytes) = (next, entries, bytes);
         Ok(evicted)
     }
 
@@ -261,16 +312,49 @@ impl Spool {
     /// Removes every entry up to and including `last`: the receiver has them.
     pub fn remove_through(&mut self, last: u64) -> Result<(), redb::Error> {
         let write = self.db.begin_write()?;
+        let (mut entries, mut bytes) = (self.entries, self.bytes);
         {
             let mut table = write.open_table(ALERTS)?;
             for entry in table.extract_from_if(..=last, |_, _| true)? {
                 let (_, value) = entry?;
-                self.bytes -= value.value().len() as u64;
-                self.entries -= 1;
+                bytes -= value.value().len() as u64;
+                entries -= 1;
             }
         }
         write.commit()?;
+        (self.entries, self.bytes) = (entries, bytes);
         Ok(())
+    }
+
+    /// Moves the oldest entry to the dead-letter table with the receiver's `answer`, in one
+    /// transaction.
+    pub fn dead_letter_oldest(&mut self, answer: &str) -> Result<(), redb::Error> {
+        let write = self.db.begin_write()?;
+        let (mut entries, mut bytes) = (self.entries, self.bytes);
+        {
+            let mut alerts = write.open_table(ALERTS)?;
+            let mut dead_letters = write.open_table(DEAD_LETTERS)?;
+            if let Some((key, value)) = alerts.pop_first()? {
+                dead_letters.insert(key.value(), (answer, value.value()))?;
+                bytes -= value.value().len() as u64;
+                entries -= 1;
+            }
+        }
+        write.commit()?;
+        (self.entries, self.bytes) = (entries, bytes);
+        Ok(())
+    }
+
+    /// How many entries the dead-letter table holds.
+    #[cfg(test)]
+    fn dead_letters(&self) -> Result<u64, redb::Error> {
+        use redb::ReadableTableMetadata as _;
+        let read = self.db.begin_read()?;
+        match read.open_table(DEAD_LETTERS) {
+            Ok(table) => Ok(table.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(error) => Err(error.into()),
+        }
     }
 }
 
@@ -292,6 +376,23 @@ mod tests {
         spool.remove_through(last).unwrap();
         assert_eq!(spool.oldest(10).unwrap().0, [b"three".to_vec()]);
         assert_eq!(spool.len(), 1);
+    }
+
+    #[test]
+    fn a_dead_letter_leaves_the_alerts_for_its_own_table_in_one_step() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(folder.path(), "https://x:443", 1 << 20).unwrap();
+        spool
+            .append(&[b"refused".to_vec(), b"next".to_vec()])
+            .unwrap();
+        spool
+            .dead_letter_oldest("the receiver answered 400")
+            .unwrap();
+        assert_eq!((spool.len(), spool.dead_letters().unwrap()), (1, 1));
+        drop(spool);
+        let spool = Spool::open(folder.path(), "https://x:443", 1 << 20).unwrap();
+        assert_eq!(spool.oldest(10).unwrap().0, [b"next".to_vec()]);
+        assert_eq!(spool.dead_letters().unwrap(), 1);
     }
 
     #[test]

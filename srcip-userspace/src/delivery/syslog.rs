@@ -23,7 +23,7 @@ use serde_json::Value;
 use super::SharedAlert;
 use super::{
     SinkCounters,
-    spool::{MAX_BACKOFF, Spool, forward},
+    spool::{MAX_BACKOFF, SendError, Spool, forward},
 };
 use crate::alerts::{Alert, AlertBody, host_name, rfc3339, text_message};
 
@@ -154,13 +154,23 @@ pub(super) fn write_syslog(
     let host = host_name();
     let pid = std::process::id();
     let mut connection: Option<Connection> = None;
-    let send = |messages: &[Vec<u8>]| -> io::Result<()> {
+    let send = |messages: &[Vec<u8>]| -> Result<(), SendError> {
         let open = match &mut connection {
             Some(open) => open,
             empty => empty.insert(Connection::open(target)?),
         };
-        // A connection that failed once is not trusted again.
-        open.send(messages).inspect_err(|_| connection = None)
+        match open.send(messages) {
+            Ok(()) => Ok(()),
+            // A datagram larger than the socket can carry never will be.
+            Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE) => Err(SendError::Refused(
+                format!("a message is larger than a datagram to the receiver can be ({error})"),
+            )),
+            // A connection that failed once is not trusted again.
+            Err(error) => {
+                connection = None;
+                Err(SendError::Retry(error))
+            }
+        }
     };
     forward(
         &target.url(),
@@ -176,14 +186,16 @@ pub(super) fn write_syslog(
 fn priority(body: &AlertBody) -> u8 {
     let severity = match body {
         AlertBody::Violation(_) | AlertBody::RouteDrift(_) => 4, // warning
-        AlertBody::Lost { .. } | AlertBody::PolicyError { .. } => 3, // error
+        AlertBody::Lost { .. } | AlertBody::DeadLetter { .. } | AlertBody::PolicyError { .. } => {
+            3 // error
+        }
         AlertBody::Started { .. }
         | AlertBody::Stopped { .. }
         | AlertBody::Reloaded { .. }
         | AlertBody::Resolved { .. }
         | AlertBody::RouteRecovered(_)
         | AlertBody::Pinned(_) => 5, // notice
-        AlertBody::Connect(_) => 6,                              // informational
+        AlertBody::Connect(_) => 6, // informational
     };
     3 * 8 + severity
 }

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use super::SharedAlert;
 use super::{
     SinkCounters, client_runtime,
-    spool::{Spool, forward},
+    spool::{SendError, Spool, forward},
 };
 use crate::alerts::{Alert, host_name, json_object};
 
@@ -71,6 +71,13 @@ impl WebhookTarget {
     }
 }
 
+/// A 4xx answer says the request itself is wrong (malformed, too large, not allowed), so
+/// sending it again gets the same answer; but 408 (timed out), 425 (too early) and 429
+/// (too many requests) ask for another try later.
+fn refuses_for_good(status: reqwest::StatusCode) -> bool {
+    status.is_client_error() && ![408, 425, 429].contains(&status.as_u16())
+}
+
 /// The HTTP client every webhook sink uses: `ca`, a PEM file, replaces the system's trust
 /// store when given. Built at start, so that a bad file stops `srcip run` with a message.
 pub fn client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
@@ -105,7 +112,7 @@ pub(super) fn write_webhook(
     };
     let host = host_name();
     let render = |alert: &Alert| json_object(alert, &host);
-    let send = |messages: &[Vec<u8>]| -> io::Result<()> {
+    let send = |messages: &[Vec<u8>]| -> Result<(), SendError> {
         let mut body = Vec::with_capacity(messages.iter().map(Vec::len).sum::<usize>() + 2);
         body.push(b'[');
         for (index, message) in messages.iter().enumerate() {
@@ -126,10 +133,19 @@ pub(super) fn write_webhook(
                 .map_err(|error| io::Error::other(error.without_url()))?;
             let status = response.status();
             if status.is_success() {
-                Ok(())
-            } else {
-                Err(io::Error::other(format!("the receiver answered {status}")))
+                return Ok(());
             }
+            let answer = format!("the receiver answered {status}");
+            if refuses_for_good(status) {
+                let body = response.text().await.unwrap_or_default();
+                let excerpt: String = body.trim().chars().take(200).collect();
+                return Err(SendError::Refused(if excerpt.is_empty() {
+                    answer
+                } else {
+                    format!("{answer}: {excerpt}")
+                }));
+            }
+            Err(SendError::Retry(io::Error::other(answer)))
         })
     };
     forward(&name, alerts, counters, spool, render, send);
