@@ -196,8 +196,9 @@ pub enum DecodeError {
 /// Converts kernel `CLOCK_BOOTTIME` stamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]
 pub struct BootClock {
-    /// Wall-clock time at boot (`CLOCK_REALTIME - CLOCK_BOOTTIME`), taken once: a daemon that
-    /// runs across a wall-clock step reports event times on the old scale until restarted.
+    /// Wall-clock time at boot (`CLOCK_REALTIME - CLOCK_BOOTTIME`), taken again at each
+    /// reading of the ring buffer (two vDSO calls), so that a step of the wall clock (NTP
+    /// just after boot, an operator's `date -s`) shows in the next events' times.
     boot: SystemTime,
 }
 
@@ -258,12 +259,17 @@ impl EventRing {
         }
     }
 
+    /// The clock of the latest reading.
     pub fn clock(&self) -> BootClock {
         self.clock
     }
 
     /// Decodes every record in the buffer now, oldest first.
     pub fn drain(&mut self, mut each: impl FnMut(Result<KernelEvent, DecodeError>)) {
+        // Cannot fail on Linux; were it to, the previous offset serves.
+        if let Ok(now) = BootClock::now() {
+            self.clock = now;
+        }
         let clock = self.clock;
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
