@@ -66,9 +66,45 @@ pub fn integration_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(binaries)
 }
 
+/// How many tests `binaries` hold (those `filter` selects, when given): every kernel must
+/// run them all.
+pub fn test_count(binaries: &[PathBuf], filter: Option<&str>) -> anyhow::Result<u64> {
+    let mut count = 0;
+    for binary in binaries {
+        let listed = Command::new(binary)
+            .args(["--list", "--format", "terse"])
+            .args(filter)
+            .current_dir(workspace_root().join("tests"))
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("listing the tests of {}", binary.display()))?;
+        if !listed.status.success() {
+            return Err(anyhow!("{} cannot list its tests", binary.display()));
+        }
+        count += String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|line| line.ends_with(": test"))
+            .count() as u64;
+    }
+    Ok(count)
+}
+
+/// Lines of a kernel's log that say the kernel itself went wrong: a test run that passed on
+/// such a kernel did not pass.
+const KERNEL_TROUBLE: &[&str] = &[
+    "WARNING: CPU:",
+    "BUG: ",
+    "Oops:",
+    "Kernel panic",
+    "self-detected stall",
+    "detected stalls on CPU",
+    "general protection fault",
+];
+
 /// Boots `kernel` and runs every binary in it (each with `filter`, when given); returns the
-/// tally of the guest's `test result:` lines. A binary that ends without one, or a VM that
-/// does not finish, counts as a failure: nothing is skipped silently.
+/// tally of the guest's `test result:` lines. A binary that ends without one, a VM that does
+/// not finish, fewer tests run than `expected`, and a kernel warning, bug or RCU stall in
+/// the VM's console each count as a failure: nothing is skipped silently.
 pub fn run_in_vm(
     vng_dir: &Path,
     kernel: &Kernel,
@@ -76,6 +112,7 @@ pub fn run_in_vm(
     srcip: &Path,
     deb: &Path,
     filter: Option<&str>,
+    expected: u64,
 ) -> anyhow::Result<Tally> {
     let run_dir = workspace_root().join("target/vm").join(kernel.series);
     let _ = fs::remove_dir_all(&run_dir);
@@ -149,8 +186,30 @@ pub fn run_in_vm(
         tally.read_line(&line);
     }
     let completed = fs::read_to_string(run_dir.join("done")).is_ok();
+    let console = fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    let trouble: Vec<&str> = console
+        .lines()
+        .filter(|line| KERNEL_TROUBLE.iter().any(|needle| line.contains(needle)))
+        .collect();
+    if !trouble.is_empty() {
+        for line in &trouble {
+            println!("{prefix}console: {line}");
+        }
+        println!(
+            "{prefix}the kernel reported trouble during the run (see target/vm/{}/console.log): counted as one failure",
+            kernel.series
+        );
+        tally.failed += 1;
+    }
+    let ran = tally.passed + tally.failed;
+    if completed && ran < expected {
+        println!(
+            "{prefix}the VM ran {ran} tests of {expected}: the {} missing count as failures",
+            expected - ran
+        );
+        tally.failed += expected - ran;
+    }
     if !finished || !completed {
-        let console = fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
         let tail: Vec<&str> = console.lines().rev().take(30).collect();
         for line in tail.iter().rev() {
             println!("{prefix}console: {line}");
