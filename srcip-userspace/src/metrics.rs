@@ -4,7 +4,7 @@
 //! once a second, with the rest of the audit's housekeeping); a scrape only encodes them, so
 //! it never waits on the kernel or a sink.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use http_body_util::Full;
@@ -14,7 +14,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tracing::{info, warn};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
 
 use crate::alerts::{Alert, AlertBody};
 
@@ -223,19 +224,35 @@ impl Default for Metrics {
 
 /// Serves `metrics` on `address` until the runtime stops. Binds now, so that a busy or
 /// unusable address stops `srcip run` at start with a message.
+/// Connections served at once, at most: a Prometheus server needs one. Beyond it a new
+/// connection is closed at once, so that idle connections cannot take the daemon's file
+/// descriptors, which attribution (opening cgroups by id) needs too.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a connection is served: a scrape takes milliseconds, and one that sends nothing
+/// (or keeps its connection for the next scrape) gives its place up.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// After a failed accept (out of file descriptors), before the next: not a busy loop.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot serve metrics on {address} (--metrics)"))?;
     info!("Prometheus metrics at http://{address}/metrics");
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
                     warn!("accepting a metrics connection failed: {error}");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
                     continue;
                 }
+            };
+            let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+                debug!("{MAX_CONNECTIONS} metrics connections are open: closing a new one");
+                continue;
             };
             let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {
@@ -245,9 +262,11 @@ pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                if let Err(error) = connection.await {
-                    warn!("serving metrics failed: {error}");
+                match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                    Ok(Err(error)) => warn!("serving metrics failed: {error}"),
+                    Ok(Ok(())) | Err(_) => {}
                 }
+                drop(place);
             });
         }
     });

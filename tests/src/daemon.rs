@@ -64,6 +64,16 @@ impl Daemon {
         daemon
     }
 
+    /// As [`Daemon::start`], with at most `files` open file descriptors (`prlimit` execs
+    /// srcip, so the child is srcip itself), as a service's `LimitNOFILE` would set.
+    pub fn start_with_file_limit(policy: &Path, args: &[&str], files: u64) -> Self {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={files}:{files}"))
+            .arg(srcip_bin());
+        Self::start_with(command, policy, args)
+    }
+
     /// As [`Daemon::start`], returning at once, while srcip is still starting; see
     /// [`Daemon::wait_started`] and [`Daemon::has_written`].
     pub fn spawn(policy: &Path, args: &[&str]) -> Self {

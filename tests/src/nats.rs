@@ -37,10 +37,25 @@ impl NatsServer {
     /// Starts nats-server with JetStream on 127.0.0.1:`port` and waits until it takes
     /// connections.
     pub fn start(port: u16) -> Self {
+        Self::start_with(port, None)
+    }
+
+    /// As [`NatsServer::start`], taking messages of at most `bytes` (`max_payload`).
+    pub fn start_with_max_payload(port: u16, bytes: u32) -> Self {
+        Self::start_with(port, Some(bytes))
+    }
+
+    fn start_with(port: u16, max_payload: Option<u32>) -> Self {
         let store = tempfile::tempdir().expect("a folder for JetStream");
-        let child = Command::new(nats_server_bin())
+        let mut command = Command::new(nats_server_bin());
+        if let Some(bytes) = max_payload {
+            let config = store.path().join("nats.conf");
+            std::fs::write(&config, format!("max_payload: {bytes}\n")).unwrap();
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
+            .arg(store.path().join("jetstream"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

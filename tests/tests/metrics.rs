@@ -152,3 +152,76 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
         0.0
     );
 }
+
+/// More idle connections to `--metrics` than srcip has file descriptors (the 1,024 of a
+/// service's default limit): srcip serves a few and closes the rest at once, so that
+/// attribution, which opens each cgroup it names, keeps working; and `/metrics` answers again
+/// once the idle connections it served have had their time.
+#[test]
+fn thousands_of_idle_metrics_connections_take_neither_attribution_nor_metrics() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const IDLE: usize = 2000;
+    // Room for the idle connections in this process (tests run as root, who may raise it).
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < 8192 {
+        setrlimit(Resource::RLIMIT_NOFILE, 8192, hard.max(8192))
+            .expect("raising this test's file descriptor limit to 8192");
+    }
+
+    let port = free_port();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let metrics = format!("127.0.0.1:{port}");
+    let args = [
+        "--metrics",
+        &metrics,
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+        "--fold-window",
+        "0",
+    ];
+    let mut daemon = Daemon::start_with_file_limit(&policy.path, &args, 1024);
+    // A daemon that stops accepting leaves connections in the listen backlog, and then
+    // unanswered: each is given a second.
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map_while(|_| TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(
+        idle.len() > 1024,
+        "srcip took only {} connections before it stopped accepting",
+        idle.len()
+    );
+
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
+    let violation = daemon
+        .seen
+        .iter()
+        .rev()
+        .find_map(|line| line.violation().filter(|v| v.src_port == client.src_port))
+        .unwrap()
+        .clone();
+    assert_eq!(
+        violation.cgroup,
+        Some(TestCgroup::relative(&cgroup.path)),
+        "attribution has the file descriptors it needs"
+    );
+
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        let answered = TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: srcip\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        });
+        match answered {
+            Ok(response) if response.starts_with("HTTP/1.0 200") => break,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+            other => panic!("/metrics does not answer any more: {other:?}"),
+        }
+    }
+    drop(idle);
+}

@@ -146,3 +146,61 @@ fn alerts_made_while_the_server_is_down_reach_the_stream_when_it_is_back() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A server whose `max_payload` is smaller than an alert: the alert goes to the spool's
+/// dead letters, a `dead_letter` line says so on stdout, and the sink goes on with the
+/// next alerts instead of retrying that one forever.
+#[test]
+fn an_alert_over_the_servers_max_payload_is_dead_lettered_and_the_next_ones_arrive() {
+    // `stopped` fits; a violation (some 500 bytes) does not.
+    let server = NatsServer::start_with_max_payload(free_port(), 400);
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let sink = format!("nats://127.0.0.1:{}/srcip.alerts?stream=SRCIP", server.port);
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &[
+            "--sink",
+            &sink,
+            "--fold-window",
+            "0",
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+        ],
+    );
+    make_violation(&mut daemon, &topology, &cgroup.path);
+    let is_dead_letter = |line: &Line| matches!(line, Line::DeadLetter { .. });
+    // Other lines too large (`started` on a kernel with a long `degraded`, `route_drift`)
+    // may have been dead-lettered before the violation was.
+    let line = match daemon.seen.iter().find(|line| is_dead_letter(line)) {
+        Some(line) => line.clone(),
+        None => daemon.wait_for("a dead letter", is_dead_letter),
+    };
+    let Line::DeadLetter {
+        sink: named, error, ..
+    } = line
+    else {
+        unreachable!()
+    };
+    assert_eq!(named, sink);
+    assert!(error.contains("large"), "{error}");
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    assert!(
+        lines
+            .iter()
+            .filter(|line| is_dead_letter(line))
+            .all(|line| matches!(line, Line::DeadLetter { sink: named, .. } if *named == sink)),
+        "{lines:#?}"
+    );
+
+    let replayed = replay(server.port, "SRCIP").expect("the sink created the stream");
+    let kinds: Vec<&str> = replayed.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds.last(),
+        Some(&"stopped"),
+        "the sink went on: {kinds:?}"
+    );
+    assert!(!kinds.contains(&"violation"), "{kinds:?}");
+}

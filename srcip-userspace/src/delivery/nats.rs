@@ -10,7 +10,7 @@
 
 use std::{io, sync::mpsc, time::Duration};
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 
 use super::SharedAlert;
 use super::{
@@ -108,7 +108,7 @@ impl Connection {
         target: &NatsTarget,
         host: &str,
         messages: &[Vec<u8>],
-    ) -> io::Result<()> {
+    ) -> Result<(), SendError> {
         let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
             let split = message.iter().position(|&byte| byte == b' ').unwrap_or(0);
@@ -121,15 +121,22 @@ impl Connection {
             let publish = PublishMessage::build()
                 .payload(json.to_vec().into())
                 .message_id(format!("{:016x}", fnv1a(json)));
-            acks.push(
-                self.jetstream
-                    .send_publish(subject, publish)
-                    .await
-                    .map_err(io::Error::other)?,
-            );
+            let ack = self
+                .jetstream
+                .send_publish(subject, publish)
+                .await
+                .map_err(|error| match error.kind() {
+                    // Larger than the server takes: it never will.
+                    PublishErrorKind::MaxPayloadExceeded => SendError::Refused(format!(
+                        "the NATS server refuses a message this large ({error})"
+                    )),
+                    _ => SendError::Retry(io::Error::other(error)),
+                })?;
+            acks.push(ack);
         }
         for ack in acks {
-            ack.await.map_err(io::Error::other)?;
+            ack.await
+                .map_err(|error| SendError::Retry(io::Error::other(error)))?;
         }
         Ok(())
     }
@@ -169,16 +176,16 @@ pub(super) fn write_nats(
             })
             .await
             .unwrap_or_else(|_| {
-                Err(io::Error::new(
+                Err(SendError::Retry(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "NATS did not answer in time",
-                ))
+                )))
             });
             // A connection that failed once is not trusted again.
-            if result.is_err() {
+            if matches!(result, Err(SendError::Retry(_))) {
                 connection = None;
             }
-            Ok(result?)
+            result
         })
     };
     let render = |alert: &Alert| -> Vec<u8> {
