@@ -262,9 +262,10 @@ pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-                    Ok(Err(error)) => warn!("serving metrics failed: {error}"),
-                    Ok(Ok(())) | Err(_) => {}
+                // A connection that outlived its time is simply closed.
+                if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await
+                {
+                    warn!("serving metrics failed: {error}");
                 }
                 drop(place);
             });
