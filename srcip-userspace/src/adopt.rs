@@ -1,4 +1,4 @@
-//! UDP sockets made before srcip started.
+//! UDP and MPTCP sockets made before srcip started.
 //!
 //! `cgroup/sock_create` records the owner of every socket made while srcip runs, and
 //! `cgroup/connect4/6` adopt a socket made earlier when it connects. An unconnected UDP
@@ -6,7 +6,9 @@
 //! connects, and a connected one did so before srcip was there: no hook that knows the
 //! sender sees them again, except `cgroup/sendmsg4/6`. Attaching either makes the kernel take
 //! the socket's lock around every unconnected datagram of every socket on the host, which
-//! cost a UDP send storm about 5 % (docs/BENCHMARKS.md).
+//! cost a UDP send storm about 5 % (docs/BENCHMARKS.md). An MPTCP socket connected before
+//! srcip started opens its later subflows in a kernel worker: `connect4/6` finds the MPTCP
+//! socket (`srcip-ebpf/src/owner.rs`), but no owner on it, and the worker is no owner.
 //!
 //! So user space adopts them once, when srcip starts: it lists each process's sockets in
 //! `/proc/PID/fd`, takes a copy of each with `pidfd_getfd` (Linux 5.6, CAP_SYS_PTRACE), and
@@ -37,7 +39,7 @@ const BPF_NOEXIST: u64 = 1;
 /// What a scan did, for the log.
 #[derive(Debug, Default)]
 pub struct Adoption {
-    /// UDP sockets given an owner.
+    /// UDP and MPTCP sockets given an owner.
     pub sockets: usize,
     /// Processes whose sockets could not be copied (`pidfd_getfd` refused: no
     /// CAP_SYS_PTRACE, or a security module).
@@ -51,8 +53,9 @@ pub struct Scope<'a> {
     pub audited: &'a [AuditedCgroup],
 }
 
-/// Gives every audited process's UDP sockets that have no owner yet that process as owner.
-pub fn adopt_udp_sockets(netns: &mut NetnsInodes, scope: &Scope<'_>) -> Adoption {
+/// Gives every audited process's UDP and MPTCP sockets that have no owner yet that process
+/// as owner.
+pub fn adopt_sockets(netns: &mut NetnsInodes, scope: &Scope<'_>) -> Adoption {
     let mut adoption = Adoption::default();
     let mut seen = HashSet::new();
     let own_pid = std::process::id();
@@ -66,23 +69,23 @@ pub fn adopt_udp_sockets(netns: &mut NetnsInodes, scope: &Scope<'_>) -> Adoption
             Err(error) if error.raw_os_error() == Some(libc::EPERM) => adoption.refused += 1,
             Err(error) if error.raw_os_error() == Some(libc::ENOSYS) => {
                 warn!(
-                    "this kernel has no pidfd_getfd (Linux 5.6): UDP sockets made before srcip \
-                     started are not audited"
+                    "this kernel has no pidfd_getfd (Linux 5.6): UDP and MPTCP sockets made \
+                     before srcip started are not audited"
                 );
                 return adoption;
             }
-            Err(error) => debug!("adopting the UDP sockets of process {pid}: {error}"),
+            Err(error) => debug!("adopting the sockets of process {pid}: {error}"),
         }
     }
     if adoption.refused > 0 {
         warn!(
             "could not copy the sockets of {} processes (pidfd_getfd needs CAP_SYS_PTRACE): \
-             their UDP sockets made before srcip started are not audited",
+             their UDP and MPTCP sockets made before srcip started are not audited",
             adoption.refused
         );
     }
     info!(
-        "adopted {} UDP sockets made before srcip started",
+        "adopted {} UDP and MPTCP sockets made before srcip started",
         adoption.sockets
     );
     adoption
@@ -142,7 +145,7 @@ fn adopt_process(
             Err(error) if error.raw_os_error() == Some(libc::EBADF) => continue,
             Err(error) => return Err(error),
         };
-        if !is_inet_udp(&socket) {
+        if !keeps_its_owner_in_storage(&socket) {
             continue;
         }
         let owner = match &mut owner {
@@ -226,7 +229,8 @@ fn process_owner(
     })
 }
 
-fn is_inet_udp(socket: &OwnedFd) -> bool {
+/// An IPv4 or IPv6 UDP or MPTCP socket: those whose owner is in the socket-owner storage.
+fn keeps_its_owner_in_storage(socket: &OwnedFd) -> bool {
     let option = |name| {
         let mut value: libc::c_int = 0;
         let mut length = size_of::<libc::c_int>() as libc::socklen_t;
@@ -245,7 +249,10 @@ fn is_inet_udp(socket: &OwnedFd) -> bool {
     matches!(
         option(libc::SO_DOMAIN),
         Some(libc::AF_INET | libc::AF_INET6)
-    ) && option(libc::SO_PROTOCOL) == Some(libc::IPPROTO_UDP)
+    ) && matches!(
+        option(libc::SO_PROTOCOL),
+        Some(libc::IPPROTO_UDP | libc::IPPROTO_MPTCP)
+    )
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {

@@ -16,7 +16,7 @@ use srcip_common::record::Counter;
 use tracing::{debug, info, warn};
 
 use crate::{
-    adopt::{self, adopt_udp_sockets},
+    adopt::{self, adopt_sockets},
     alerts::{Alert, AlertBody, BlockedAt, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     drift::SharedPredictions,
@@ -90,7 +90,7 @@ impl AuditSession {
             own_netns.unwrap_or(0),
         );
         // After the attach, so that no socket falls between the scan and `sock_create`.
-        adopt_udp_sockets(
+        adopt_sockets(
             &mut netns,
             &adopt::Scope {
                 cgroup2_mount: settings.cgroup2_mount,

@@ -7,8 +7,9 @@
 //! predict every destination again, as `srcip check` does, a short moment later so that a
 //! burst of changes (an interface coming up with its addresses and routes) is one
 //! evaluation. It predicts once at start too, before the daemon writes `started`, so a
-//! destination that is already wrong is reported then, and `block` and `pin` are in force. Predictions are per destination, per program routed apart (uid and
-//! mark, see [`Predictions::note_program`]) and per routing change, never per connection.
+//! destination that is already wrong is reported then, and `block` and `pin` are in force.
+//! Predictions are per destination, per program routed apart (uid and mark, see
+//! [`Predictions::note_program`]) and per routing change, never per connection.
 //! Those of blocking rules' destinations also go to the kernel, where `block` judges a
 //! socket that bound no source by them (`srcip-ebpf/src/connect.rs`). Alerts go to the
 //! daemon's loop through a channel; a reloaded policy comes back through another, and is

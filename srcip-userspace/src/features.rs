@@ -9,6 +9,8 @@
 //! them, so srcip has one set of programs. One feature is optional: finding an MPTCP
 //! subflow's socket (Linux 5.19), which 5.10 lacks; `started.degraded` says so there.
 
+use std::os::fd::FromRawFd as _;
+
 use aya::{
     maps::MapType,
     programs::ProgramType,
@@ -145,7 +147,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
 /// `SRCIP_TEST_MISSING_FEATURE` for [`finds_mptcp_sockets`].
 pub const MPTCP_SOCKETS: &str = "mptcp-subflows";
 
-/// What srcip loses where [`finds_mptcp_sockets`] is false, for `started.degraded`.
+/// What srcip loses where the kernel has MPTCP and [`finds_mptcp_sockets`] is false, for
+/// `started.degraded`.
 pub const WITHOUT_MPTCP_SOCKETS: &str = "mptcp: this kernel (before 5.19) has no bpf_skc_to_mptcp_sock, so srcip cannot tell which MPTCP socket a subflow belongs to; the subflows the kernel adds after the first are attributed to the task that opened them (a kernel worker), and under --cgroup they are not audited";
 
 /// Whether the kernel has `bpf_skc_to_mptcp_sock` (Linux 5.19), with which srcip gives each
@@ -153,15 +156,30 @@ pub const WITHOUT_MPTCP_SOCKETS: &str = "mptcp: this kernel (before 5.19) has no
 /// loses ([`WITHOUT_MPTCP_SOCKETS`]). Probed in a cgroup_skb program, which needs no attach
 /// type: the kernels that have the helper offer it to every socket program srcip loads (it
 /// is one of the socket helpers every such program type may call).
+/// Probed once: `run` says what it loses, the loader sets the programs' constant.
 pub fn finds_mptcp_sockets() -> bool {
-    if std::env::var("SRCIP_TEST_MISSING_FEATURE").as_deref() == Ok(MPTCP_SOCKETS) {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        std::env::var("SRCIP_TEST_MISSING_FEATURE").as_deref() != Ok(MPTCP_SOCKETS)
+            && is_helper_supported(
+                ProgramType::CgroupSkb,
+                BpfHelper::BPF_FUNC_skc_to_mptcp_sock,
+            )
+            .unwrap_or(false)
+    })
+}
+
+/// Whether programs here can make MPTCP sockets (built in, and `net.mptcp.enabled` in
+/// srcip's network namespace): where they cannot, not finding an MPTCP socket loses nothing.
+pub fn has_mptcp() -> bool {
+    // SAFETY: a plain socket(2) call; the descriptor, when there is one, is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP) };
+    if fd < 0 {
         return false;
     }
-    is_helper_supported(
-        ProgramType::CgroupSkb,
-        BpfHelper::BPF_FUNC_skc_to_mptcp_sock,
-    )
-    .unwrap_or(false)
+    // SAFETY: `fd` is the descriptor just made, and nothing else owns it.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    true
 }
 
 /// Features the kernel lacks, one line each.

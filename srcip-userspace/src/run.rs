@@ -126,7 +126,7 @@ pub fn prepare_host() -> anyhow::Result<Host> {
     let cgroup2_mount = system::cgroup2_mount()?;
     system::ensure_kernel_file_systems()?;
     let mut degraded = system::degraded_by_privileges()?;
-    if !features::finds_mptcp_sockets() {
+    if features::has_mptcp() && !features::finds_mptcp_sockets() {
         degraded.push(features::WITHOUT_MPTCP_SOCKETS.to_owned());
     }
     Ok(Host {

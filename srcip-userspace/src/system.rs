@@ -73,7 +73,7 @@ pub fn degraded_by_privileges() -> Result<Vec<String>, SystemError> {
     }
     if !has(CAP_SYS_PTRACE) {
         degraded.push(
-            "udp: adopting other processes' UDP sockets made before srcip started needs CAP_SYS_PTRACE (pidfd_getfd); their datagrams are not audited"
+            "udp: adopting other processes' UDP and MPTCP sockets made before srcip started needs CAP_SYS_PTRACE (pidfd_getfd); their datagrams, and the MPTCP subflows opened later, are not audited"
                 .to_owned(),
         );
     }

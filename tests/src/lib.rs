@@ -116,6 +116,70 @@ pub fn free_port() -> u16 {
 }
 
 /// A name unique to this test process and call: `srcip-t<pid>-<n>`.
+/// Removes what test processes that died without unwinding (killed by a timeout, or
+/// SIGKILL) left behind: network namespaces and cgroups named `srcip-tPID-…` whose PID no
+/// longer runs. Once per test process, before its first namespace or cgroup: guards clean up
+/// on panic, but nothing runs in a killed process.
+fn sweep_leftovers() {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        let of_dead_process = |name: &str| {
+            name.strip_prefix("srcip-t")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        };
+        let leftovers = |folder: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(folder)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter(|entry| entry.file_name().to_str().is_some_and(of_dead_process))
+                        .map(|entry| entry.path())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for namespace in leftovers(Path::new("/run/netns")) {
+            let name = namespace
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+        }
+        for cgroup in leftovers(&cgroup2_mount()) {
+            remove_cgroup_tree(&cgroup);
+        }
+    });
+}
+
+/// Removes a cgroup and those below it, killing what still runs in them first.
+fn remove_cgroup_tree(cgroup: &Path) {
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|pid| pid.parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Err(error) = std::fs::remove_dir(cgroup) {
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "could not remove the leftover cgroup {}: {error}",
+                cgroup.display()
+            );
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub fn unique_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
@@ -196,6 +260,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: String) -> Self {
+        sweep_leftovers();
         run("ip", &["netns", "add", &name]);
         let namespace = Self { name };
         ip_in(&namespace.name, "link set lo up");
@@ -378,6 +443,16 @@ impl Drop for MptcpListener {
     }
 }
 
+/// Whether this kernel lets a program make an MPTCP socket (Debian's 5.10 has no MPTCP).
+pub fn has_mptcp() -> bool {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::from(262)),
+    )
+    .is_ok()
+}
+
 /// Whether the running kernel is at least `major.minor`.
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("the release");
@@ -405,6 +480,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(children: &[&str]) -> Self {
+        sweep_leftovers();
         let path = cgroup2_mount().join(unique_name());
         std::fs::create_dir(&path)
             .unwrap_or_else(|error| panic!("creating cgroup {}: {error}", path.display()));

@@ -11,7 +11,7 @@ use std::{
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, LINE_TIMEOUT, Line, OTHER_V4, OTHER_V6,
     PARTNER_POLICY, PARTNER_V4, PARTNER_V6, PolicyFile, START_TIMEOUT, Signal, TestCgroup,
-    Topology, client, connect, connect_many, kernel_at_least, srcip_bin,
+    Topology, client, connect, connect_many, has_mptcp, kernel_at_least, srcip_bin,
 };
 
 /// A daemon auditing only `cgroup` (so that other tests' traffic never shows up here).
@@ -295,8 +295,9 @@ fn started_names_the_kernel_and_nothing_else_is_degraded_for_root() {
     };
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(kernel, release.trim());
-    // Before 5.19 srcip cannot tell an MPTCP subflow's socket, and says so; nothing else.
-    if kernel_at_least(5, 19) {
+    // Before 5.19 srcip cannot tell an MPTCP subflow's socket, and says so where the kernel
+    // has MPTCP; nothing else.
+    if kernel_at_least(5, 19) || !has_mptcp() {
         assert!(degraded.is_empty(), "{degraded:?}");
     } else {
         assert_eq!(degraded.len(), 1, "{degraded:?}");

@@ -5,7 +5,7 @@
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME]
 //!            [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring]
-//!            [--displace-owner] [--mptcp] DST_ADDR DST_PORT`
+//!            [--displace-owner] [--mptcp] [--linger MS] DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
@@ -27,6 +27,9 @@
 //! established, which takes data), and keeps it open for a second while the kernel opens
 //! the subflows the namespace's MPTCP endpoints ask for (`ip mptcp endpoint ... subflow`).
 //! The partner must answer (`srcip_tests::MptcpListener`).
+//!
+//! `--linger MS` keeps the sockets open that long after connecting (and exchanging), instead
+//! of 200 ms (1 s with `--mptcp`). Each connection's line is printed, and flushed, at once.
 //!
 //! `--displace-owner` creates its socket, then more TCP sockets (each closed at once) until
 //! one has a socket cookie that srcip's TCP owner table gives the same slot (the cookie's
@@ -60,6 +63,7 @@ fn main() {
     let mut ipv6_header = None;
     let mut displace_owner = false;
     let mut mptcp = false;
+    let mut linger = None;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -80,6 +84,13 @@ fn main() {
             "--ipv6-header" => ipv6_header = args.next(),
             "--displace-owner" => displace_owner = true,
             "--mptcp" => mptcp = true,
+            "--linger" => {
+                linger = Some(
+                    args.next()
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                        .expect("--linger MS"),
+                );
+            }
             "--uid" => uid = Some(args.next().and_then(|n| n.parse().ok()).expect("--uid UID")),
             "--mark" => {
                 mark = Some(
@@ -93,7 +104,7 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] [--linger MS] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
@@ -145,7 +156,7 @@ fn main() {
     }
     // Let the handshakes (or the refusals) finish before the sockets close; MPTCP's further
     // subflows start after the exchange.
-    let linger = if mptcp { 1000 } else { 200 };
+    let linger = linger.unwrap_or(if mptcp { 1000 } else { 200 });
     std::thread::sleep(Duration::from_millis(linger));
     drop(sockets);
 }
