@@ -74,6 +74,14 @@ impl Daemon {
         Self::start_with(command, policy, args)
     }
 
+    /// As [`Daemon::start`], under a service manager listening on the datagram socket
+    /// `notify_socket` (`NOTIFY_SOCKET`, as systemd sets it for a `Type=notify` unit).
+    pub fn start_notifying(policy: &Path, args: &[&str], notify_socket: &Path) -> Self {
+        let mut command = Command::new(srcip_bin());
+        command.env("NOTIFY_SOCKET", notify_socket);
+        Self::start_with(command, policy, args)
+    }
+
     /// As [`Daemon::start`], returning at once, while srcip is still starting; see
     /// [`Daemon::wait_started`] and [`Daemon::has_written`].
     pub fn spawn(policy: &Path, args: &[&str]) -> Self {

@@ -8,8 +8,8 @@ use std::{
 };
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
-    connect, srcip_bin,
+    Daemon, LINE_TIMEOUT, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal,
+    TestCgroup, Topology, connect, srcip_bin,
 };
 
 /// Whether process `pid` has a handler for `signal` (`SigCgt` in its status).
@@ -103,4 +103,46 @@ fn a_closed_stdout_is_an_error_exit_that_says_so() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("stdout was closed"), "{stderr}");
+}
+
+/// Under systemd (`Type=notify`): `READY=1` once srcip audits, `RELOADING=1` with
+/// `MONOTONIC_USEC` and then `READY=1` around a reload, `STOPPING=1` when it stops.
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    manager.set_read_timeout(Some(LINE_TIMEOUT)).unwrap();
+    let next = || {
+        let mut message = [0; 512];
+        let length = manager
+            .recv(&mut message)
+            .expect("a message to the service manager");
+        String::from_utf8_lossy(&message[..length]).into_owned()
+    };
+    let mut daemon = Daemon::start_notifying(
+        &policy.path,
+        &["--cgroup", cgroup.path.to_str().unwrap()],
+        &path,
+    );
+    assert!(next().lines().any(|line| line == "READY=1"));
+
+    daemon.signal(Signal::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.lines().any(|line| line == "RELOADING=1")
+            && reloading
+                .lines()
+                .any(|line| line.starts_with("MONOTONIC_USEC=")),
+        "{reloading}"
+    );
+    assert!(next().lines().any(|line| line == "READY=1"));
+    daemon.wait_for("the reload", |line| matches!(line, Line::Reloaded { .. }));
+
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    // The socket keeps what srcip sent before it exited.
+    assert!(next().lines().any(|line| line == "STOPPING=1"));
 }
