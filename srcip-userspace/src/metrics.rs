@@ -222,8 +222,6 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `metrics` on `address` until the runtime stops. Binds now, so that a busy or
-/// unusable address stops `srcip run` at start with a message.
 /// Connections served at once, at most: a Prometheus server needs one. Beyond it a new
 /// connection is closed at once, so that idle connections cannot take the daemon's file
 /// descriptors, which attribution (opening cgroups by id) needs too.
@@ -234,6 +232,8 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// After a failed accept (out of file descriptors), before the next: not a busy loop.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// Serves `metrics` on `address` until the runtime stops. Binds now, so that a busy or
+/// unusable address stops `srcip run` at start with a message.
 pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
