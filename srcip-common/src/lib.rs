@@ -31,9 +31,13 @@ pub mod names {
     pub const CGROUP_RMDIR_PROGRAM: &str = "srcip_cgroup_rmdir";
     /// Global bit mask of the cgroup levels present in `AUDITED_CGROUPS`.
     pub const AUDITED_CGROUP_LEVELS: &str = "AUDITED_CGROUP_LEVELS";
-    /// LPM tries of destination prefixes → `policy::Candidates`.
-    pub const V4_DESTINATIONS: &str = "V4_DESTINATIONS";
-    pub const V6_DESTINATIONS: &str = "V6_DESTINATIONS";
+    /// LPM tries of destination prefixes → `policy::Candidates`, one per family for the
+    /// policies of even generations and one for odd ones: a reload writes the pair not in
+    /// use.
+    pub const V4_DESTINATIONS_EVEN: &str = "V4_DESTINATIONS_EVEN";
+    pub const V4_DESTINATIONS_ODD: &str = "V4_DESTINATIONS_ODD";
+    pub const V6_DESTINATIONS_EVEN: &str = "V6_DESTINATIONS_EVEN";
+    pub const V6_DESTINATIONS_ODD: &str = "V6_DESTINATIONS_ODD";
     /// Array of `policy::KernelRule`, in two halves: a reload writes the half not in use.
     pub const RULES: &str = "RULES";
     /// One `policy::PolicyState`: what a reload changes besides the tables.

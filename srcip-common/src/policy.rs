@@ -1,18 +1,20 @@
 //! The policy compiled for the kernel, so that the kernel can let compliant connections (and
 //! unmatched ones the policy ignores) pass without a record and without waking user space.
 //!
-//! Layout: one LPM trie per family maps each destination prefix named in the policy to its
+//! Layout: an LPM trie per family maps each destination prefix named in the policy to its
 //! [`Candidates`], the ordered rules that could apply there (user space has already put the
 //! longest prefix first and, at one prefix, rules with ports before rules without). The
 //! first candidate whose protocol and ports include the connection decides. Rules are
 //! entries of the `RULES` array. Addresses use the record layout: 16 bytes, network order,
 //! IPv4 in the first 4.
 //!
-//! A reload changes the policy while programs run, and no connection may see half of it: the
-//! new rules go to the half of `RULES` the current policy does not use, then each trie entry
-//! is replaced (each one atomically, and each decision reads one entry, whose candidates all
-//! point into one half), then prefixes the new policy no longer has are deleted, and last
-//! [`PolicyState`] is written.
+//! A reload changes the policy while programs run, and no connection may see half of it,
+//! nor may a reload that fails half-way leave half of one: everything is written twice.
+//! A policy of an even [`PolicyState::generation`] lives in the even tries and the first
+//! half of `RULES`, one of an odd generation in the odd tries and the second half. A reload
+//! empties the pair not in use, writes the new policy there, and last writes
+//! [`PolicyState`] with the next generation, which is the one write that puts it in force.
+//! A reload that fails before that leaves the kernel wholly on the policy in force.
 //!
 //! Whatever does not fit these fixed sizes is never decided in the kernel: such a rule is
 //! marked `undecidable`, a prefix with too many candidates `truncated`, and the kernel then
@@ -137,7 +139,7 @@ const _: () = assert!(core::mem::size_of::<PinSource>() == 20);
 
 /// Rules (and prefixes per family) a policy map has room for when the policy had `count` at
 /// start: a reload may grow the policy by a quarter, or 256, before srcip must restart. The
-/// `RULES` array holds two halves of this size.
+/// `RULES` array holds two halves of this size, and each destination trie this many prefixes.
 pub const fn reload_room(count: usize) -> usize {
     count + count / 4 + 256
 }

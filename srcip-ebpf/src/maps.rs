@@ -25,10 +25,16 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 /// The compiled policy, see `srcip_common::policy`. User space sizes these at load to fit
 /// the policy; 1 is a placeholder.
 #[map]
-pub static V4_DESTINATIONS: LpmTrie<[u8; 4], Candidates> = LpmTrie::with_max_entries(1, 0);
+pub static V4_DESTINATIONS_EVEN: LpmTrie<[u8; 4], Candidates> = LpmTrie::with_max_entries(1, 0);
 
 #[map]
-pub static V6_DESTINATIONS: LpmTrie<[u8; 16], Candidates> = LpmTrie::with_max_entries(1, 0);
+pub static V4_DESTINATIONS_ODD: LpmTrie<[u8; 4], Candidates> = LpmTrie::with_max_entries(1, 0);
+
+#[map]
+pub static V6_DESTINATIONS_EVEN: LpmTrie<[u8; 16], Candidates> = LpmTrie::with_max_entries(1, 0);
+
+#[map]
+pub static V6_DESTINATIONS_ODD: LpmTrie<[u8; 16], Candidates> = LpmTrie::with_max_entries(1, 0);
 
 #[map]
 pub static RULES: Array<KernelRule> = Array::with_max_entries(1, 0);

@@ -23,7 +23,10 @@ use srcip_common::{
     record::{AF_INET, IPPROTO_TCP},
 };
 
-use crate::maps::{POLICY_STATE, RULES, V4_DESTINATIONS, V6_DESTINATIONS};
+use crate::maps::{
+    POLICY_STATE, RULES, V4_DESTINATIONS_EVEN, V4_DESTINATIONS_ODD, V6_DESTINATIONS_EVEN,
+    V6_DESTINATIONS_ODD,
+};
 
 /// Set by the loader; the verifier sees a constant.
 #[unsafe(no_mangle)]
@@ -156,10 +159,22 @@ pub extern "C" fn srcip_policy_rule(
     dst_low: u64,
 ) -> u64 {
     let dst = address_from_words(dst_high, dst_low);
+    // The tries of the policy in force (see `srcip_common::policy`).
+    let odd = state().generation % 2 != 0;
     let candidates = if family == u64::from(AF_INET) {
-        V4_DESTINATIONS.get(Key::new(32, [dst[0], dst[1], dst[2], dst[3]]))
+        let key = Key::new(32, [dst[0], dst[1], dst[2], dst[3]]);
+        if odd {
+            V4_DESTINATIONS_ODD.get(key)
+        } else {
+            V4_DESTINATIONS_EVEN.get(key)
+        }
     } else {
-        V6_DESTINATIONS.get(Key::new(128, dst))
+        let key = Key::new(128, dst);
+        if odd {
+            V6_DESTINATIONS_ODD.get(key)
+        } else {
+            V6_DESTINATIONS_EVEN.get(key)
+        }
     };
     let Some(candidates) = candidates else {
         return FOUND_NONE;

@@ -47,6 +47,8 @@ pub struct AuditSession {
     audited_ids: HashMap<MapData, u64, u8>,
     matcher: Matcher,
     policy: KernelPolicy,
+    /// Whether the policy in force pins or blocks UDP (its sendmsg programs are attached).
+    enforcing_udp: bool,
     report_all: bool,
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
@@ -110,6 +112,7 @@ impl AuditSession {
             audited_ids: maps.audited_cgroups,
             matcher,
             policy: maps.policy,
+            enforcing_udp: tables.enforcing_udp,
             report_all: settings.report_all,
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns,
@@ -382,7 +385,7 @@ impl AuditSession {
 
     /// Decides with `matcher` from the next connection on, in the kernel and here. Records
     /// the kernel made before are decided again with it when they are read. On error the
-    /// current policy stays, whole.
+    /// current policy stays, whole, and so do the programs attached for it.
     pub fn reload(&mut self, matcher: Matcher) -> anyhow::Result<()> {
         let tables = matcher.kernel_tables();
         // The sendmsg programs are in place before a policy that needs them, and go after
@@ -390,11 +393,21 @@ impl AuditSession {
         if tables.enforcing_udp {
             self.programs.enforce_datagrams(true)?;
         }
-        self.policy.replace(&tables)?;
-        if !tables.enforcing_udp {
-            self.programs.enforce_datagrams(false)?;
+        if let Err(error) = self.policy.replace(&tables) {
+            if let Err(detach) = self.programs.enforce_datagrams(self.enforcing_udp) {
+                warn!("{detach:#}");
+            }
+            return Err(error.into());
         }
         self.matcher = matcher;
+        self.enforcing_udp = tables.enforcing_udp;
+        // In force now: a failure to detach programs the new policy does not need is said,
+        // and they are detached at the next reload or stop.
+        if !tables.enforcing_udp
+            && let Err(error) = self.programs.enforce_datagrams(false)
+        {
+            warn!("{error:#}");
+        }
         Ok(())
     }
 }

@@ -262,8 +262,8 @@ impl KernelPrograms {
         let audit_daemon = u32::from(audit_self);
         let finds_mptcp_sockets = u32::from(features::finds_mptcp_sockets());
         let fold_window_ns = u64::try_from(fold_window.as_nanos()).unwrap_or(u64::MAX);
-        // Room for the policy and a reload that grows it by a quarter; the trie holds the old
-        // and the new prefixes while a reload replaces them, `RULES` two halves.
+        // Room for the policy and a reload that grows it by a quarter: a pair of tries and
+        // a half of `RULES` for each of the policy in force and the next one.
         let room = reload_room(policy.rules.len().max(policy.v4.len()).max(policy.v6.len()));
         let entries = |count: usize| u32::try_from(count).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
@@ -276,8 +276,10 @@ impl KernelPrograms {
             .map_max_entries(names::FOLDS, fold_entries.max(1))
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .override_global(names::EVENTS_WAKEUP_BYTES, &wakeup_bytes, true)
-            .map_max_entries(names::V4_DESTINATIONS, entries(2 * room))
-            .map_max_entries(names::V6_DESTINATIONS, entries(2 * room))
+            .map_max_entries(names::V4_DESTINATIONS_EVEN, entries(room))
+            .map_max_entries(names::V4_DESTINATIONS_ODD, entries(room))
+            .map_max_entries(names::V6_DESTINATIONS_EVEN, entries(room))
+            .map_max_entries(names::V6_DESTINATIONS_ODD, entries(room))
             .map_max_entries(names::RULES, entries(2 * room))
             .map_max_entries(names::PREDICTED_V4_SOURCES, entries(2 * room))
             .map_max_entries(names::PREDICTED_V6_SOURCES, entries(2 * room))
@@ -386,7 +388,8 @@ impl KernelPrograms {
         };
         std::fs::create_dir_all(&dir).map_err(|error| keep_error(error.to_string()))?;
         let mut kept = Vec::with_capacity(links.len());
-        for (name, link) in links {
+        let mut links = links.into_iter();
+        while let Some((name, link)) = links.next() {
             // The programs that pin and block are the sock_addr ones (connect4/6, sendmsg4/6).
             let AttachedLink::SockAddr(id) = link else {
                 kept.push((name, link));
@@ -401,7 +404,9 @@ impl KernelPrograms {
                     kept.push((name, AttachedLink::Kept(pinned)));
                 }
                 Err(reason) => {
-                    // A start that fails leaves nothing behind: what was pinned is removed.
+                    // A step that fails leaves nothing behind: what was pinned is removed,
+                    // and what was not yet is detached.
+                    kept.extend(links);
                     self.detach_links(kept, Kept::Remove);
                     return Err(keep_error(reason));
                 }
@@ -447,9 +452,17 @@ impl KernelPrograms {
         }
         let mut links = Vec::new();
         for spec in DATAGRAM_PROGRAMS {
-            let link = self.attach(spec)?;
-            info!("attached {} ({})", spec.name, spec.provides);
-            links.push((spec.name, link));
+            match self.attach(spec) {
+                Ok(link) => {
+                    info!("attached {} ({})", spec.name, spec.provides);
+                    links.push((spec.name, link));
+                }
+                // All or none: what was attached for this call is detached again.
+                Err(error) => {
+                    self.detach_links(links, Kept::Remove);
+                    return Err(error);
+                }
+            }
         }
         self.datagram_links = self.keep_enforcing(links)?;
         Ok(())

@@ -11,27 +11,38 @@
 //! ones (`/run/netns`). A namespace found in neither is reported as `null`.
 
 use std::{
-    collections::HashMap,
     fs::{self, File},
     io,
+    num::NonZeroUsize,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, SkStorage};
+use lru::LruCache;
 use nix::{
     sched::{CloneFlags, setns},
     sys::socket::{AddressFamily, SockFlag, SockType, socket},
 };
 use srcip_common::owner::UdpOwner;
 
+/// Namespaces remembered, each way: a host with more (containers come and go) forgets the
+/// least recently used, and probes it again should it come back.
+const REMEMBERED: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
+
+/// How long a namespace searched for and not found stays unknown before it is searched
+/// again: its process may have been too quick for the search, and be named at the next.
+const MISS_EXPIRY: Duration = Duration::from_secs(60);
+
 pub struct NetnsInodes {
     owners: SkStorage<MapData, UdpOwner>,
-    /// `None`: searched and not found. A cookie is never reused, so it is not searched again.
-    inode_by_cookie: HashMap<u64, Option<u64>>,
+    /// The inode of each cookie found, or when a search did not find it. A cookie is never
+    /// reused, so a found one is not searched again.
+    inode_by_cookie: LruCache<u64, Result<u64, Instant>>,
     /// The cookie each probed inode had. Inodes are reused once a namespace is gone, so a
     /// probed inode whose cookie differs from the one sought is probed again.
-    cookie_by_inode: HashMap<u64, u64>,
+    cookie_by_inode: LruCache<u64, u64>,
 }
 
 impl NetnsInodes {
@@ -39,21 +50,24 @@ impl NetnsInodes {
     pub fn new(owners: SkStorage<MapData, UdpOwner>) -> Self {
         Self {
             owners,
-            inode_by_cookie: HashMap::new(),
-            cookie_by_inode: HashMap::new(),
+            inode_by_cookie: LruCache::new(REMEMBERED),
+            cookie_by_inode: LruCache::new(REMEMBERED),
         }
     }
 
     /// The inode of the namespace with `cookie`; `pid` is the socket's owner.
     pub fn inode_of(&mut self, cookie: u64, pid: u32) -> Option<u64> {
-        if let Some(known) = self.inode_by_cookie.get(&cookie) {
-            return *known;
+        match self.inode_by_cookie.get(&cookie) {
+            Some(Ok(inode)) => return Some(*inode),
+            Some(Err(searched)) if searched.elapsed() < MISS_EXPIRY => return None,
+            _ => {}
         }
         let owners = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let found = std::iter::once(owners)
             .chain(dir_entries("/run/netns"))
             .find_map(|candidate| self.probe(&candidate, cookie));
-        self.inode_by_cookie.insert(cookie, found);
+        self.inode_by_cookie
+            .put(cookie, found.ok_or_else(Instant::now));
         found
     }
 
@@ -64,8 +78,8 @@ impl NetnsInodes {
             return Some(*cookie);
         }
         let cookie = cookie_of(&self.owners, path).ok()?;
-        self.cookie_by_inode.insert(inode, cookie);
-        self.inode_by_cookie.insert(cookie, Some(inode));
+        self.cookie_by_inode.put(inode, cookie);
+        self.inode_by_cookie.put(cookie, Ok(inode));
         Some(cookie)
     }
 
@@ -79,8 +93,8 @@ impl NetnsInodes {
         let inode = fs::metadata(path).ok()?.ino();
         if self.cookie_by_inode.get(&inode) != Some(&wanted) {
             let cookie = cookie_of(&self.owners, path).ok()?;
-            self.cookie_by_inode.insert(inode, cookie);
-            self.inode_by_cookie.insert(cookie, Some(inode));
+            self.cookie_by_inode.put(inode, cookie);
+            self.inode_by_cookie.put(cookie, Ok(inode));
         }
         (self.cookie_by_inode.get(&inode) == Some(&wanted)).then_some(inode)
     }

@@ -5,7 +5,7 @@
 use std::{collections::HashSet, net::IpAddr};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use srcip_common::{
     names,
     policy::{Candidates, KernelRule, PinSource, PolicyState, PredictedSource},
@@ -26,48 +26,113 @@ pub struct TooLarge {
 }
 
 pub struct KernelPolicy {
-    v4: LpmTrie<MapData, [u8; 4], Candidates>,
-    v6: LpmTrie<MapData, [u8; 16], Candidates>,
+    /// The tries of even generations' policies, then odd ones'.
+    v4: [Trie<4>; 2],
+    v6: [Trie<16>; 2],
     rules: Array<MapData, KernelRule>,
     state: Array<MapData, PolicyState>,
-    /// Rules (and prefixes per family) that fit: half of `RULES`.
+    /// Rules (and prefixes per family) that fit: half of `RULES`, one trie.
     room: usize,
+    /// The generation in force.
     generation: u32,
-    /// The prefixes written, so that a reload deletes those the new policy does not have.
-    v4_written: HashSet<Ipv4Net>,
-    v6_written: HashSet<Ipv6Net>,
+    /// `SRCIP_TEST_FAIL_RELOAD_AT`: the trie write of the next reload that fails, counted
+    /// from 1; once.
+    injected_failure: Option<usize>,
+}
+
+/// One destination trie, and the prefixes written into it, which emptying it deletes.
+struct Trie<const N: usize> {
+    name: &'static str,
+    map: LpmTrie<MapData, [u8; N], Candidates>,
+    written: HashSet<(u32, [u8; N])>,
+}
+
+impl<const N: usize> Trie<N> {
+    fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<Self, LoadError> {
+        Ok(Self {
+            name,
+            map: take(ebpf, name)?,
+            written: HashSet::new(),
+        })
+    }
+
+    /// Deletes every prefix written, as far as it gets: what stays is still listed.
+    fn empty(&mut self) -> Result<(), WriteError> {
+        for (length, network) in std::mem::take(&mut self.written) {
+            match self.map.remove(&Key::new(length, network)) {
+                Ok(()) => {}
+                // Already gone: the kernel and this list agree again.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => {
+                    self.written.insert((length, network));
+                    return Err(WriteError::Map {
+                        name: self.name,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &mut self,
+        length: u8,
+        network: [u8; N],
+        candidates: Candidates,
+    ) -> Result<(), WriteError> {
+        let length = u32::from(length);
+        self.map
+            .insert(&Key::new(length, network), candidates, 0)
+            .map_err(map_error(self.name))?;
+        self.written.insert((length, network));
+        Ok(())
+    }
 }
 
 impl KernelPolicy {
-    /// Takes the policy maps, sized for `room` rules per half, and writes `tables` as
-    /// generation 0.
+    /// Takes the policy maps, sized for `room` rules and prefixes per generation, and writes
+    /// `tables` as generation 0.
     pub fn new(
         ebpf: &mut aya::Ebpf,
         room: usize,
         tables: &KernelTables,
     ) -> Result<Self, LoadError> {
+        let injected_failure = std::env::var("SRCIP_TEST_FAIL_RELOAD_AT")
+            .ok()
+            .and_then(|at| at.parse().ok());
         let mut policy = Self {
-            v4: take(ebpf, names::V4_DESTINATIONS)?,
-            v6: take(ebpf, names::V6_DESTINATIONS)?,
+            v4: [
+                Trie::take(ebpf, names::V4_DESTINATIONS_EVEN)?,
+                Trie::take(ebpf, names::V4_DESTINATIONS_ODD)?,
+            ],
+            v6: [
+                Trie::take(ebpf, names::V6_DESTINATIONS_EVEN)?,
+                Trie::take(ebpf, names::V6_DESTINATIONS_ODD)?,
+            ],
             rules: take(ebpf, names::RULES)?,
             state: take(ebpf, names::POLICY_STATE)?,
             room,
             generation: 0,
-            v4_written: HashSet::new(),
-            v6_written: HashSet::new(),
+            injected_failure: None,
         };
         policy.write(tables, 0).map_err(|error| match error {
             WriteError::TooLarge(_) => unreachable!("the maps were sized for this policy"),
             WriteError::Map { name, source } => LoadError::Map { name, source },
+            WriteError::Injected => unreachable!("no failure is injected at start"),
         })?;
+        policy.injected_failure = injected_failure;
         Ok(policy)
     }
 
-    /// Replaces the policy: the next decision of every connection uses `tables`.
+    /// Replaces the policy: the next decision of every connection uses `tables`. On error
+    /// the policy in force stays, whole, in the kernel.
     pub fn replace(&mut self, tables: &KernelTables) -> Result<(), WriteError> {
         self.write(tables, self.generation.wrapping_add(1))
     }
 
+    /// Writes `tables` where the policy of `generation` lives (see `srcip_common::policy`),
+    /// and puts it in force with its last write.
     fn write(&mut self, tables: &KernelTables, generation: u32) -> Result<(), WriteError> {
         let prefixes = tables.v4.len().max(tables.v6.len());
         if tables.rules.len() > self.room || prefixes > self.room {
@@ -77,8 +142,8 @@ impl KernelPolicy {
                 room: self.room,
             }));
         }
-        // The half the current policy does not use.
-        let offset = (generation % 2) * self.room as u32;
+        let parity = (generation % 2) as usize;
+        let offset = parity as u32 * self.room as u32;
         for (index, rule) in tables.rules.iter().enumerate() {
             self.rules
                 .set(offset + index as u32, rule, 0)
@@ -91,36 +156,34 @@ impl KernelPolicy {
             }
             shifted
         };
-        let mut v4_new = HashSet::new();
+        let (v4, v6) = (&mut self.v4[parity], &mut self.v6[parity]);
+        v4.empty()?;
+        v6.empty()?;
+        let mut writes = 0;
+        let mut count_write = || {
+            writes += 1;
+            if self.injected_failure == Some(writes) {
+                self.injected_failure = None;
+                return Err(WriteError::Injected);
+            }
+            Ok(())
+        };
         for (net, candidates) in &tables.v4 {
-            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            self.v4
-                .insert(&key, shifted(candidates), 0)
-                .map_err(map_error(names::V4_DESTINATIONS))?;
-            v4_new.insert(*net);
+            count_write()?;
+            v4.insert(
+                net.prefix_len(),
+                net.network().octets(),
+                shifted(candidates),
+            )?;
         }
-        let mut v6_new = HashSet::new();
         for (net, candidates) in &tables.v6 {
-            let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-            self.v6
-                .insert(&key, shifted(candidates), 0)
-                .map_err(map_error(names::V6_DESTINATIONS))?;
-            v6_new.insert(*net);
+            count_write()?;
+            v6.insert(
+                net.prefix_len(),
+                net.network().octets(),
+                shifted(candidates),
+            )?;
         }
-        for gone in self.v4_written.difference(&v4_new) {
-            let key = Key::new(u32::from(gone.prefix_len()), gone.network().octets());
-            self.v4
-                .remove(&key)
-                .map_err(map_error(names::V4_DESTINATIONS))?;
-        }
-        for gone in self.v6_written.difference(&v6_new) {
-            let key = Key::new(u32::from(gone.prefix_len()), gone.network().octets());
-            self.v6
-                .remove(&key)
-                .map_err(map_error(names::V6_DESTINATIONS))?;
-        }
-        self.v4_written = v4_new;
-        self.v6_written = v6_new;
         let state = PolicyState {
             report_unmatched: u32::from(tables.report_unmatched),
             generation,
@@ -143,6 +206,9 @@ pub enum WriteError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    /// What a failing kernel write does to a reload, for the tests: `SRCIP_TEST_FAIL_RELOAD_AT`.
+    #[error("writing the kernel's destination tables failed (SRCIP_TEST_FAIL_RELOAD_AT)")]
+    Injected,
 }
 
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {

@@ -1,6 +1,7 @@
 //! A running `srcip run`, read line by line; killed and reaped on drop.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -57,8 +58,10 @@ impl Daemon {
         Self::start_with(command, policy, args)
     }
 
-    /// `command` runs srcip (nsenter execs it, so the child is srcip itself).
-    fn start_with(command: Command, policy: &Path, args: &[&str]) -> Self {
+    /// As [`Daemon::start`], with `command` running srcip: srcip itself, or a program that
+    /// execs it with the arguments that follow (nsenter, prlimit, unshare), so that the child
+    /// is srcip itself. srcip's arguments are added to `command`'s.
+    pub fn start_with(command: Command, policy: &Path, args: &[&str]) -> Self {
         let mut daemon = Self::spawn_with(command, policy, args);
         daemon.wait_started();
         daemon
@@ -74,11 +77,16 @@ impl Daemon {
         Self::start_with(command, policy, args)
     }
 
-    /// As [`Daemon::start`], under a service manager listening on the datagram socket
-    /// `notify_socket` (`NOTIFY_SOCKET`, as systemd sets it for a `Type=notify` unit).
-    pub fn start_notifying(policy: &Path, args: &[&str], notify_socket: &Path) -> Self {
+    /// As [`Daemon::start`], with `environment` added to srcip's: `NOTIFY_SOCKET` for a
+    /// service manager listening (as systemd sets it for a `Type=notify` unit), a
+    /// `SRCIP_TEST_*` fault to inject.
+    pub fn start_with_environment(
+        policy: &Path,
+        args: &[&str],
+        environment: &[(&str, &OsStr)],
+    ) -> Self {
         let mut command = Command::new(srcip_bin());
-        command.env("NOTIFY_SOCKET", notify_socket);
+        command.envs(environment.iter().copied());
         Self::start_with(command, policy, args)
     }
 

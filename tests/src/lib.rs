@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod daemon;
 pub mod dns;
 pub mod nats;
+pub mod prometheus;
 pub mod rsyslog;
 pub mod webhook;
 

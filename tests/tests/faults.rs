@@ -1,5 +1,6 @@
 //! Faults an operator's worst day brings, and what srcip does through them: a reload asked
-//! for while srcip is still starting, and a reader of its alerts that goes away.
+//! for while srcip is still starting, a reader of its alerts that goes away, the service
+//! manager's notifications, and a full disk under a sink's spool.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -122,10 +123,10 @@ fn systemd_hears_ready_reloading_and_stopping() {
             .expect("a message to the service manager");
         String::from_utf8_lossy(&message[..length]).into_owned()
     };
-    let mut daemon = Daemon::start_notifying(
+    let mut daemon = Daemon::start_with_environment(
         &policy.path,
         &["--cgroup", cgroup.path.to_str().unwrap()],
-        &path,
+        &[("NOTIFY_SOCKET", path.as_os_str())],
     );
     assert!(next().lines().any(|line| line == "READY=1"));
 
@@ -145,4 +146,168 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert!(status.success());
     // The socket keeps what srcip sent before it exited.
     assert!(next().lines().any(|line| line == "STOPPING=1"));
+}
+
+/// CPU time (user and system) process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// A network sink's spool on a full disk (a 1 MiB tmpfs, in a mount namespace of the
+/// daemon's own, so that nothing is left mounted whatever happens to the test), with its
+/// receiver down: srcip keeps running without spinning, says how many alerts the sink lost,
+/// and once the receiver is back delivers exactly what its spool took, each alert once.
+#[test]
+fn a_spool_on_a_full_disk_counts_what_it_drops_delivers_the_rest_once_and_does_not_spin() {
+    use srcip_tests::{
+        DELIVERY_TIMEOUT, connect_many, make_violation,
+        prometheus::{scrape, value},
+        webhook::{TestCertificates, WebhookReceiver},
+    };
+
+    let receiver_port = srcip_tests::free_port();
+    let metrics_port = srcip_tests::free_port();
+    let certificates = TestCertificates::new();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let folder = tempfile::tempdir().unwrap();
+    let spool = folder.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let url = format!("https://127.0.0.1:{receiver_port}");
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=1m srcip-test-spool "$0" && exec "$@""#)
+        .arg(&spool)
+        .arg(srcip_bin());
+    let args = [
+        "--sink",
+        &url,
+        "--sink-ca",
+        certificates.ca.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--metrics",
+        &metrics,
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+        "--all",
+    ];
+    let mut daemon = Daemon::start_with(command, &policy.path, &args);
+    let pid = daemon.pid();
+
+    // A connect line per connection, each a few hundred bytes, until the disk is full.
+    let lost_for_the_sink = |daemon: &Daemon| -> u64 {
+        daemon
+            .seen
+            .iter()
+            .filter_map(|line| match line {
+                Line::Lost {
+                    sink: Some(sink),
+                    count,
+                    ..
+                } if sink.starts_with(&url) => Some(*count),
+                _ => None,
+            })
+            .sum()
+    };
+    let mut connections = Vec::new();
+    while lost_for_the_sink(&daemon) == 0 {
+        assert!(
+            connections.len() < 20_000,
+            "a 1 MiB spool took {} connect lines without losing one",
+            connections.len()
+        );
+        let made = connect_many(&topology.host, &cgroup.path, None, PARTNER_V4, 443, 500);
+        for client in &made {
+            daemon.wait_for("the connect line", |line| {
+                line.connect()
+                    .is_some_and(|connection| connection.src_port == client.src_port)
+            });
+        }
+        connections.extend(made);
+        // The `lost` line comes with the next delivery after the loss.
+        make_violation(&mut daemon, &topology, &cgroup.path);
+    }
+
+    // Full disk, receiver down: retries wait, nothing spins.
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let spent = cpu_time(pid) - before;
+    assert!(
+        spent < Duration::from_secs(1),
+        "srcip used {spent:?} of CPU in 5 s with a full spool"
+    );
+
+    let receiver = WebhookReceiver::start(receiver_port, &certificates);
+    let sink_name = |scrape: &prometheus_parse::Scrape| {
+        scrape
+            .samples
+            .iter()
+            .find_map(|sample| {
+                sample
+                    .labels
+                    .get("sink")
+                    .filter(|sink| sink.starts_with(&url))
+            })
+            .map(str::to_owned)
+            .expect("the webhook sink in the metrics")
+    };
+    // The sink retries at most 30 s apart.
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    let spooled = loop {
+        let (_, scrape) = scrape(None, metrics_port);
+        let sink = sink_name(&scrape);
+        let labels = [("sink", sink.as_str())];
+        if value(&scrape, "srcip_sink_backlog", &labels) == 0.0 {
+            break value(&scrape, "srcip_sink_spooled_total", &labels) as usize;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool did not drain: {:#?}\n{}",
+            scrape.samples,
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let alerts_of = |posts: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        posts
+            .iter()
+            .flat_map(|post| post["alerts"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let alerts = alerts_of(&receiver.wait_for(|posts| alerts_of(posts).len() >= spooled));
+    assert_eq!(alerts.len(), spooled, "each spooled alert arrives once");
+    // Every connection's line arrived or was counted lost.
+    let arrived = connections
+        .iter()
+        .filter(|client| {
+            alerts.iter().any(|alert| {
+                alert["type"] == "connect" && alert["src_port"] == u64::from(client.src_port)
+            })
+        })
+        .count() as u64;
+    assert!(
+        arrived + lost_for_the_sink(&daemon) >= connections.len() as u64,
+        "{arrived} connect lines arrived and {} were counted lost of {}",
+        lost_for_the_sink(&daemon),
+        connections.len()
+    );
+    assert!(arrived > 0, "none of the spooled connect lines arrived");
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
 }

@@ -8,73 +8,10 @@ use std::{
 };
 
 use srcip_tests::{
-    ALLOWED_V4, Daemon, LINE_TIMEOUT, Netns, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup,
-    Topology, connect, free_port, make_violation,
+    ALLOWED_V4, Daemon, LINE_TIMEOUT, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology,
+    connect, free_port, make_violation,
+    prometheus::{scrape, try_value, value},
 };
-
-/// `GET /metrics` on the loopback of `netns`, where the daemon runs: the content type and
-/// the parsed samples.
-fn scrape(netns: &Netns, port: u16) -> (String, prometheus_parse::Scrape) {
-    let namespace = std::fs::File::open(format!("/run/netns/{}", netns.name)).unwrap();
-    // setns moves only the calling thread: a thread of its own enters the namespace.
-    let mut stream = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("entering the daemon's namespace");
-                TcpStream::connect(("127.0.0.1", port)).expect("connecting to /metrics")
-            })
-            .join()
-            .unwrap()
-    });
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: srcip\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    let content_type = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-type: "))
-        .unwrap_or_default()
-        .to_owned();
-    let lines = body.lines().map(|line| Ok(line.to_owned()));
-    (
-        content_type,
-        prometheus_parse::Scrape::parse(lines).expect("Prometheus text"),
-    )
-}
-
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    try_value(scrape, name, labels)
-        .unwrap_or_else(|| panic!("no {name} {labels:?} in {:#?}", scrape.samples))
-}
-
-fn try_value(
-    scrape: &prometheus_parse::Scrape,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .find(|sample| {
-            sample.metric == name
-                && labels
-                    .iter()
-                    .all(|(key, value)| sample.labels.get(key) == Some(value))
-        })
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Counter(value)
-            | prometheus_parse::Value::Gauge(value)
-            | prometheus_parse::Value::Untyped(value) => value,
-            _ => f64::NAN,
-        })
-}
 
 #[test]
 fn metrics_count_what_was_observed_decided_and_delivered() {
@@ -107,7 +44,7 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
     // The kernel's counters are read once a second.
     let deadline = Instant::now() + LINE_TIMEOUT;
     let scrape = loop {
-        let (content_type, scrape) = scrape(&topology.host, port);
+        let (content_type, scrape) = scrape(Some(&topology.host), port);
         assert!(
             content_type.starts_with("application/openmetrics-text"),
             "{content_type}"

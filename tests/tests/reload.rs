@@ -4,7 +4,7 @@
 
 use srcip_tests::{
     ALLOWED_V4, Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup,
-    Topology, connect, connect_line,
+    Topology, attempt_connect, connect, connect_line,
 };
 
 /// The partner changed its mind: now only .11 is allowed.
@@ -137,4 +137,135 @@ fn compliant_traffic_stays_decided_in_the_kernel_after_a_reload() {
         "the kernel decided them with the new tables"
     );
     assert_eq!(lines.iter().filter_map(Line::violation).count(), 1);
+}
+
+/// The partner now takes .11 as well on 443, and refuses all but .11 on 8443 (which no other
+/// test here uses: srcip audits the whole host in the test below). Its tables take three
+/// writes: two IPv4 destinations and one IPv6.
+const WIDER_POLICY_THAT_BLOCKS: &str = r#"
+[[rule]]
+name = "partner"
+destinations = ["198.51.100.50", "2001:db8:50::/64"]
+ports = [443]
+protocol = "tcp"
+allowed_sources = ["203.0.113.10", "203.0.113.11", "2001:db8::10"]
+
+[[rule]]
+name = "partner-8443"
+destinations = ["198.51.100.50", "198.51.100.51"]
+ports = [8443]
+allowed_sources = ["203.0.113.11"]
+action = "block"
+"#;
+
+/// srcip's bpf links, each a program it attached.
+fn links_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter(|entry| {
+            let target = std::fs::read_link(entry.as_ref().unwrap().path()).unwrap_or_default();
+            target.as_os_str() == "anon_inode:bpf_link"
+        })
+        .count()
+}
+
+/// A reload whose kernel write fails half-way (`SRCIP_TEST_FAIL_RELOAD_AT`: the second trie
+/// write of the first reload fails, as an allocation the kernel refuses would) leaves the old
+/// policy deciding, whole, in the kernel and in srcip, and detaches the sendmsg programs it
+/// attached for the new one; the next reload puts the new policy in force.
+#[test]
+fn a_reload_that_fails_half_way_leaves_the_old_policy_whole_and_nothing_attached() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    // The whole host: a scoped audit keeps the sendmsg programs attached anyway. Every
+    // violation written: the two blocked connections below are one flow.
+    let mut daemon = Daemon::start_with_environment(
+        &policy.path,
+        &["--fold-window", "0"],
+        &[("SRCIP_TEST_FAIL_RELOAD_AT", "2".as_ref())],
+    );
+    let links_at_start = links_of(daemon.pid());
+
+    replace(&policy, WIDER_POLICY_THAT_BLOCKS);
+    let line = daemon.wait_for("policy_error", |line| {
+        matches!(line, Line::PolicyError { .. })
+    });
+    let Line::PolicyError { errors, .. } = line else {
+        unreachable!()
+    };
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.contains("SRCIP_TEST_FAIL_RELOAD_AT")),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        links_of(daemon.pid()),
+        links_at_start,
+        "the sendmsg programs attached for the new policy are detached again"
+    );
+    // The old policy decides: .11 to 443 is a violation of it, and 8443 has no rule.
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == client.src_port)
+    });
+    assert_eq!(line.violation().unwrap().rule.as_deref(), Some("partner"));
+    let unblocked = attempt_connect(
+        &topology.host,
+        &cgroup.path,
+        Some(ALLOWED_V4),
+        PARTNER_V4,
+        8443,
+    );
+    assert_ne!(unblocked.error.as_deref(), Some("EPERM"));
+
+    // Asked again, it goes in whole.
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for("reloaded", |line| matches!(line, Line::Reloaded { .. }));
+    assert_eq!(links_of(daemon.pid()), links_at_start + 2);
+    let blocked = attempt_connect(
+        &topology.host,
+        &cgroup.path,
+        Some(ALLOWED_V4),
+        PARTNER_V4,
+        8443,
+    );
+    assert_eq!(blocked.error.as_deref(), Some("EPERM"));
+    // .11 to 443 is compliant now: the next violation is the one made after it.
+    let compliant = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let marker = attempt_connect(
+        &topology.host,
+        &cgroup.path,
+        Some(ALLOWED_V4),
+        PARTNER_V4,
+        8443,
+    );
+    daemon.wait_for("the blocked connection's violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.pid == marker.pid)
+    });
+    assert!(
+        !daemon
+            .seen
+            .iter()
+            .filter_map(Line::violation)
+            .any(|violation| violation.src_port == compliant.src_port),
+        "a compliant connection was reported"
+    );
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
 }

@@ -151,11 +151,10 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
         ));
     }
     if let Some(vng_dir) = vm_tools {
-        let binaries = matrix::integration_test_binaries()?;
+        let binaries = matrix::kernel_test_binaries()?;
         let expected = matrix::test_count(&binaries, filter)?;
         for kernel in &kernels {
-            let tally =
-                matrix::run_in_vm(&vng_dir, kernel, &binaries, &srcip, &deb, filter, expected)?;
+            let tally = matrix::run_in_vm(&vng_dir, kernel, &binaries, &srcip, filter, expected)?;
             totals.push((
                 format!("kernel {} {}", kernel.series, kernel.release),
                 tally,

@@ -28,8 +28,29 @@ use crate::{
 /// reaches is well above both.
 const VM_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
+/// Integration tests that do not depend on the kernel (command-line parsing and errors, the
+/// package's contents and install): they run once, on the host, not in every VM.
+const HOST_ONLY: &[&str] = &["cli", "package"];
+
+/// The integration-test executables of the `srcip-tests` package that depend on the kernel,
+/// built (release) if needed.
+pub fn kernel_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
+    let binaries = integration_test_binaries()?;
+    Ok(binaries
+        .into_iter()
+        .filter(|binary| {
+            // Cargo names each `NAME-HASH`.
+            let name = binary.file_name().and_then(|name| name.to_str());
+            let test = name
+                .and_then(|name| name.rsplit_once('-'))
+                .map(|(test, _)| test);
+            !test.is_some_and(|test| HOST_ONLY.contains(&test))
+        })
+        .collect())
+}
+
 /// The integration-test executables of the `srcip-tests` package, built (release) if needed.
-pub fn integration_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
+fn integration_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     step("building the integration tests");
     let output = Command::new(cargo())
         .current_dir(workspace_root())
@@ -110,7 +131,6 @@ pub fn run_in_vm(
     kernel: &Kernel,
     binaries: &[PathBuf],
     srcip: &Path,
-    deb: &Path,
     filter: Option<&str>,
     expected: u64,
 ) -> anyhow::Result<Tally> {
@@ -121,7 +141,7 @@ pub fn run_in_vm(
     let nats_server = crate::setup::nats_server()?;
     fs::write(
         &script,
-        guest_script(&run_dir, binaries, srcip, deb, &nats_server, filter),
+        guest_script(&run_dir, binaries, srcip, &nats_server, filter),
     )?;
     let log = run_dir.join("guest.log");
     fs::write(&log, "")?;
@@ -227,7 +247,6 @@ fn guest_script(
     run_dir: &Path,
     binaries: &[PathBuf],
     srcip: &Path,
-    deb: &Path,
     nats_server: &Path,
     filter: Option<&str>,
 ) -> String {
@@ -238,13 +257,11 @@ fn guest_script(
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          export SRCIP_BIN='{srcip}'\n\
          export SRCIP_NATS_SERVER='{nats}'\n\
-         export SRCIP_DEB='{deb}'\n\
          cd '{tests}'\n\
          exec >>'{log}' 2>&1\n\
          echo \"kernel $(uname -r)\"\n",
         srcip = srcip.display(),
         nats = nats_server.display(),
-        deb = deb.display(),
         tests = workspace_root().join("tests").display(),
         log = log.display(),
     );

@@ -169,6 +169,11 @@ pub(super) struct SinkCounters {
     /// Alerts the sink could not take (its queue was full) or write, and no `lost` line has
     /// reported yet.
     unreported_lost: Arc<AtomicU64>,
+    /// Losses this sink's own `lost` lines said, which it could not write either (its spool
+    /// refused them): its next `lost` line says them again. The other sinks heard of them
+    /// once; a new announcement each time would be a line to every sink at every delivery
+    /// for as long as the spool refuses.
+    unsaid_own_losses: Arc<AtomicU64>,
     /// The sink's metrics.
     delivered: Counter,
     failed: Counter,
@@ -192,6 +197,7 @@ impl SinkCounters {
         };
         Self {
             unreported_lost: Arc::default(),
+            unsaid_own_losses: Arc::default(),
             delivered: metrics.sink_delivered.get_or_create(&labels).clone(),
             failed: metrics.sink_failed.get_or_create(&labels).clone(),
             spooled: metrics.sink_spooled.get_or_create(&labels).clone(),
@@ -222,6 +228,26 @@ impl SinkCounters {
     pub(super) fn not_written(&self, count: usize) {
         self.backlog.dec_by(count as i64);
         self.lost(count);
+    }
+
+    /// Queued `alerts` that could not be written, for good: its own `lost` lines' counts
+    /// wait for the next (see `unsaid_own_losses`), the others are lost.
+    pub(super) fn not_spooled(&self, alerts: &[SharedAlert]) {
+        self.backlog.dec_by(alerts.len() as i64);
+        self.failed.inc_by(alerts.len() as u64);
+        let mut lost = 0;
+        for alert in alerts {
+            match &alert.body {
+                AlertBody::Lost {
+                    count,
+                    sink: Some(sink),
+                } if **sink == *self.name => {
+                    self.unsaid_own_losses.fetch_add(*count, Ordering::Relaxed);
+                }
+                _ => lost += 1,
+            }
+        }
+        self.unreported_lost.fetch_add(lost, Ordering::Relaxed);
     }
 
     /// `count` alerts the receiver refused for good (`error`, its answer) went to the
@@ -343,7 +369,8 @@ impl Delivery {
         for named in 0..self.sinks.len() {
             let sink = &mut self.sinks[named];
             let newly_lost = sink.counters.unreported_lost.swap(0, Ordering::Relaxed);
-            sink.lost_unsaid += newly_lost;
+            sink.lost_unsaid +=
+                newly_lost + sink.counters.unsaid_own_losses.swap(0, Ordering::Relaxed);
             sink.say_lost();
             if newly_lost == 0 {
                 continue;
@@ -475,7 +502,7 @@ mod tests {
             folder: folder.path().to_owned(),
             max_bytes: 1 << 20,
         };
-        let spool = settings
+        let mut spool = settings
             .open_renaming("https://hooks.example.net:443#12345678", url)
             .unwrap();
         assert_eq!(spool.oldest(10).unwrap().0, [b"waiting".to_vec()]);

@@ -14,10 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::SharedAlert;
 use super::{SinkCounters, sink::BATCH_ALERTS};
@@ -86,6 +85,9 @@ pub(super) fn forward(
     let mut backoff = new_backoff();
     let mut next_attempt = Instant::now();
     let mut failing = false;
+    // Said once when the spool stops taking alerts (a full disk), and once when it takes
+    // them again: each batch it refuses meanwhile is counted, not logged.
+    let mut spool_failing = false;
     loop {
         // Take in what arrived; wait for more only until the next attempt is due.
         let arrived = if spool.is_empty() {
@@ -101,6 +103,10 @@ pub(super) fn forward(
                 let rendered: Vec<Vec<u8>> = batch.iter().map(|alert| render(alert)).collect();
                 match spool.append(&rendered) {
                     Ok(evicted) => {
+                        if spool_failing {
+                            info!("the spool of {name} takes alerts again");
+                            spool_failing = false;
+                        }
                         counters.spooled(rendered.len());
                         if evicted > 0 {
                             warn!(
@@ -110,8 +116,13 @@ pub(super) fn forward(
                         }
                     }
                     Err(error) => {
-                        warn!("cannot spool alerts for {name}: {error}");
-                        counters.not_written(rendered.len());
+                        if !spool_failing {
+                            warn!(
+                                "cannot spool alerts for {name}: {error}; they are counted as lost until it can"
+                            );
+                            spool_failing = true;
+                        }
+                        counters.not_spooled(&batch);
                     }
                 }
             }
@@ -172,8 +183,12 @@ fn send_oldest(
     }
     match send(&messages) {
         Ok(()) => {
-            spool.remove_through(last).map_err(io::Error::other)?;
             counters.written(messages.len());
+            // Not removed (a full disk): they are not sent again all the same, and go with
+            // the next write that commits.
+            if let Err(error) = spool.remove_through(last, messages.len() as u64) {
+                debug!("the alerts sent stay in the spool for now: {error}");
+            }
             Ok(())
         }
         Err(SendError::Retry(error)) => Err(error),
@@ -194,8 +209,15 @@ fn send_oldest(
 }
 
 pub struct Spool {
-    db: Database,
+    /// `None` after an I/O error: redb then refuses every transaction ("Previous I/O error
+    /// occurred") until the file is opened again, which recovers its last committed state.
+    /// A full disk is such an error: the spool is opened again at its next use.
+    db: Option<Database>,
     path: PathBuf,
+    /// Entries the receiver took whose removal did not commit (a full disk): the key of the
+    /// last of them, and how many they are. They are not sent again, and go with the next
+    /// write that commits. Kept in memory only: after a restart they are sent again.
+    sent: Option<(u64, u64)>,
     /// The key of the next entry.
     next: u64,
     entries: u64,
@@ -204,8 +226,6 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Opens (or creates) the spool of `sink` in `folder`, and counts what a previous run
-    /// left in it.
     /// The file of sink `sink`'s spool in `folder`.
     pub fn path_of(folder: &Path, sink: &str) -> PathBuf {
         let name: String = sink
@@ -221,60 +241,114 @@ impl Spool {
         folder.join(format!("{name}.redb"))
     }
 
+    /// Opens (or creates) the spool of `sink` in `folder`, and counts what a previous run
+    /// left in it.
     pub fn open(folder: &Path, sink: &str, max_bytes: u64) -> anyhow::Result<Self> {
         let path = Self::path_of(folder, sink);
-        let db = Database::create(&path).with_context(|| {
-            format!(
-                "cannot open the spool {} of sink {sink} (is another srcip run using this --spool?)",
-                path.display()
-            )
-        })?;
         let mut spool = Self {
-            db,
+            db: None,
             path,
+            sent: None,
             next: 0,
             entries: 0,
             bytes: 0,
             max_bytes,
         };
-        // A write transaction, though it only counts: it creates the table in a new spool,
-        // so that readers later find it.
-        let write = spool.db.begin_write()?;
-        {
-            let table = write.open_table(ALERTS)?;
-            for entry in table.iter()? {
-                let (key, value) = entry?;
-                spool.next = key.value() + 1;
-                spool.entries += 1;
-                spool.bytes += value.value().len() as u64;
-            }
+        if let Err(error) = spool.db() {
+            return Err(anyhow::Error::from(error).context(format!(
+                "cannot open the spool {} of sink {sink} (is another srcip run using this --spool?)",
+                spool.path.display()
+            )));
         }
-        write.commit()?;
         Ok(spool)
+    }
+
+    /// The database, opened (again) if it is not, with what it holds counted.
+    fn db(&mut self) -> Result<&Database, redb::Error> {
+        let db = match self.db.take() {
+            Some(db) => db,
+            None => {
+                let db = Database::create(&self.path)?;
+                // A write transaction, though it only counts: it creates the table in a
+                // new spool, so that readers later find it.
+                let (mut next, mut entries, mut bytes) = (0, 0, 0);
+                let write = db.begin_write()?;
+                {
+                    let table = write.open_table(ALERTS)?;
+                    for entry in table.iter()? {
+                        let (key, value) = entry?;
+                        next = key.value() + 1;
+                        entries += 1;
+                        bytes += value.value().len() as u64;
+                    }
+                }
+                write.commit()?;
+                (self.next, self.entries, self.bytes) = (next, entries, bytes);
+                db
+            }
+        };
+        Ok(self.db.insert(db))
+    }
+
+    /// `result`, closing the database when it is an I/O error (see `db`).
+    fn closing_after_io_error<T>(
+        &mut self,
+        result: Result<T, redb::Error>,
+    ) -> Result<T, redb::Error> {
+        if let Err(redb::Error::Io(_) | redb::Error::PreviousIo) = &result {
+            self.db = None;
+        }
+        result
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Entries still to send.
     pub fn len(&self) -> u64 {
-        self.entries
+        self.entries - self.sent.map_or(0, |(_, count)| count)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries == 0
+        self.len() == 0
+    }
+
+    /// The first key still to send.
+    fn first_unsent(&self) -> u64 {
+        self.sent.map_or(0, |(last, _)| last + 1)
+    }
+
+    /// Removes, in `table` of a write transaction, the entries sent whose removal has not
+    /// committed yet; returns the entries and bytes the store then holds.
+    fn remove_sent(&self, table: &mut redb::Table<u64, &[u8]>) -> Result<(u64, u64), redb::Error> {
+        let (mut entries, mut bytes) = (self.entries, self.bytes);
+        if let Some((last, _)) = self.sent {
+            for entry in table.extract_from_if(..=last, |_, _| true)? {
+                let (_, value) = entry?;
+                bytes -= value.value().len() as u64;
+                entries -= 1;
+            }
+        }
+        Ok((entries, bytes))
     }
 
     /// Appends `messages` in one transaction; returns how many of the oldest entries had to
     /// go to stay within `--spool-max`.
     pub fn append(&mut self, messages: &[Vec<u8>]) -> Result<u64, redb::Error> {
-        let write = self.db.begin_write()?;
+        let result = self.try_append(messages);
+        self.closing_after_io_error(result)
+    }
+
+    fn try_append(&mut self, messages: &[Vec<u8>]) -> Result<u64, redb::Error> {
+        let write = self.db()?.begin_write()?;
         // Counted as the store will be once committed, and taken only then: a failed commit
         // leaves the store, and so the counts, as they were.
-        let (mut next, mut entries, mut bytes) = (self.next, self.entries, self.bytes);
+        let mut next = self.next;
         let mut evicted = 0;
-        {
+        let (entries, bytes) = {
             let mut table = write.open_table(ALERTS)?;
+            let (mut entries, mut bytes) = self.remove_sent(&mut table)?;
             for message in messages {
                 table.insert(next, message.as_slice())?;
                 next += 1;
@@ -289,19 +363,25 @@ impl Spool {
                 entries -= 1;
                 evicted += 1;
             }
-        }
+            (entries, bytes)
+        };
         write.commit()?;
-        (self.next, self.entries, self.bytes) = (next, entries, bytes);
+        (self.next, self.entries, self.bytes, self.sent) = (next, entries, bytes, None);
         Ok(evicted)
     }
 
-    /// Up to `limit` of the oldest entries, with the key of the last.
-    pub fn oldest(&self, limit: usize) -> Result<(Vec<Vec<u8>>, u64), redb::Error> {
-        let read = self.db.begin_read()?;
+    /// Up to `limit` of the oldest entries still to send, with the key of the last.
+    pub fn oldest(&mut self, limit: usize) -> Result<(Vec<Vec<u8>>, u64), redb::Error> {
+        let result = self.try_oldest(limit);
+        self.closing_after_io_error(result)
+    }
+
+    fn try_oldest(&mut self, limit: usize) -> Result<(Vec<Vec<u8>>, u64), redb::Error> {
+        let read = self.db()?.begin_read()?;
         let table = read.open_table(ALERTS)?;
         let mut messages = Vec::new();
         let mut last = 0;
-        for entry in table.iter()?.take(limit) {
+        for entry in table.range(self.first_unsent()..)?.take(limit) {
             let (key, value) = entry?;
             last = key.value();
             messages.push(value.value().to_vec());
@@ -309,9 +389,19 @@ impl Spool {
         Ok((messages, last))
     }
 
-    /// Removes every entry up to and including `last`: the receiver has them.
-    pub fn remove_through(&mut self, last: u64) -> Result<(), redb::Error> {
-        let write = self.db.begin_write()?;
+    /// Removes every entry up to and including `last`, the `count` oldest still to send:
+    /// the receiver has them. Should the removal not commit, they are not sent again.
+    pub fn remove_through(&mut self, last: u64, count: u64) -> Result<(), redb::Error> {
+        let result = self.try_remove_through(last);
+        if result.is_err() {
+            let already = self.sent.map_or(0, |(_, count)| count);
+            self.sent = Some((last, already + count));
+        }
+        self.closing_after_io_error(result)
+    }
+
+    fn try_remove_through(&mut self, last: u64) -> Result<(), redb::Error> {
+        let write = self.db()?.begin_write()?;
         let (mut entries, mut bytes) = (self.entries, self.bytes);
         {
             let mut table = write.open_table(ALERTS)?;
@@ -322,34 +412,41 @@ impl Spool {
             }
         }
         write.commit()?;
-        (self.entries, self.bytes) = (entries, bytes);
+        (self.entries, self.bytes, self.sent) = (entries, bytes, None);
         Ok(())
     }
 
     /// Moves the oldest entry to the dead-letter table with the receiver's `answer`, in one
     /// transaction.
     pub fn dead_letter_oldest(&mut self, answer: &str) -> Result<(), redb::Error> {
-        let write = self.db.begin_write()?;
-        let (mut entries, mut bytes) = (self.entries, self.bytes);
-        {
+        let result = self.try_dead_letter_oldest(answer);
+        self.closing_after_io_error(result)
+    }
+
+    fn try_dead_letter_oldest(&mut self, answer: &str) -> Result<(), redb::Error> {
+        let write = self.db()?.begin_write()?;
+        let (entries, bytes) = {
             let mut alerts = write.open_table(ALERTS)?;
             let mut dead_letters = write.open_table(DEAD_LETTERS)?;
+            // The entries sent go first: the oldest left is the one refused.
+            let (mut entries, mut bytes) = self.remove_sent(&mut alerts)?;
             if let Some((key, value)) = alerts.pop_first()? {
                 dead_letters.insert(key.value(), (answer, value.value()))?;
                 bytes -= value.value().len() as u64;
                 entries -= 1;
             }
-        }
+            (entries, bytes)
+        };
         write.commit()?;
-        (self.entries, self.bytes) = (entries, bytes);
+        (self.entries, self.bytes, self.sent) = (entries, bytes, None);
         Ok(())
     }
 
     /// How many entries the dead-letter table holds.
     #[cfg(test)]
-    fn dead_letters(&self) -> Result<u64, redb::Error> {
+    fn dead_letters(&mut self) -> Result<u64, redb::Error> {
         use redb::ReadableTableMetadata as _;
-        let read = self.db.begin_read()?;
+        let read = self.db()?.begin_read()?;
         match read.open_table(DEAD_LETTERS) {
             Ok(table) => Ok(table.len()?),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
@@ -373,7 +470,7 @@ mod tests {
         spool.append(&[b"three".to_vec()]).unwrap();
         let (oldest, last) = spool.oldest(2).unwrap();
         assert_eq!(oldest, [b"one".to_vec(), b"two".to_vec()]);
-        spool.remove_through(last).unwrap();
+        spool.remove_through(last, 2).unwrap();
         assert_eq!(spool.oldest(10).unwrap().0, [b"three".to_vec()]);
         assert_eq!(spool.len(), 1);
     }
@@ -390,7 +487,7 @@ mod tests {
             .unwrap();
         assert_eq!((spool.len(), spool.dead_letters().unwrap()), (1, 1));
         drop(spool);
-        let spool = Spool::open(folder.path(), "https://x:443", 1 << 20).unwrap();
+        let mut spool = Spool::open(folder.path(), "https://x:443", 1 << 20).unwrap();
         assert_eq!(spool.oldest(10).unwrap().0, [b"next".to_vec()]);
         assert_eq!(spool.dead_letters().unwrap(), 1);
     }
