@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    alerts::Format,
+    output::Format,
     policy::{self, Destination, HostNames, ProtocolSelector, Rule},
     route::{self, Fix, HostRouting, Program, Query, Router},
 };

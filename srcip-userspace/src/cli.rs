@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use srcip_common::{fold::DEFAULT_FOLD_ENTRIES, record::EVENTS_RING_BYTES};
 
 use crate::{
-    alerts::Format,
     delivery::{DEFAULT_SOCKET, SinkSpec, SpoolSettings},
+    output::Format,
     run::RunConfig,
 };
 

@@ -27,7 +27,12 @@ use srcip_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{cgroup::AuditedCgroup, features, policy::KernelTables, policy_maps::KernelPolicy};
+use crate::{
+    cgroup::AuditedCgroup,
+    features,
+    policy::KernelTables,
+    policy_maps::{KernelPolicy, WriteError},
+};
 
 /// Where a program attaches: every cgroup hook is on the cgroup2 root.
 #[derive(Clone, Copy)]
@@ -133,6 +138,9 @@ pub enum LoadError {
     Object(#[from] aya::EbpfError),
     #[error("the eBPF object has no {0}: the build is broken, rebuild srcip")]
     Missing(&'static str),
+    /// Taking or writing the policy's maps at start.
+    #[error(transparent)]
+    PolicyMaps(#[from] WriteError),
     #[error("map {name}")]
     Map {
         name: &'static str,

@@ -12,7 +12,7 @@ use srcip_common::{
     record::{AF_INET, AF_INET6},
 };
 
-use crate::{loader::LoadError, policy::KernelTables};
+use crate::policy::KernelTables;
 
 /// A reload that cannot be written: the maps were sized at start.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ struct Trie<const N: usize> {
 }
 
 impl<const N: usize> Trie<N> {
-    fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<Self, LoadError> {
+    fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<Self, WriteError> {
         Ok(Self {
             name,
             map: take(ebpf, name)?,
@@ -97,7 +97,7 @@ impl KernelPolicy {
         ebpf: &mut aya::Ebpf,
         room: usize,
         tables: &KernelTables,
-    ) -> Result<Self, LoadError> {
+    ) -> Result<Self, WriteError> {
         let injected_failure = std::env::var("SRCIP_TEST_FAIL_RELOAD_AT")
             .ok()
             .and_then(|at| at.parse().ok());
@@ -116,11 +116,7 @@ impl KernelPolicy {
             generation: 0,
             injected_failure: None,
         };
-        policy.write(tables, 0).map_err(|error| match error {
-            WriteError::TooLarge(_) => unreachable!("the maps were sized for this policy"),
-            WriteError::Map { name, source } => LoadError::Map { name, source },
-            WriteError::Injected => unreachable!("no failure is injected at start"),
-        })?;
+        policy.write(tables, 0)?;
         policy.injected_failure = injected_failure;
         Ok(policy)
     }
@@ -201,6 +197,8 @@ impl KernelPolicy {
 pub enum WriteError {
     #[error(transparent)]
     TooLarge(TooLarge),
+    #[error("the eBPF object has no {0}: the build is broken, rebuild srcip")]
+    Missing(&'static str),
     #[error("writing the kernel map {name} failed")]
     Map {
         name: &'static str,
@@ -215,12 +213,12 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
     move |source| WriteError::Map { name, source }
 }
 
-fn take<M>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<M, LoadError>
+fn take<M>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<M, WriteError>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
-    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+    let map = ebpf.take_map(name).ok_or(WriteError::Missing(name))?;
+    M::try_from(map).map_err(map_error(name))
 }
 
 /// What the route module knows that enforcement needs in the kernel, which the drift watch

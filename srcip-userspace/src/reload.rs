@@ -1,4 +1,5 @@
-//! Reloading the policy while auditing: on SIGHUP, and when the policy file changes.
+//! Loading the policy for auditing (at start, and to reload it), and reloading it while
+//! auditing: on SIGHUP, and when the policy file changes.
 //!
 //! The file's folder is watched with inotify rather than the file, so that an editor or a
 //! configuration tool that writes a new file and renames it over the old one is noticed as
@@ -13,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -22,8 +24,11 @@ use crate::{
     audit::AuditSession,
     drift::DriftWatch,
     metrics::Metrics,
-    policy::{Answers, Destination, HostNames, Matcher, NameChange, PolicyLoadError},
-    run::LoadedPolicy,
+    policy::{
+        self, Answers, Destination, HostNames, Matcher, NameChange, Policy, PolicyError,
+        PolicyLoadError,
+    },
+    route::Router,
 };
 
 /// How long after a change the file is read: the rest of a burst of events arrives first.
@@ -120,6 +125,61 @@ impl PolicyWatch {
             Err(_) => false,
         }
     }
+}
+
+/// A policy compiled for auditing with its host names' addresses now.
+pub struct LoadedPolicy {
+    pub matcher: Matcher,
+    /// Its host names' addresses (and the policy as written, when it names hosts), for
+    /// [`HostNames::adopt`] when the policy is put in force.
+    pub answers: Answers,
+}
+
+/// Loads, checks and compiles the policy for auditing, its host names resolved by `names`;
+/// `router` reads the host's addresses, which `pin` sources must be.
+pub async fn load_policy(
+    path: &std::path::Path,
+    names: &HostNames,
+    router: &Router,
+) -> anyhow::Result<LoadedPolicy> {
+    let written = policy::load(path)?;
+    require_pin_sources_on_host(&written, router).await?;
+    let (resolved, answers) = names.resolve(written).await?;
+    Ok(LoadedPolicy {
+        matcher: Matcher::new(resolved)?,
+        answers,
+    })
+}
+
+/// `pin` binds to its source, which the kernel allows only for an address of the host: one it
+/// does not have would fail every pinned connection's bind.
+async fn require_pin_sources_on_host(policy: &Policy, router: &Router) -> anyhow::Result<()> {
+    let pinned = || policy.rules.iter().flat_map(|rule| &rule.pin_sources);
+    if pinned().next().is_none() {
+        return Ok(());
+    }
+    // The same reading of the host the drift watch makes for `PRESENT_PIN_SOURCES`.
+    let host = router
+        .host()
+        .await
+        .context("listing this host's addresses, to check the policy's pin sources")?;
+    let errors: Vec<PolicyError> = pinned()
+        .filter(|(source, _)| !host.owns(*source))
+        .map(|(source, location)| PolicyError {
+            location: *location,
+            message: format!(
+                "action = \"pin\" binds to {source}, which is not an address of this host (in srcip's network namespace): add it to an interface, or list first an allowed source the host has"
+            ),
+        })
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(PolicyLoadError::Invalid {
+        path: policy.path.clone(),
+        errors,
+    }
+    .into())
 }
 
 /// Puts a policy read again from `path` in force, for auditing and for the drift watch; the

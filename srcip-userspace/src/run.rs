@@ -7,7 +7,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
 
 use crate::{
-    alerts::{Alert, AlertBody, Format},
+    alerts::{Alert, AlertBody},
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
     delivery::{Delivery, DeliveryEvent, SinkSpec, SpoolSettings, WatchServer},
@@ -15,8 +15,9 @@ use crate::{
     features,
     loader::{AuditSettings, KeptLinks},
     metrics::{self, Metrics},
-    policy::{self, Answers, HostNames, Matcher, Policy, PolicyError, PolicyLoadError},
-    reload::{PolicyWatch, re_resolve, reload},
+    output::Format,
+    policy::HostNames,
+    reload::{LoadedPolicy, PolicyWatch, load_policy, re_resolve, reload},
     route::Router,
     system, systemd,
 };
@@ -51,61 +52,6 @@ pub struct RunConfig {
     pub resolv_conf: Option<PathBuf>,
     /// How long a host name's address stays in force after the last answer that held it.
     pub keep_resolved: std::time::Duration,
-}
-
-/// A policy compiled for auditing with its host names' addresses now.
-pub struct LoadedPolicy {
-    pub matcher: Matcher,
-    /// Its host names' addresses (and the policy as written, when it names hosts), for
-    /// [`HostNames::adopt`] when the policy is put in force.
-    pub answers: Answers,
-}
-
-/// Loads, checks and compiles the policy for auditing, its host names resolved by `names`;
-/// `router` reads the host's addresses, which `pin` sources must be.
-pub async fn load_policy(
-    path: &std::path::Path,
-    names: &HostNames,
-    router: &Router,
-) -> anyhow::Result<LoadedPolicy> {
-    let written = policy::load(path)?;
-    require_pin_sources_on_host(&written, router).await?;
-    let (resolved, answers) = names.resolve(written).await?;
-    Ok(LoadedPolicy {
-        matcher: Matcher::new(resolved)?,
-        answers,
-    })
-}
-
-/// `pin` binds to its source, which the kernel allows only for an address of the host: one it
-/// does not have would fail every pinned connection's bind.
-async fn require_pin_sources_on_host(policy: &Policy, router: &Router) -> anyhow::Result<()> {
-    let pinned = || policy.rules.iter().flat_map(|rule| &rule.pin_sources);
-    if pinned().next().is_none() {
-        return Ok(());
-    }
-    // The same reading of the host the drift watch makes for `PRESENT_PIN_SOURCES`.
-    let host = router
-        .host()
-        .await
-        .context("listing this host's addresses, to check the policy's pin sources")?;
-    let errors: Vec<PolicyError> = pinned()
-        .filter(|(source, _)| !host.owns(*source))
-        .map(|(source, location)| PolicyError {
-            location: *location,
-            message: format!(
-                "action = \"pin\" binds to {source}, which is not an address of this host (in srcip's network namespace): add it to an interface, or list first an allowed source the host has"
-            ),
-        })
-        .collect();
-    if errors.is_empty() {
-        return Ok(());
-    }
-    Err(PolicyLoadError::Invalid {
-        path: policy.path.clone(),
-        errors,
-    }
-    .into())
 }
 
 /// The host as auditing finds it.

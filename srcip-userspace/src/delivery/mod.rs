@@ -33,8 +33,9 @@ pub use sink::SinkSpec;
 pub use watch::{DEFAULT_SOCKET, WatchServer, watch};
 
 use crate::{
-    alerts::{Alert, AlertBody, Format},
+    alerts::{Alert, AlertBody},
     metrics::{Metrics, SinkLabels},
+    output::Format,
 };
 
 /// Alerts a sink's queue holds before further ones are counted as lost for it: several

@@ -20,7 +20,10 @@ use super::{
     syslog::{SyslogTarget, write_syslog},
     webhook::{self, WebhookTarget, write_webhook},
 };
-use crate::alerts::{AlertWriter, Format, host_name};
+use crate::{
+    alerts::{AlertWriter, host_name},
+    output::Format,
+};
 
 /// Alerts written in one go, at most: a batch is one write and one flush.
 pub(super) const BATCH_ALERTS: usize = 1024;

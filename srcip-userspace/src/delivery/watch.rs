@@ -24,7 +24,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{SharedAlert, lost_line};
-use crate::alerts::{AlertBody, AlertWriter, Format, host_name};
+use crate::{
+    alerts::{AlertBody, AlertWriter, host_name},
+    output::Format,
+};
 
 /// Where `srcip run` listens and `srcip watch` connects unless `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/srcip/srcip.sock";

@@ -10,7 +10,7 @@
 
 use std::{io::Write as _, net::IpAddr, time::SystemTime};
 
-use crate::alerts::ConnectionReport;
+use super::ConnectionReport;
 
 /// Appends the line (without its newline) for `report`, of type `type_name`, to `out`.
 pub fn write_connection_line(

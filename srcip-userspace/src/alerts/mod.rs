@@ -29,13 +29,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{check::DestinationCheck, connection_json::write_connection_line, events::Comm};
+use crate::{check::DestinationCheck, events::Comm, output::Format};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Json,
-    Text,
-}
+mod connection_json;
+use connection_json::write_connection_line;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
