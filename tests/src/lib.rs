@@ -49,6 +49,103 @@ pub fn enter(cgroup: Option<String>, netns: Option<String>) {
         .expect("entering the namespace");
 }
 
+/// A client's socket, `new_socket()` made where `--created-in DIR` or `--passed-from DIR`
+/// say (default: by this process in `--cgroup`), with this process in `--cgroup` and
+/// `--netns` when it returns:
+/// - `created_in`: made while this process is in cgroup DIR, which then moves into
+///   `cgroup`;
+/// - `passed_from`: made by another process, in cgroup DIR, and passed to this one in
+///   `cgroup` with `SCM_RIGHTS`, as systemd's socket activation passes sockets.
+pub fn client_socket(
+    cgroup: Option<String>,
+    netns: Option<String>,
+    created_in: Option<String>,
+    passed_from: Option<String>,
+    new_socket: impl Fn() -> socket2::Socket,
+) -> socket2::Socket {
+    match (created_in, passed_from) {
+        (Some(elsewhere), None) => {
+            enter(Some(elsewhere), netns);
+            let socket = new_socket();
+            join_cgroup(&cgroup.expect("--cgroup DIR"));
+            socket
+        }
+        (None, Some(elsewhere)) => {
+            enter(Some(elsewhere), netns);
+            socket_from_another_process(new_socket, &cgroup.expect("--cgroup DIR"))
+        }
+        (None, None) => {
+            enter(cgroup, netns);
+            new_socket()
+        }
+        (Some(_), Some(_)) => panic!("--created-in and --passed-from exclude each other"),
+    }
+}
+
+/// Moves this process into the cgroup directory `cgroup`.
+fn join_cgroup(cgroup: &str) {
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+}
+
+/// A socket made by a child process that stays in this process's cgroup, and passed here
+/// with `SCM_RIGHTS` after this process moved into `cgroup`.
+fn socket_from_another_process(
+    new_socket: impl Fn() -> socket2::Socket,
+    cgroup: &str,
+) -> socket2::Socket {
+    use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let (here, there) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    // SAFETY: this process has one thread; the child only makes a socket, sends it and exits.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let socket = new_socket();
+            let fds = [socket.as_raw_fd()];
+            let sent = sendmsg::<()>(
+                there.as_raw_fd(),
+                &[std::io::IoSlice::new(b"socket")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            );
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { nix::libc::_exit(i32::from(sent.is_err())) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            join_cgroup(cgroup);
+            let mut buffer = [0; 16];
+            let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+            let mut control = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let message = recvmsg::<()>(
+                here.as_raw_fd(),
+                &mut iov,
+                Some(&mut control),
+                MsgFlags::empty(),
+            )
+            .expect("recvmsg");
+            let fd = message
+                .cmsgs()
+                .expect("control messages")
+                .find_map(|cmsg| match cmsg {
+                    ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                    _ => None,
+                })
+                .expect("a socket passed with SCM_RIGHTS");
+            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+            assert!(
+                matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
+                "the socket's maker failed: {status:?}"
+            );
+            // SAFETY: a descriptor this process now owns, received just above.
+            unsafe { socket2::Socket::from_raw_fd(fd) }
+        }
+    }
+}
+
 /// `--ip-options` of the clients: IPv4 options (three no-ops and an end, 4 bytes) on every
 /// packet of the socket, so that its IPv4 header is 24 bytes instead of 20.
 pub fn add_ip_options(socket: &impl std::os::fd::AsRawFd) {

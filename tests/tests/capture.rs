@@ -1,13 +1,13 @@
 //! Complete capture: connections that reach the kernel by paths a plain client does not take
-//! are still audited. A unit's cgroup removed and made again (a systemd restart), sockets
-//! that arrive in an audited process from outside it, and IPv6 extension headers in front of
-//! TCP or UDP.
+//! are still audited. A unit's cgroup removed and made again (a systemd restart), TCP and UDP
+//! sockets that arrive in an audited process from outside it, and IPv6 extension headers in
+//! front of TCP or UDP.
 
 use std::path::Path;
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup,
-    Topology, attempt_udp_client, client, udp_client,
+    ALLOWED_V4, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
+    TestCgroup, Topology, attempt_client, attempt_udp_client, client, udp_client,
 };
 
 /// The partner takes HTTPS and DNS only from .10 and ::10.
@@ -151,6 +151,65 @@ fn a_udp_socket_passed_into_an_audited_process_is_blocked() {
     // A compliant datagram on a passed socket is not refused.
     let options = ["--passed-from", elsewhere.to_str().unwrap()];
     udp_client(&topology.host, &audited, &options, PARTNER_V4, 53);
+}
+
+/// TCP sockets that reach an audited process from outside (made by a process in another
+/// cgroup and passed in with `SCM_RIGHTS`, or made before the process moved in): their
+/// connections are reported as the audited process's, and refused under `block`, while a
+/// compliant one on such a socket is not.
+#[test]
+fn tcp_sockets_that_reach_an_audited_process_from_outside_are_audited_and_blocked() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited", "elsewhere"]);
+    let (audited, elsewhere) = (cgroup.child("audited"), cgroup.child("elsewhere"));
+    let elsewhere_dir = elsewhere.to_str().unwrap();
+    let policy = PolicyFile::new(POLICY);
+    let mut daemon = audit(&policy, &audited);
+    for origin in ["--passed-from", "--created-in"] {
+        for (source, partner) in [(OTHER_V4, PARTNER_V4), (OTHER_V6, PARTNER_V6)] {
+            let options = [origin, elsewhere_dir, "--bind", source];
+            let report = client(&topology.host, &audited, &options, partner, 443).remove(0);
+            let line = daemon.wait_for(
+                &format!("the violation of a TCP socket {origin} elsewhere to {partner}"),
+                violation_from_port(report.src_port),
+            );
+            let violation = line.violation().unwrap();
+            assert_eq!(
+                (violation.src.as_str(), violation.protocol.as_str()),
+                (source, "tcp")
+            );
+            assert_eq!(
+                (violation.pid, violation.comm.as_str()),
+                (report.pid, "tcp-client"),
+                "attributed to the audited process that connected"
+            );
+            assert_eq!(violation.cgroup_id, TestCgroup::id(&audited));
+        }
+    }
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+
+    let blocking = PolicyFile::new(&POLICY.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\naction = \"block\"",
+    ));
+    let mut daemon = audit(&blocking, &audited);
+    for origin in ["--passed-from", "--created-in"] {
+        let options = [origin, elsewhere_dir, "--bind", OTHER_V4];
+        let report = attempt_client(&topology.host, &audited, &options, PARTNER_V4, 443).remove(0);
+        assert_eq!(
+            report.error.as_deref(),
+            Some("EPERM"),
+            "{origin}: {report:?}"
+        );
+        let line = daemon.wait_for("the blocked connection", |line| {
+            line.violation().is_some_and(|v| v.pid == report.pid)
+        });
+        assert_eq!(line.violation().unwrap().blocked, Some(true));
+        // Compliant on such a socket: not refused (`client` fails the test on an error).
+        let options = [origin, elsewhere_dir, "--bind", ALLOWED_V4];
+        client(&topology.host, &audited, &options, PARTNER_V4, 443);
+    }
 }
 
 #[test]

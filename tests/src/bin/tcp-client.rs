@@ -5,7 +5,8 @@
 //!
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME]
 //!            [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring]
-//!            [--displace-owner] [--mptcp] [--linger MS] DST_ADDR DST_PORT`
+//!            [--displace-owner] [--mptcp] [--linger MS] [--created-in DIR | --passed-from DIR]
+//!            DST_ADDR DST_PORT`
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
@@ -27,6 +28,11 @@
 //! established, which takes data), and keeps it open for a second while the kernel opens
 //! the subflows the namespace's MPTCP endpoints ask for (`ip mptcp endpoint ... subflow`).
 //! The partner must answer (`srcip_tests::MptcpListener`).
+//!
+//! `--created-in DIR` and `--passed-from DIR` make the one socket elsewhere: while this
+//! process is in cgroup DIR, before it moves into `--cgroup`, or in another process in
+//! cgroup DIR, which passes it with `SCM_RIGHTS` (`srcip_tests::client_socket`); it then
+//! connects from `--cgroup`. With `--bind`, `--mark`, `--mptcp`, `--linger` only.
 //!
 //! `--linger MS` keeps the sockets open that long after connecting (and exchanging), instead
 //! of 200 ms (1 s with `--mptcp`). Each connection's line is printed, and flushed, at once.
@@ -64,6 +70,8 @@ fn main() {
     let mut displace_owner = false;
     let mut mptcp = false;
     let mut linger = None;
+    let mut created_in = None;
+    let mut passed_from = None;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -84,6 +92,8 @@ fn main() {
             "--ipv6-header" => ipv6_header = args.next(),
             "--displace-owner" => displace_owner = true,
             "--mptcp" => mptcp = true,
+            "--created-in" => created_in = args.next(),
+            "--passed-from" => passed_from = args.next(),
             "--linger" => {
                 linger = Some(
                     args.next()
@@ -104,12 +114,25 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] [--linger MS] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] [--linger MS] [--created-in DIR | --passed-from DIR] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
     let port: u16 = port.parse().expect("DST_PORT");
 
+    let dst_address = SocketAddr::new(dst, port);
+    let make_socket = || new_socket(dst_address, ip_options, ipv6_header.as_deref(), mptcp);
+    if created_in.is_some() || passed_from.is_some() {
+        let socket =
+            srcip_tests::client_socket(cgroup, netns, created_in, passed_from, make_socket);
+        let bind = bind.map(|address| SocketAddr::new(address.parse().expect("--bind ADDR"), 0));
+        let socket = connect(socket, dst_address, bind, mark);
+        if mptcp {
+            exchange_a_byte(&socket);
+        }
+        std::thread::sleep(Duration::from_millis(linger.unwrap_or(200)));
+        return;
+    }
     srcip_tests::enter(cgroup, netns);
     if let Some(uid) = uid {
         nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).expect("setgid");
@@ -141,15 +164,7 @@ fn main() {
     }
     // Kept open until the end, so that every connection gets its own source port.
     let sockets: Vec<Socket> = (0..count)
-        .map(|_| {
-            let socket = new_socket(
-                SocketAddr::new(dst, port),
-                ip_options,
-                ipv6_header.as_deref(),
-                mptcp,
-            );
-            connect(socket, SocketAddr::new(dst, port), bind, mark)
-        })
+        .map(|_| connect(make_socket(), dst_address, bind, mark))
         .collect();
     if mptcp {
         sockets.iter().for_each(exchange_a_byte);

@@ -37,10 +37,7 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use nix::{
-    libc,
-    sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg},
-};
+use nix::libc;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 enum Mode {
@@ -115,23 +112,7 @@ fn main() {
         }
         socket
     };
-    let socket = match (created_in, passed_from) {
-        (Some(elsewhere), None) => {
-            srcip_tests::enter(Some(elsewhere), netns);
-            let socket = new_socket();
-            join_cgroup(&cgroup.expect("--cgroup DIR"));
-            socket
-        }
-        (None, Some(elsewhere)) => {
-            srcip_tests::enter(Some(elsewhere), netns);
-            socket_from_another_process(new_socket, &cgroup.expect("--cgroup DIR"))
-        }
-        (None, None) => {
-            srcip_tests::enter(cgroup, netns);
-            new_socket()
-        }
-        (Some(_), Some(_)) => panic!("--created-in and --passed-from exclude each other"),
-    };
+    let socket = srcip_tests::client_socket(cgroup, netns, created_in, passed_from, new_socket);
     if let Some(address) = bind {
         let address: IpAddr = address.parse().expect("--bind ADDR");
         socket
@@ -188,66 +169,6 @@ fn main() {
         }
     }
     report(&socket, None);
-}
-
-/// Moves this process into the cgroup directory `cgroup`.
-fn join_cgroup(cgroup: &str) {
-    std::fs::write(
-        format!("{cgroup}/cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("joining the cgroup");
-}
-
-/// A socket made by a child process that stays in this process's cgroup, and passed here
-/// with `SCM_RIGHTS` after this process moved into `cgroup`.
-fn socket_from_another_process(new_socket: impl Fn() -> Socket, cgroup: &str) -> Socket {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
-    let (here, there) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-    // SAFETY: this process has one thread; the child only makes a socket, sends it and exits.
-    match unsafe { nix::unistd::fork() }.expect("fork") {
-        nix::unistd::ForkResult::Child => {
-            let socket = new_socket();
-            let fds = [socket.as_raw_fd()];
-            let sent = sendmsg::<()>(
-                there.as_raw_fd(),
-                &[std::io::IoSlice::new(b"socket")],
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::empty(),
-                None,
-            );
-            // SAFETY: ends the child without running the parent's exit handlers.
-            unsafe { libc::_exit(i32::from(sent.is_err())) };
-        }
-        nix::unistd::ForkResult::Parent { child } => {
-            join_cgroup(cgroup);
-            let mut buffer = [0; 16];
-            let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
-            let mut control = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-            let message = recvmsg::<()>(
-                here.as_raw_fd(),
-                &mut iov,
-                Some(&mut control),
-                MsgFlags::empty(),
-            )
-            .expect("recvmsg");
-            let fd = message
-                .cmsgs()
-                .expect("control messages")
-                .find_map(|cmsg| match cmsg {
-                    ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
-                    _ => None,
-                })
-                .expect("a socket passed with SCM_RIGHTS");
-            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
-            assert!(
-                matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
-                "the socket's maker failed: {status:?}"
-            );
-            // SAFETY: a descriptor this process now owns, received just above.
-            unsafe { Socket::from_raw_fd(fd) }
-        }
-    }
 }
 
 /// Prints the report line: the socket's address as the kernel has it now, and the error
