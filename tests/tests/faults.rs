@@ -244,12 +244,14 @@ fn a_spool_on_a_full_disk_counts_what_it_drops_delivers_the_rest_once_and_does_n
         make_violation(&mut daemon, &topology, &cgroup.path);
     }
 
-    // Full disk, receiver down: retries wait, nothing spins.
+    // Full disk, receiver down: retries wait, nothing spins. A spin takes a whole CPU;
+    // what is left is a try of the spool now and then, which opens its file again, and
+    // the daemon's own 100 ms poll (slow under the matrix's emulation).
     let before = cpu_time(pid);
     std::thread::sleep(Duration::from_secs(5));
     let spent = cpu_time(pid) - before;
     assert!(
-        spent < Duration::from_secs(1),
+        spent < Duration::from_millis(2500),
         "srcip used {spent:?} of CPU in 5 s with a full spool"
     );
 

@@ -85,9 +85,11 @@ pub(super) fn forward(
     let mut backoff = new_backoff();
     let mut next_attempt = Instant::now();
     let mut failing = false;
-    // Said once when the spool stops taking alerts (a full disk), and once when it takes
-    // them again: each batch it refuses meanwhile is counted, not logged.
-    let mut spool_failing = false;
+    // While the spool refuses alerts (a full disk), until when batches are counted as lost
+    // without a try: each try opens the database again, which reads the whole file. Said
+    // once when it starts refusing, and once when it takes alerts again.
+    let mut spool_backoff = new_backoff();
+    let mut spool_refusing_until: Option<Instant> = None;
     loop {
         // Take in what arrived; wait for more only until the next attempt is due.
         let arrived = if spool.is_empty() {
@@ -100,14 +102,25 @@ pub(super) fn forward(
                 let batch: Vec<SharedAlert> = std::iter::once(first)
                     .chain(alerts.try_iter().take(BATCH_ALERTS - 1))
                     .collect();
-                let rendered: Vec<Vec<u8>> = batch.iter().map(|alert| render(alert)).collect();
-                match spool.append(&rendered) {
-                    Ok(evicted) => {
-                        if spool_failing {
+                let refusing = spool_refusing_until.is_some_and(|until| Instant::now() < until);
+                let appended = if refusing {
+                    None
+                } else {
+                    let rendered: Vec<Vec<u8>> = batch.iter().map(|alert| render(alert)).collect();
+                    Some(
+                        spool
+                            .append(&rendered)
+                            .map(|evicted| (rendered.len(), evicted)),
+                    )
+                };
+                match appended {
+                    None => counters.not_spooled(&batch),
+                    Some(Ok((spooled, evicted))) => {
+                        if spool_refusing_until.take().is_some() {
                             info!("the spool of {name} takes alerts again");
-                            spool_failing = false;
+                            spool_backoff = new_backoff();
                         }
-                        counters.spooled(rendered.len());
+                        counters.spooled(spooled);
                         if evicted > 0 {
                             warn!(
                                 "the spool of {name} is full (--spool-max): its {evicted} oldest alerts are dropped"
@@ -115,13 +128,14 @@ pub(super) fn forward(
                             counters.not_written(evicted as usize);
                         }
                     }
-                    Err(error) => {
-                        if !spool_failing {
+                    Some(Err(error)) => {
+                        if spool_refusing_until.is_none() {
                             warn!(
                                 "cannot spool alerts for {name}: {error}; they are counted as lost until it can"
                             );
-                            spool_failing = true;
                         }
+                        let wait = spool_backoff.next().unwrap_or(MAX_BACKOFF);
+                        spool_refusing_until = Some(Instant::now() + wait);
                         counters.not_spooled(&batch);
                     }
                 }
