@@ -260,3 +260,75 @@ fn a_reload_that_fails_half_way_leaves_the_old_policy_whole_and_nothing_attached
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
 }
+
+/// Connections made while the policy is reloaded again and again: each is decided by the
+/// policy in force before a reload or the one after it, never by a half-written table (a
+/// decision that read one generation while the next reload emptied its trie would find no
+/// rule, and the violation would pass as unmatched). Both policies flag the .11 source, under
+/// two rule names.
+#[test]
+fn connections_during_a_storm_of_reloads_are_each_decided_by_a_whole_policy() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let renamed = PARTNER_POLICY.replace("name = \"partner\"", "name = \"partner-again\"");
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &[
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--fold-window",
+            "0",
+        ],
+    );
+    let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+    let done = AtomicBool::new(false);
+    let reloads = std::thread::scope(|scope| {
+        let reloader = scope.spawn(|| {
+            let mut reloads = 0;
+            while !done.load(Ordering::Relaxed) {
+                let text = if reloads % 2 == 0 {
+                    &renamed
+                } else {
+                    PARTNER_POLICY
+                };
+                replace(&policy, text);
+                nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
+                reloads += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            reloads
+        });
+        let clients: Vec<_> = (0..5)
+            .flat_map(|_| {
+                srcip_tests::connect_many(
+                    &topology.host,
+                    &cgroup.path,
+                    Some(OTHER_V4),
+                    PARTNER_V4,
+                    443,
+                    100,
+                )
+            })
+            .collect();
+        done.store(true, Ordering::Relaxed);
+        (reloader.join().unwrap(), clients)
+    });
+    let (reloads, clients) = reloads;
+    assert!(
+        reloads >= 5,
+        "only {reloads} reloads during the connections"
+    );
+    let mut rules = std::collections::BTreeSet::new();
+    for client in &clients {
+        let line = daemon.wait_for("each connection's violation", |line| {
+            line.violation()
+                .is_some_and(|v| v.src_port == client.src_port)
+        });
+        rules.insert(line.violation().unwrap().rule.clone().unwrap_or_default());
+    }
+    let both = std::collections::BTreeSet::from(["partner".to_owned(), "partner-again".to_owned()]);
+    assert_eq!(rules, both, "connections were decided under each policy");
+}
