@@ -285,7 +285,19 @@ fn connections_during_a_storm_of_reloads_are_each_decided_by_a_whole_policy() {
     );
     let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
     let done = AtomicBool::new(false);
+    let both = std::collections::BTreeSet::from(["partner".to_owned(), "partner-again".to_owned()]);
+    let mut rules = std::collections::BTreeSet::new();
+    let mut rounds = 0;
+    /// Stops the reloader also when a wait below fails (the scope joins it before the panic
+    /// goes on).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let reloads = std::thread::scope(|scope| {
+        let stop = StopOnDrop(&done);
         let reloader = scope.spawn(|| {
             let mut reloads = 0;
             while !done.load(Ordering::Relaxed) {
@@ -301,34 +313,35 @@ fn connections_during_a_storm_of_reloads_are_each_decided_by_a_whole_policy() {
             }
             reloads
         });
-        let clients: Vec<_> = (0..5)
-            .flat_map(|_| {
-                srcip_tests::connect_many(
-                    &topology.host,
-                    &cgroup.path,
-                    Some(OTHER_V4),
-                    PARTNER_V4,
-                    443,
-                    100,
-                )
-            })
-            .collect();
-        done.store(true, Ordering::Relaxed);
-        (reloader.join().unwrap(), clients)
+        // Rounds of connections until both policies have decided some (a busy machine may
+        // take its first reload only after a whole round); every connection must be decided.
+        while rounds < 5 || (rules != both && rounds < 40) {
+            let clients = srcip_tests::connect_many(
+                &topology.host,
+                &cgroup.path,
+                Some(OTHER_V4),
+                PARTNER_V4,
+                443,
+                100,
+            );
+            for client in &clients {
+                let line = daemon.wait_for("each connection's violation", |line| {
+                    line.violation()
+                        .is_some_and(|v| v.src_port == client.src_port)
+                });
+                rules.insert(line.violation().unwrap().rule.clone().unwrap_or_default());
+            }
+            rounds += 1;
+        }
+        drop(stop);
+        reloader.join().unwrap()
     });
-    let (reloads, clients) = reloads;
     assert!(
         reloads >= 5,
-        "only {reloads} reloads during the connections"
+        "only {reloads} reloads during {rounds} rounds of connections"
     );
-    let mut rules = std::collections::BTreeSet::new();
-    for client in &clients {
-        let line = daemon.wait_for("each connection's violation", |line| {
-            line.violation()
-                .is_some_and(|v| v.src_port == client.src_port)
-        });
-        rules.insert(line.violation().unwrap().rule.clone().unwrap_or_default());
-    }
-    let both = std::collections::BTreeSet::from(["partner".to_owned(), "partner-again".to_owned()]);
-    assert_eq!(rules, both, "connections were decided under each policy");
+    assert_eq!(
+        rules, both,
+        "connections were decided under each policy in {rounds} rounds"
+    );
 }
