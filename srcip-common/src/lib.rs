@@ -67,7 +67,8 @@ pub mod names {
     pub const CONNECT4_PROGRAM: &str = "srcip_connect4";
     pub const CONNECT6_PROGRAM: &str = "srcip_connect6";
     /// The `cgroup/sendmsg4` and `sendmsg6` programs that pin and block unconnected UDP
-    /// datagrams; attached only while the policy pins or blocks UDP.
+    /// datagrams; attached only while needed (the policy pins UDP, the audit is scoped, or
+    /// UDP blocking is kept with `--keep-enforcing`).
     pub const SENDMSG4_PROGRAM: &str = "srcip_sendmsg4";
     pub const SENDMSG6_PROGRAM: &str = "srcip_sendmsg6";
     /// The `cgroup_skb/egress` program that records the source TCP SYNs and UDP datagrams

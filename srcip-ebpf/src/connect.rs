@@ -2,8 +2,10 @@
 //! changed or refused. They record the owner of a socket created before srcip started
 //! (`owner.rs`), and carry out the policy's `pin` and `block` actions. `cgroup/sendmsg4`
 //! and `sendmsg6` do the same for each datagram of an unconnected UDP socket; they are
-//! attached only while the policy pins or blocks UDP, because with any program there the
-//! kernel locks every unconnected UDP socket around every datagram.
+//! attached only while they are needed (the policy pins UDP, the audit is scoped, or UDP
+//! blocking is kept past the daemon: `KernelPrograms::needs_datagram_programs`), because
+//! with any program there the kernel locks every unconnected UDP socket around every
+//! datagram. Without them the egress program blocks datagrams.
 //!
 //! The source is not chosen yet here: the route lookup that chooses it comes after this
 //! hook. So:

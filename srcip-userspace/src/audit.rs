@@ -47,8 +47,8 @@ pub struct AuditSession {
     audited_ids: HashMap<MapData, u64, u8>,
     matcher: Matcher,
     policy: KernelPolicy,
-    /// Whether the policy in force pins or blocks UDP (its sendmsg programs are attached).
-    enforcing_udp: bool,
+    /// Whether the policy in force needs the sendmsg programs (they are attached).
+    datagram_programs: bool,
     report_all: bool,
     cgroup_names: CgroupNames,
     netns: NetnsInodes,
@@ -76,7 +76,8 @@ impl AuditSession {
     ) -> anyhow::Result<Self> {
         let tables = matcher.kernel_tables();
         let (mut programs, maps) = KernelPrograms::load_and_attach(settings, &tables)?;
-        programs.enforce_datagrams(tables.enforcing_udp)?;
+        let datagram_programs = programs.needs_datagram_programs(&tables);
+        programs.enforce_datagrams(datagram_programs)?;
         let mut netns = NetnsInodes::new(maps.socket_owners);
         // Predictions read srcip's own routes, so they judge only its own namespace's sockets.
         let own_netns = netns.cookie_at(Path::new("/proc/self/ns/net"));
@@ -112,7 +113,7 @@ impl AuditSession {
             audited_ids: maps.audited_cgroups,
             matcher,
             policy: maps.policy,
-            enforcing_udp: tables.enforcing_udp,
+            datagram_programs,
             report_all: settings.report_all,
             cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
             netns,
@@ -390,22 +391,21 @@ impl AuditSession {
         let tables = matcher.kernel_tables();
         // The sendmsg programs are in place before a policy that needs them, and go after
         // the last one that did.
-        if tables.enforcing_udp {
+        let datagram_programs = self.programs.needs_datagram_programs(&tables);
+        if datagram_programs {
             self.programs.enforce_datagrams(true)?;
         }
         if let Err(error) = self.policy.replace(&tables) {
-            if let Err(detach) = self.programs.enforce_datagrams(self.enforcing_udp) {
+            if let Err(detach) = self.programs.enforce_datagrams(self.datagram_programs) {
                 warn!("{detach:#}");
             }
             return Err(error.into());
         }
         self.matcher = matcher;
-        self.enforcing_udp = tables.enforcing_udp;
+        self.datagram_programs = datagram_programs;
         // In force now: a failure to detach programs the new policy does not need is said,
         // and they are detached at the next reload or stop.
-        if !tables.enforcing_udp
-            && let Err(error) = self.programs.enforce_datagrams(false)
-        {
+        if !datagram_programs && let Err(error) = self.programs.enforce_datagrams(false) {
             warn!("{error:#}");
         }
         Ok(())

@@ -83,9 +83,9 @@ const PROGRAMS: &[ProgramSpec] = &[
 /// Programs loaded at start (so that a kernel that refuses them is known at once) but
 /// attached only while they are needed: with any program at sendmsg4/6 the kernel locks
 /// every unconnected UDP socket around every datagram. They are needed while the policy
-/// pins or blocks UDP, and whenever `--cgroup` scopes the audit: a socket that reaches an
-/// audited process from outside (passed in, or made before the process moved in) is adopted
-/// at its first datagram there.
+/// pins UDP (or blocks it with `--keep-enforcing`), and whenever `--cgroup` scopes the
+/// audit: a socket that reaches an audited process from outside (passed in, or made before
+/// the process moved in) is adopted at its first datagram there.
 const DATAGRAM_PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
         name: names::SENDMSG4_PROGRAM,
@@ -443,11 +443,19 @@ impl KernelPrograms {
             .map_err(|error| error.to_string())
     }
 
-    /// Attaches the sendmsg programs when `enforced` (the policy pins or blocks UDP) or the
-    /// audit is scoped, and detaches them when neither; nothing when they already are as
-    /// asked.
-    pub fn enforce_datagrams(&mut self, enforced: bool) -> Result<(), LoadError> {
-        let wanted = enforced || self.adopts_at_send;
+    /// Whether a policy compiled to `tables` needs the sendmsg programs: to pin UDP, to adopt
+    /// sockets at their first datagram (a scoped audit), or to go on blocking UDP while srcip
+    /// is down (`--keep-enforcing` keeps them, not the egress program). A policy that only
+    /// blocks UDP does not: the egress program refuses the datagram on its real source, and
+    /// every unconnected UDP socket of the host is spared the socket lock the kernel takes
+    /// around each datagram while any sendmsg program is attached.
+    pub fn needs_datagram_programs(&self, tables: &KernelTables) -> bool {
+        tables.pins_udp || self.adopts_at_send || (tables.blocks_udp && self.keep_in.is_some())
+    }
+
+    /// Attaches the sendmsg programs when `wanted` (see `needs_datagram_programs`) and
+    /// detaches them when not; nothing when they already are as asked.
+    pub fn enforce_datagrams(&mut self, wanted: bool) -> Result<(), LoadError> {
         let attached = !self.datagram_links.is_empty();
         if wanted == attached {
             return Ok(());
@@ -455,7 +463,7 @@ impl KernelPrograms {
         if !wanted {
             let links = std::mem::take(&mut self.datagram_links);
             self.detach_links(links, Kept::Remove);
-            info!("detached the sendmsg programs: the policy pins and blocks no UDP");
+            info!("detached the sendmsg programs: the policy no longer needs them");
             return Ok(());
         }
         let mut links = Vec::new();

@@ -541,6 +541,29 @@ impl Drop for MptcpListener {
     }
 }
 
+/// The kernel's `bpf_attach_type` of each cgroup program the process `pid` has attached
+/// through a bpf link (from each link's fdinfo): `BPF_CGROUP_UDP4_SENDMSG` (14) and
+/// `BPF_CGROUP_UDP6_SENDMSG` (15) are srcip's sendmsg programs.
+pub fn cgroup_attach_types(pid: u32) -> Vec<u32> {
+    let mut types = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let path = entry.unwrap().path();
+        let target = std::fs::read_link(&path).unwrap_or_default();
+        if target.as_os_str() != "anon_inode:bpf_link" {
+            continue;
+        }
+        let fd = path.file_name().unwrap().to_str().unwrap();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        types.extend(info.lines().find_map(|line| {
+            let value = line.strip_prefix("attach_type:")?.trim();
+            Some(value.parse::<u32>().unwrap_or_else(|_| {
+                panic!("fdinfo of a bpf link has attach_type {value:?}: {info}")
+            }))
+        }));
+    }
+    types
+}
+
 /// Whether this kernel lets a program make an MPTCP socket (Debian's 5.10 has no MPTCP).
 pub fn has_mptcp() -> bool {
     socket2::Socket::new(

@@ -9,8 +9,8 @@ use std::{path::PathBuf, process::Command};
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, MptcpListener, OTHER_V4, OTHER_V6,
     PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, attempt_connect,
-    attempt_udp_client, client, connect, has_mptcp, ip_in, kernel_at_least, nft_in, run, srcip_bin,
-    udp_client, unique_name,
+    attempt_udp_client, cgroup_attach_types, client, connect, has_mptcp, ip_in, kernel_at_least,
+    nft_in, run, srcip_bin, udp_client, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -737,6 +737,78 @@ action = "block"
 /// What the prediction cannot know is judged on the packet: a connected UDP socket that
 /// sets a wrong source per datagram with `IP_PKTINFO` is stopped at egress, and a program
 /// whose mark policy routing sends from the allowed source is never refused, though srcip's
+/// A policy that blocks UDP, on a whole-host audit, attaches no sendmsg program (with one the
+/// kernel would lock every unconnected UDP socket of the host around each datagram): the
+/// egress program refuses a wrong datagram on the source it carries, and its sender gets
+/// EPERM from that `sendto()`; the allowed source passes. The destination is this test's own,
+/// as the audit covers every process of the host.
+#[test]
+fn block_refuses_unconnected_datagrams_at_egress_without_sendmsg_programs() {
+    const RESOLVER: &str = "198.51.100.77";
+    const PORT: u16 = 5377;
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(&format!(
+        r#"
+[[rule]]
+name = "resolver"
+destinations = ["{RESOLVER}"]
+ports = [{PORT}]
+protocol = "udp"
+allowed_sources = ["{ALLOWED_V4}"]
+action = "block"
+"#
+    ));
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
+    // BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG and BPF_CGROUP_UDP6_SENDMSG.
+    let (connect4, sendmsg4, sendmsg6) = (10, 14, 15);
+    let attached = cgroup_attach_types(daemon.pid());
+    assert!(attached.contains(&connect4), "{attached:?}");
+    assert!(
+        !attached.contains(&sendmsg4) && !attached.contains(&sendmsg6),
+        "sendmsg programs attached: {attached:?}"
+    );
+
+    let wrong = attempt_udp_client(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V4],
+        RESOLVER,
+        PORT,
+    );
+    assert_eq!(wrong.error.as_deref(), Some("EPERM"), "{wrong:?}");
+    let line = daemon.wait_for("the blocked datagram", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == wrong.src_port)
+    });
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (
+            violation.blocked,
+            violation.blocked_at.as_deref(),
+            violation.src.as_str()
+        ),
+        (Some(true), Some("egress"), OTHER_V4)
+    );
+    // `udp_client` fails the test on EPERM.
+    let right = udp_client(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", ALLOWED_V4],
+        RESOLVER,
+        PORT,
+    );
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+    assert!(
+        !lines
+            .iter()
+            .filter_map(Line::violation)
+            .any(|violation| violation.src_port == right.src_port),
+        "the compliant datagram was reported: {lines:#?}"
+    );
+}
+
 /// own (unmarked) prediction says the wrong one.
 #[test]
 fn block_judges_per_datagram_sources_and_marked_programs_on_the_wire() {

@@ -140,8 +140,8 @@ fn compliant_traffic_stays_decided_in_the_kernel_after_a_reload() {
 }
 
 /// The partner now takes .11 as well on 443, and refuses all but .11 on 8443 (which no other
-/// test here uses: srcip audits the whole host in the test below). Its tables take three
-/// writes: two IPv4 destinations and one IPv6.
+/// test here uses: srcip audits the whole host in the test below). Its tables take four
+/// writes: three IPv4 destinations and one IPv6.
 const WIDER_POLICY_THAT_BLOCKS: &str = r#"
 [[rule]]
 name = "partner"
@@ -156,6 +156,14 @@ destinations = ["198.51.100.50", "198.51.100.51"]
 ports = [8443]
 allowed_sources = ["203.0.113.11"]
 action = "block"
+
+# Pinning UDP needs the sendmsg programs (blocking alone does not).
+[[rule]]
+name = "loopback-resolver"
+destinations = ["198.51.100.53"]
+protocol = "udp"
+allowed_sources = ["127.0.0.1"]
+action = "pin"
 "#;
 
 /// srcip's bpf links, each a program it attached.

@@ -26,8 +26,12 @@ pub struct KernelTables {
     pub report_unmatched: bool,
     /// Some rule pins or blocks.
     pub enforcing: bool,
-    /// Some rule pins or blocks UDP: unconnected datagrams need the sendmsg programs.
-    pub enforcing_udp: bool,
+    /// Some rule pins UDP: unconnected datagrams get their source from the sendmsg programs.
+    pub pins_udp: bool,
+    /// Some rule blocks UDP. The egress program refuses a wrong datagram on the source it
+    /// carries (its sender gets EPERM from that `send()`); the sendmsg programs refuse it
+    /// earlier only where they are attached anyway (see `KernelPrograms::needs_datagram_programs`).
+    pub blocks_udp: bool,
 }
 
 pub(super) fn compile(
@@ -48,9 +52,12 @@ pub(super) fn compile(
         rules: rules.iter().map(kernel_rule).collect(),
         report_unmatched: unmatched == Unmatched::Alert,
         enforcing: rules.iter().any(|rule| rule.action != Action::Alert),
-        enforcing_udp: rules
+        pins_udp: rules
             .iter()
-            .any(|rule| rule.action != Action::Alert && rule.protocol.includes(Protocol::Udp)),
+            .any(|rule| rule.action == Action::Pin && rule.protocol.includes(Protocol::Udp)),
+        blocks_udp: rules
+            .iter()
+            .any(|rule| rule.action == Action::Block && rule.protocol.includes(Protocol::Udp)),
     }
 }
 
