@@ -56,6 +56,16 @@ pub fn record(
     } else {
         Counter::ObservedUdp
     });
+    if matches!(delivery, Delivery::Skip) {
+        count(if tcp {
+            Counter::DecidedInKernelTcp
+        } else {
+            Counter::DecidedInKernelUdp
+        });
+        return;
+    }
+    // Read only for what user space sees: a helper call costs compliant traffic tens of
+    // nanoseconds on some kernels (docs/BENCHMARKS.md).
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if socket_src != connection.src {
@@ -63,14 +73,8 @@ pub fn record(
     }
     let mut open_window = false;
     let rule = match delivery {
-        Delivery::Skip => {
-            count(if tcp {
-                Counter::DecidedInKernelTcp
-            } else {
-                Counter::DecidedInKernelUdp
-            });
-            return;
-        }
+        // Returned above.
+        Delivery::Skip => return,
         // With `--all` every connection gets its own line, so nothing is folded.
         Delivery::Violation { rule } if !reports_all() => {
             match fold::repeat(&fold_key(owner, connection, socket_src, rule), now) {
