@@ -1,11 +1,12 @@
 //! Faults an operator's worst day brings, and what srcip does through them: a reload asked
 //! for while srcip is still starting, a reader of its alerts that goes away, the service
-//! manager's notifications, and a full disk under a sink's spool.
+//! manager's notifications, a full disk under a sink's spool, and a step of the wall clock.
 
 use std::{
     io::{BufRead as _, BufReader},
+    path::PathBuf,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use srcip_tests::{
@@ -310,6 +311,93 @@ fn a_spool_on_a_full_disk_counts_what_it_drops_delivers_the_rest_once_and_does_n
         connections.len()
     );
     assert!(arrived > 0, "none of the spooled connect lines arrived");
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+}
+
+/// Debian's libfaketime (package `libfaketime`, which `cargo xtask setup` installs).
+fn faketime_library() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|entry| {
+            let candidate = entry.ok()?.path().join("faketime/libfaketime.so.1");
+            candidate.exists().then_some(candidate)
+        })
+        .next();
+    found.expect("libfaketime is not installed: run `cargo xtask setup`")
+}
+
+/// How far the `time` of the violation from `client_port` is from `expected`.
+fn time_error(daemon: &mut Daemon, client_port: u16, expected: SystemTime) -> Duration {
+    let line = daemon.wait_for("the violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == client_port)
+    });
+    let time = humantime::parse_rfc3339(&line.violation().unwrap().time).unwrap();
+    time.duration_since(expected)
+        .or_else(|_| expected.duration_since(time))
+        .unwrap()
+}
+
+/// The wall clock steps while srcip runs (NTP's first sync after boot, an operator's
+/// `date -s`): the next event's time follows it at once, since srcip takes the wall-clock
+/// time of boot again at each reading of its events rather than keeping the one of its
+/// start. libfaketime moves srcip's wall clock an hour ahead, and only srcip's: its boot
+/// clock, which the kernel's event stamps count, does not move.
+#[test]
+fn a_step_of_the_wall_clock_shows_in_the_next_events_time_at_once() {
+    let library = faketime_library();
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let offset = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(offset.path(), "+0\n").unwrap();
+    let mut daemon = Daemon::start_with_environment(
+        &policy.path,
+        &[
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--fold-window",
+            "0",
+        ],
+        &[
+            ("LD_PRELOAD", library.as_os_str()),
+            ("FAKETIME_TIMESTAMP_FILE", offset.path().as_os_str()),
+            // Read at every call, so the step is there for the next event.
+            ("FAKETIME_NO_CACHE", "1".as_ref()),
+            // The boot and monotonic clocks stay true, as in a real step.
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+        ],
+    );
+    // A minute of room for a slow machine; the step is an hour.
+    let room = Duration::from_secs(60);
+    let before = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let error = time_error(&mut daemon, before.src_port, SystemTime::now());
+    assert!(
+        error < room,
+        "before the step, the event time is {error:?} off"
+    );
+
+    let step = Duration::from_secs(3600);
+    std::fs::write(offset.path(), "+3600\n").unwrap();
+    let after = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let error = time_error(&mut daemon, after.src_port, SystemTime::now() + step);
+    assert!(
+        error < room,
+        "after a step of an hour, the event time is {error:?} off the stepped clock"
+    );
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
 }

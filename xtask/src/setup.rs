@@ -34,6 +34,8 @@ pub fn run() -> anyhow::Result<()> {
     // A real name server for the host-name re-resolution tests: the binary alone
     // (dnsmasq-base), not the package that starts a system service.
     ensure_package("dnsmasq-base", "dnsmasq", "--version")?;
+    // libfaketime steps srcip's wall clock alone in the clock-step fault test.
+    ensure_package("faketime", "faketime", "--version")?;
     ensure_nats_server()?;
     step("setup complete");
     Ok(())
