@@ -29,7 +29,10 @@ pub struct SocketOwner {
     pub netns_cookie: u64,
     /// Thread-group id of the creating task.
     pub pid: u32,
-    pub uid: u32,
+    /// Keeps the size a multiple of 8 bytes: owners are copied a word at a time. (The user
+    /// is not kept here: it is the socket's own, read when a record is made, see
+    /// `srcip-ebpf/src/report.rs`.)
+    pub padding: u32,
     /// Command name of the creating thread, NUL-padded; all zero when the kernel refused it.
     pub comm: [u8; 16],
     /// Non-zero: the socket's connections are audited.

@@ -28,7 +28,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::generated::bpf_bind,
+    helpers::{bpf_get_current_uid_gid, generated::bpf_bind},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -165,7 +165,11 @@ fn judge_block(
         ..*connection
     };
     let delivery = Delivery::Violation { rule: rule_index };
-    record(owner, &refused, &src, src_port, delivery, flags);
+    // The process refused is the one on the CPU: its user. (The socket's own is not
+    // readable in this hook; it is the same unless the socket was made by another user.)
+    record(owner, &refused, &src, src_port, delivery, flags, || {
+        bpf_get_current_uid_gid() as u32
+    });
     REFUSE
 }
 

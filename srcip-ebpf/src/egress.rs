@@ -24,7 +24,7 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::{BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock},
-    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock},
+    helpers::generated::{bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -305,8 +305,19 @@ fn decide(ctx: &SkBuffContext, socket: &bpf_sock, owner: &SocketOwner, packet: &
         // SAFETY: a field of the context the kernel passed to this program.
         mark: unsafe { (*ctx.skb.skb).mark },
     };
-    // The socket's own port: the packet's may have been translated with its address.
-    report(owner, &connection, &socket_src, socket.src_port as u16)
+    // The socket's own port: the packet's may have been translated with its address. The
+    // socket's user is the one the kernel routes it by (`ip rule ... uidrange`): its
+    // creator's filesystem uid.
+    report(
+        owner,
+        &connection,
+        &socket_src,
+        socket.src_port as u16,
+        || {
+            // SAFETY: the context is the helper's argument.
+            unsafe { bpf_get_socket_uid(ctx.skb.skb) }
+        },
+    )
 }
 
 /// The source address the socket itself holds for a packet of `family`, in the record

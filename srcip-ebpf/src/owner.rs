@@ -27,7 +27,7 @@ use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
             bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
@@ -375,7 +375,7 @@ fn current_task_as_owner(ctx: *mut c_void, tgid: u32, audited: bool) -> SocketOw
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx) },
         pid: tgid,
-        uid: bpf_get_current_uid_gid() as u32,
+        padding: 0,
         // A missing name must not lose the owner: the connection is still reported.
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         audited: u32::from(audited),

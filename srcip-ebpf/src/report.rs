@@ -19,7 +19,8 @@ use crate::{
 /// space must see. Returns whether a `block` rule refuses it: the caller stops its packet,
 /// and the record says so. `connection.src` is the source on the wire, which the policy judges;
 /// `socket_src` the one the kernel chose for the socket (the same unless this host translated
-/// it), and `src_port` the socket's port. Inlined, like the functions it calls, so
+/// it), and `src_port` the socket's port. `uid` gives the socket's user, asked only for a
+/// connection that is recorded. Inlined, like the functions it calls, so
 /// that the caller's frame and its own share one stack: the verifier allows 512 bytes for
 /// the whole call chain, and 5.10 counts each frame at its largest.
 #[inline(always)]
@@ -28,6 +29,7 @@ pub fn report(
     connection: &Connection,
     socket_src: &[u8; 16],
     src_port: u16,
+    uid: impl FnOnce() -> u32,
 ) -> bool {
     let delivery = delivery(connection, owner.flags & OWNER_PINNED != 0);
     let blocked = matches!(delivery, Delivery::Violation { rule } if blocks(rule));
@@ -35,12 +37,17 @@ pub fn report(
     if blocked {
         flags |= RecordFlags::REFUSED | RecordFlags::AT_EGRESS;
     }
-    record(owner, connection, socket_src, src_port, delivery, flags);
+    record(
+        owner, connection, socket_src, src_port, delivery, flags, uid,
+    );
     blocked
 }
 
 /// `report` for a connection already decided (`delivery`), with `RecordFlags` the caller
-/// knows (`REFUSED`).
+/// knows (`REFUSED`). The user is not in the owner: `bpf_get_current_uid_gid` at each
+/// socket's creation cost compliant connections about a twentieth of the time srcip added
+/// to them (docs/BENCHMARKS.md), so it is asked (`uid`) only for a connection user space
+/// sees.
 #[inline(always)]
 pub fn record(
     owner: &SocketOwner,
@@ -49,6 +56,7 @@ pub fn record(
     src_port: u16,
     delivery: Delivery,
     mut flags: u32,
+    uid: impl FnOnce() -> u32,
 ) {
     let tcp = connection.protocol == IPPROTO_TCP;
     count(if tcp {
@@ -114,7 +122,7 @@ pub fn record(
         (&raw mut (*record).wire_src_addr).write(*connection.src);
         (&raw mut (*record).dst_addr).write(*connection.dst);
         (&raw mut (*record).pid).write(owner.pid);
-        (&raw mut (*record).uid).write(owner.uid);
+        (&raw mut (*record).uid).write(uid());
         (&raw mut (*record).src_port).write(src_port);
         (&raw mut (*record).dst_port).write(connection.dst_port);
         (&raw mut (*record).family).write(connection.family);

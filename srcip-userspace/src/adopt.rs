@@ -202,13 +202,6 @@ fn process_owner(
     cgroup: &Path,
     netns: &mut NetnsInodes,
 ) -> io::Result<SocketOwner> {
-    let status = fs::read_to_string(proc_dir.join("status"))?;
-    // The real uid, the first of the four, as `bpf_get_current_uid_gid` gives it.
-    let uid = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().next()?.parse().ok())
-        .unwrap_or(u32::MAX);
     let name = fs::read_to_string(proc_dir.join("comm"))?;
     let mut comm = [0; 16];
     let name = name.trim_end_matches('\n').as_bytes();
@@ -222,7 +215,7 @@ fn process_owner(
             .cookie_at(&proc_dir.join("ns/net"))
             .unwrap_or_default(),
         pid,
-        uid,
+        padding: 0,
         comm,
         audited: 1,
         flags: 0,
