@@ -115,26 +115,39 @@ pub fn require_btf() -> Result<(), SystemError> {
 struct Mount {
     point: PathBuf,
     fstype: String,
+    /// In a peer group (`shared:N`): a mount on it propagates to the peers' namespaces.
+    shared: bool,
 }
 
 /// The mounts of this process's mount namespace, from `/proc/self/mountinfo`.
 fn mounts() -> Result<Vec<Mount>, SystemError> {
-    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| SystemError::Read {
-        path: "/proc/self/mountinfo",
+    mounts_of("/proc/self/mountinfo")
+}
+
+/// The mounts listed in `mountinfo`, a `/proc/PID/mountinfo`.
+fn mounts_of(mountinfo: &'static str) -> Result<Vec<Mount>, SystemError> {
+    let text = fs::read_to_string(mountinfo).map_err(|source| SystemError::Read {
+        path: mountinfo,
         source,
     })?;
     Ok(text.lines().filter_map(parse_mountinfo_line).collect())
 }
 
 /// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw`: the mount point is the
-/// fifth field, the file-system type the first after the `-` separator.
+/// fifth field, optional fields (`shared:N`, `master:N`) follow the sixth up to the `-`
+/// separator, and the file-system type is the first after it.
 fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let (before, after) = line.split_once(" - ")?;
     let point = before.split(' ').nth(4)?;
+    let shared = before
+        .split(' ')
+        .skip(6)
+        .any(|field| field.starts_with("shared:"));
     let fstype = after.split(' ').next()?;
     Some(Mount {
         point: PathBuf::from(unescape_octal(point)),
         fstype: fstype.to_owned(),
+        shared,
     })
 }
 
@@ -162,12 +175,46 @@ fn unescape_octal(field: &str) -> String {
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified`
 /// on a hybrid one. Never assume either.
+///
+/// `ip netns exec` runs its command in a mount namespace of its own with a fresh `/sys`,
+/// which hides the cgroup file systems the host mounted under it. When this namespace has
+/// no cgroup2 but PID 1's has, srcip mounts it at `/sys/fs/cgroup` here: the same
+/// hierarchy, seen from this namespace only, and gone with it. Only where nothing
+/// propagates back: the mount holding `/sys/fs/cgroup` must not be shared (`ip netns exec`
+/// makes its mounts slaves of the host's; a shared one would carry the mount to the host).
 pub fn cgroup2_mount() -> Result<PathBuf, SystemError> {
-    mounts()?
-        .into_iter()
-        .find(|mount| mount.fstype == "cgroup2")
-        .map(|mount| mount.point)
-        .ok_or(SystemError::NoCgroup2)
+    let present = mounts()?;
+    if let Some(mount) = present.iter().find(|mount| mount.fstype == "cgroup2") {
+        return Ok(mount.point.clone());
+    }
+    let target = Path::new("/sys/fs/cgroup");
+    let host_has_cgroup2 = mounts_of("/proc/1/mountinfo")
+        .is_ok_and(|host| host.iter().any(|mount| mount.fstype == "cgroup2"));
+    // The innermost mount that holds the target: the longest mount point above it.
+    let holder = present
+        .iter()
+        .filter(|mount| target.starts_with(&mount.point))
+        .max_by_key(|mount| mount.point.as_os_str().len());
+    if !host_has_cgroup2 || holder.is_none_or(|mount| mount.shared) || !target.is_dir() {
+        return Err(SystemError::NoCgroup2);
+    }
+    mount(
+        Some("cgroup2"),
+        target,
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| SystemError::Mount {
+        fstype: "cgroup2",
+        target: target.into(),
+        source,
+    })?;
+    info!(
+        "mounted cgroup2 at {} in srcip's mount namespace, which hid the host's (ip netns exec)",
+        target.display()
+    );
+    Ok(target.to_owned())
 }
 
 /// Mounts bpffs at /sys/fs/bpf and tracefs at /sys/kernel/tracing when they are missing, as
@@ -208,6 +255,9 @@ mod tests {
         .unwrap();
         assert_eq!(mount.point, Path::new("/sys/fs/cgroup/unified"));
         assert_eq!(mount.fstype, "cgroup2");
+        assert!(mount.shared);
+        let slave = parse_mountinfo_line("50 40 0:22 / /sys rw master:7 - sysfs sysfs rw").unwrap();
+        assert!(!slave.shared);
         let escaped = parse_mountinfo_line("1 2 0:1 / /mnt/a\\040b rw - tmpfs tmpfs rw").unwrap();
         assert_eq!(escaped.point, Path::new("/mnt/a b"));
     }

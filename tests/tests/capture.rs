@@ -1,13 +1,14 @@
 //! Complete capture: connections that reach the kernel by paths a plain client does not take
 //! are still audited. A unit's cgroup removed and made again (a systemd restart), TCP and UDP
-//! sockets that arrive in an audited process from outside it, and IPv6 extension headers in
-//! front of TCP or UDP.
+//! sockets that arrive in an audited process from outside it, IPv6 extension headers in
+//! front of TCP or UDP, and a daemon started with `ip netns exec`.
 
 use std::path::Path;
 
 use srcip_tests::{
     ALLOWED_V4, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
-    TestCgroup, Topology, attempt_client, attempt_udp_client, client, udp_client,
+    TestCgroup, Topology, attempt_client, attempt_udp_client, client, connect, srcip_bin,
+    udp_client,
 };
 
 /// The partner takes HTTPS and DNS only from .10 and ::10.
@@ -254,4 +255,56 @@ fn tcp_and_udp_behind_ipv6_extension_headers_are_reported() {
     let (_, lines) = daemon.stop_with(Signal::SIGTERM);
     let violations = lines.iter().filter_map(Line::violation).count();
     assert_eq!(violations, 4, "{lines:#?}");
+}
+
+/// How many cgroup2 mounts this test process sees.
+fn cgroup2_mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains(" - cgroup2 "))
+        .count()
+}
+
+/// `ip netns exec NAME srcip run` (how an operator runs a command in a namespace): it gives
+/// srcip a mount namespace with a fresh `/sys`, which hides the host's cgroup2 mount. srcip
+/// mounts the hierarchy again in that namespace only, audits the cgroup named by its path
+/// from the cgroup root as on the host, and leaves the host's mounts as they were.
+#[test]
+fn a_daemon_started_with_ip_netns_exec_audits_as_on_the_host() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(POLICY);
+    let mounts_before = cgroup2_mounts();
+    let mut command = std::process::Command::new("ip");
+    command
+        .args(["netns", "exec", &topology.host.name])
+        .arg(srcip_bin());
+    let relative = TestCgroup::relative(&cgroup.path);
+    let mut daemon = Daemon::start_with(
+        command,
+        &policy.path,
+        &["--cgroup", &relative, "--fold-window", "0"],
+    );
+    let client = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the violation", violation_from_port(client.src_port));
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (violation.pid, violation.cgroup.as_deref()),
+        (client.pid, Some(relative.as_str()))
+    );
+    assert_eq!(violation.netns, Some(topology.host.inode()));
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "srcip run exited with {status}");
+    assert_eq!(
+        cgroup2_mounts(),
+        mounts_before,
+        "srcip changed the host's cgroup2 mounts"
+    );
 }
