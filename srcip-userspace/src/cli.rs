@@ -72,15 +72,19 @@ pub enum Shell {
 }
 
 impl Shell {
-    /// Writes the completion script for this shell to stdout.
-    pub fn print_completions(self) {
+    /// Writes the completion script for this shell to stdout. Made whole first: the
+    /// generator panics when its writer fails (`srcip completions zsh | head`), a write of
+    /// ours returns the error.
+    pub fn print_completions(self) -> std::io::Result<()> {
         let shell = match self {
             Self::Bash => clap_complete::Shell::Bash,
             Self::Zsh => clap_complete::Shell::Zsh,
             Self::Fish => clap_complete::Shell::Fish,
         };
         let mut command = <Cli as clap::CommandFactory>::command();
-        clap_complete::generate(shell, &mut command, "srcip", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command, "srcip", &mut script);
+        std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
     }
 }
 

@@ -26,6 +26,7 @@ use crate::{
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
     loader::AuditSettings,
+    output::counted,
     policy::{self, Matcher, Policy, Unmatched},
     run::prepare_host,
     system,
@@ -42,7 +43,32 @@ pub struct LearnConfig {
 /// How often progress is written to stderr.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The folder of `output` takes a file now, not only after the whole `--duration`: a file
+/// made there and removed at once says so.
+fn require_writable_folder(output: &Path) -> anyhow::Result<()> {
+    let folder = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let probe = folder.join(format!(".srcip-learn-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "cannot write the learnt policy to {}: make its folder {} (and let srcip write there) before learning",
+                output.display(),
+                folder.display()
+            )
+        })
+}
+
 pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
+    if let Some(output) = &config.output {
+        require_writable_folder(output)?;
+    }
     system::require_privileges()?;
     let host = prepare_host()?;
     let audited = config
@@ -121,10 +147,10 @@ pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
     eprintln!(
-        "srcip: learnt {} connections to {} destinations: {} rules{}",
-        seen.connections,
-        seen.destinations(),
-        seen.rules().len(),
+        "srcip: learnt {} to {}: {}{}",
+        counted(seen.connections as usize, "connection", "connections"),
+        counted(seen.destinations(), "destination", "destinations"),
+        counted(seen.rules().len(), "rule", "rules"),
         config
             .output
             .as_ref()

@@ -4,13 +4,17 @@
 //! 2 bad usage or bad policy, 3 `check` found a destination whose predicted source is not
 //! allowed.
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
 
 use clap::Parser as _;
 use srcip_userspace::{
     cgroup, check,
     cli::{self, Cli, Command, PolicyCommand},
     delivery, demo, features, learn,
+    output::counted,
     policy::{self, PolicyLoadError, ResolvConfError},
     run,
 };
@@ -26,6 +30,10 @@ fn main() -> ExitCode {
         )
         .init();
 
+    // A one-shot command whose reader stopped reading (`srcip check | head`) has nothing
+    // left to say to anyone: a quiet success. `run` is not one: a daemon whose output went
+    // away must be restarted (exit 1, see `run.rs`).
+    let one_shot = !matches!(cli.command, Command::Run(_) | Command::Demo);
     let result = match cli.command {
         Command::Check(args) => {
             match runtime().and_then(|rt| rt.block_on(check::check(args.into_config()))) {
@@ -41,16 +49,14 @@ fn main() -> ExitCode {
         }
         Command::Watch { socket } => delivery::watch(&socket),
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
-        Command::Completions { shell } => {
-            shell.print_completions();
-            Ok(())
-        }
+        Command::Completions { shell } => shell.print_completions().map_err(Into::into),
         Command::Manpages { dir } => cli::write_man_pages(&dir).map_err(|error| {
             anyhow::anyhow!("cannot write man pages to {}: {error}", dir.display())
         }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if one_shot && closed_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             if let Some(invalid @ PolicyLoadError::Invalid { .. }) = error.downcast_ref() {
                 // Exactly the FILE:LINE:COL lines, so editors and CI can jump to them.
@@ -74,6 +80,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Whether `error` is a write to a pipe whose reader has gone (EPIPE).
+fn closed_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// 2 when the operator must fix an input (policy, flags), 1 for everything else.
 fn exit_code(error: &anyhow::Error) -> u8 {
     let bad_input = error.chain().any(|cause| {
@@ -91,15 +106,16 @@ fn validate(file: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .map(|rule| rule.destinations.len())
         .sum();
-    println!(
-        "{}: valid: {} rules, {} destinations, unmatched connections are {}",
+    writeln!(
+        std::io::stdout(),
+        "{}: valid: {}, {}, unmatched connections are {}",
         file.display(),
-        policy.rules.len(),
-        destinations,
+        counted(policy.rules.len(), "rule", "rules"),
+        counted(destinations, "destination", "destinations"),
         match policy.unmatched {
             policy::Unmatched::Ignore => "ignored",
             policy::Unmatched::Alert => "alerted",
         }
-    );
+    )?;
     Ok(())
 }

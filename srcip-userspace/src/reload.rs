@@ -24,6 +24,7 @@ use crate::{
     audit::AuditSession,
     drift::DriftWatch,
     metrics::Metrics,
+    output::counted,
     policy::{
         self, Answers, Destination, HostNames, Matcher, NameChange, Policy, PolicyError,
         PolicyLoadError,
@@ -202,7 +203,7 @@ pub fn reload(
     metrics.reloaded(result.is_ok());
     match result {
         Ok(rules) => {
-            info!("reloaded {policy}: {rules} rules");
+            info!("reloaded {policy}: {}", counted(rules, "rule", "rules"));
             Alert::now(AlertBody::Reloaded { policy, rules })
         }
         Err(error) => {

@@ -1,6 +1,10 @@
-//! Command-line behaviour that needs no kernel programs: policy errors and bad flags.
+//! Command-line behaviour that needs no kernel programs: policy errors, bad flags, and
+//! one-shot commands whose output is cut short or cannot be written.
 
-use std::process::Command;
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use srcip_tests::{PolicyFile, srcip_bin};
 
@@ -70,7 +74,10 @@ fn validate_accepts_a_good_policy() {
     );
     let summary = String::from_utf8_lossy(&output.stdout);
     assert_eq!(summary.lines().count(), 1, "{summary}");
-    assert!(summary.contains("1 rules"), "{summary}");
+    assert!(
+        summary.contains(": valid: 1 rule, 2 destinations,"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -202,5 +209,72 @@ fn a_resolv_conf_that_cannot_be_read_exits_2_and_names_it() {
     assert!(
         stderr.contains("--resolv-conf /nonexistent/resolv.conf"),
         "{stderr}"
+    );
+}
+
+/// A pipe whose reader is already gone: every write to it fails with EPIPE, as a write of
+/// `srcip check | head` does once `head` has its lines.
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    Stdio::from(writer)
+}
+
+/// `srcip completions zsh | head`, `srcip policy validate FILE | head`, `srcip check | head`:
+/// a one-shot command whose reader stopped reading has nothing left to tell anyone, and
+/// exits 0 without a word (no panic, no "Broken pipe").
+#[test]
+fn one_shot_commands_exit_quietly_when_their_reader_is_gone() {
+    let policy = PolicyFile::new(
+        "[[rule]]\nname = \"loopback\"\ndestinations = [\"127.0.0.1\"]\nallowed_sources = [\"127.0.0.1\"]\n",
+    );
+    let path = policy.path.to_str().unwrap();
+    for args in [
+        &["completions", "zsh"][..],
+        &["policy", "validate", path],
+        &["check", "--policy", path],
+    ] {
+        let output = Command::new(srcip_bin())
+            .args(args)
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        assert_eq!(
+            (output.status.code(), stderr_lines(&output)),
+            (Some(0), Vec::<String>::new()),
+            "srcip {args:?}"
+        );
+    }
+}
+
+/// `policy learn --output` into a folder that does not exist fails at once, naming it, not
+/// after the whole `--duration`.
+#[test]
+fn learn_into_a_missing_folder_fails_at_once_and_names_it() {
+    let started = Instant::now();
+    let output = Command::new(srcip_bin())
+        .args([
+            "policy",
+            "learn",
+            "--duration",
+            "10m",
+            "--output",
+            "/nonexistent-srcip-folder/policy.toml",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "learn failed only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_lines(&output);
+    assert!(
+        stderr
+            .iter()
+            .any(|line| line.contains("/nonexistent-srcip-folder")),
+        "{stderr:#?}"
     );
 }
