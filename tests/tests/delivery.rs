@@ -43,7 +43,8 @@ fn a_file_sink_gets_every_alert_and_quiet_keeps_stdout_empty() {
     let cgroup = TestCgroup::new(&[]);
     let policy = PolicyFile::new(PARTNER_POLICY);
     let folder = tempfile::tempdir().unwrap();
-    let file = folder.path().join("alerts.json");
+    // In folders that do not exist yet: srcip makes them.
+    let file = folder.path().join("log/srcip/alerts.json");
     let srcip = Command::new(srcip_bin())
         .args(["run", "--quiet", "--policy"])
         .arg(&policy.path)

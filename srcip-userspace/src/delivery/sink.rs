@@ -3,7 +3,7 @@
 use std::{
     fs::{File, OpenOptions},
     io,
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::PathBuf,
     sync::mpsc,
     thread::JoinHandle,
@@ -232,9 +232,16 @@ fn write_file(
     }
 }
 
-/// Appending, created when missing, readable by its owner and group only: alerts name
-/// processes, users and addresses.
+/// Appending, created when missing (with its folders, as `/var/log/srcip/` on a host that
+/// never had one), readable by its owner and group only: alerts name processes, users and
+/// addresses.
 fn open_append(path: &std::path::Path) -> io::Result<File> {
+    if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(folder)?;
+    }
     OpenOptions::new()
         .append(true)
         .create(true)
