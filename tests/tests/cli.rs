@@ -278,3 +278,47 @@ fn learn_into_a_missing_folder_fails_at_once_and_names_it() {
         "{stderr:#?}"
     );
 }
+
+/// A start that fails after srcip began to listen for watchers (here: a sink file it cannot
+/// make) leaves no socket behind.
+#[test]
+fn a_failed_start_leaves_no_watch_socket_behind() {
+    let policy = PolicyFile::new(
+        "[[rule]]\nname = \"loopback\"\ndestinations = [\"127.0.0.1\"]\nallowed_sources = [\"127.0.0.1\"]\n",
+    );
+    let folder = tempfile::tempdir().unwrap();
+    let socket = folder.path().join("srcip.sock");
+    let output = Command::new(srcip_bin())
+        .args(["run", "--policy"])
+        .arg(&policy.path)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--sink", "file:/dev/null/alerts.json"])
+        .arg("--spool")
+        .arg(folder.path().join("spool"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{:#?}",
+        stderr_lines(&output)
+    );
+    assert!(
+        stderr_lines(&output)
+            .iter()
+            .any(|line| line.contains("file:/dev/null/alerts.json")),
+        "{:#?}",
+        stderr_lines(&output)
+    );
+    // It was listening before the sink failed.
+    assert!(
+        stderr_lines(&output)
+            .iter()
+            .any(|line| line.contains("srcip watch can attach at")),
+        "{:#?}",
+        stderr_lines(&output)
+    );
+    assert!(!socket.exists(), "the watch socket was left behind");
+}

@@ -236,7 +236,10 @@ fn write_file(
 /// never had one), readable by its owner and group only: alerts name processes, users and
 /// addresses.
 fn open_append(path: &std::path::Path) -> io::Result<File> {
-    if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
+    if let Some(folder) = path
+        .parent()
+        .filter(|folder| !folder.as_os_str().is_empty())
+    {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o750)

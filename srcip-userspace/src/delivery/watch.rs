@@ -39,7 +39,7 @@ const STALLED_WRITE: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 pub struct WatchServer {
-    path: PathBuf,
+    socket: SocketFile,
     alerts: broadcast::Sender<SharedAlert>,
     /// The daemon's `started` line, which every watcher gets first.
     started: Arc<Mutex<Option<SharedAlert>>>,
@@ -83,7 +83,7 @@ impl WatchServer {
         ));
         info!("srcip watch can attach at {}", path.display());
         Ok(Self {
-            path: path.to_owned(),
+            socket: SocketFile(path.to_owned()),
             alerts,
             started,
             shutdown,
@@ -114,8 +114,18 @@ impl WatchServer {
         {
             debug!("watchers did not finish in time");
         }
-        if let Err(error) = std::fs::remove_file(&self.path) {
-            warn!("cannot remove the socket {}: {error}", self.path.display());
+        drop(self.socket);
+    }
+}
+
+/// The socket's file, bound by this server: removed when the server goes, whether it was
+/// stopped or the start failed after the bind (a failed start leaves nothing behind).
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_file(&self.0) {
+            warn!("cannot remove the socket {}: {error}", self.0.display());
         }
     }
 }
