@@ -202,12 +202,8 @@ impl AuditSession {
                 if let Some(window) = fold_window {
                     folding.opened(window, report.clone());
                 }
-                // `--all` writes every connection; its report is copied only for one that
-                // is also a violation or pinned.
-                if report_all && (violation || pinned) {
-                    let body = AlertBody::Connect(report.clone());
-                    alerts.push(Alert { time, body });
-                }
+                // One line per connection: under `--all`, a violating or pinned connection
+                // is written once, as its `violation` or `pinned` line.
                 let body = if violation {
                     AlertBody::Violation(report)
                 } else if pinned {

@@ -165,22 +165,15 @@ async fn connect_and_expect(
             if report.src_port != outcome.local.port() || report.dst != PARTNER.ip() {
                 continue;
             }
-            // A violation comes as a `connect` line followed by a `violation` line: show the
-            // latter. A compliant connection has only the former.
-            let concluding = match verdict {
-                Verdict::Violation => matches!(alert.body, AlertBody::Violation(_)),
-                Verdict::Compliant | Verdict::Unmatched => true,
-            };
-            if concluding || report.verdict != verdict {
-                print_partner_alert(&alert);
-                if report.verdict != verdict {
-                    bail!(
-                        "srcip reported {:?}, the demo expected {verdict:?}",
-                        report.verdict
-                    );
-                }
-                return Ok(());
+            // Each connection has one line: its `violation`, or else its `connect` line.
+            print_partner_alert(&alert);
+            if report.verdict != verdict {
+                bail!(
+                    "srcip reported {:?}, the demo expected {verdict:?}",
+                    report.verdict
+                );
             }
+            return Ok(());
         }
     }
     bail!(

@@ -189,6 +189,17 @@ impl Line {
         }
     }
 
+    /// The connection of a `connect`, `violation` or `pinned` line: under `--all`, each
+    /// connection has exactly one of them.
+    pub fn connection(&self) -> Option<&Connection> {
+        match self {
+            Self::Connect(connection) | Self::Violation(connection) | Self::Pinned(connection) => {
+                Some(connection)
+            }
+            _ => None,
+        }
+    }
+
     pub fn route_drift(&self) -> Option<&RouteCheck> {
         match self {
             Self::RouteDrift(check) => Some(check),

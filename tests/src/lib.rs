@@ -704,9 +704,9 @@ pub fn make_violation(daemon: &mut Daemon, topology: &Topology, cgroup: &Path) -
     client
 }
 
-/// Connects like [`connect`] and returns the `connect` line `daemon` (run with `--all`)
-/// writes for that connection.
-pub fn connect_line(
+/// Connects like [`connect`] and returns the one line `daemon` (run with `--all`) writes
+/// for that connection: its `connect` line, or its `violation` or `pinned` line.
+pub fn connection_line(
     daemon: &mut Daemon,
     netns: &Netns,
     cgroup: &Path,
@@ -715,11 +715,11 @@ pub fn connect_line(
     port: u16,
 ) -> Connection {
     let client = connect(netns, cgroup, bind, dst, port);
-    let line = daemon.wait_for("the connect line", |line| {
-        line.connect()
+    let line = daemon.wait_for("the connection's line", |line| {
+        line.connection()
             .is_some_and(|c| c.src_port == client.src_port)
     });
-    line.connect().unwrap().clone()
+    line.connection().unwrap().clone()
 }
 
 /// Waits until something listens on loopback `port` (a test server starting).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use srcip_tests::{
     Daemon, LINE_TIMEOUT, Line, OTHER_V4, PolicyFile, TestCgroup, Topology, check_in_with,
-    connect_line, dns::NameServer, ip_in, nft_in, run,
+    connection_line, dns::NameServer, ip_in, nft_in, run,
 };
 
 const NAME: &str = "api.partner.srcip.test";
@@ -46,14 +46,14 @@ fn audit_by_name(
 }
 
 /// Connects from the source the policy does not allow and returns the verdict and rule of
-/// the daemon's `connect` line for it (`--all`).
+/// the daemon's one line for it (`--all`).
 fn verdict_of_connection(
     daemon: &mut Daemon,
     topology: &Topology,
     cgroup: &TestCgroup,
     dst: &str,
 ) -> (String, Option<String>) {
-    let line = connect_line(
+    let line = connection_line(
         daemon,
         &topology.host,
         &cgroup.path,
