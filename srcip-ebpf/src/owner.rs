@@ -114,9 +114,7 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
     if !inet {
         return ALLOW;
     }
-    // One call for both uses: each helper call costs this hook tens of nanoseconds.
-    let tgid = current_tgid();
-    let daemon = is_daemon(tgid);
+    let daemon = current_task_is_daemon();
     let audited = (!daemon || audits_daemon()) && current_task_is_audited();
     // In this hook the helpers take the context itself as the socket.
     let context = ctx.sock.cast();
@@ -124,15 +122,15 @@ pub fn srcip_sock_create(ctx: SockContext) -> i32 {
         TCP if audited => {
             // SAFETY: the program's context, as the helper expects in this hook.
             let cookie = unsafe { bpf_get_socket_cookie(context) };
-            store_tcp_owner(cookie, &current_task_as_owner(context, tgid, true));
+            store_tcp_owner(cookie, &current_task_as_owner(context, true));
         }
         // srcip's own UDP sockets are recorded too: the daemon learns namespace cookies
         // from them.
         UDP if audited || daemon => {
-            store_socket_owner(ctx.sock, &current_task_as_owner(context, tgid, audited));
+            store_socket_owner(ctx.sock, &current_task_as_owner(context, audited));
         }
         IPPROTO_MPTCP if audited => {
-            store_socket_owner(ctx.sock, &current_task_as_owner(context, tgid, true));
+            store_socket_owner(ctx.sock, &current_task_as_owner(context, true));
         }
         _ => {}
     }
@@ -155,7 +153,7 @@ pub fn calling_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> 
             (*ctx.sock_addr).protocol,
         )
     };
-    let may_adopt = || (!is_daemon(current_tgid()) || audits_daemon()) && current_task_is_audited();
+    let may_adopt = || (!current_task_is_daemon() || audits_daemon()) && current_task_is_audited();
     match protocol {
         TCP => {
             // SAFETY: the program's context, as the helper expects in this hook.
@@ -170,10 +168,9 @@ pub fn calling_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> 
                     Some(stored) => stored,
                     // An MPTCP socket made before srcip started (or passed in): adopted
                     // at its first subflow's connect, which runs in its program.
-                    None if may_adopt() => store_socket_owner(
-                        connection,
-                        &current_task_as_owner(context, current_tgid(), true),
-                    )?,
+                    None if may_adopt() => {
+                        store_socket_owner(connection, &current_task_as_owner(context, true))?
+                    }
                     None => return None,
                 };
                 if stored.owner.audited == 0 {
@@ -184,17 +181,12 @@ pub fn calling_owner(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> 
             if !may_adopt() {
                 return None;
             }
-            store_tcp_owner(
-                cookie,
-                &current_task_as_owner(context, current_tgid(), true),
-            )
+            store_tcp_owner(cookie, &current_task_as_owner(context, true))
         }
         UDP => match stored_owner(sk) {
             Some(udp) => (udp.owner.audited != 0).then_some(&mut udp.owner),
-            None if may_adopt() => {
-                store_socket_owner(sk, &current_task_as_owner(context, current_tgid(), true))
-                    .map(|udp| &mut udp.owner)
-            }
+            None if may_adopt() => store_socket_owner(sk, &current_task_as_owner(context, true))
+                .map(|udp| &mut udp.owner),
             None => None,
         },
         _ => None,
@@ -219,14 +211,10 @@ fn audits_daemon() -> bool {
     unsafe { core::ptr::read_volatile(&AUDIT_DAEMON) != 0 }
 }
 
-/// The process id of the task on this CPU.
-fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
-
 /// srcip does not audit itself, unless told to: its own connections (alert delivery) would
-/// report on the reports. `tgid` is the current task's process id.
-fn is_daemon(tgid: u32) -> bool {
+/// report on the reports.
+fn current_task_is_daemon() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: a global set by the loader; volatile keeps the default from being folded in.
     tgid == unsafe { core::ptr::read_volatile(&DAEMON_TGID) }
 }
@@ -367,14 +355,13 @@ fn stored_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
     unsafe { owner.as_mut() }
 }
 
-/// `ctx` is the program's context, which the namespace helper takes; `tgid` the current
-/// task's process id.
-fn current_task_as_owner(ctx: *mut c_void, tgid: u32, audited: bool) -> SocketOwner {
+/// `ctx` is the program's context, which the namespace helper takes.
+fn current_task_as_owner(ctx: *mut c_void, audited: bool) -> SocketOwner {
     SocketOwner {
         // SAFETY: helpers without arguments, or with the program's own context.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx) },
-        pid: tgid,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         padding: 0,
         // A missing name must not lose the owner: the connection is still reported.
         comm: bpf_get_current_comm().unwrap_or([0; 16]),

@@ -198,23 +198,28 @@ pub fn cgroup2_mount() -> Result<PathBuf, SystemError> {
     if !host_has_cgroup2 || holder.is_none_or(|mount| mount.shared) || !target.is_dir() {
         return Err(SystemError::NoCgroup2);
     }
-    mount(
-        Some("cgroup2"),
-        target,
-        Some("cgroup2"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|source| SystemError::Mount {
-        fstype: "cgroup2",
-        target: target.into(),
-        source,
-    })?;
+    mount_file_system("cgroup2", target)?;
     info!(
         "mounted cgroup2 at {} in srcip's mount namespace, which hid the host's (ip netns exec)",
         target.display()
     );
     Ok(target.to_owned())
+}
+
+/// Mounts the kernel's file system `fstype` at `target`, as systemd mounts it at boot.
+fn mount_file_system(fstype: &'static str, target: &Path) -> Result<(), SystemError> {
+    mount(
+        Some(fstype),
+        target,
+        Some(fstype),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| SystemError::Mount {
+        fstype,
+        target: target.into(),
+        source,
+    })
 }
 
 /// Mounts bpffs at /sys/fs/bpf and tracefs at /sys/kernel/tracing when they are missing, as
@@ -226,18 +231,7 @@ pub fn ensure_kernel_file_systems() -> Result<(), SystemError> {
         if present.iter().any(|mount| mount.fstype == fstype) {
             continue;
         }
-        mount(
-            Some(fstype),
-            target,
-            Some(fstype),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(|source| SystemError::Mount {
-            fstype,
-            target: target.into(),
-            source,
-        })?;
+        mount_file_system(fstype, Path::new(target))?;
         info!("mounted {fstype} at {target} (it was missing)");
     }
     Ok(())

@@ -905,8 +905,15 @@ impl WaitingUdpClient {
         Self { child, stdout }
     }
 
-    /// Lets it send, and returns its report.
-    pub fn send(mut self) -> UdpReport {
+    /// Lets it send, and returns its report; the datagram must not fail.
+    pub fn send(self) -> UdpReport {
+        let report = self.attempt_send();
+        assert_eq!(report.error, None, "udp-client's datagram failed");
+        report
+    }
+
+    /// As [`WaitingUdpClient::send`], for a datagram that may be refused (`block`).
+    pub fn attempt_send(mut self) -> UdpReport {
         use std::io::{BufRead as _, Write as _};
         let mut stdin = self.child.stdin.take().unwrap();
         stdin.write_all(b"go\n").expect("udp-client stdin");
@@ -916,10 +923,7 @@ impl WaitingUdpClient {
             .expect("udp-client stdout");
         let status = self.child.wait().expect("udp-client exit");
         assert!(status.success(), "udp-client failed: {status}");
-        let report: UdpReport =
-            serde_json::from_str(&report).expect("udp-client prints one JSON line");
-        assert_eq!(report.error, None, "udp-client's datagram failed");
-        report
+        serde_json::from_str(&report).expect("udp-client prints one JSON line")
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use srcip_tests::{
     ALLOWED_V4, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile, Signal,
-    TestCgroup, Topology, attempt_client, attempt_udp_client, client, connect, srcip_bin,
+    TestCgroup, Topology, attempt_client, attempt_udp_client, client, make_violation, srcip_bin,
     udp_client,
 };
 
@@ -286,15 +286,8 @@ fn a_daemon_started_with_ip_netns_exec_audits_as_on_the_host() {
         &policy.path,
         &["--cgroup", &relative, "--fold-window", "0"],
     );
-    let client = connect(
-        &topology.host,
-        &cgroup.path,
-        Some(OTHER_V4),
-        PARTNER_V4,
-        443,
-    );
-    let line = daemon.wait_for("the violation", violation_from_port(client.src_port));
-    let violation = line.violation().unwrap();
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
+    let violation = daemon.seen.last().and_then(Line::violation).unwrap();
     assert_eq!(
         (violation.pid, violation.cgroup.as_deref()),
         (client.pid, Some(relative.as_str()))

@@ -14,6 +14,13 @@ destinations = ["198.51.100.500"]
 allowed_sources = []
 "#;
 
+/// A valid policy whose one destination is this host's loopback.
+const LOOPBACK_POLICY: &str = r#"[[rule]]
+name = "loopback"
+destinations = ["127.0.0.1"]
+allowed_sources = ["127.0.0.1"]
+"#;
+
 fn stderr_lines(output: &std::process::Output) -> Vec<String> {
     String::from_utf8_lossy(&output.stderr)
         .lines()
@@ -225,9 +232,7 @@ fn closed_pipe() -> Stdio {
 /// exits 0 without a word (no panic, no "Broken pipe").
 #[test]
 fn one_shot_commands_exit_quietly_when_their_reader_is_gone() {
-    let policy = PolicyFile::new(
-        "[[rule]]\nname = \"loopback\"\ndestinations = [\"127.0.0.1\"]\nallowed_sources = [\"127.0.0.1\"]\n",
-    );
+    let policy = PolicyFile::new(LOOPBACK_POLICY);
     let path = policy.path.to_str().unwrap();
     for args in [
         &["completions", "zsh"][..],
@@ -283,9 +288,7 @@ fn learn_into_a_missing_folder_fails_at_once_and_names_it() {
 /// make) leaves no socket behind.
 #[test]
 fn a_failed_start_leaves_no_watch_socket_behind() {
-    let policy = PolicyFile::new(
-        "[[rule]]\nname = \"loopback\"\ndestinations = [\"127.0.0.1\"]\nallowed_sources = [\"127.0.0.1\"]\n",
-    );
+    let policy = PolicyFile::new(LOOPBACK_POLICY);
     let folder = tempfile::tempdir().unwrap();
     let socket = folder.path().join("srcip.sock");
     let output = Command::new(srcip_bin())

@@ -8,9 +8,9 @@ use std::{path::PathBuf, process::Command};
 
 use srcip_tests::{
     ALLOWED_V4, ALLOWED_V6, Connection, Daemon, Line, MptcpListener, OTHER_V4, OTHER_V6,
-    PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, attempt_connect,
-    attempt_udp_client, cgroup_attach_types, client, connect, has_mptcp, ip_in, kernel_at_least,
-    nft_in, run, srcip_bin, udp_client, unique_name,
+    PARTNER_V4, PARTNER_V6, PolicyFile, Signal, TestCgroup, Topology, WaitingUdpClient,
+    attempt_client, attempt_connect, attempt_udp_client, cgroup_attach_types, client, connect,
+    has_mptcp, ip_in, kernel_at_least, nft_in, run, srcip_bin, udp_client, unique_name,
 };
 
 fn policy_with(action: &str) -> String {
@@ -734,17 +734,18 @@ action = "block"
     );
 }
 
-/// What the prediction cannot know is judged on the packet: a connected UDP socket that
-/// sets a wrong source per datagram with `IP_PKTINFO` is stopped at egress, and a program
-/// whose mark policy routing sends from the allowed source is never refused, though srcip's
 /// A policy that blocks UDP, on a whole-host audit, attaches no sendmsg program (with one the
 /// kernel would lock every unconnected UDP socket of the host around each datagram): the
 /// egress program refuses a wrong datagram on the source it carries, and its sender gets
-/// EPERM from that `sendto()`; the allowed source passes. The destination is this test's own,
-/// as the audit covers every process of the host.
+/// EPERM from that `sendto()`, however the source was chosen or the datagram sent: bound,
+/// per datagram (`IP_PKTINFO`), several in one call (`sendmmsg`), behind IPv4 options or an
+/// IPv6 extension header, or from a socket made before srcip started. The allowed source
+/// passes. The destinations are this test's own, as the audit covers every process of the
+/// host.
 #[test]
 fn block_refuses_unconnected_datagrams_at_egress_without_sendmsg_programs() {
-    const RESOLVER: &str = "198.51.100.77";
+    const RESOLVER_V4: &str = "198.51.100.77";
+    const RESOLVER_V6: &str = "2001:db8:77::77";
     const PORT: u16 = 5377;
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);
@@ -752,13 +753,21 @@ fn block_refuses_unconnected_datagrams_at_egress_without_sendmsg_programs() {
         r#"
 [[rule]]
 name = "resolver"
-destinations = ["{RESOLVER}"]
+destinations = ["{RESOLVER_V4}", "{RESOLVER_V6}"]
 ports = [{PORT}]
 protocol = "udp"
-allowed_sources = ["{ALLOWED_V4}"]
+allowed_sources = ["{ALLOWED_V4}", "{ALLOWED_V6}"]
 action = "block"
 "#
     ));
+    // Made before srcip started: adopted at its start.
+    let early = WaitingUdpClient::start(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V4],
+        RESOLVER_V4,
+        PORT,
+    );
     let mut daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
     // BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG and BPF_CGROUP_UDP6_SENDMSG.
     let (connect4, sendmsg4, sendmsg6) = (10, 14, 15);
@@ -769,46 +778,113 @@ action = "block"
         "sendmsg programs attached: {attached:?}"
     );
 
-    let wrong = attempt_udp_client(
-        &topology.host,
-        &cgroup.path,
-        &["--bind", OTHER_V4],
-        RESOLVER,
-        PORT,
-    );
-    assert_eq!(wrong.error.as_deref(), Some("EPERM"), "{wrong:?}");
-    let line = daemon.wait_for("the blocked datagram", |line| {
-        line.violation()
-            .is_some_and(|violation| violation.src_port == wrong.src_port)
-    });
-    let violation = line.violation().unwrap();
-    assert_eq!(
+    let mut refused = vec![(
+        "made before srcip started".to_owned(),
+        early.attempt_send(),
+        OTHER_V4,
+    )];
+    for (options, resolver, source) in [
+        (&["--bind", OTHER_V4][..], RESOLVER_V4, OTHER_V4),
+        (&["--bind", OTHER_V6], RESOLVER_V6, OTHER_V6),
+        (&["--pktinfo", OTHER_V4], RESOLVER_V4, OTHER_V4),
+        (&["--sendmmsg", "--bind", OTHER_V4], RESOLVER_V4, OTHER_V4),
+        (&["--ip-options", "--bind", OTHER_V4], RESOLVER_V4, OTHER_V4),
         (
-            violation.blocked,
-            violation.blocked_at.as_deref(),
-            violation.src.as_str()
+            &["--ipv6-header", "dstopts", "--bind", OTHER_V6],
+            RESOLVER_V6,
+            OTHER_V6,
         ),
-        (Some(true), Some("egress"), OTHER_V4)
-    );
+    ] {
+        let what = options.join(" ");
+        let report = attempt_udp_client(&topology.host, &cgroup.path, options, resolver, PORT);
+        refused.push((what, report, source));
+    }
+    for (what, report, source) in refused {
+        assert_eq!(report.error.as_deref(), Some("EPERM"), "{what}: {report:?}");
+        let line = daemon.wait_for(&format!("the blocked datagram ({what})"), |line| {
+            line.violation()
+                .is_some_and(|violation| violation.src_port == report.src_port)
+        });
+        let violation = line.violation().unwrap();
+        assert_eq!(
+            (
+                violation.blocked,
+                violation.blocked_at.as_deref(),
+                violation.src.as_str()
+            ),
+            (Some(true), Some("egress"), source),
+            "{what}"
+        );
+    }
     // `udp_client` fails the test on EPERM.
-    let right = udp_client(
-        &topology.host,
-        &cgroup.path,
-        &["--bind", ALLOWED_V4],
-        RESOLVER,
-        PORT,
-    );
+    let right = [
+        udp_client(
+            &topology.host,
+            &cgroup.path,
+            &["--bind", ALLOWED_V4],
+            RESOLVER_V4,
+            PORT,
+        ),
+        udp_client(
+            &topology.host,
+            &cgroup.path,
+            &["--bind", ALLOWED_V6],
+            RESOLVER_V6,
+            PORT,
+        ),
+    ];
     let (status, lines) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
     assert!(
         !lines
             .iter()
             .filter_map(Line::violation)
-            .any(|violation| violation.src_port == right.src_port),
-        "the compliant datagram was reported: {lines:#?}"
+            .any(|violation| right
+                .iter()
+                .any(|report| violation.src_port == report.src_port)),
+        "a compliant datagram was reported: {lines:#?}"
     );
 }
 
+/// A violation names its socket's user: a connection judged on its packet carries the
+/// socket's own (the user the kernel routes it by), one refused at `connect()` the user of
+/// the process refused. Here both are the client's, which runs as 4242.
+#[test]
+fn a_violation_names_the_user_of_its_socket_at_egress_and_at_connect() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let audited = cgroup.child("audited");
+    for (action, bind, blocked_at) in [
+        ("alert", None, None),
+        ("block", Some(OTHER_V4), Some("connect")),
+    ] {
+        let policy = PolicyFile::new(&policy_with(action));
+        let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+        let mut options = vec!["--uid", "4242"];
+        options.extend(bind.iter().flat_map(|bind| ["--bind", bind]));
+        let client = attempt_client(&topology.host, &audited, &options, PARTNER_V4, 443).remove(0);
+        let line = daemon.wait_for(&format!("the {action} violation"), |line| {
+            line.violation()
+                .is_some_and(|violation| violation.pid == client.pid)
+        });
+        let violation = line.violation().unwrap();
+        assert_eq!(
+            (
+                violation.uid,
+                violation.blocked_at.as_deref(),
+                violation.src.as_str()
+            ),
+            (4242, blocked_at, OTHER_V4),
+            "{action}"
+        );
+        let (status, _) = daemon.stop_with(Signal::SIGTERM);
+        assert!(status.success());
+    }
+}
+
+/// What the prediction cannot know is judged on the packet: a connected UDP socket that
+/// sets a wrong source per datagram with `IP_PKTINFO` is stopped at egress, and a program
+/// whose mark policy routing sends from the allowed source is never refused, though srcip's
 /// own (unmarked) prediction says the wrong one.
 #[test]
 fn block_judges_per_datagram_sources_and_marked_programs_on_the_wire() {

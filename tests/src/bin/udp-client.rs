@@ -165,7 +165,12 @@ fn main() {
                     return;
                 }
             }
-            Mode::SendMmsg => send_to_all(&socket, &destinations, payload),
+            Mode::SendMmsg => {
+                if let Err(error) = send_to_all(&socket, &destinations, payload) {
+                    report(&socket, Some(&error));
+                    return;
+                }
+            }
         }
     }
     report(&socket, None);
@@ -266,8 +271,13 @@ fn send_with_source(
     Ok(())
 }
 
-/// One `sendmmsg()` call with a datagram to each destination.
-fn send_to_all(socket: &Socket, destinations: &[SocketAddr], payload: &[u8]) {
+/// One `sendmmsg()` with a datagram to each destination; the error when its first datagram
+/// was refused (the call then sends none).
+fn send_to_all(
+    socket: &Socket,
+    destinations: &[SocketAddr],
+    payload: &[u8],
+) -> std::io::Result<()> {
     let addresses: Vec<SockAddr> = destinations.iter().map(|&d| SockAddr::from(d)).collect();
     let mut iovs: Vec<libc::iovec> = destinations
         .iter()
@@ -298,10 +308,9 @@ fn send_to_all(socket: &Socket, destinations: &[SocketAddr], payload: &[u8]) {
             0,
         )
     };
-    assert_eq!(
-        sent,
-        messages.len() as i32,
-        "sendmmsg: {}",
-        std::io::Error::last_os_error()
-    );
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    assert_eq!(sent, messages.len() as i32, "sendmmsg sent only {sent}");
+    Ok(())
 }
