@@ -1,6 +1,10 @@
 //! `srcip check`: for every destination of a policy, the source the kernel would choose now,
 //! whether the policy allows it, why the kernel chose it, and how to fix it. Nothing is
 //! sent and no eBPF is loaded; it needs only the routing tables (any user may run it).
+//!
+//! `srcip check ADDR[:PORT][/tcp|udp] [--from SOURCE]` asks the same of one destination with
+//! no policy: it is checked as a one-rule policy made for the question, whose allowed source
+//! is SOURCE (or, without `--from`, any: the question is then only which source and why).
 
 use std::{
     io::Write as _,
@@ -19,12 +23,115 @@ use crate::{
 };
 
 pub struct CheckConfig {
-    pub policy: PathBuf,
+    pub question: Question,
     pub format: Format,
     /// Name servers for the policy's host names (`--resolv-conf`); the system's when `None`.
     pub resolv_conf: Option<PathBuf>,
     /// The program to predict for (`--uid`, `--mark`).
     pub program: Program,
+}
+
+/// What `check` is asked about.
+pub enum Question {
+    /// Every destination of the policy file.
+    Policy(PathBuf),
+    /// One destination, and whether `from` would be its source.
+    Destination {
+        destination: AdHocDestination,
+        from: Option<IpAddr>,
+    },
+}
+
+/// `ADDR[:PORT][/tcp|udp]`: an address or host name, and the port and protocol of the
+/// connection to predict (port- and protocol-keyed policy routing depends on them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdHocDestination {
+    /// As given.
+    pub text: String,
+    pub host: String,
+    pub port: Option<u16>,
+    pub protocol: Option<policy::Protocol>,
+}
+
+impl std::str::FromStr for AdHocDestination {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let usage = |why: &str| {
+            format!(
+                "{text:?}: {why}; give ADDR[:PORT][/tcp|udp], e.g. 198.51.100.50:443/tcp, [2001:db8::50]:443 or api.example.com:443"
+            )
+        };
+        let (rest, protocol) = match text.rsplit_once('/') {
+            Some((rest, "tcp")) => (rest, Some(policy::Protocol::Tcp)),
+            Some((rest, "udp")) => (rest, Some(policy::Protocol::Udp)),
+            Some(_) => {
+                return Err(usage(
+                    "after / comes tcp or udp (one destination, not a prefix)",
+                ));
+            }
+            None => (text, None),
+        };
+        let port = |port: &str| {
+            port.parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| usage("the port is a number from 1 to 65535"))
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| usage("a [ without its ]"))?;
+            match after.strip_prefix(':') {
+                Some(given) => (host, Some(port(given)?)),
+                None if after.is_empty() => (host, None),
+                None => return Err(usage("after ] comes :PORT")),
+            }
+        } else if rest.parse::<IpAddr>().is_ok() {
+            // An IPv6 address without brackets has no port.
+            (rest, None)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, given)) => (host, Some(port(given)?)),
+                None => (rest, None),
+            }
+        };
+        let is_name = !host.is_empty()
+            && host.split('.').all(|label| {
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if host.parse::<IpAddr>().is_err() && !is_name {
+            return Err(usage("not an address or a host name"));
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            host: host.to_owned(),
+            port,
+            protocol,
+        })
+    }
+}
+
+impl AdHocDestination {
+    /// The one-rule policy that asks the question: named after it, allowing `from` (any
+    /// source without it).
+    fn policy(&self, from: Option<IpAddr>) -> Result<policy::Policy, policy::PolicyLoadError> {
+        let mut toml = format!(
+            "[[rule]]\nname = \"{}\"\ndestinations = [\"{}\"]\n",
+            self.text, self.host
+        );
+        if let Some(port) = self.port {
+            toml += &format!("ports = [{port}]\n");
+        }
+        if let Some(protocol) = self.protocol {
+            toml += &format!("protocol = \"{}\"\n", protocol.as_str());
+        }
+        toml += &match from {
+            Some(from) => format!("allowed_sources = [\"{from}\"]\n"),
+            None => "allowed_sources = [\"0.0.0.0/0\", \"::/0\"]\n".to_owned(),
+        };
+        policy::parse(Path::new(&self.text), &toml)
+    }
 }
 
 /// One destination of the policy, as `check --format json` prints it, and as `route_drift`
@@ -104,23 +211,38 @@ impl PinOutlook {
     }
 }
 
-/// Checks every destination; `Ok(true)` when every one is compliant.
+/// Checks every destination; `Ok(true)` when every one is compliant (with no `--from`, a
+/// single destination always is: nothing was asked of its source).
 pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
     let names = HostNames::new(config.resolv_conf.as_deref(), Duration::ZERO)?;
-    let (policy, _) = names.resolve(policy::load(&config.policy)?).await?;
+    let (policy, asked, judged) = match &config.question {
+        Question::Policy(path) => (policy::load(path)?, path.display().to_string(), true),
+        Question::Destination { destination, from } => (
+            destination.policy(*from)?,
+            destination.text.clone(),
+            from.is_some(),
+        ),
+    };
+    let (policy, _) = names.resolve(policy).await?;
     let router = Router::new()?;
     let host = router.host().await?;
     let mut all_compliant = true;
     let mut stdout = std::io::stdout().lock();
     if config.format == Format::Text {
-        print_header(&mut stdout, &config.policy)?;
+        print_header(&mut stdout, &asked)?;
     }
     for rule in &policy.rules {
         for (destination, _) in &rule.destinations {
             let Destination::Prefix(prefix) = destination else {
                 continue;
             };
-            let row = check_destination(&router, &host, rule, *prefix, config.program).await?;
+            let mut row = check_destination(&router, &host, rule, *prefix, config.program).await?;
+            if !judged {
+                // Any source was "allowed": say that none was asked about.
+                row.allowed_sources.clear();
+                row.compliant = true;
+                row.fix.clear();
+            }
             all_compliant &= row.compliant;
             match config.format {
                 Format::Json => writeln!(stdout, "{}", serde_json::to_string(&row)?)?,
@@ -217,8 +339,8 @@ pub async fn check_destination(
     })
 }
 
-fn print_header(out: &mut impl std::io::Write, policy: &Path) -> std::io::Result<()> {
-    writeln!(out, "srcip check: {}", policy.display())?;
+fn print_header(out: &mut impl std::io::Write, asked: &str) -> std::io::Result<()> {
+    writeln!(out, "srcip check: {asked}")?;
     writeln!(
         out,
         "{:<20} {:<32} {:<26} {:<10} VERDICT",
@@ -235,7 +357,9 @@ fn print_row(out: &mut impl std::io::Write, row: &DestinationCheck) -> std::io::
     let predicted = row
         .predicted_src
         .map_or_else(|| "none".to_owned(), |src| src.to_string());
-    let verdict = if row.compliant {
+    let verdict = if row.allowed_sources.is_empty() {
+        "-".to_owned()
+    } else if row.compliant {
         "allowed".to_owned()
     } else {
         format!("NOT ALLOWED (allowed: {})", row.allowed_sources.join(", "))
@@ -270,6 +394,59 @@ mod tests {
         assert_eq!(at("198.51.100.6/31"), "198.51.100.6");
         assert_eq!(at("2001:db8:50::/64"), "2001:db8:50::1");
         assert_eq!(at("0.0.0.0/0"), "0.0.0.1");
+    }
+
+    #[test]
+    fn a_destination_is_an_address_or_name_with_an_optional_port_and_protocol() {
+        let parsed = |text: &str| {
+            text.parse::<AdHocDestination>()
+                .map(|asked| (asked.host, asked.port, asked.protocol))
+        };
+        let tcp = Some(policy::Protocol::Tcp);
+        assert_eq!(
+            parsed("198.51.100.50:443/tcp"),
+            Ok(("198.51.100.50".into(), Some(443), tcp))
+        );
+        assert_eq!(
+            parsed("198.51.100.50"),
+            Ok(("198.51.100.50".into(), None, None))
+        );
+        assert_eq!(
+            parsed("2001:db8::50"),
+            Ok(("2001:db8::50".into(), None, None))
+        );
+        assert_eq!(
+            parsed("[2001:db8::50]:53/udp"),
+            Ok(("2001:db8::50".into(), Some(53), Some(policy::Protocol::Udp)))
+        );
+        assert_eq!(
+            parsed("api.example.com:8443"),
+            Ok(("api.example.com".into(), Some(8443), None))
+        );
+        for wrong in [
+            "198.51.100.0/24",
+            "198.51.100.50:0",
+            "198.51.100.50:https",
+            "[2001:db8::50",
+            "a b",
+            "",
+            "host/sctp",
+        ] {
+            let error = parsed(wrong).unwrap_err();
+            assert!(error.contains("ADDR[:PORT]"), "{wrong}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_question_is_a_valid_one_rule_policy() {
+        let asked: AdHocDestination = "198.51.100.50:443/tcp".parse().unwrap();
+        let policy = asked.policy(Some("203.0.113.10".parse().unwrap())).unwrap();
+        let rule = &policy.rules[0];
+        assert_eq!(&*rule.name, "198.51.100.50:443/tcp");
+        assert!(rule.allows_source("203.0.113.10".parse().unwrap()));
+        assert!(!rule.allows_source("203.0.113.11".parse().unwrap()));
+        let any = asked.policy(None).unwrap();
+        assert!(any.rules[0].allows_source("2001:db8::11".parse().unwrap()));
     }
 
     #[test]

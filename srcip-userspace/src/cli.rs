@@ -30,14 +30,19 @@ pub enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Ask the kernel which source it would choose now for every destination of the policy,
-    /// and say why and how to fix it; exit 3 when any is not allowed. Sends nothing.
+    /// Ask the kernel which source it would choose now for every destination of the policy
+    /// (or for one DESTINATION), and say why and how to fix it; exit 3 when any is not
+    /// allowed. Sends nothing.
     Check(CheckArgs),
-    /// Stream the alerts of a running `srcip run` as they happen (JSON lines).
+    /// Stream the alerts of a running `srcip run` as they happen: first what it is attached
+    /// to and the destinations drifting now.
     Watch {
         /// The unix socket `srcip run` listens on.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Output format; default: text on a terminal, json otherwise.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
     },
     /// Reproduce the multi-IP incident in throw-away network namespaces and show srcip
     /// catching it.
@@ -107,13 +112,17 @@ pub struct RunArgs {
     #[arg(long)]
     quiet: bool,
     /// Also deliver alerts here; repeatable: file:PATH, syslog:[PATH],
-    /// syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT, nats://HOST:PORT/SUBJECT?stream=NAME,
-    /// https://… (a webhook).
+    /// syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT, nats://HOST:PORT/SUBJECT?stream=NAME
+    /// (tls://… for TLS), https://… (a webhook).
     #[arg(long = "sink", value_name = "URL")]
     sinks: Vec<SinkSpec>,
-    /// CA certificates (PEM) that https:// sinks trust instead of the system's.
+    /// CA certificates (PEM) that https:// and tls:// sinks trust instead of the system's.
     #[arg(long, value_name = "FILE")]
     sink_ca: Option<PathBuf>,
+    /// Who nats:// and tls:// sinks are to their server: a .creds file (a user JWT and its
+    /// nkey seed) or a file holding a user nkey seed.
+    #[arg(long, value_name = "FILE")]
+    nats_creds: Option<PathBuf>,
     /// The unix socket `srcip watch` reads (root-only).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -185,6 +194,7 @@ impl RunArgs {
                 max_bytes: self.spool_max,
             },
             sink_ca: self.sink_ca,
+            nats_creds: self.nats_creds,
             metrics: self.metrics,
             report_all: self.all,
             ring_buffer_bytes: self.ring_buffer_size,
@@ -201,6 +211,14 @@ impl RunArgs {
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
+    /// One destination to ask about instead of a policy: ADDR[:PORT][/tcp|udp], an address
+    /// or host name (IPv6 with a port in brackets: [2001:db8::50]:443).
+    #[arg(value_name = "DESTINATION", conflicts_with = "policy")]
+    destination: Option<crate::check::AdHocDestination>,
+    /// With a DESTINATION: whether the kernel would use this source for it (exit 3 when
+    /// not), and how to make it.
+    #[arg(long, value_name = "SOURCE", requires = "destination")]
+    from: Option<std::net::IpAddr>,
     /// Policy file (TOML).
     #[arg(long, value_name = "FILE", default_value = "/etc/srcip/policy.toml")]
     policy: PathBuf,
@@ -252,7 +270,13 @@ fn parse_mark(given: &str) -> Result<u32, String> {
 impl CheckArgs {
     pub fn into_config(self) -> crate::check::CheckConfig {
         crate::check::CheckConfig {
-            policy: self.policy,
+            question: match self.destination {
+                Some(destination) => crate::check::Question::Destination {
+                    destination,
+                    from: self.from,
+                },
+                None => crate::check::Question::Policy(self.policy),
+            },
             format: self.format.unwrap_or_else(default_format),
             resolv_conf: self.resolver.resolv_conf,
             program: crate::route::Program {
@@ -298,7 +322,7 @@ impl LearnArgs {
     }
 }
 
-fn default_format() -> Format {
+pub fn default_format() -> Format {
     if std::io::stdout().is_terminal() {
         Format::Text
     } else {

@@ -47,7 +47,9 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Learn(args)) => {
             runtime().and_then(|rt| rt.block_on(learn::learn(args.into_config())))
         }
-        Command::Watch { socket } => delivery::watch(&socket),
+        Command::Watch { socket, format } => {
+            delivery::watch(&socket, format.unwrap_or_else(cli::default_format))
+        }
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
         Command::Completions { shell } => shell.print_completions().map_err(Into::into),
         Command::Manpages { dir } => cli::write_man_pages(&dir).map_err(|error| {

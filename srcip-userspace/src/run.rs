@@ -10,7 +10,9 @@ use crate::{
     alerts::{Alert, AlertBody},
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
-    delivery::{Delivery, DeliveryEvent, SinkSpec, SpoolSettings, WatchServer},
+    delivery::{
+        Delivery, DeliveryEvent, NatsCredentials, SinkAccess, SinkSpec, SpoolSettings, WatchServer,
+    },
     drift::DriftWatch,
     features,
     loader::{AuditSettings, KeptLinks},
@@ -34,8 +36,10 @@ pub struct RunConfig {
     pub socket: PathBuf,
     /// Where network sinks keep what their receiver has not taken.
     pub spool: SpoolSettings,
-    /// CA certificates (PEM) webhook sinks trust instead of the system's.
+    /// CA certificates (PEM) webhook and `tls://` NATS sinks trust instead of the system's.
     pub sink_ca: Option<PathBuf>,
+    /// The NATS credentials file (`--nats-creds`).
+    pub nats_creds: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
     pub report_all: bool,
@@ -177,13 +181,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if let Some(address) = config.metrics {
         metrics::serve(address, Arc::clone(&metrics)).await?;
     }
+    let access = SinkAccess {
+        ca: config.sink_ca.clone(),
+        nats_credentials: config
+            .nats_creds
+            .as_deref()
+            .map(NatsCredentials::load)
+            .transpose()?,
+    };
     let watch = WatchServer::bind(&config.socket)?;
     let mut delivery = Delivery::start(
         config.format,
         config.quiet,
         &config.sinks,
         &config.spool,
-        config.sink_ca.as_deref(),
+        &access,
         Some(watch),
         Arc::clone(&metrics),
     )?;

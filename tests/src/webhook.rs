@@ -72,6 +72,18 @@ impl TestCertificates {
     }
 }
 
+impl TestCertificates {
+    /// The certificate for 127.0.0.1 (PEM), for a server.
+    pub fn certificate(&self) -> PathBuf {
+        self.folder.path().join("cert.pem")
+    }
+
+    /// The certificate's private key (PEM).
+    pub fn key(&self) -> PathBuf {
+        self.folder.path().join("key.pem")
+    }
+}
+
 impl Default for TestCertificates {
     fn default() -> Self {
         Self::new()

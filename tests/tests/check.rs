@@ -240,3 +240,87 @@ fn uid_and_mark_keyed_rules_are_honoured_for_the_program_given() {
     let (code, rows) = check_in_with(&topology.host, &policy.path, &["--mark", "0x7"]);
     assert_eq!(code, 0, "after {fix}: {rows:#?}");
 }
+
+/// `srcip check ARGS…` (JSON) inside `netns`, with no policy: its exit code and rows.
+fn ask_in(netns: &srcip_tests::Netns, args: &[&str]) -> (i32, Vec<Value>) {
+    let output = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", netns.name))
+        .arg(srcip_tests::srcip_bin())
+        .args(["check", "--format", "json"])
+        .args(args)
+        .output()
+        .expect("run srcip check");
+    let rows = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("srcip check prints JSON lines"))
+        .collect();
+    (output.status.code().expect("srcip check exited"), rows)
+}
+
+/// One destination, asked about with no policy: which source the kernel would choose for
+/// that port and protocol, by which route and why; with `--from`, whether that source would
+/// be used (exit 3 when not), and a fix that, run as printed, makes it so.
+#[test]
+fn one_destination_is_asked_about_without_a_policy() {
+    let topology = Topology::new();
+    ip_in(
+        &topology.host.name,
+        "route add default via 203.0.113.1 src 203.0.113.11 table 300",
+    );
+    ip_in(
+        &topology.host.name,
+        "rule add ipproto tcp dport 443 lookup 300 priority 300",
+    );
+
+    let (code, rows) = ask_in(&topology.host, &["198.51.100.50:443/tcp"]);
+    assert_eq!((code, rows.len()), (0, 1), "{rows:#?}");
+    let https = &rows[0];
+    assert_eq!(
+        (
+            https["dst_port"].as_u64(),
+            https["protocol"].as_str(),
+            https["predicted_src"].as_str(),
+            https["table"].as_str()
+        ),
+        (Some(443), Some("tcp"), Some(OTHER_V4), Some("300")),
+        "{https:#}"
+    );
+    assert_eq!(https["allowed_sources"], serde_json::json!([]));
+    assert_eq!(https["fix"], serde_json::json!([]));
+    let (_, rows) = ask_in(&topology.host, &["198.51.100.50:80/tcp"]);
+    assert_eq!(rows[0]["predicted_src"], ALLOWED_V4, "{rows:#?}");
+    let (_, rows) = ask_in(&topology.host, &["[2001:db8:50::50]:443"]);
+    assert_eq!(rows[0]["predicted_src"], "2001:db8::10", "{rows:#?}");
+
+    let (code, rows) = ask_in(
+        &topology.host,
+        &["198.51.100.50:443/tcp", "--from", OTHER_V4],
+    );
+    assert_eq!((code, &rows[0]["compliant"]), (0, &Value::Bool(true)));
+    let (code, rows) = ask_in(
+        &topology.host,
+        &["198.51.100.50:443/tcp", "--from", ALLOWED_V4],
+    );
+    assert_eq!(
+        (code, &rows[0]["compliant"]),
+        (3, &Value::Bool(false)),
+        "{rows:#?}"
+    );
+    let fix = rows[0]["fix"][0].as_str().expect("a fix").to_owned();
+    shell_in(&topology.host, &fix);
+    let (code, rows) = ask_in(
+        &topology.host,
+        &["198.51.100.50:443/tcp", "--from", ALLOWED_V4],
+    );
+    assert_eq!(code, 0, "after `{fix}`: {rows:#?}");
+
+    for wrong in [
+        &["198.51.100.0/24"][..],
+        &["198.51.100.50:https"],
+        &["--from", ALLOWED_V4],
+        &["198.51.100.50", "--policy", "/etc/srcip/policy.toml"],
+    ] {
+        let (code, rows) = ask_in(&topology.host, wrong);
+        assert_eq!((code, rows.len()), (2, 0), "{wrong:?}");
+    }
+}

@@ -203,3 +203,77 @@ fn a_marked_program_drifts_for_its_mark_and_its_violation_names_the_rule() {
         drift.mark == Some(7)
     });
 }
+
+/// The first `count` lines `srcip watch --format FORMAT` prints for the daemon on `socket`,
+/// and whatever else it prints in the moment after them.
+fn watch_lines(socket: &std::path::Path, format: &str, count: usize) -> Vec<String> {
+    use std::io::BufRead as _;
+    let mut watcher = std::process::Command::new(srcip_tests::srcip_bin())
+        .args(["watch", "--format", format, "--socket"])
+        .arg(socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning srcip watch");
+    let stdout = watcher.stdout.take().unwrap();
+    let (sender, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = sender.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        lines.push(
+            received
+                .recv_timeout(srcip_tests::DELIVERY_TIMEOUT)
+                .unwrap_or_else(|_| panic!("srcip watch printed only {lines:#?}")),
+        );
+    }
+    while let Ok(line) = received.recv_timeout(std::time::Duration::from_secs(1)) {
+        lines.push(line);
+    }
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+    lines
+}
+
+/// A watcher that attaches while a destination drifts learns it at once, after `started`,
+/// in the format it asks for; one that attaches after the recovery hears of no drift.
+#[test]
+fn a_late_watcher_learns_what_drifts_now_in_the_format_it_asks_for() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &[]);
+    topology.route_partner_via_other_source();
+    daemon.wait_for("route_drift", |line| line.route_drift().is_some());
+
+    let text = watch_lines(&daemon.socket, "text", 2);
+    assert!(text[0].contains("started: policy"), "{text:#?}");
+    assert!(
+        text[1].contains("ROUTE DRIFT")
+            && text[1].contains(PARTNER_V4)
+            && text[1].contains(OTHER_V4),
+        "{text:#?}"
+    );
+    let json = watch_lines(&daemon.socket, "json", 2);
+    let drift: serde_json::Value = serde_json::from_str(&json[1]).unwrap();
+    assert_eq!(
+        (drift["type"].as_str(), drift["dst"].as_str()),
+        (Some("route_drift"), Some(PARTNER_V4)),
+        "{json:#?}"
+    );
+
+    ip_in(&topology.host.name, "route del 198.51.100.50/32");
+    daemon.wait_for("route_recovered", |line| line.route_recovered().is_some());
+    let after = watch_lines(&daemon.socket, "json", 1);
+    assert!(after[0].contains(r#""type":"started""#), "{after:#?}");
+    assert!(
+        after.iter().all(|line| !line.contains("route_drift")),
+        "{after:#?}"
+    );
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+}

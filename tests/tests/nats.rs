@@ -8,21 +8,34 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures_util::StreamExt as _;
 use srcip_tests::{
     DELIVERY_TIMEOUT, Daemon, Line, PARTNER_POLICY, PolicyFile, Signal, TestCgroup, Topology,
-    free_port, make_violation, nats::NatsServer,
+    free_port, make_violation,
+    nats::{NatsConfig, NatsServer, nkey_user, operator_mode_user},
+    webhook::TestCertificates,
 };
 
 /// Every message of `stream` on the server at `port`, read by a new consumer from the
 /// start: (subject, the alert's `type`, the alert's `src_port` if any). `None` while the
 /// stream does not exist.
 fn replay(port: u16, stream: &str) -> Option<Vec<(String, String, Option<u64>)>> {
+    replay_from(
+        &format!("127.0.0.1:{port}"),
+        async_nats::ConnectOptions::new(),
+        stream,
+    )
+}
+
+/// As [`replay`], from the server at `url`, connected with `options`.
+fn replay_from(
+    url: &str,
+    options: async_nats::ConnectOptions,
+    stream: &str,
+) -> Option<Vec<(String, String, Option<u64>)>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let client = async_nats::connect(format!("127.0.0.1:{port}"))
-            .await
-            .unwrap();
+        let client = options.connect(url).await.unwrap();
         let jetstream = jetstream::new(client);
         let stream = jetstream.get_stream(stream).await.ok()?;
         let consumer = stream
@@ -203,4 +216,105 @@ fn an_alert_over_the_servers_max_payload_is_dead_lettered_and_the_next_ones_arri
         "the sink went on: {kinds:?}"
     );
     assert!(!kinds.contains(&"violation"), "{kinds:?}");
+}
+
+/// Audits one violation with a NATS sink at `sink` and the extra `options`, stops, and
+/// returns the violation's source port.
+fn violation_through(sink: &str, options: &[&str]) -> u16 {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let mut arguments = vec![
+        "--sink",
+        sink,
+        "--fold-window",
+        "0",
+        "--cgroup",
+        cgroup.path.to_str().unwrap(),
+    ];
+    arguments.extend(options);
+    let mut daemon = Daemon::start(&policy.path, &arguments);
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
+    let (status, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{lines:#?}");
+    client.src_port
+}
+
+/// A server that speaks only TLS, in operator mode, as `nsc` sets a production one up: the
+/// sink given as `tls://`, trusting `--sink-ca`, and authenticated by a `.creds` file,
+/// delivers every alert; the stream, read back as that user, holds the violation.
+#[test]
+fn a_tls_server_in_operator_mode_takes_the_alerts_of_a_user_with_a_creds_file() {
+    let certificates = TestCertificates::new();
+    let (authorization, creds) = operator_mode_user();
+    let server = NatsServer::start_with(
+        free_port(),
+        NatsConfig {
+            tls: Some((certificates.certificate(), certificates.key())),
+            authorization: Some(authorization),
+            ..NatsConfig::default()
+        },
+    );
+    let folder = tempfile::tempdir().unwrap();
+    let creds_file = folder.path().join("srcip.creds");
+    std::fs::write(&creds_file, &creds).unwrap();
+    let sink = format!("tls://127.0.0.1:{}/srcip.alerts?stream=SRCIP", server.port);
+    let src_port = violation_through(
+        &sink,
+        &[
+            "--sink-ca",
+            certificates.ca.to_str().unwrap(),
+            "--nats-creds",
+            creds_file.to_str().unwrap(),
+        ],
+    );
+
+    let options = async_nats::ConnectOptions::new()
+        .add_root_certificates(certificates.ca.clone())
+        .credentials(&creds)
+        .unwrap();
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    let replayed = replay_from(&url, options, "SRCIP").expect("the sink created the stream");
+    assert_eq!(replayed[0].1, "started", "{replayed:#?}");
+    assert!(
+        replayed
+            .iter()
+            .any(|(_, kind, port)| kind == "violation" && *port == Some(u64::from(src_port))),
+        "{replayed:#?}"
+    );
+}
+
+/// A server that knows its users by nkey: a file holding the user's seed is enough, and
+/// a connection without it is refused (so the alerts did not get in without it).
+#[test]
+fn a_server_that_knows_its_users_by_nkey_takes_the_alerts_of_a_seed_file() {
+    let (authorization, seed) = nkey_user();
+    let server = NatsServer::start_with(
+        free_port(),
+        NatsConfig {
+            authorization: Some(authorization),
+            ..NatsConfig::default()
+        },
+    );
+    let folder = tempfile::tempdir().unwrap();
+    let seed_file = folder.path().join("srcip.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    let sink = format!("nats://127.0.0.1:{}/srcip.alerts?stream=SRCIP", server.port);
+    let src_port = violation_through(&sink, &["--nats-creds", seed_file.to_str().unwrap()]);
+
+    let url = format!("127.0.0.1:{}", server.port);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let anonymous = runtime.block_on(async_nats::ConnectOptions::new().connect(url.as_str()));
+    assert!(anonymous.is_err(), "the server takes anyone");
+    let replayed = replay_from(&url, async_nats::ConnectOptions::with_nkey(seed), "SRCIP")
+        .expect("the sink created the stream");
+    assert!(
+        replayed
+            .iter()
+            .any(|(_, kind, port)| kind == "violation" && *port == Some(u64::from(src_port))),
+        "{replayed:#?}"
+    );
 }

@@ -29,6 +29,7 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing::warn;
 
+pub use nats::NatsCredentials;
 pub use sink::SinkSpec;
 pub use watch::{DEFAULT_SOCKET, WatchServer, watch};
 
@@ -41,6 +42,16 @@ use crate::{
 /// Alerts a sink's queue holds before further ones are counted as lost for it: several
 /// seconds of `--all` on a busy host.
 const SINK_QUEUE_ALERTS: usize = 65_536;
+
+/// What network sinks connect with besides their URLs.
+#[derive(Clone, Default)]
+pub struct SinkAccess {
+    /// CA certificates (PEM) that `https://` and `tls://` sinks trust instead of the
+    /// system's (`--sink-ca`).
+    pub ca: Option<std::path::PathBuf>,
+    /// Who NATS sinks are to their server (`--nats-creds`).
+    pub nats_credentials: Option<NatsCredentials>,
+}
 
 /// Where network sinks keep what their receiver has not taken (`--spool`, `--spool-max`).
 pub struct SpoolSettings {
@@ -283,7 +294,7 @@ impl Delivery {
         quiet: bool,
         sinks: &[SinkSpec],
         spool: &SpoolSettings,
-        sink_ca: Option<&std::path::Path>,
+        access: &SinkAccess,
         watch: Option<WatchServer>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -305,7 +316,7 @@ impl Delivery {
             })?;
         }
         for spec in sinks {
-            delivery.add(sink::Sink::open(spec, spool, sink_ca)?)?;
+            delivery.add(sink::Sink::open(spec, spool, access)?)?;
         }
         Ok(delivery)
     }
@@ -537,8 +548,16 @@ mod tests {
         let file = folder.path().join("alerts.json");
         let sinks = [SinkSpec::File(pipe.clone()), SinkSpec::File(file.clone())];
         let metrics = Arc::new(Metrics::new());
-        let mut delivery =
-            Delivery::start(Format::Json, true, &sinks, &spool, None, None, metrics).unwrap();
+        let mut delivery = Delivery::start(
+            Format::Json,
+            true,
+            &sinks,
+            &spool,
+            &SinkAccess::default(),
+            None,
+            metrics,
+        )
+        .unwrap();
         // In batches the sink that reads keeps up with, so that only the stalled one loses.
         const BATCHES: usize = 80;
         const BATCH: usize = 1000;

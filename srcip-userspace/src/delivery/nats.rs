@@ -1,4 +1,7 @@
-//! The NATS JetStream sink: `nats://HOST:PORT/SUBJECT?stream=NAME`.
+//! The NATS JetStream sink: `nats://HOST:PORT/SUBJECT?stream=NAME`, or `tls://…` for a
+//! server that must speak TLS (trusting `--sink-ca` when given, the system's CAs otherwise).
+//! `--nats-creds FILE` authenticates it the way `nats` CLI users do: a `.creds` file (a
+//! user JWT and its nkey seed) or a file holding a user nkey seed alone.
 //!
 //! Each alert is published to `SUBJECT.HOST.TYPE` (the host name with anything but letters,
 //! digits, `-` and `_` made `_`, so that it stays one subject token) and counts as delivered only when the stream has
@@ -8,13 +11,15 @@
 //! duplicate that a retry sends within its deduplication window (2 minutes by default).
 //! Messages go through the sink's spool (`spool.rs`), as every network sink's do.
 
-use std::{io, sync::mpsc, time::Duration};
+use std::{io, path::Path, sync::mpsc, time::Duration};
+
+use anyhow::Context as _;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 
 use super::SharedAlert;
 use super::{
-    SinkCounters, client_runtime,
+    SinkAccess, SinkCounters, client_runtime,
     spool::{SendError, Spool, forward},
 };
 use crate::alerts::{Alert, host_name, json_object};
@@ -25,19 +30,25 @@ const NATS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where a NATS sink publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsTarget {
-    /// `HOST:PORT`.
+    /// `tls://`: the connection must be encrypted (`nats://` takes TLS only when the server
+    /// asks for it).
+    pub tls: bool,
+    /// `HOST:PORT`, possibly after `USER:PASSWORD@`.
     pub server: String,
     pub subject: String,
     pub stream: String,
 }
 
 impl NatsTarget {
-    /// `nats://HOST:PORT/SUBJECT?stream=NAME`; `None` for other schemes.
+    /// `nats://HOST:PORT/SUBJECT?stream=NAME` or `tls://…`; `None` for other schemes.
     pub fn parse(url: &str) -> Option<Result<Self, String>> {
-        let rest = url.strip_prefix("nats://")?;
+        let (tls, rest) = match url.strip_prefix("nats://") {
+            Some(rest) => (false, rest),
+            None => (true, url.strip_prefix("tls://")?),
+        };
         let usage = || {
             format!(
-                "{url}: expected nats://HOST:PORT/SUBJECT?stream=NAME, e.g. nats://nats.example.net:4222/srcip?stream=SRCIP"
+                "{url}: expected nats://HOST:PORT/SUBJECT?stream=NAME (or tls://…), e.g. nats://nats.example.net:4222/srcip?stream=SRCIP"
             )
         };
         let parsed = (|| {
@@ -52,6 +63,7 @@ impl NatsTarget {
             };
             let subject_ok = subject.split('.').all(valid);
             (server.contains(':') && subject_ok && valid(stream)).then(|| Self {
+                tls,
                 server: server.to_owned(),
                 subject: subject.to_owned(),
                 stream: stream.to_owned(),
@@ -60,10 +72,17 @@ impl NatsTarget {
         Some(parsed.ok_or_else(usage))
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls { "tls" } else { "nats" }
+    }
+
     pub fn url(&self) -> String {
         format!(
-            "nats://{}/{}?stream={}",
-            self.server, self.subject, self.stream
+            "{}://{}/{}?stream={}",
+            self.scheme(),
+            self.server,
+            self.subject,
+            self.stream
         )
     }
 
@@ -74,7 +93,66 @@ impl NatsTarget {
             .server
             .rsplit_once('@')
             .map_or(self.server.as_str(), |(_, host)| host);
-        format!("nats://{server}/{}?stream={}", self.subject, self.stream)
+        format!(
+            "{}://{server}/{}?stream={}",
+            self.scheme(),
+            self.subject,
+            self.stream
+        )
+    }
+}
+
+/// Who a NATS sink is to its server (`--nats-creds FILE`), read once at start so that a
+/// wrong file stops srcip there. Never printed: it holds a secret.
+#[derive(Clone)]
+pub enum NatsCredentials {
+    /// A `.creds` file's text: the user's JWT and the nkey seed that signs the server's nonce.
+    Creds(String),
+    /// A user nkey seed (`SU…`), for a server that lists the user's public nkey.
+    NkeySeed(String),
+}
+
+impl NatsCredentials {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the NATS credentials {}", path.display()))?;
+        if text.contains("-----BEGIN NATS USER JWT-----") {
+            async_nats::ConnectOptions::new()
+                .credentials(&text)
+                .with_context(|| {
+                    format!(
+                        "{} is not a usable NATS credentials file (a user JWT and its nkey seed, as `nsc generate creds` writes it)",
+                        path.display()
+                    )
+                })?;
+            return Ok(Self::Creds(text));
+        }
+        let seed = text
+            .lines()
+            .map(str::trim)
+            .find(|line| line.starts_with("SU"));
+        match seed {
+            // An nkey seed is 58 characters of base32.
+            Some(seed)
+                if seed.len() == 58
+                    && seed
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || ('2'..='7').contains(&c)) =>
+            {
+                Ok(Self::NkeySeed(seed.to_owned()))
+            }
+            _ => anyhow::bail!(
+                "{} holds neither a NATS user JWT with its seed (a .creds file) nor a user nkey seed (a line of 58 characters starting with SU)",
+                path.display()
+            ),
+        }
+    }
+
+    fn apply(&self, options: async_nats::ConnectOptions) -> io::Result<async_nats::ConnectOptions> {
+        match self {
+            Self::Creds(text) => options.credentials(text),
+            Self::NkeySeed(seed) => Ok(options.nkey(seed.clone())),
+        }
     }
 }
 
@@ -84,12 +162,18 @@ struct Connection {
 }
 
 impl Connection {
-    async fn open(target: &NatsTarget) -> io::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
+    async fn open(target: &NatsTarget, access: &SinkAccess) -> io::Result<Self> {
+        let mut options = async_nats::ConnectOptions::new()
             .connection_timeout(NATS_TIMEOUT)
-            .connect(target.server.as_str())
-            .await
-            .map_err(io::Error::other)?;
+            .require_tls(target.tls);
+        if let Some(ca) = &access.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some(credentials) = &access.nats_credentials {
+            options = credentials.apply(options)?;
+        }
+        let server = format!("{}://{}", target.scheme(), target.server);
+        let client = options.connect(server).await.map_err(io::Error::other)?;
         let jetstream = jetstream::new(client);
         jetstream
             .get_or_create_stream(jetstream::stream::Config {
@@ -145,6 +229,7 @@ impl Connection {
 /// Publishes what arrives in `alerts` until the queue is closed, through `spool`.
 pub(super) fn write_nats(
     target: &NatsTarget,
+    access: &SinkAccess,
     alerts: &mpsc::Receiver<SharedAlert>,
     counters: &SinkCounters,
     spool: Spool,
@@ -169,7 +254,7 @@ pub(super) fn write_nats(
         runtime.block_on(async {
             let result = tokio::time::timeout(NATS_TIMEOUT, async {
                 if connection.is_none() {
-                    connection = Some(Connection::open(target).await?);
+                    connection = Some(Connection::open(target, access).await?);
                 }
                 let open = connection.as_ref().expect("just opened");
                 open.publish(target, &subject_host, messages).await
@@ -206,4 +291,29 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NatsCredentials;
+
+    #[test]
+    fn a_credentials_file_is_a_creds_file_or_an_nkey_seed_and_anything_else_names_the_file() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("srcip.creds");
+        let seed = format!("SU{}", "A".repeat(56));
+        std::fs::write(&path, format!("# the user's seed\n{seed}\n")).unwrap();
+        assert!(
+            matches!(NatsCredentials::load(&path), Ok(NatsCredentials::NkeySeed(read)) if read == seed)
+        );
+        for text in ["", "user:password\n", "-----BEGIN NATS USER JWT-----\nx\n"] {
+            std::fs::write(&path, text).unwrap();
+            let error = format!("{:#}", NatsCredentials::load(&path).err().unwrap());
+            assert!(error.starts_with(&path.display().to_string()), "{error}");
+            assert!(!error.contains("password"), "{error}");
+        }
+        let missing = folder.path().join("missing.creds");
+        let error = format!("{:#}", NatsCredentials::load(&missing).err().unwrap());
+        assert!(error.contains("missing.creds"), "{error}");
+    }
 }

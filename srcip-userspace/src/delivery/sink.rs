@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::SharedAlert;
 use super::{
-    SinkCounters, SpoolSettings,
+    SinkAccess, SinkCounters, SpoolSettings,
     nats::{NatsTarget, write_nats},
     spool::Spool,
     syslog::{SyslogTarget, write_syslog},
@@ -87,6 +87,7 @@ pub(super) enum Sink {
     /// Connects on its own thread too.
     Nats {
         target: NatsTarget,
+        access: SinkAccess,
         spool: Spool,
     },
     Webhook {
@@ -98,12 +99,12 @@ pub(super) enum Sink {
 
 impl Sink {
     /// Opens what the sink writes to now (its file, or its spool in `spool`; a webhook's
-    /// client, trusting `ca` when given), so that a path srcip cannot write stops it at
-    /// start with a message, not at the first alert.
+    /// client, with `access`'s CA), so that a path srcip cannot write stops it at start with
+    /// a message, not at the first alert.
     pub fn open(
         spec: &SinkSpec,
         spool: &SpoolSettings,
-        ca: Option<&std::path::Path>,
+        access: &SinkAccess,
     ) -> anyhow::Result<Self> {
         match spec {
             SinkSpec::File(path) => Ok(Self::File {
@@ -118,9 +119,10 @@ impl Sink {
             SinkSpec::Nats(target) => Ok(Self::Nats {
                 spool: spool.open_renaming(&target.name(), &target.url())?,
                 target: target.clone(),
+                access: access.clone(),
             }),
             SinkSpec::Webhook(target) => Ok(Self::Webhook {
-                client: webhook::client(ca)?,
+                client: webhook::client(access.ca.as_deref())?,
                 // Earlier srcips named it after the whole URL: taken over, with what it
                 // holds.
                 spool: spool.open_renaming(&target.name(), &target.url)?,
@@ -157,7 +159,11 @@ impl Sink {
                 Self::Syslog { target, spool } => {
                     write_syslog(&target, &alerts, &counters, spool);
                 }
-                Self::Nats { target, spool } => write_nats(&target, &alerts, &counters, spool),
+                Self::Nats {
+                    target,
+                    access,
+                    spool,
+                } => write_nats(&target, &access, &alerts, &counters, spool),
                 Self::Webhook {
                     target,
                     client,
@@ -287,8 +293,18 @@ mod tests {
         assert_eq!(
             "nats://127.0.0.1:4222/srcip.alerts?stream=SRCIP".parse(),
             Ok(SinkSpec::Nats(NatsTarget {
+                tls: false,
                 server: "127.0.0.1:4222".into(),
                 subject: "srcip.alerts".into(),
+                stream: "SRCIP".into(),
+            }))
+        );
+        assert_eq!(
+            "tls://nats.example.net:4222/srcip?stream=SRCIP".parse(),
+            Ok(SinkSpec::Nats(NatsTarget {
+                tls: true,
+                server: "nats.example.net:4222".into(),
+                subject: "srcip".into(),
                 stream: "SRCIP".into(),
             }))
         );

@@ -1,7 +1,10 @@
 //! `--socket`: the unix socket that `srcip watch` reads, and `srcip watch` itself.
 //!
-//! Every watcher gets the daemon's `started` line first (what it is attached to), then every
-//! alert as it is delivered, as JSON lines. Watchers share one broadcast queue of
+//! Every watcher gets the daemon's `started` line first (what it is attached to), then the
+//! `route_drift` of each destination drifting now (a late watcher learns what is wrong
+//! already), then every alert as it is delivered. A watcher asks for its format with one
+//! line when it connects (`format text` or `format json`); one that says nothing within
+//! [`REQUEST_WAIT`] (a plain `socat` or `nc -U`) gets JSON lines. Watchers share one broadcast queue of
 //! [`WATCH_BACKLOG`] alerts; one that falls further behind, or whose socket takes nothing for
 //! [`STALLED_WRITE`], is cut loose: it is told how many alerts it missed (when it still
 //! reads) and disconnected, and the daemon and other watchers go on unaffected.
@@ -16,8 +19,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tokio::{
-    io::AsyncWriteExt as _,
-    net::{UnixListener, UnixStream},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{
+        UnixListener, UnixStream,
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+    },
     sync::{Notify, broadcast},
     task::{JoinHandle, JoinSet},
 };
@@ -26,6 +32,7 @@ use tracing::{debug, info, warn};
 use super::{SharedAlert, lost_line};
 use crate::{
     alerts::{AlertBody, AlertWriter, host_name},
+    check::DestinationCheck,
     output::Format,
 };
 
@@ -37,12 +44,72 @@ const WATCH_BACKLOG: usize = 4096;
 const STALLED_WRITE: Duration = Duration::from_secs(60);
 /// How long stopping waits for watchers to receive the last lines.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a new watcher has to say which format it wants.
+const REQUEST_WAIT: Duration = Duration::from_millis(200);
+
+/// What a watcher attaching now is told before the alerts that follow.
+#[derive(Default)]
+struct Attached {
+    /// The daemon's `started` line.
+    started: Option<SharedAlert>,
+    /// The latest `route_drift` of each destination drifting now, in the order they began.
+    drifting: Vec<SharedAlert>,
+}
+
+impl Attached {
+    fn note(&mut self, alert: &SharedAlert) {
+        match &alert.body {
+            AlertBody::Started { .. } => self.started = Some(alert.clone()),
+            AlertBody::RouteDrift(check) => {
+                match self
+                    .drifting
+                    .iter_mut()
+                    .find(|known| same_destination(known, check))
+                {
+                    Some(known) => *known = alert.clone(),
+                    None => self.drifting.push(alert.clone()),
+                }
+            }
+            AlertBody::RouteRecovered(check) => {
+                self.drifting
+                    .retain(|known| !same_destination(known, check));
+            }
+            _ => {}
+        }
+    }
+
+    fn lines(&self) -> Vec<SharedAlert> {
+        self.started.iter().chain(&self.drifting).cloned().collect()
+    }
+}
+
+/// Whether the drift `known` is about the destination `check` is (its rule, destination,
+/// port, protocol, and the program it was predicted for).
+fn same_destination(known: &SharedAlert, check: &DestinationCheck) -> bool {
+    let AlertBody::RouteDrift(known) = &known.body else {
+        return false;
+    };
+    (
+        &known.rule,
+        &known.destination,
+        known.protocol,
+        known.dst_port,
+        known.uid,
+        known.mark,
+    ) == (
+        &check.rule,
+        &check.destination,
+        check.protocol,
+        check.dst_port,
+        check.uid,
+        check.mark,
+    )
+}
 
 pub struct WatchServer {
     socket: SocketFile,
     alerts: broadcast::Sender<SharedAlert>,
-    /// The daemon's `started` line, which every watcher gets first.
-    started: Arc<Mutex<Option<SharedAlert>>>,
+    attached: Arc<Mutex<Attached>>,
     shutdown: Arc<Notify>,
     accepting: JoinHandle<()>,
 }
@@ -73,19 +140,19 @@ impl WatchServer {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot make {} root-only", path.display()))?;
         let (alerts, _) = broadcast::channel(WATCH_BACKLOG);
-        let started = Arc::new(Mutex::new(None));
+        let attached = Arc::new(Mutex::new(Attached::default()));
         let shutdown = Arc::new(Notify::new());
         let accepting = tokio::spawn(accept(
             listener,
             alerts.clone(),
-            Arc::clone(&started),
+            Arc::clone(&attached),
             Arc::clone(&shutdown),
         ));
         info!("srcip watch can attach at {}", path.display());
         Ok(Self {
             socket: SocketFile(path.to_owned()),
             alerts,
-            started,
+            attached,
             shutdown,
             accepting,
         })
@@ -93,14 +160,16 @@ impl WatchServer {
 
     /// Sends `alert` to every watcher; never waits.
     pub fn publish(&self, alert: &SharedAlert) {
-        if matches!(alert.body, AlertBody::Started { .. }) {
-            *self
-                .started
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner()) = Some(alert.clone());
-        }
+        // Noted before it is sent, under the lock `accept` takes: a watcher attaching now
+        // gets it either among its first lines or from the queue, never both or neither.
+        let mut attached = self
+            .attached
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        attached.note(alert);
         // An error only means that nobody watches.
         let _ = self.alerts.send(alert.clone());
+        drop(attached);
     }
 
     /// Stops accepting, lets each watcher write what it was sent (up to a moment), and
@@ -133,7 +202,7 @@ impl Drop for SocketFile {
 async fn accept(
     listener: UnixListener,
     alerts: broadcast::Sender<SharedAlert>,
-    started: Arc<Mutex<Option<SharedAlert>>>,
+    attached: Arc<Mutex<Attached>>,
     shutdown: Arc<Notify>,
 ) {
     let host: Arc<str> = host_name().into();
@@ -143,9 +212,12 @@ async fn accept(
             () = shutdown.notified() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let first = started.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+                    let (first, queue) = {
+                        let attached = attached.lock().unwrap_or_else(|poison| poison.into_inner());
+                        (attached.lines(), alerts.subscribe())
+                    };
                     debug!("a watcher attached");
-                    watchers.spawn(serve(stream, first, alerts.subscribe(), Arc::clone(&host)));
+                    watchers.spawn(serve(stream, first, queue, Arc::clone(&host)));
                 }
                 Err(error) => warn!("accepting a watcher failed: {error}"),
             },
@@ -158,16 +230,18 @@ async fn accept(
     while watchers.join_next().await.is_some() {}
 }
 
-/// One watcher: `first` (the `started` line), then every alert, until the daemon stops or
-/// the watcher falls behind.
+/// One watcher: in the format it asks for, `first` (the `started` line and the drifts now),
+/// then every alert, until the daemon stops or the watcher falls behind.
 async fn serve(
-    mut stream: UnixStream,
-    first: Option<SharedAlert>,
+    stream: UnixStream,
+    first: Vec<SharedAlert>,
     mut alerts: broadcast::Receiver<SharedAlert>,
     host: Arc<str>,
 ) {
-    let mut lines = AlertWriter::new(Format::Json, host.to_string(), Vec::new());
-    let mut pending: Vec<SharedAlert> = first.into_iter().collect();
+    let (request, mut stream) = stream.into_split();
+    let format = requested_format(request).await;
+    let mut lines = AlertWriter::new(format, host.to_string(), Vec::new());
+    let mut pending = first;
     loop {
         let mut missed = None;
         if pending.is_empty() {
@@ -196,8 +270,27 @@ async fn serve(
     }
 }
 
+/// The format a watcher asks for in its first line; JSON when it asks for nothing in time
+/// or for something unknown.
+async fn requested_format(request: OwnedReadHalf) -> Format {
+    let mut line = String::new();
+    let mut request = BufReader::new(request.take(64));
+    match tokio::time::timeout(REQUEST_WAIT, request.read_line(&mut line)).await {
+        Ok(Ok(_)) if line.trim() == TEXT_REQUEST => Format::Text,
+        Ok(Ok(_)) if line.trim() == JSON_REQUEST || line.is_empty() => Format::Json,
+        Ok(Ok(_)) => {
+            debug!("a watcher asked for {line:?}, which is not a format: JSON it is");
+            Format::Json
+        }
+        _ => Format::Json,
+    }
+}
+
+const TEXT_REQUEST: &str = "format text";
+const JSON_REQUEST: &str = "format json";
+
 async fn send(
-    stream: &mut UnixStream,
+    stream: &mut OwnedWriteHalf,
     lines: &mut AlertWriter<Vec<u8>>,
     batch: &[SharedAlert],
 ) -> io::Result<()> {
@@ -212,10 +305,10 @@ async fn send(
     }
 }
 
-/// `srcip watch`: prints the alerts of the daemon listening on `socket` as they come, until
-/// it stops.
-pub fn watch(socket: &Path) -> anyhow::Result<()> {
-    let stream =
+/// `srcip watch`: prints the alerts of the daemon listening on `socket` as they come, in
+/// `format`, until it stops.
+pub fn watch(socket: &Path, format: Format) -> anyhow::Result<()> {
+    let mut stream =
         std::os::unix::net::UnixStream::connect(socket).map_err(|error| match error.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
                 "no srcip run is listening on {}: start `srcip run`, or give the --socket it uses",
@@ -228,6 +321,12 @@ pub fn watch(socket: &Path) -> anyhow::Result<()> {
                 anyhow::Error::new(error).context(format!("cannot connect to {}", socket.display()))
             }
         })?;
+    let request = match format {
+        Format::Json => JSON_REQUEST,
+        Format::Text => TEXT_REQUEST,
+    };
+    io::Write::write_all(&mut stream, format!("{request}\n").as_bytes())
+        .with_context(|| format!("cannot ask {} for {request}", socket.display()))?;
     let mut stdout = io::stdout().lock();
     match io::copy(
         &mut io::BufReader::new(stream),
