@@ -44,6 +44,16 @@ pub enum Command {
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
+    /// Ask a running `srcip run` for its state: its policy, the destinations drifting now,
+    /// failing pins, its sinks' backlog, its kernel and what it cannot do there, and counts.
+    Status {
+        /// The unix socket `srcip run` listens on.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Output format; default: text on a terminal, json otherwise.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+    },
     /// Reproduce the multi-IP incident in throw-away network namespaces and show srcip
     /// catching it.
     Demo,

@@ -50,6 +50,9 @@ fn main() -> ExitCode {
         Command::Watch { socket, format } => {
             delivery::watch(&socket, format.unwrap_or_else(cli::default_format))
         }
+        Command::Status { socket, format } => {
+            delivery::status(&socket, format.unwrap_or_else(cli::default_format))
+        }
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo::demo())),
         Command::Completions { shell } => shell.print_completions().map_err(Into::into),
         Command::Manpages { dir } => cli::write_man_pages(&dir).map_err(|error| {

@@ -189,7 +189,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .map(NatsCredentials::load)
             .transpose()?,
     };
-    let watch = WatchServer::bind(&config.socket)?;
+    let watch = WatchServer::bind(&config.socket, Arc::clone(&metrics))?;
     let mut delivery = Delivery::start(
         config.format,
         config.quiet,

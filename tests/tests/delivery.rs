@@ -269,15 +269,20 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
 }
 
 #[test]
-fn watch_without_a_daemon_says_what_to_do() {
+fn watch_and_status_without_a_daemon_say_what_to_do() {
     let folder = tempfile::tempdir().unwrap();
-    let output = Command::new(srcip_bin())
-        .arg("watch")
-        .arg("--socket")
-        .arg(folder.path().join("srcip.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("no srcip run is listening on"), "{stderr}");
+    for command in ["watch", "status"] {
+        let output = Command::new(srcip_bin())
+            .arg(command)
+            .arg("--socket")
+            .arg(folder.path().join("srcip.sock"))
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("no srcip run is listening on") && stderr.contains("start `srcip run`"),
+            "{command}: {stderr}"
+        );
+    }
 }

@@ -615,6 +615,114 @@ fn a_pin_source_that_disappears_leaves_connections_working_and_reported() {
     );
 }
 
+/// `srcip status` asks the live daemon what is wrong now: the destination that drifts since
+/// a pin source went away, and since when; the pin that fails, with its error and count;
+/// and its policy, sinks and counts, in JSON and in text.
+#[test]
+fn status_tells_a_drifting_destination_and_a_failing_pin() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let policy = PolicyFile::new(&policy_with("pin"));
+    let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
+    let audited = cgroup.child("audited");
+    let before = status(&daemon, "json");
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    assert_eq!(
+        (&before["drifting"], &before["failing_pins"]),
+        (&serde_json::json!([]), &serde_json::json!([])),
+        "{before:#}"
+    );
+
+    ip_in(&topology.host.name, "-6 addr del 2001:db8::10/64 dev v0");
+    daemon.wait_for("the drift", |line| line.route_drift().is_some());
+    let tcp = connect(&topology.host, &audited, None, PARTNER_V6, 443);
+    daemon.wait_for("the unpinned connection's violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == tcp.src_port)
+    });
+
+    let json = status(&daemon, "json");
+    let now: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(now["type"], "status");
+    assert_eq!(now["starting"], false);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(now["kernel"].as_str(), Some(kernel.trim()), "{now:#}");
+    assert_eq!(
+        (
+            now["policy"]["path"].as_str(),
+            &now["policy"]["revision"],
+            &now["policy"]["rules"]
+        ),
+        (
+            policy.path.to_str(),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        ),
+        "{now:#}"
+    );
+    let drifting = now["drifting"].as_array().unwrap();
+    assert_eq!(drifting.len(), 1, "{now:#}");
+    assert_eq!(
+        (
+            drifting[0]["rule"].as_str(),
+            drifting[0]["destination"].as_str()
+        ),
+        (Some("partner"), Some("2001:db8:50::/64"))
+    );
+    assert!(drifting[0]["since"].is_string(), "{now:#}");
+    let pins = now["failing_pins"].as_array().unwrap();
+    assert_eq!(pins.len(), 1, "{now:#}");
+    assert_eq!(
+        (
+            pins[0]["rule"].as_str(),
+            pins[0]["error"].as_str(),
+            &pins[0]["count"]
+        ),
+        (
+            Some("partner"),
+            Some("2001:db8::10 is not an address of this host in the socket's network namespace"),
+            &serde_json::json!(1)
+        )
+    );
+    assert_eq!(now["sinks"][0]["name"], "stdout", "{now:#}");
+    assert!(now["sinks"][0]["delivered"].as_u64() >= Some(3), "{now:#}");
+    assert_eq!(now["counts"]["violations"], 1, "{now:#}");
+    // The kernel's counters reach the daemon once a second.
+    let deadline = std::time::Instant::now() + srcip_tests::DELIVERY_TIMEOUT;
+    loop {
+        let counts: serde_json::Value = serde_json::from_str(&status(&daemon, "json")).unwrap();
+        let counts = &counts["counts"];
+        if counts["observed"]["tcp"] == 1 && counts["pin_failures"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection and its pin failure were never counted: {counts:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    let text = status(&daemon, "text");
+    for expected in [
+        "drifting now: 1\n",
+        "failing pins: 1\n  rule partner: 1 time, last at ",
+        ", revision 1, 1 rule, in force since ",
+        "violations 1,",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in {text}");
+    }
+}
+
+/// `srcip status --format FORMAT` against `daemon`'s socket.
+fn status(daemon: &Daemon, format: &str) -> String {
+    let socket = daemon.socket.to_str().unwrap();
+    let output = run(
+        srcip_bin().to_str().unwrap(),
+        &["status", "--format", format, "--socket", socket],
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// A `pin` rule's violation says why srcip could not pin it: a socket bound to a port only
 /// (clients that fix their source port), or one whose program chose its source.
 #[test]

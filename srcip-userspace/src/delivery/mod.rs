@@ -11,6 +11,7 @@
 mod nats;
 mod sink;
 mod spool;
+mod status;
 mod syslog;
 mod watch;
 mod webhook;
@@ -31,7 +32,7 @@ use tracing::warn;
 
 pub use nats::NatsCredentials;
 pub use sink::SinkSpec;
-pub use watch::{DEFAULT_SOCKET, WatchServer, watch};
+pub use watch::{DEFAULT_SOCKET, WatchServer, status, watch};
 
 use crate::{
     alerts::{Alert, AlertBody},
@@ -315,8 +316,26 @@ impl Delivery {
                 closed: closed_tx,
             })?;
         }
+        let mut reported = Vec::new();
         for spec in sinks {
-            delivery.add(sink::Sink::open(spec, spool, access)?)?;
+            let sink = sink::Sink::open(spec, spool, access)?;
+            reported.push(status::SinkInfo {
+                name: sink.name(),
+                spool: sink.spool_path(),
+            });
+            delivery.add(sink)?;
+        }
+        if let Some(watch) = &delivery.watch {
+            if !quiet {
+                reported.insert(
+                    0,
+                    status::SinkInfo {
+                        name: "stdout".to_owned(),
+                        spool: None,
+                    },
+                );
+            }
+            watch.set_sinks(reported);
         }
         Ok(delivery)
     }

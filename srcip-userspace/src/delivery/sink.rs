@@ -141,6 +141,16 @@ impl Sink {
         }
     }
 
+    /// The file of its spool, for sinks that have one.
+    pub fn spool_path(&self) -> Option<PathBuf> {
+        match self {
+            Self::Stdout { .. } | Self::File { .. } => None,
+            Self::Syslog { spool, .. } | Self::Nats { spool, .. } | Self::Webhook { spool, .. } => {
+                Some(spool.path().to_owned())
+            }
+        }
+    }
+
     /// Writes what arrives in `alerts` on a thread of its own until the queue is closed,
     /// counting in `counters` what it writes and what it cannot.
     pub fn spawn(

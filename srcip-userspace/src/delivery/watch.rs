@@ -1,10 +1,12 @@
-//! `--socket`: the unix socket that `srcip watch` reads, and `srcip watch` itself.
+//! `--socket`: the unix socket that `srcip watch` and `srcip status` ask, and those two
+//! commands.
 //!
-//! Every watcher gets the daemon's `started` line first (what it is attached to), then the
+//! A client says what it wants with one line when it connects: `status json` or
+//! `status text` gets the daemon's state (`status.rs`) and the end of the stream;
+//! `format json` or `format text` makes it a watcher. Every watcher gets the daemon's `started` line first (what it is attached to), then the
 //! `route_drift` of each destination drifting now (a late watcher learns what is wrong
-//! already), then every alert as it is delivered. A watcher asks for its format with one
-//! line when it connects (`format text` or `format json`); one that says nothing within
-//! [`REQUEST_WAIT`] (a plain `socat` or `nc -U`) gets JSON lines. Watchers share one broadcast queue of
+//! already), then every alert as it is delivered. A client that says nothing within
+//! [`REQUEST_WAIT`] (a plain `socat` or `nc -U`) is a watcher of JSON lines. Watchers share one broadcast queue of
 //! [`WATCH_BACKLOG`] alerts; one that falls further behind, or whose socket takes nothing for
 //! [`STALLED_WRITE`], is cut loose: it is told how many alerts it missed (when it still
 //! reads) and disconnected, and the daemon and other watchers go on unaffected.
@@ -29,10 +31,13 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{SharedAlert, lost_line};
+use super::{
+    SharedAlert, lost_line,
+    status::{DaemonState, SinkInfo},
+};
 use crate::{
-    alerts::{AlertBody, AlertWriter, host_name},
-    check::DestinationCheck,
+    alerts::{AlertWriter, host_name},
+    metrics::Metrics,
     output::Format,
 };
 
@@ -47,69 +52,10 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a new watcher has to say which format it wants.
 const REQUEST_WAIT: Duration = Duration::from_millis(200);
 
-/// What a watcher attaching now is told before the alerts that follow.
-#[derive(Default)]
-struct Attached {
-    /// The daemon's `started` line.
-    started: Option<SharedAlert>,
-    /// The latest `route_drift` of each destination drifting now, in the order they began.
-    drifting: Vec<SharedAlert>,
-}
-
-impl Attached {
-    fn note(&mut self, alert: &SharedAlert) {
-        match &alert.body {
-            AlertBody::Started { .. } => self.started = Some(alert.clone()),
-            AlertBody::RouteDrift(check) => {
-                match self
-                    .drifting
-                    .iter_mut()
-                    .find(|known| same_destination(known, check))
-                {
-                    Some(known) => *known = alert.clone(),
-                    None => self.drifting.push(alert.clone()),
-                }
-            }
-            AlertBody::RouteRecovered(check) => {
-                self.drifting
-                    .retain(|known| !same_destination(known, check));
-            }
-            _ => {}
-        }
-    }
-
-    fn lines(&self) -> Vec<SharedAlert> {
-        self.started.iter().chain(&self.drifting).cloned().collect()
-    }
-}
-
-/// Whether the drift `known` is about the destination `check` is (its rule, destination,
-/// port, protocol, and the program it was predicted for).
-fn same_destination(known: &SharedAlert, check: &DestinationCheck) -> bool {
-    let AlertBody::RouteDrift(known) = &known.body else {
-        return false;
-    };
-    (
-        &known.rule,
-        &known.destination,
-        known.protocol,
-        known.dst_port,
-        known.uid,
-        known.mark,
-    ) == (
-        &check.rule,
-        &check.destination,
-        check.protocol,
-        check.dst_port,
-        check.uid,
-        check.mark,
-    )
-}
-
 pub struct WatchServer {
     socket: SocketFile,
     alerts: broadcast::Sender<SharedAlert>,
-    attached: Arc<Mutex<Attached>>,
+    state: Arc<Mutex<DaemonState>>,
     shutdown: Arc<Notify>,
     accepting: JoinHandle<()>,
 }
@@ -117,7 +63,8 @@ pub struct WatchServer {
 impl WatchServer {
     /// Listens on `path`, root-only. Creates its folder (mode 0700) when missing, replaces a
     /// socket left by a daemon that died, and refuses when another daemon listens there.
-    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+    /// `metrics` are the daemon's, which `srcip status` reports from.
+    pub fn bind(path: &Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         if let Some(folder) = path.parent().filter(|folder| !folder.exists()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -140,36 +87,39 @@ impl WatchServer {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot make {} root-only", path.display()))?;
         let (alerts, _) = broadcast::channel(WATCH_BACKLOG);
-        let attached = Arc::new(Mutex::new(Attached::default()));
+        let state = Arc::new(Mutex::new(DaemonState::new(metrics)));
         let shutdown = Arc::new(Notify::new());
         let accepting = tokio::spawn(accept(
             listener,
             alerts.clone(),
-            Arc::clone(&attached),
+            Arc::clone(&state),
             Arc::clone(&shutdown),
         ));
         info!("srcip watch can attach at {}", path.display());
         Ok(Self {
             socket: SocketFile(path.to_owned()),
             alerts,
-            attached,
+            state,
             shutdown,
             accepting,
         })
     }
 
-    /// Sends `alert` to every watcher; never waits.
+    /// The sinks `srcip status` reports on.
+    pub fn set_sinks(&self, sinks: Vec<SinkInfo>) {
+        lock(&self.state).set_sinks(sinks);
+    }
+
+    /// Sends `alert` to every watcher, and notes what it changes in the daemon's state;
+    /// never waits.
     pub fn publish(&self, alert: &SharedAlert) {
         // Noted before it is sent, under the lock `accept` takes: a watcher attaching now
         // gets it either among its first lines or from the queue, never both or neither.
-        let mut attached = self
-            .attached
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        attached.note(alert);
+        let mut state = lock(&self.state);
+        state.note(alert);
         // An error only means that nobody watches.
         let _ = self.alerts.send(alert.clone());
-        drop(attached);
+        drop(state);
     }
 
     /// Stops accepting, lets each watcher write what it was sent (up to a moment), and
@@ -199,10 +149,17 @@ impl Drop for SocketFile {
     }
 }
 
+/// The state, also after a panic while it was held: it is only ever noted into.
+fn lock(state: &Mutex<DaemonState>) -> std::sync::MutexGuard<'_, DaemonState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 async fn accept(
     listener: UnixListener,
     alerts: broadcast::Sender<SharedAlert>,
-    attached: Arc<Mutex<Attached>>,
+    state: Arc<Mutex<DaemonState>>,
     shutdown: Arc<Notify>,
 ) {
     let host: Arc<str> = host_name().into();
@@ -211,15 +168,17 @@ async fn accept(
         tokio::select! {
             () = shutdown.notified() => break,
             accepted = listener.accept() => match accepted {
+                // Subscribed at once, under the lock `publish` takes (see there): a watcher
+                // gets every alert from the moment it connected, also those that come while
+                // it says what it wants.
                 Ok((stream, _)) => {
                     let (first, queue) = {
-                        let attached = attached.lock().unwrap_or_else(|poison| poison.into_inner());
-                        (attached.lines(), alerts.subscribe())
+                        let state = lock(&state);
+                        (state.watcher_lines(), alerts.subscribe())
                     };
-                    debug!("a watcher attached");
-                    watchers.spawn(serve(stream, first, queue, Arc::clone(&host)));
+                    watchers.spawn(serve(stream, first, queue, Arc::clone(&state), Arc::clone(&host)));
                 }
-                Err(error) => warn!("accepting a watcher failed: {error}"),
+                Err(error) => warn!("accepting a client failed: {error}"),
             },
             // Reap finished watchers as they go.
             Some(_) = watchers.join_next(), if !watchers.is_empty() => {}
@@ -230,17 +189,42 @@ async fn accept(
     while watchers.join_next().await.is_some() {}
 }
 
-/// One watcher: in the format it asks for, `first` (the `started` line and the drifts now),
-/// then every alert, until the daemon stops or the watcher falls behind.
+/// One client of the socket: a status it asks for, or a watcher, which gets `first` and
+/// then what comes in `alerts`.
 async fn serve(
     stream: UnixStream,
     first: Vec<SharedAlert>,
-    mut alerts: broadcast::Receiver<SharedAlert>,
+    alerts: broadcast::Receiver<SharedAlert>,
+    state: Arc<Mutex<DaemonState>>,
     host: Arc<str>,
 ) {
     let (request, mut stream) = stream.into_split();
-    let format = requested_format(request).await;
-    let mut lines = AlertWriter::new(format, host.to_string(), Vec::new());
+    match read_request(request).await {
+        Request::Status(format) => {
+            drop(alerts);
+            let status = lock(&state).render(format, &host);
+            debug!("a client asked for the status");
+            if let Err(error) = write_within(&mut stream, status.as_bytes()).await {
+                debug!("the status could not be sent: {error}");
+            }
+        }
+        Request::Watch(format) => {
+            debug!("a watcher attached");
+            follow(stream, format, first, alerts, &host).await;
+        }
+    }
+}
+
+/// One watcher: `first` (the `started` line and the drifts now), then every alert, until
+/// the daemon stops or the watcher falls behind.
+async fn follow(
+    mut stream: OwnedWriteHalf,
+    format: Format,
+    first: Vec<SharedAlert>,
+    mut alerts: broadcast::Receiver<SharedAlert>,
+    host: &str,
+) {
+    let mut lines = AlertWriter::new(format, host.to_owned(), Vec::new());
     let mut pending = first;
     loop {
         let mut missed = None;
@@ -270,24 +254,51 @@ async fn serve(
     }
 }
 
-/// The format a watcher asks for in its first line; JSON when it asks for nothing in time
-/// or for something unknown.
-async fn requested_format(request: OwnedReadHalf) -> Format {
-    let mut line = String::new();
-    let mut request = BufReader::new(request.take(64));
-    match tokio::time::timeout(REQUEST_WAIT, request.read_line(&mut line)).await {
-        Ok(Ok(_)) if line.trim() == TEXT_REQUEST => Format::Text,
-        Ok(Ok(_)) if line.trim() == JSON_REQUEST || line.is_empty() => Format::Json,
-        Ok(Ok(_)) => {
-            debug!("a watcher asked for {line:?}, which is not a format: JSON it is");
-            Format::Json
+/// What a client asks for in its first line.
+enum Request {
+    /// `format json`, `format text`, or nothing: the alerts, as they come.
+    Watch(Format),
+    /// `status json` or `status text`: the daemon's state, once.
+    Status(Format),
+}
+
+impl Request {
+    fn line(&self) -> &'static str {
+        match self {
+            Self::Watch(Format::Json) => "format json",
+            Self::Watch(Format::Text) => "format text",
+            Self::Status(Format::Json) => "status json",
+            Self::Status(Format::Text) => "status text",
         }
-        _ => Format::Json,
     }
 }
 
-const TEXT_REQUEST: &str = "format text";
-const JSON_REQUEST: &str = "format json";
+/// The client's request; JSON alerts when it asks for nothing in time (a plain `socat`) or
+/// for something unknown.
+async fn read_request(request: OwnedReadHalf) -> Request {
+    let mut line = String::new();
+    let mut request = BufReader::new(request.take(64));
+    let known = [
+        Request::Watch(Format::Json),
+        Request::Watch(Format::Text),
+        Request::Status(Format::Json),
+        Request::Status(Format::Text),
+    ];
+    match tokio::time::timeout(REQUEST_WAIT, request.read_line(&mut line)).await {
+        Ok(Ok(_)) => known
+            .into_iter()
+            .find(|known| known.line() == line.trim())
+            .unwrap_or_else(|| {
+                if !line.is_empty() {
+                    debug!(
+                        "a client asked for {line:?}, which srcip does not know: JSON alerts it is"
+                    );
+                }
+                Request::Watch(Format::Json)
+            }),
+        _ => Request::Watch(Format::Json),
+    }
+}
 
 async fn send(
     stream: &mut OwnedWriteHalf,
@@ -296,11 +307,16 @@ async fn send(
 ) -> io::Result<()> {
     lines.write_batch(batch.iter().map(|alert| &**alert))?;
     let bytes = std::mem::take(lines.get_mut());
-    match tokio::time::timeout(STALLED_WRITE, stream.write_all(&bytes)).await {
+    write_within(stream, &bytes).await
+}
+
+/// Writes `bytes`, or fails when the client takes none for [`STALLED_WRITE`].
+async fn write_within(stream: &mut OwnedWriteHalf, bytes: &[u8]) -> io::Result<()> {
+    match tokio::time::timeout(STALLED_WRITE, stream.write_all(bytes)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the watcher stopped reading",
+            "the client stopped reading",
         )),
     }
 }
@@ -308,6 +324,17 @@ async fn send(
 /// `srcip watch`: prints the alerts of the daemon listening on `socket` as they come, in
 /// `format`, until it stops.
 pub fn watch(socket: &Path, format: Format) -> anyhow::Result<()> {
+    ask(socket, &Request::Watch(format))
+}
+
+/// `srcip status`: prints the state of the daemon listening on `socket`, in `format`.
+pub fn status(socket: &Path, format: Format) -> anyhow::Result<()> {
+    ask(socket, &Request::Status(format))
+}
+
+/// Sends `request` to the daemon listening on `socket`, and copies its answer to stdout
+/// until the daemon ends it.
+fn ask(socket: &Path, request: &Request) -> anyhow::Result<()> {
     let mut stream =
         std::os::unix::net::UnixStream::connect(socket).map_err(|error| match error.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
@@ -315,18 +342,15 @@ pub fn watch(socket: &Path, format: Format) -> anyhow::Result<()> {
                 socket.display()
             ),
             io::ErrorKind::PermissionDenied => {
-                anyhow::anyhow!("{} is root-only: run srcip watch as root", socket.display())
+                anyhow::anyhow!("{} is root-only: run srcip as root", socket.display())
             }
             _ => {
                 anyhow::Error::new(error).context(format!("cannot connect to {}", socket.display()))
             }
         })?;
-    let request = match format {
-        Format::Json => JSON_REQUEST,
-        Format::Text => TEXT_REQUEST,
-    };
-    io::Write::write_all(&mut stream, format!("{request}\n").as_bytes())
-        .with_context(|| format!("cannot ask {} for {request}", socket.display()))?;
+    let line = request.line();
+    io::Write::write_all(&mut stream, format!("{line}\n").as_bytes())
+        .with_context(|| format!("cannot ask {} for {line}", socket.display()))?;
     let mut stdout = io::stdout().lock();
     match io::copy(
         &mut io::BufReader::new(stream),
