@@ -11,13 +11,16 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::alerts::{Alert, AlertBody};
+use crate::{
+    alerts::{Alert, AlertBody},
+    policy::{Action, Policy, Unmatched},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -30,6 +33,11 @@ struct RuleLabels {
     /// as `action` is static: counting an alert allocates nothing.
     rule: Option<Arc<str>>,
     action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriftLabels {
+    rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +76,8 @@ pub struct Metrics {
     /// Alerts a network sink's receiver refused for good, kept in its spool's dead letters.
     pub sink_dead_letters: Family<SinkLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    /// Destinations whose predicted source their rule does not allow now, by rule.
+    routes_drifting: Family<DriftLabels, Gauge>,
 }
 
 impl Metrics {
@@ -88,6 +98,7 @@ impl Metrics {
             sink_backlog: Family::default(),
             sink_dead_letters: Family::default(),
             reloads: Family::default(),
+            routes_drifting: Family::default(),
         };
         let registry = &mut metrics.registry;
         registry.register(
@@ -160,7 +171,76 @@ impl Metrics {
             "Policy reloads, by result (ok, or error: the previous policy stayed)",
             metrics.reloads.clone(),
         );
+        registry.register(
+            "routes_drifting",
+            "Destinations for which the kernel would now choose a source their rule does not allow, by rule",
+            metrics.routes_drifting.clone(),
+        );
+        registry.register(
+            "build",
+            "The srcip serving these metrics",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        // Every series that can be known at start is there from the start, at 0, so that
+        // `rate()` and `increase()` see its first event.
+        for result in ["ok", "error"] {
+            create(
+                &metrics.reloads,
+                &ReloadLabels {
+                    result: result.to_owned(),
+                },
+            );
+        }
+        for protocol in ["tcp", "udp"] {
+            let labels = ProtocolLabels {
+                protocol: protocol.to_owned(),
+            };
+            create(&metrics.observed, &labels);
+            create(&metrics.decided_in_kernel, &labels);
+        }
         metrics
+    }
+
+    /// Makes the series of `policy`'s rules (at 0 when new): violations of each rule, blocked
+    /// for `block` rules, pinned for `pin` rules, drifting routes of each. Series of rules a
+    /// reload removed stay, with their last values: counters never go back.
+    pub fn policy_in_force(&self, policy: &Policy) {
+        for rule in &policy.rules {
+            let labels = RuleLabels {
+                rule: Some(rule.name.clone()),
+                action: rule.action.as_str(),
+            };
+            create(&self.violations, &labels);
+            match rule.action {
+                Action::Block => create(&self.blocked, &labels),
+                Action::Pin => create(&self.pinned, &labels),
+                Action::Alert => {}
+            }
+            create(
+                &self.routes_drifting,
+                &DriftLabels {
+                    rule: rule.name.to_string(),
+                },
+            );
+        }
+        if policy.unmatched == Unmatched::Alert {
+            create(
+                &self.violations,
+                &RuleLabels {
+                    rule: None,
+                    action: Action::Alert.as_str(),
+                },
+            );
+        }
+    }
+
+    /// `count` destinations of `rule` drift now.
+    pub fn routes_drifting(&self, rule: &str, count: usize) {
+        self.routes_drifting
+            .get_or_create(&DriftLabels {
+                rule: rule.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts a reload.
@@ -214,6 +294,11 @@ impl Metrics {
         encode(&mut text, &self.registry)?;
         Ok(text)
     }
+}
+
+/// Creates `labels`' series in `family`, at 0 when it is new.
+fn create<S: Clone + std::hash::Hash + Eq, M: Default>(family: &Family<S, M>, labels: &S) {
+    drop(family.get_or_create(labels));
 }
 
 impl Default for Metrics {

@@ -197,6 +197,7 @@ pub fn reload(
     let result = loaded.and_then(|loaded| {
         let rules = loaded.matcher.policy().rules.len();
         put_in_force(session, drift, loaded.matcher)?;
+        metrics.policy_in_force(session.matcher().policy());
         names.adopt(loaded.answers);
         Ok(rules)
     });

@@ -217,6 +217,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         },
         Arc::clone(&metrics),
     )?;
+    metrics.policy_in_force(session.matcher().policy());
     let (mut drift, first_drift) = DriftWatch::start(
         router.clone(),
         session.matcher().shared_policy(),

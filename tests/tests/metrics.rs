@@ -90,6 +90,138 @@ fn metrics_count_what_was_observed_decided_and_delivered() {
     );
 }
 
+/// Every series that can be known at start is served from the start, at 0 (so that `rate()`
+/// sees the first event): each rule's violations, `block` rules' blocked and `pin` rules'
+/// pinned, each rule's drifting routes, reloads of both results, observed connections of
+/// both protocols; `srcip_build_info` says the version. Spool series exist only for sinks
+/// with a spool. A route change then shows in `srcip_routes_drifting` of its rule, and its
+/// undoing takes it back to 0.
+#[test]
+fn every_series_is_served_at_zero_from_the_start_and_drifting_routes_are_a_gauge() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(
+        r#"
+unmatched = "alert"
+
+[[rule]]
+name = "partner"
+destinations = ["198.51.100.50"]
+allowed_sources = ["203.0.113.10"]
+
+[[rule]]
+name = "blocked-partner"
+destinations = ["198.51.100.60"]
+allowed_sources = ["203.0.113.10"]
+action = "block"
+
+[[rule]]
+name = "pinned-partner"
+destinations = ["198.51.100.70"]
+allowed_sources = ["203.0.113.10"]
+action = "pin"
+"#,
+    );
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let folder = tempfile::tempdir().unwrap();
+    let file_sink = format!("file:{}", folder.path().join("alerts.json").display());
+    // Nothing listens there: the webhook's alerts wait in its spool.
+    let webhook = format!("http://127.0.0.1:{}/alerts", free_port());
+    let mut daemon = Daemon::start_in(
+        &topology.host,
+        &policy.path,
+        &[
+            "--metrics",
+            &address,
+            "--sink",
+            &file_sink,
+            "--sink",
+            &webhook,
+        ],
+    );
+
+    let (_, at_start) = scrape(Some(&topology.host), port);
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(value(&at_start, name, labels), 0.0, "{name} {labels:?}");
+    };
+    for (rule, action) in [
+        ("partner", "alert"),
+        ("blocked-partner", "block"),
+        ("pinned-partner", "pin"),
+    ] {
+        zero(
+            "srcip_violations_total",
+            &[("rule", rule), ("action", action)],
+        );
+        zero("srcip_routes_drifting", &[("rule", rule)]);
+    }
+    zero(
+        "srcip_blocked_total",
+        &[("rule", "blocked-partner"), ("action", "block")],
+    );
+    zero(
+        "srcip_pinned_total",
+        &[("rule", "pinned-partner"), ("action", "pin")],
+    );
+    for result in ["ok", "error"] {
+        zero("srcip_policy_reloads_total", &[("result", result)]);
+    }
+    for protocol in ["tcp", "udp"] {
+        zero(
+            "srcip_connections_observed_total",
+            &[("protocol", protocol)],
+        );
+        zero(
+            "srcip_connections_decided_in_kernel_total",
+            &[("protocol", protocol)],
+        );
+    }
+    assert_eq!(
+        value(
+            &at_start,
+            "srcip_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    for sink in ["stdout", file_sink.as_str()] {
+        assert_eq!(
+            try_value(&at_start, "srcip_sink_spooled_total", &[("sink", sink)]),
+            None,
+            "{sink} has no spool"
+        );
+        zero("srcip_sink_failed_total", &[("sink", sink)]);
+    }
+    // The webhook is named without its path (which may hold a token).
+    let webhook_origin = webhook.trim_end_matches("/alerts");
+    assert!(
+        at_start.samples.iter().any(|sample| {
+            sample.metric == "srcip_sink_spooled_total"
+                && sample
+                    .labels
+                    .get("sink")
+                    .is_some_and(|sink| sink.starts_with(webhook_origin))
+        }),
+        "{:#?}",
+        at_start.samples
+    );
+
+    topology.route_partner_via_other_source();
+    daemon.wait_for("route_drift", |line| line.route_drift().is_some());
+    let (_, drifting) = scrape(Some(&topology.host), port);
+    assert_eq!(
+        value(&drifting, "srcip_routes_drifting", &[("rule", "partner")]),
+        1.0
+    );
+    srcip_tests::ip_in(&topology.host.name, "route del 198.51.100.50/32");
+    daemon.wait_for("route_recovered", |line| line.route_recovered().is_some());
+    let (_, recovered) = scrape(Some(&topology.host), port);
+    assert_eq!(
+        value(&recovered, "srcip_routes_drifting", &[("rule", "partner")]),
+        0.0
+    );
+}
+
 /// More idle connections to `--metrics` than srcip has file descriptors (the 1,024 of a
 /// service's default limit): srcip serves a few and closes the rest at once, so that
 /// attribution, which opens each cgroup it names, keeps working; and `/metrics` answers again

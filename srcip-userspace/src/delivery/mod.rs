@@ -27,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use tracing::warn;
 
 pub use nats::NatsCredentials;
@@ -200,22 +200,32 @@ pub(super) struct SinkCounters {
 }
 
 impl SinkCounters {
+    /// The counters of sink `name`; its spool's series (`spooled`, `dead_letters`) only
+    /// when it `has_spool`: a sink without one counts into counters nobody serves.
     fn new(
         metrics: &Metrics,
         name: &str,
+        has_spool: bool,
         dead_letter_lines: tokio::sync::mpsc::UnboundedSender<Alert>,
     ) -> Self {
         let labels = SinkLabels {
             sink: name.to_owned(),
+        };
+        let spool_series = |family: &Family<SinkLabels, Counter>| {
+            if has_spool {
+                family.get_or_create(&labels).clone()
+            } else {
+                Counter::default()
+            }
         };
         Self {
             unreported_lost: Arc::default(),
             unsaid_own_losses: Arc::default(),
             delivered: metrics.sink_delivered.get_or_create(&labels).clone(),
             failed: metrics.sink_failed.get_or_create(&labels).clone(),
-            spooled: metrics.sink_spooled.get_or_create(&labels).clone(),
+            spooled: spool_series(&metrics.sink_spooled),
             backlog: metrics.sink_backlog.get_or_create(&labels).clone(),
-            dead_letters: metrics.sink_dead_letters.get_or_create(&labels).clone(),
+            dead_letters: spool_series(&metrics.sink_dead_letters),
             name: Arc::from(name),
             dead_letter_lines,
         }
@@ -343,7 +353,12 @@ impl Delivery {
     fn add(&mut self, sink: sink::Sink) -> anyhow::Result<()> {
         let (queue, alerts) = mpsc::sync_channel(SINK_QUEUE_ALERTS);
         let name = sink.name();
-        let counters = SinkCounters::new(&self.metrics, &name, self.dead_letter_sender.clone());
+        let counters = SinkCounters::new(
+            &self.metrics,
+            &name,
+            sink.spool_path().is_some(),
+            self.dead_letter_sender.clone(),
+        );
         let thread = sink.spawn(alerts, counters.clone())?;
         self.sinks.push(SinkQueue {
             name,

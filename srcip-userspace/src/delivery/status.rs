@@ -139,11 +139,13 @@ impl DaemonState {
                         latest: alert.clone(),
                     }),
                 }
+                self.count_drifting(&check.rule);
             }
             AlertBody::RouteRecovered(check) => {
                 self.drifting
                     .retain(|known| !same_destination(&known.latest, check));
                 self.failing_pins.retain(|pin| *pin.rule != *check.rule);
+                self.count_drifting(&check.rule);
             }
             AlertBody::Violation(report) => {
                 let count = report.folded.as_ref().map_or(1, |folded| folded.count);
@@ -174,6 +176,19 @@ impl DaemonState {
             AlertBody::Lost { count, sink: None } => self.tally.lost_records += count,
             _ => {}
         }
+    }
+
+    /// Sets `rule`'s `srcip_routes_drifting`.
+    fn count_drifting(&self, rule: &str) {
+        let count = self
+            .drifting
+            .iter()
+            .filter(|drift| match &drift.latest.body {
+                AlertBody::RouteDrift(check) => check.rule == rule,
+                _ => false,
+            })
+            .count();
+        self.metrics.routes_drifting(rule, count);
     }
 
     /// What a watcher attaching now is told first: the `started` line, and the latest
