@@ -187,7 +187,7 @@ pub struct RunArgs {
 pub struct ResolverArgs {
     /// Ask the name servers of this file (resolv.conf format) instead of /etc/resolv.conf.
     #[arg(long, value_name = "FILE")]
-    resolv_conf: Option<PathBuf>,
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -299,10 +299,18 @@ impl CheckArgs {
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
-    /// Check a policy file; print a summary, or every error as FILE:LINE:COL: message.
+    /// Check a policy file as `srcip run` would before it touches the kernel (host names
+    /// resolve, pin sources are addresses of this host); print a summary, or every error as
+    /// FILE:LINE:COL: message.
     Validate {
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Check the file alone: no name lookups, no look at this host's addresses (for a
+        /// policy written for another host, or a build machine).
+        #[arg(long)]
+        offline: bool,
+        #[command(flatten)]
+        resolver: ResolverArgs,
     },
     /// Watch outbound connections for a while and write the policy that allows exactly the
     /// sources seen per destination (and port and protocol).

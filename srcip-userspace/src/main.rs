@@ -43,7 +43,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run::run(args.into_config()))),
-        Command::Policy(PolicyCommand::Validate { file }) => validate(&file),
+        Command::Policy(PolicyCommand::Validate {
+            file,
+            offline,
+            resolver,
+        }) => validate(&file, offline, resolver.resolv_conf.as_deref()),
         Command::Policy(PolicyCommand::Learn(args)) => {
             runtime().and_then(|rt| rt.block_on(learn::learn(args.into_config())))
         }
@@ -104,8 +108,17 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     if bad_input { 2 } else { 1 }
 }
 
-fn validate(file: &std::path::Path) -> anyhow::Result<()> {
+/// `srcip policy validate`: the file's own checks; unless `offline`, also those `run` makes
+/// of the host before it touches the kernel.
+fn validate(
+    file: &std::path::Path,
+    offline: bool,
+    resolv_conf: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let policy = policy::load(file)?;
+    if !offline {
+        runtime()?.block_on(run::check_policy_on_host(file, resolv_conf))?;
+    }
     let destinations: usize = policy
         .rules
         .iter()

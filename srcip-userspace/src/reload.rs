@@ -137,34 +137,53 @@ pub struct LoadedPolicy {
 }
 
 /// Loads, checks and compiles the policy for auditing, its host names resolved by `names`;
-/// `router` reads the host's addresses, which `pin` sources must be.
+/// `router` reads the host's addresses, which `pin` sources must be. Every error of the
+/// host's checks (pin sources, host names) is reported in one go, in file order.
 pub async fn load_policy(
     path: &std::path::Path,
     names: &HostNames,
     router: &Router,
 ) -> anyhow::Result<LoadedPolicy> {
     let written = policy::load(path)?;
-    require_pin_sources_on_host(&written, router).await?;
-    let (resolved, answers) = names.resolve(written).await?;
-    Ok(LoadedPolicy {
-        matcher: Matcher::new(resolved)?,
-        answers,
-    })
+    let mut errors = foreign_pin_sources(&written, router).await?;
+    match names.resolve(written).await {
+        Ok((resolved, answers)) if errors.is_empty() => Ok(LoadedPolicy {
+            matcher: Matcher::new(resolved)?,
+            answers,
+        }),
+        Ok(_) => Err(invalid(path, errors)),
+        Err(PolicyLoadError::Invalid {
+            errors: unresolved, ..
+        }) => {
+            errors.extend(unresolved);
+            Err(invalid(path, errors))
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+fn invalid(path: &std::path::Path, mut errors: Vec<PolicyError>) -> anyhow::Error {
+    errors.sort_by_key(|error| (error.location.line, error.location.column));
+    PolicyLoadError::Invalid {
+        path: path.to_owned(),
+        errors,
+    }
+    .into()
 }
 
 /// `pin` binds to its source, which the kernel allows only for an address of the host: one it
-/// does not have would fail every pinned connection's bind.
-async fn require_pin_sources_on_host(policy: &Policy, router: &Router) -> anyhow::Result<()> {
+/// does not have would fail every pinned connection's bind. An error for each such source.
+async fn foreign_pin_sources(policy: &Policy, router: &Router) -> anyhow::Result<Vec<PolicyError>> {
     let pinned = || policy.rules.iter().flat_map(|rule| &rule.pin_sources);
     if pinned().next().is_none() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     // The same reading of the host the drift watch makes for `PRESENT_PIN_SOURCES`.
     let host = router
         .host()
         .await
         .context("listing this host's addresses, to check the policy's pin sources")?;
-    let errors: Vec<PolicyError> = pinned()
+    Ok(pinned()
         .filter(|(source, _)| !host.owns(*source))
         .map(|(source, location)| PolicyError {
             location: *location,
@@ -172,15 +191,7 @@ async fn require_pin_sources_on_host(policy: &Policy, router: &Router) -> anyhow
                 "action = \"pin\" binds to {source}, which is not an address of this host (in srcip's network namespace): add it to an interface, or list first an allowed source the host has"
             ),
         })
-        .collect();
-    if errors.is_empty() {
-        return Ok(());
-    }
-    Err(PolicyLoadError::Invalid {
-        path: policy.path.clone(),
-        errors,
-    }
-    .into())
+        .collect())
 }
 
 /// Puts a policy read again from `path` in force, for auditing and for the drift watch; the

@@ -58,6 +58,18 @@ pub struct RunConfig {
     pub keep_resolved: std::time::Duration,
 }
 
+/// What `srcip policy validate` checks beyond the file: each check `run` makes of the policy
+/// before it touches the kernel (host names resolve, with `resolv_conf`'s name servers when
+/// given; pin sources are addresses of this host; the rules compile).
+pub async fn check_policy_on_host(
+    path: &std::path::Path,
+    resolv_conf: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let names = HostNames::new(resolv_conf, std::time::Duration::ZERO)?;
+    let router = Router::new()?;
+    load_policy(path, &names, &router).await.map(drop)
+}
+
 /// The host as auditing finds it.
 pub struct Host {
     pub cgroup2_mount: PathBuf,

@@ -48,6 +48,73 @@ fn validate_reports_every_error_with_its_location_and_exits_2() {
     assert!(output.stdout.is_empty());
 }
 
+/// `validate` checks what `run` checks before it touches the kernel: a host name that does
+/// not resolve and a pin source this host does not have are errors at their places, both in
+/// one run, in srcip's words (not the resolver's debug text). `--offline` checks the file
+/// alone.
+#[test]
+fn validate_refuses_an_unresolvable_name_and_a_foreign_pin_source_as_run_would() {
+    let policy = PolicyFile::new(
+        r#"[[rule]]
+name = "by-name"
+destinations = ["partner.invalid"]
+allowed_sources = ["203.0.113.10"]
+
+[[rule]]
+name = "pinned"
+destinations = ["198.51.100.70"]
+allowed_sources = ["192.0.2.99"]
+action = "pin"
+"#,
+    );
+    let folder = tempfile::tempdir().unwrap();
+    let resolv_conf = folder.path().join("resolv.conf");
+    std::fs::write(
+        &resolv_conf,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let output = Command::new(srcip_bin())
+        .args(["policy", "validate", "--resolv-conf"])
+        .arg(&resolv_conf)
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let file = policy.path.display().to_string();
+    let errors: Vec<String> = stderr_lines(&output)
+        .into_iter()
+        .filter(|line| line.starts_with(&file))
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "{file}:3:17: cannot resolve host name \"partner.invalid\": "
+        )) && errors[0].contains(&resolv_conf.display().to_string())
+            && !errors[0].contains("Query {"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].starts_with(&format!(
+            "{file}:9:20: action = \"pin\" binds to 192.0.2.99, which is not an address of this host"
+        )),
+        "{errors:#?}"
+    );
+    assert!(output.stdout.is_empty());
+
+    let offline = Command::new(srcip_bin())
+        .args(["policy", "validate", "--offline"])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        offline.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
+}
+
 #[test]
 fn run_with_a_bad_policy_exits_2_with_the_location() {
     let policy = PolicyFile::new(BAD_POLICY);

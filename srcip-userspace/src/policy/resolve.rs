@@ -17,28 +17,97 @@ use std::{
     time::Duration,
 };
 
-use hickory_resolver::{TokioResolver, config::ResolverConfig, net::runtime::TokioRuntimeProvider};
+use hickory_resolver::{
+    TokioResolver,
+    config::{ResolverConfig, ResolverOpts},
+    net::{NetError, runtime::TokioRuntimeProvider},
+};
 use ipnet::IpNet;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Destination, Location, Policy, PolicyError, PolicyLoadError, parse::canonical};
 
 /// An answer valid for less than this is asked again only after it: a TTL of 0 would
 /// otherwise have srcip ask without pause.
 const MIN_TTL: Duration = Duration::from_secs(1);
+/// Where the system names its name servers.
+const SYSTEM_RESOLV_CONF: &str = "/etc/resolv.conf";
 /// After a failed lookup, how long until the next try; the addresses in force stay.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 /// The host names of the policy in force, with the addresses each stands for now.
 pub struct HostNames {
     /// Or why there is none.
-    resolver: Result<TokioResolver, String>,
+    resolver: Result<Resolver, String>,
     /// How long an address stays in force after the last answer that held it.
     keep: Duration,
     names: HashMap<String, Name>,
     /// The policy in force as its file says, when it names hosts (see [`Answers`]).
     written: Option<Arc<Policy>>,
+}
+
+/// A resolver, and what it asks, for messages.
+struct Resolver {
+    lookup: TokioResolver,
+    /// The name servers, as "the name servers of FILE (ADDRESSES)".
+    servers: String,
+    /// How long it waits for one answer, and how many times it asks each server.
+    timeout: Duration,
+    attempts: usize,
+}
+
+impl Resolver {
+    /// A resolver configured as the resolv.conf `path` says (`config` and `options`).
+    fn configured(
+        path: &Path,
+        config: ResolverConfig,
+        options: ResolverOpts,
+    ) -> Result<Self, String> {
+        let servers: BTreeSet<String> = config
+            .name_servers()
+            .iter()
+            .map(|server| server.ip.to_string())
+            .collect();
+        let servers = format!(
+            "the name servers of {} ({})",
+            path.display(),
+            servers.into_iter().collect::<Vec<_>>().join(", ")
+        );
+        let (timeout, attempts) = (options.timeout, options.attempts);
+        let mut builder =
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        *builder.options_mut() = options;
+        let lookup = builder.build().map_err(|error| error.to_string())?;
+        Ok(Self {
+            lookup,
+            servers,
+            timeout,
+            attempts,
+        })
+    }
+
+    /// Why `name` did not resolve, in words an operator can act on.
+    fn explain(&self, error: &NetError) -> String {
+        if error.is_nx_domain() {
+            format!("no such name (NXDOMAIN, resolving with {})", self.servers)
+        } else if error.is_no_records_found() {
+            format!(
+                "the name has no A or AAAA record (resolving with {})",
+                self.servers
+            )
+        } else if matches!(error, NetError::Timeout | NetError::NoConnections) {
+            format!(
+                "no answer from {} after {} {} of {} s each: check that they are reachable, or give srcip others with --resolv-conf",
+                self.servers,
+                self.attempts,
+                if self.attempts == 1 { "try" } else { "tries" },
+                self.timeout.as_secs()
+            )
+        } else {
+            format!("resolving with {} failed: {error}", self.servers)
+        }
+    }
 }
 
 /// `--resolv-conf` names a file srcip cannot ask name servers with: bad input (exit 2).
@@ -95,9 +164,12 @@ impl HostNames {
     /// policies of addresses alone need no name server.
     pub fn new(resolv_conf: Option<&Path>, keep: Duration) -> Result<Self, ResolvConfError> {
         let resolver = match resolv_conf {
-            None => TokioResolver::builder_tokio()
-                .and_then(|builder| builder.build())
-                .map_err(|error| format!("no usable /etc/resolv.conf: {error}")),
+            None => hickory_resolver::system_conf::read_system_conf()
+                .map_err(|error| error.to_string())
+                .and_then(|(config, options)| {
+                    Resolver::configured(Path::new(SYSTEM_RESOLV_CONF), config, options)
+                })
+                .map_err(|error| format!("no usable {SYSTEM_RESOLV_CONF}: {error}")),
             Some(path) => Ok(configured_by(path)?),
         };
         Ok(Self {
@@ -117,9 +189,21 @@ impl HostNames {
         // at every place.
         let mut fresh = HashMap::new();
         let mut errors = Vec::new();
+        let count = host_names(&policy)
+            .map(|(name, _)| name)
+            .collect::<BTreeSet<_>>()
+            .len();
+        if let (Ok(resolver), 1..) = (&self.resolver, count) {
+            // A name server that does not answer makes this take seconds: say what waits.
+            info!(
+                "resolving {count} host name{} of the policy with {}",
+                if count == 1 { "" } else { "s" },
+                resolver.servers
+            );
+        }
         for (name, location) in host_names(&policy) {
             if !fresh.contains_key(name) {
-                let answer = self.lookup(name).await.map_err(|error| error.to_string());
+                let answer = self.lookup(name).await;
                 fresh.insert(name.to_owned(), answer);
             }
             if let Err(error) = &fresh[name] {
@@ -217,12 +301,14 @@ impl HostNames {
     }
 
     /// The name's addresses (IPv4 and IPv6) and when the answer expires.
-    async fn lookup(&self, name: &str) -> anyhow::Result<(Vec<IpAddr>, Instant)> {
-        let resolver = self
-            .resolver
-            .as_ref()
-            .map_err(|why| anyhow::anyhow!("{why}"))?;
-        let answer = resolver.lookup_ip(name).await?;
+    /// `name`'s addresses and when the answer expires; or why not, in words to act on.
+    async fn lookup(&self, name: &str) -> Result<(Vec<IpAddr>, Instant), String> {
+        let resolver = self.resolver.as_ref()?;
+        let answer = resolver
+            .lookup
+            .lookup_ip(name)
+            .await
+            .map_err(|error| resolver.explain(&error))?;
         let addresses: Vec<IpAddr> = answer.iter().collect();
         let valid_until = Instant::from_std(answer.valid_until());
         let expires = valid_until.max(Instant::now() + MIN_TTL);
@@ -248,7 +334,7 @@ impl Name {
 }
 
 /// A resolver asking the name servers `path` (resolv.conf format) names.
-fn configured_by(path: &Path) -> Result<TokioResolver, ResolvConfError> {
+fn configured_by(path: &Path) -> Result<Resolver, ResolvConfError> {
     let refused = |reason: String| ResolvConfError {
         path: path.to_owned(),
         reason,
@@ -257,11 +343,8 @@ fn configured_by(path: &Path) -> Result<TokioResolver, ResolvConfError> {
     let (config, options): (ResolverConfig, _) =
         hickory_resolver::system_conf::parse_resolv_conf(text)
             .map_err(|error| refused(format!("not a usable resolv.conf: {error}")))?;
-    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
-    *builder.options_mut() = options;
-    builder.build().map_err(|error| refused(error.to_string()))
+    Resolver::configured(path, config, options).map_err(refused)
 }
-
 /// Every host name of `policy` with where it is written.
 fn host_names(policy: &Policy) -> impl Iterator<Item = (&str, Location)> {
     policy.rules.iter().flat_map(|rule| {
