@@ -174,8 +174,7 @@ impl AuditSession {
                     dst: event.dst,
                     dst_port: event.dst_port,
                 });
-                let (rule, verdict) = rule_and_verdict(decision);
-                let violation = verdict == Verdict::Violation;
+                let (rule, verdict, violation) = rule_and_verdict(decision);
                 let pinned = event.enforcement == Enforcement::Pinned && !violation;
                 // Attribution costs file-system walks: only for what will be reported.
                 if !violation && !pinned && !report_all {
@@ -445,12 +444,15 @@ fn pin_error(rule: &Rule, event: &ConnectEvent) -> Option<Arc<str>> {
     Some(Arc::from(text))
 }
 
-fn rule_and_verdict(decision: Decision<'_>) -> (Option<&Rule>, Verdict) {
+/// The rule, the verdict the connection's line carries, and whether it is reported as a
+/// violation: under `unmatched = "alert"`, a connection no rule matched is a `violation`
+/// line whose verdict says why, `unmatched`.
+fn rule_and_verdict(decision: Decision<'_>) -> (Option<&Rule>, Verdict, bool) {
     match decision {
-        Decision::Compliant(rule) => (Some(rule), Verdict::Compliant),
-        Decision::Violation(rule) => (Some(rule), Verdict::Violation),
-        Decision::UnmatchedViolation => (None, Verdict::Violation),
-        Decision::Unmatched => (None, Verdict::Unmatched),
+        Decision::Compliant(rule) => (Some(rule), Verdict::Compliant, false),
+        Decision::Violation(rule) => (Some(rule), Verdict::Violation, true),
+        Decision::UnmatchedViolation => (None, Verdict::Unmatched, true),
+        Decision::Unmatched => (None, Verdict::Unmatched, false),
     }
 }
 

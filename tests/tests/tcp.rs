@@ -414,6 +414,50 @@ fn records_the_kernel_cannot_deliver_are_counted_as_lost() {
     );
 }
 
+/// Under `unmatched = "alert"`, a connection no rule matched is a `violation` line with no
+/// rule, whose verdict says why: `unmatched` (the reference and the contract say so).
+#[test]
+fn an_unmatched_connection_under_unmatched_alert_is_a_violation_whose_verdict_is_unmatched() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(&format!("unmatched = \"alert\"\n{PARTNER_POLICY}"));
+    let mut daemon = audit(&policy, &cgroup.path, false);
+
+    let unmatched = connect(&topology.host, &cgroup.path, None, "203.0.113.1", 22);
+    let line = daemon.wait_for(
+        "the unmatched violation",
+        is_violation_from(unmatched.src_port),
+    );
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (
+            violation.rule.as_deref(),
+            violation.verdict.as_str(),
+            violation.action.as_str()
+        ),
+        (None, "unmatched", "alert"),
+        "{violation:#?}"
+    );
+    let compliant = connect(&topology.host, &cgroup.path, None, PARTNER_V4, 443);
+    let wrong = connect(
+        &topology.host,
+        &cgroup.path,
+        Some(OTHER_V4),
+        PARTNER_V4,
+        443,
+    );
+    let line = daemon.wait_for("the rule's violation", is_violation_from(wrong.src_port));
+    assert_eq!(line.violation().unwrap().verdict, "violation");
+    let (_, lines) = daemon.stop_with(Signal::SIGTERM);
+    assert!(
+        !lines
+            .iter()
+            .filter_map(Line::violation)
+            .any(|line| line.src_port == compliant.src_port),
+        "{lines:#?}"
+    );
+}
+
 #[test]
 fn compliant_and_ignored_connections_are_decided_in_the_kernel() {
     let topology = Topology::new();
