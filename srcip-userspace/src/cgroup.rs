@@ -37,6 +37,16 @@ pub enum ScopeError {
         resolved: PathBuf,
         mount: PathBuf,
     },
+    #[error(
+        "--netns {given}: no network namespace at {}: give a name `ip netns list` shows, or a path such as /proc/PID/ns/net",
+        path.display()
+    )]
+    NetnsNotFound { given: String, path: PathBuf },
+    #[error(
+        "--netns {given}: {} is not a network namespace (`ip netns add` makes one under /run/netns; a process's is /proc/PID/ns/net)",
+        path.display()
+    )]
+    NotNetns { given: String, path: PathBuf },
 }
 
 /// A cgroup whose processes (and their descendants') are audited.

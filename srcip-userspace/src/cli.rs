@@ -328,6 +328,10 @@ pub struct LearnArgs {
     /// Write the policy here instead of to stdout.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Learn only the connections made in this network namespace: a name of `ip netns`
+    /// (`/run/netns/NAME`) or a path such as `/proc/PID/ns/net`.
+    #[arg(long, value_name = "NAME|PATH")]
+    netns: Option<String>,
 }
 
 impl LearnArgs {
@@ -336,6 +340,7 @@ impl LearnArgs {
             duration: self.duration,
             cgroups: self.cgroups,
             output: self.output,
+            netns: self.netns,
         }
     }
 }

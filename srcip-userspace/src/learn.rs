@@ -26,6 +26,7 @@ use crate::{
     audit::AuditSession,
     cgroup::{self, AuditedCgroup},
     loader::AuditSettings,
+    netns,
     output::counted,
     policy::{self, Matcher, Policy, Unmatched},
     run::prepare_host,
@@ -38,6 +39,22 @@ pub struct LearnConfig {
     pub cgroups: Vec<String>,
     /// `None`: stdout.
     pub output: Option<PathBuf>,
+    /// `--netns NAME|PATH`: only this network namespace's connections.
+    pub netns: Option<String>,
+}
+
+/// Says on stderr that, run in a network namespace of its own without `--netns`, learning
+/// still sees every namespace's connections (the kernel's programs see the whole host).
+fn warn_when_in_another_namespace() {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = |path: &str| std::fs::metadata(path).map(|metadata| metadata.ino()).ok();
+    if let (Some(own), Some(host)) = (inode("/proc/self/ns/net"), inode("/proc/1/ns/net"))
+        && own != host
+    {
+        eprintln!(
+            "srcip: note: this network namespace is not the host's, but learning sees every namespace's connections; add --netns /proc/self/ns/net to learn only this one's"
+        );
+    }
 }
 
 /// How often progress is written to stderr.
@@ -68,6 +85,14 @@ fn require_writable_folder(output: &Path) -> anyhow::Result<()> {
 pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
     if let Some(output) = &config.output {
         require_writable_folder(output)?;
+    }
+    let only_netns = config
+        .netns
+        .as_deref()
+        .map(netns::inode_of_given)
+        .transpose()?;
+    if only_netns.is_none() {
+        warn_when_in_another_namespace();
     }
     system::require_privileges()?;
     let host = prepare_host()?;
@@ -102,13 +127,20 @@ pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
     } else {
         format!("for {}", humantime::format_duration(config.duration))
     };
-    eprintln!("srcip: learning outbound connections {until}");
+    let scope = match &config.netns {
+        Some(netns) => format!(" of network namespace {netns}"),
+        None => String::new(),
+    };
+    eprintln!("srcip: learning outbound connections{scope} {until}");
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let started = Instant::now();
     let deadline = (!config.duration.is_zero()).then(|| started + config.duration);
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        only_netns,
+        ..Seen::default()
+    };
     let mut progress_at = started;
     loop {
         let remaining = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
@@ -165,6 +197,8 @@ pub async fn learn(config: LearnConfig) -> anyhow::Result<()> {
 /// Sources seen, by destination, protocol and port, with who made the connections.
 #[derive(Default)]
 struct Seen {
+    /// With `--netns`: the namespace's inode; connections of others are not learnt.
+    only_netns: Option<u64>,
     connections: u64,
     /// destination → (protocol, port) → sources.
     flows: BTreeMap<IpAddr, BTreeMap<(&'static str, u16), BTreeSet<IpAddr>>>,
@@ -185,7 +219,14 @@ impl Seen {
     fn add<'a>(&mut self, alerts: impl Iterator<Item = &'a AlertBody>) {
         for alert in alerts {
             if let AlertBody::Connect(report) = alert {
-                self.record(report);
+                // A connection whose namespace srcip could not name is not known to be of
+                // the one asked for.
+                if self
+                    .only_netns
+                    .is_none_or(|inode| report.netns == Some(inode))
+                {
+                    self.record(report);
+                }
             }
         }
     }

@@ -23,9 +23,37 @@ use aya::maps::{MapData, SkStorage};
 use lru::LruCache;
 use nix::{
     sched::{CloneFlags, setns},
-    sys::socket::{AddressFamily, SockFlag, SockType, socket},
+    sys::{
+        socket::{AddressFamily, SockFlag, SockType, socket},
+        statfs::{NSFS_MAGIC, statfs},
+    },
 };
 use srcip_common::owner::UdpOwner;
+
+use crate::cgroup::ScopeError;
+
+/// The inode of the network namespace an operator names (`--netns`): a name of `ip netns`
+/// (`/run/netns/NAME`), or a path such as `/proc/PID/ns/net`.
+pub fn inode_of_given(given: &str) -> Result<u64, ScopeError> {
+    let path = if given.contains('/') {
+        PathBuf::from(given)
+    } else {
+        Path::new("/run/netns").join(given)
+    };
+    let metadata = fs::metadata(&path).map_err(|_| ScopeError::NetnsNotFound {
+        given: given.to_owned(),
+        path: path.clone(),
+    })?;
+    // A namespace's file belongs to the nsfs file system; anything else is not one.
+    let nsfs = statfs(&path).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC);
+    if !nsfs {
+        return Err(ScopeError::NotNetns {
+            given: given.to_owned(),
+            path,
+        });
+    }
+    Ok(metadata.ino())
+}
 
 /// Namespaces remembered, each way: a host with more (containers come and go) forgets the
 /// least recently used, and probes it again should it come back.
