@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     output::Format,
-    policy::{self, Destination, HostNames, ProtocolSelector, Rule},
+    policy::{self, Destination, HostNames, Policy, ProtocolSelector, Rule},
     route::{self, Fix, HostRouting, Program, Query, Router},
 };
 
@@ -236,7 +236,8 @@ pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
             let Destination::Prefix(prefix) = destination else {
                 continue;
             };
-            let mut row = check_destination(&router, &host, rule, *prefix, config.program).await?;
+            let mut row =
+                check_destination(&router, &host, &policy, rule, *prefix, config.program).await?;
             if !judged {
                 // Any source was "allowed": say that none was asked about.
                 row.allowed_sources.clear();
@@ -287,11 +288,27 @@ pub fn representative(prefix: IpNet) -> IpAddr {
     }
 }
 
-/// Predicts `destination` of `rule` (checked at its representative address) for a
-/// connection of `program`.
+/// Whether another rule of `policy` has a destination overlapping `destination` and allows
+/// other sources than `rule`: their fixes must not undo each other.
+fn shared_with_another(policy: &Policy, rule: &Rule, destination: IpNet) -> bool {
+    policy.rules.iter().any(|other| {
+        other.name != rule.name
+            && other.allowed_sources != rule.allowed_sources
+            && other.destinations.iter().any(|(theirs, _)| match theirs {
+                Destination::Prefix(theirs) => {
+                    theirs.contains(&destination) || destination.contains(theirs)
+                }
+                Destination::Host(_) => false,
+            })
+    })
+}
+
+/// Predicts `destination` of `rule` of `policy` (checked at its representative address)
+/// for a connection of `program`.
 pub async fn check_destination(
     router: &Router,
     host: &HostRouting,
+    policy: &Policy,
     rule: &Rule,
     destination: IpNet,
     program: Program,
@@ -311,6 +328,12 @@ pub async fn check_destination(
             destination,
             prediction: &prediction,
             host,
+            shared: shared_with_another(policy, rule, destination),
+            place: policy
+                .rules
+                .iter()
+                .position(|known| known.name == rule.name)
+                .unwrap_or(0),
         })
     };
     Ok(DestinationCheck {

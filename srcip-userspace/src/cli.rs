@@ -74,8 +74,7 @@ pub enum Command {
 /// Writes `srcip.1` and a page per subcommand (`srcip-run.1`, `srcip-policy-learn.1`, …)
 /// into `dir`.
 pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
-    let command = <Cli as clap::CommandFactory>::command();
-    clap_mangen::generate_to(command, dir)
+    crate::manual::write_man_pages(dir, <Cli as clap::CommandFactory>::command())
 }
 
 /// The shells `srcip completions` writes for.

@@ -332,7 +332,8 @@ async fn evaluate(
                 continue;
             };
             for program in &programs {
-                let check = check_destination(router, &host, rule, *prefix, *program).await?;
+                let check =
+                    check_destination(router, &host, policy, rule, *prefix, *program).await?;
                 let key = (rule.name.clone(), *prefix, *program);
                 let allowed = check.compliant;
                 // The kernel's map has one prediction per destination: srcip's, and only

@@ -16,6 +16,7 @@ pub mod features;
 mod folding;
 pub mod learn;
 mod loader;
+mod manual;
 mod metrics;
 mod netns;
 pub mod output;

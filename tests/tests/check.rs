@@ -71,6 +71,104 @@ fn a_route_with_a_wrong_src_fails_check_and_its_first_fix_makes_it_pass() {
     assert_eq!(row_for(&rows, PARTNER_V4)["predicted_src"], ALLOWED_V4);
 }
 
+/// The second remedy, destination-keyed policy routing, is two entries, each one complete
+/// command (no `&&` chain that stops half-way); pasted in order into `sh` they make `check`
+/// pass, for an IPv6 destination too (`ip -6 rule`, which `ip rule` without `-6` refuses).
+#[test]
+fn the_policy_routing_fix_runs_as_printed_in_both_families() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    topology.route_partner_via_other_source();
+    ip_in(
+        &topology.host.name,
+        "-6 route replace 2001:db8:50::/64 via 2001:db8::1 src 2001:db8::11",
+    );
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 3, "{rows:#?}");
+    for dst in [PARTNER_V4, "2001:db8:50::1"] {
+        let row = row_for(&rows, dst);
+        let fixes: Vec<&str> = row["fix"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|fix| fix.as_str().unwrap())
+            .collect();
+        assert!(fixes.iter().all(|fix| !fix.contains("&&")), "{fixes:#?}");
+        assert!(fixes[1].contains(" table "), "{fixes:#?}");
+        assert!(fixes[2].contains(" rule add to "), "{fixes:#?}");
+        shell_in(&topology.host, fixes[1]);
+        shell_in(&topology.host, fixes[2]);
+    }
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(
+        code, 0,
+        "the policy-routing fix, run as printed, did not fix it: {rows:#?}"
+    );
+    assert_eq!(
+        row_for(&rows, "2001:db8:50::1")["predicted_src"],
+        "2001:db8::10"
+    );
+}
+
+/// Two rules on one destination that want different sources (TCP 8080 from .11, UDP 5353
+/// from .10): a route for the whole destination would suit one and undo the other, run after
+/// run. The fix is policy routing keyed by protocol and port, in a table of each rule's own;
+/// run as printed, it makes `check` pass in one round, and the other rule stays compliant.
+#[test]
+fn two_rules_on_one_destination_get_fixes_that_converge_in_one_round() {
+    let topology = Topology::new();
+    let policy = PolicyFile::new(&format!(
+        r#"
+[[rule]]
+name = "api"
+destinations = ["{PARTNER_V4}"]
+ports = [8080]
+protocol = "tcp"
+allowed_sources = ["{OTHER_V4}"]
+
+[[rule]]
+name = "dns"
+destinations = ["{PARTNER_V4}"]
+ports = [5353]
+protocol = "udp"
+allowed_sources = ["{ALLOWED_V4}"]
+"#
+    ));
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 3, "{rows:#?}");
+    let api = rows.iter().find(|row| row["rule"] == "api").unwrap();
+    let dns = rows.iter().find(|row| row["rule"] == "dns").unwrap();
+    assert_eq!(
+        (&api["compliant"], &dns["compliant"]),
+        (&Value::Bool(false), &Value::Bool(true)),
+        "{rows:#?}"
+    );
+    let commands: Vec<&str> = api["fix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|fix| fix.as_str().unwrap())
+        .filter(|fix| !fix.starts_with('#'))
+        .collect();
+    assert!(
+        commands
+            .iter()
+            .any(|command| command.contains("ipproto tcp dport 8080 lookup")),
+        "{commands:#?}"
+    );
+    assert!(
+        !commands
+            .iter()
+            .any(|command| command.starts_with("ip route replace") && !command.contains(" table ")),
+        "a route for the whole destination would undo the other rule: {commands:#?}"
+    );
+    for command in &commands {
+        shell_in(&topology.host, command);
+    }
+    let (code, rows) = check_in(&topology.host, &policy.path);
+    assert_eq!(code, 0, "one round did not converge: {rows:#?}");
+}
+
 #[test]
 fn a_destination_keyed_rule_with_src_in_another_table_is_honoured_and_named() {
     let topology = Topology::new();

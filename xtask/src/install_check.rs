@@ -3,8 +3,10 @@
 //! packages with debootstrap (minbase, plus man-db and systemd, which a server has).
 //!
 //! The base system is built once and cached; each check copies it, installs the package
-//! with `dpkg -i`, and runs what an operator runs first: `srcip --version`, `man srcip`,
-//! `srcip policy validate /etc/srcip/policy.toml` and `systemd-analyze verify` on the unit.
+//! with `dpkg -i`, and runs what an operator runs first: `srcip --version`, `man srcip`
+//! (with the policy format, exit status and files), the changelog, `srcip policy validate
+//! /etc/srcip/policy.toml` and `systemd-analyze verify` on the unit; then purges it, which
+//! must keep the alert logs.
 //! Everything runs in a mount namespace of its own (`unshare`), so the /proc mounted for
 //! the chroot vanishes with it, and the copy is removed afterwards, also on failure.
 
@@ -32,7 +34,11 @@ pub fn run(deb: &Path) -> anyhow::Result<()> {
         ("srcip --version", "srcip --version"),
         (
             "man srcip",
-            "MANPAGER=cat MANWIDTH=100 man srcip | grep -q 'srcip-run(1)'",
+            "MANPAGER=cat MANWIDTH=100 man srcip > /tmp/srcip.txt && grep -q 'srcip-run(1)' /tmp/srcip.txt && grep -q '^POLICY FILE' /tmp/srcip.txt && grep -q 'allowed_sources = ' /tmp/srcip.txt && grep -q '^EXIT STATUS' /tmp/srcip.txt && grep -q '^FILES' /tmp/srcip.txt",
+        ),
+        (
+            "the changelog",
+            "test -s /usr/share/doc/srcip/changelog.Debian.gz",
         ),
         (
             "srcip policy validate",
@@ -41,6 +47,10 @@ pub fn run(deb: &Path) -> anyhow::Result<()> {
         (
             "systemd-analyze verify",
             "systemd-analyze verify /usr/lib/systemd/system/srcip.service",
+        ),
+        (
+            "dpkg --purge keeps the alert logs",
+            "mkdir -p /var/lib/srcip/spool /var/log/srcip && echo '{}' > /var/log/srcip/alerts.json && dpkg --purge srcip && test -f /var/log/srcip/alerts.json && ! test -e /var/lib/srcip",
         ),
     ];
     for (name, command) in checks {

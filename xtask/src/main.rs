@@ -79,7 +79,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Test { kernel, filter } => test(kernel.as_deref(), filter.as_deref()),
         Task::Package => {
-            setup::run()?;
+            setup::build_tools()?;
             let deb = package::run()?;
             println!("{}", deb.display());
             Ok(())

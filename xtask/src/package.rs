@@ -32,6 +32,13 @@ pub fn run() -> anyhow::Result<PathBuf> {
     step("staging the package tree");
     let packaging = root.join("packaging");
     install(&srcip, &stage.join("usr/bin/srcip"), 0o755)?;
+    // Symbols and debug information are dropped: a third of the binary's size, and nothing
+    // an operator's host needs (the eBPF programs inside are data, untouched).
+    exec(
+        Command::new("strip")
+            .arg("--strip-unneeded")
+            .arg(stage.join("usr/bin/srcip")),
+    )?;
     install(
         &packaging.join("srcip.service"),
         &stage.join("usr/lib/systemd/system/srcip.service"),
@@ -74,11 +81,20 @@ pub fn run() -> anyhow::Result<PathBuf> {
     )?;
     install(&root.join("README.md"), &doc.join("README.md"), 0o644)?;
     write(&doc.join("copyright"), COPYRIGHT.as_bytes(), 0o644)?;
+    install(
+        &packaging.join("changelog"),
+        &doc.join("changelog.Debian"),
+        0o644,
+    )?;
     // Debian compresses manuals and documentation, reproducibly (-n: no name or time).
     let mut compressed: Vec<PathBuf> = fs::read_dir(&man)?
         .map(|entry| entry.map(|entry| entry.path()))
         .collect::<Result<_, _>>()?;
-    compressed.extend([doc.join("reference.md"), doc.join("README.md")]);
+    compressed.extend([
+        doc.join("reference.md"),
+        doc.join("README.md"),
+        doc.join("changelog.Debian"),
+    ]);
     exec(Command::new("gzip").arg("-9n").args(&compressed))?;
 
     let control = stage.join("DEBIAN");
@@ -143,9 +159,14 @@ if [ \"$1\" = remove ] && [ -d /run/systemd/system ]; then\n\
     systemctl stop srcip.service >/dev/null 2>&1 || true\n\
 fi\n";
 
+/// Purge removes srcip's state and spool, and keeps the alert history an operator's own
+/// sinks wrote (`file:/var/log/srcip/...`): an audit trail is not the package's to delete.
 const POSTRM: &str = "#!/bin/sh\nset -e\n\
 if [ \"$1\" = purge ]; then\n\
-    rm -rf /var/lib/srcip /var/log/srcip\n\
+    rm -rf /var/lib/srcip\n\
+    if [ -d /var/log/srcip ]; then\n\
+        echo \"srcip: the alert logs in /var/log/srcip are kept; remove them when they are no longer needed\"\n\
+    fi\n\
 fi\n\
 if [ -d /run/systemd/system ]; then\n\
     systemctl daemon-reload >/dev/null || true\n\

@@ -20,10 +20,9 @@ const NATS_SERVER_VERSION: &str = "2.15.1";
 /// The bpf-linker release that builds against the nightly's LLVM 22 on these machines.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Everything the tests and the demo need: the build tools, then the test servers.
 pub fn run() -> anyhow::Result<()> {
-    require_nightly()?;
-    ensure_rust_src()?;
-    ensure_bpf_linker()?;
+    build_tools()?;
     // `ip` builds the namespaces of the demo and of the integration tests.
     ensure_package("iproute2", "ip", "-V")?;
     // `nft` puts address translation in the tests' namespaces (`wire_src`).
@@ -39,6 +38,14 @@ pub fn run() -> anyhow::Result<()> {
     ensure_nats_server()?;
     step("setup complete");
     Ok(())
+}
+
+/// What building srcip needs (the nightly's rust-src and bpf-linker for the eBPF
+/// programs), and nothing the tests alone need: `cargo xtask package` stops here.
+pub fn build_tools() -> anyhow::Result<()> {
+    require_nightly()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()
 }
 
 fn require_nightly() -> anyhow::Result<()> {

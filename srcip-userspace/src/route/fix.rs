@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{HostRouting, MAIN_TABLE, MatchedRoute, Prediction, prefix_text, table_name};
-use crate::policy;
+use crate::policy::{self, ProtocolSelector};
 
 /// Where the fix applies.
 pub struct Fix<'a> {
@@ -18,6 +18,12 @@ pub struct Fix<'a> {
     pub destination: IpNet,
     pub prediction: &'a Prediction,
     pub host: &'a HostRouting,
+    /// Another rule of the policy shares this destination and allows other sources: a
+    /// route for the whole destination that suits `rule` would undo its fix, run after run.
+    pub shared: bool,
+    /// The rule's place in the policy: its policy routing takes the place-th free table,
+    /// so that the fixes of one check never write into the same one.
+    pub place: usize,
 }
 
 /// The commands, best first; empty when the destination is compliant.
@@ -27,6 +33,8 @@ pub fn fixes(fix: &Fix<'_>) -> Vec<String> {
         destination,
         prediction,
         host,
+        shared,
+        place,
     } = fix;
     let Some(route) = &prediction.route else {
         return vec![format!(
@@ -62,14 +70,45 @@ pub fn fixes(fix: &Fix<'_>) -> Vec<String> {
     } else {
         format!(" table {}", table_name(route.table))
     };
-    let table = free_table(host);
+    let table = free_table(host, *place);
     let priority = free_priority_before(route.table, host);
+    // `ip rule` takes an IPv6 selector only with `-6` ("Invalid dst address" otherwise).
+    let ip_rule = if target.addr().is_ipv6() {
+        "ip -6 rule"
+    } else {
+        "ip rule"
+    };
+    let selectors = selectors(rule);
+    if *shared && !selectors.is_empty() {
+        // Only policy routing keyed by the rule's protocol and ports leaves the connections
+        // of the other rules of this destination where they are.
+        let steps = selectors.len() + 1;
+        let mut keyed = vec![format!(
+            "ip route replace {target_text}{next_hop} src {source} table {table}  # 1 of {steps}: the route in a table of its own, unused until the rules that follow; keyed by protocol and port because another rule of this destination allows other sources"
+        )];
+        keyed.extend(selectors.iter().enumerate().map(|(index, selector)| {
+            format!(
+                "{ip_rule} add to {target_text} {selector} lookup {table} priority {priority}  # {} of {steps}: only rule \"{}\"'s connections; lost at reboot unless written to the network configuration",
+                index + 2,
+                rule.name
+            )
+        }));
+        keyed.push(format!(
+            "# or make the program bind {source} itself (for example curl --interface {source}, or a bind() before connect()): it then leaves from {source} whatever the routes say, across reboots"
+        ));
+        return keyed;
+    }
     vec![
         format!(
             "ip route replace {target_text}{next_hop} src {source}{in_table}  # takes effect at once; lost at reboot unless added to the interface's configuration (ifupdown post-up, or PreferredSource= in a systemd-networkd [Route])"
         ),
+        // Policy routing is two commands, each complete on its own: the route alone changes
+        // nothing (no rule looks into its table yet), and the rule then sends the lookup there.
         format!(
-            "ip route replace {target_text}{next_hop} src {source} table {table} && ip rule add to {target_text} lookup {table} priority {priority}  # destination-keyed policy routing in a table of its own; lost at reboot unless written to the network configuration"
+            "ip route replace {target_text}{next_hop} src {source} table {table}  # policy routing, 1 of 2: the route in a table of its own, unused until the rule of 2 of 2"
+        ),
+        format!(
+            "{ip_rule} add to {target_text} lookup {table} priority {priority}  # policy routing, 2 of 2: destination-keyed, before the rule in effect; both lost at reboot unless written to the network configuration"
         ),
         // `action = "pin"` joins this remedy when srcip enforces it (see docs/reference.md).
         format!(
@@ -113,11 +152,50 @@ fn next_hop(route: &MatchedRoute) -> String {
     text
 }
 
-/// A routing table no rule uses, from 100 up.
-fn free_table(host: &HostRouting) -> u32 {
+/// The `place`-th routing table no rule uses, from 100 up.
+fn free_table(host: &HostRouting, place: usize) -> u32 {
     (100..)
-        .find(|table| !host.rules.iter().any(|rule| rule.table == Some(*table)))
+        .filter(|table| !host.rules.iter().any(|rule| rule.table == Some(*table)))
+        .nth(place)
         .unwrap_or(100)
+}
+
+/// The `ip rule` selectors that match only `rule`'s connections (`ipproto tcp dport 443`),
+/// one per protocol and port range; empty for a rule of every protocol and port.
+fn selectors(rule: &policy::Rule) -> Vec<String> {
+    let protocols: Vec<Option<&str>> = match (rule.protocol, &rule.ports) {
+        (ProtocolSelector::Only(protocol), _) => vec![Some(protocol.as_str())],
+        (ProtocolSelector::Any, None) => return Vec::new(),
+        (ProtocolSelector::Any, Some(_)) => vec![Some("tcp"), Some("udp")],
+    };
+    let ports: Vec<Option<String>> = match &rule.ports {
+        None => vec![None],
+        Some(ranges) => ranges
+            .iter()
+            .map(|range| {
+                Some(if range.first == range.last {
+                    range.first.to_string()
+                } else {
+                    format!("{}-{}", range.first, range.last)
+                })
+            })
+            .collect(),
+    };
+    protocols
+        .iter()
+        .flat_map(|protocol| {
+            ports.iter().map(move |port| {
+                let mut selector = String::new();
+                if let Some(protocol) = protocol {
+                    selector.push_str(&format!("ipproto {protocol}"));
+                }
+                if let Some(port) = port {
+                    selector.push_str(&format!(" dport {port}"));
+                }
+                selector
+            })
+        })
+        .collect()
 }
 
 /// A rule priority no rule has, just before the first rule that sends lookups to `table`
@@ -182,6 +260,8 @@ mod tests {
             destination: "198.51.100.0/24".parse().unwrap(),
             prediction: &default,
             host: &host,
+            shared: false,
+            place: 0,
         });
         assert!(
             written[0].starts_with(
@@ -196,12 +276,48 @@ mod tests {
             destination: "198.51.100.0/24".parse().unwrap(),
             prediction: &narrow,
             host: &host,
+            shared: false,
+            place: 0,
         });
         assert!(
             written[0].starts_with("ip route replace 198.51.100.50 via 203.0.113.1 dev eth0 src 203.0.113.10 table 100  #"),
             "{written:#?}"
         );
         assert!(written.iter().all(|fix| !fix.contains("rule add from")));
+        assert!(
+            written.iter().all(|fix| !fix.contains("&&")),
+            "{written:#?}"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_destination_gets_ip_6_rule() {
+        let rule = policy::parse(
+            std::path::Path::new("test.toml"),
+            "[[rule]]\nname = \"partner\"\ndestinations = [\"2001:db8:50::/64\"]\nallowed_sources = [\"2001:db8::10\"]\n",
+        )
+        .unwrap()
+        .rules
+        .remove(0);
+        let host =
+            HostRouting::for_tests(&["eth0 2001:db8::10/64", "eth0 2001:db8::11/64"], vec![]);
+        let mut prediction = prediction("::/0", MAIN_TABLE);
+        prediction.src = Some("2001:db8::11".parse().unwrap());
+        if let Some(route) = &mut prediction.route {
+            route.gateway = Some("2001:db8::1".parse().unwrap());
+        }
+        let written = fixes(&Fix {
+            rule: &rule,
+            destination: "2001:db8:50::/64".parse().unwrap(),
+            prediction: &prediction,
+            host: &host,
+            shared: false,
+            place: 0,
+        });
+        assert!(
+            written[2].starts_with("ip -6 rule add to 2001:db8:50::/64 lookup 100 priority "),
+            "{written:#?}"
+        );
     }
 
     #[test]
@@ -213,6 +329,8 @@ mod tests {
             destination: "198.51.100.0/24".parse().unwrap(),
             prediction: &prediction("0.0.0.0/0", MAIN_TABLE),
             host: &host,
+            shared: false,
+            place: 0,
         });
         assert_eq!(
             written,
@@ -231,7 +349,8 @@ mod tests {
                 PolicyRule::source_keyed(32765, "203.0.113.11/32", 101),
             ],
         );
-        assert_eq!(free_table(&host), 102);
+        assert_eq!(free_table(&host, 0), 102);
+        assert_eq!(free_table(&host, 1), 103);
         // No rule names main here, so the new one goes just before 32766, where main's is.
         assert_eq!(free_priority_before(MAIN_TABLE, &host), 32764);
         assert_eq!(free_priority_before(100, &host), 99);
