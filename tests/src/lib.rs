@@ -813,11 +813,19 @@ pub fn check_in(netns: &Netns, policy: &Path) -> (i32, Vec<serde_json::Value>) {
 
 /// As [`check_in`], with more arguments for `srcip check`.
 pub fn check_in_with(netns: &Netns, policy: &Path, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
+    let policy = policy.to_str().expect("a policy path in UTF-8");
+    let mut all = vec!["--policy", policy];
+    all.extend(args);
+    ask_in(netns, &all)
+}
+
+/// `srcip check --format json ARGS…` run inside `netns` (a policy, or a destination asked
+/// about without one): its exit code and its rows.
+pub fn ask_in(netns: &Netns, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
     let output = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", netns.name))
         .arg(srcip_bin())
-        .args(["check", "--format", "json", "--policy"])
-        .arg(policy)
+        .args(["check", "--format", "json"])
         .args(args)
         .output()
         .expect("run srcip check");

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use srcip_tests::{
-    ALLOWED_V4, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Topology, check_in,
+    ALLOWED_V4, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Topology, ask_in, check_in,
     check_in_with, ip_in, shell_in,
 };
 
@@ -337,22 +337,6 @@ fn uid_and_mark_keyed_rules_are_honoured_for_the_program_given() {
     shell_in(&topology.host, &fix);
     let (code, rows) = check_in_with(&topology.host, &policy.path, &["--mark", "0x7"]);
     assert_eq!(code, 0, "after {fix}: {rows:#?}");
-}
-
-/// `srcip check ARGS…` (JSON) inside `netns`, with no policy: its exit code and rows.
-fn ask_in(netns: &srcip_tests::Netns, args: &[&str]) -> (i32, Vec<Value>) {
-    let output = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", netns.name))
-        .arg(srcip_tests::srcip_bin())
-        .args(["check", "--format", "json"])
-        .args(args)
-        .output()
-        .expect("run srcip check");
-    let rows = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("srcip check prints JSON lines"))
-        .collect();
-    (output.status.code().expect("srcip check exited"), rows)
 }
 
 /// One destination, asked about with no policy: which source the kernel would choose for

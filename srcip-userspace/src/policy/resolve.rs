@@ -196,7 +196,7 @@ impl HostNames {
         if let (Ok(resolver), 1..) = (&self.resolver, count) {
             // A name server that does not answer makes this take seconds: say what waits.
             info!(
-                "resolving {count} host name{} of the policy with {}",
+                "resolving {count} host name{} with {}",
                 if count == 1 { "" } else { "s" },
                 resolver.servers
             );
