@@ -268,6 +268,24 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     );
 }
 
+/// A daemon that takes the connection and never answers (stuck): `srcip status` gives up
+/// after its wait and says so, rather than hanging its operator's shell.
+#[test]
+fn status_of_a_daemon_that_does_not_answer_gives_up_and_says_so() {
+    let folder = tempfile::tempdir().unwrap();
+    let socket = folder.path().join("srcip.sock");
+    let _stuck = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let output = Command::new(srcip_bin())
+        .arg("status")
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("did not answer within 10 s"), "{stderr}");
+}
+
 #[test]
 fn watch_and_status_without_a_daemon_say_what_to_do() {
     let folder = tempfile::tempdir().unwrap();

@@ -49,6 +49,8 @@ const WATCH_BACKLOG: usize = 4096;
 const STALLED_WRITE: Duration = Duration::from_secs(60);
 /// How long stopping waits for watchers to receive the last lines.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long `srcip status` waits for the daemon's answer, which takes milliseconds.
+const STATUS_WAIT: Duration = Duration::from_secs(10);
 /// How long a new watcher has to say which format it wants.
 const REQUEST_WAIT: Duration = Duration::from_millis(200);
 
@@ -351,6 +353,11 @@ fn ask(socket: &Path, request: &Request) -> anyhow::Result<()> {
     let line = request.line();
     io::Write::write_all(&mut stream, format!("{line}\n").as_bytes())
         .with_context(|| format!("cannot ask {} for {line}", socket.display()))?;
+    // A status is answered at once; a daemon that says nothing for long is stuck, and the
+    // operator must hear so rather than wait. A watcher's stream may be quiet for hours.
+    if matches!(request, Request::Status(_)) {
+        stream.set_read_timeout(Some(STATUS_WAIT))?;
+    }
     let mut stdout = io::stdout().lock();
     match io::copy(
         &mut io::BufReader::new(stream),
@@ -359,6 +366,18 @@ fn ask(socket: &Path, request: &Request) -> anyhow::Result<()> {
         Ok(_) => Ok(()),
         // Whoever read our output is gone (`srcip watch | head`).
         Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            anyhow::bail!(
+                "the srcip run listening on {} did not answer within {} s: it may be stuck; its log (journalctl -u srcip) may say why",
+                socket.display(),
+                STATUS_WAIT.as_secs()
+            )
+        }
         Err(error) => Err(anyhow::Error::new(error).context("reading from the daemon")),
     }
 }
