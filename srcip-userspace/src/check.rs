@@ -7,13 +7,15 @@
 //! is SOURCE (or, without `--from`, any: the question is then only which source and why).
 
 use std::{
+    collections::HashSet,
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use prefix_trie::PrefixMap;
 use serde::Serialize;
 
 use crate::{
@@ -231,13 +233,21 @@ pub async fn check(config: CheckConfig) -> anyhow::Result<bool> {
     if config.format == Format::Text {
         print_header(&mut stdout, &asked)?;
     }
-    for rule in &policy.rules {
+    let shared = SharedDestinations::of(&policy);
+    for (place, rule) in policy.rules.iter().enumerate() {
         for (destination, _) in &rule.destinations {
             let Destination::Prefix(prefix) = destination else {
                 continue;
             };
-            let mut row =
-                check_destination(&router, &host, &policy, rule, *prefix, config.program).await?;
+            let mut row = check_destination(
+                &router,
+                &host,
+                (&policy, &shared),
+                place,
+                *prefix,
+                config.program,
+            )
+            .await?;
             if !judged {
                 // Any source was "allowed": say that none was asked about.
                 row.allowed_sources.clear();
@@ -288,31 +298,105 @@ pub fn representative(prefix: IpNet) -> IpAddr {
     }
 }
 
-/// Whether another rule of `policy` has a destination overlapping `destination` and allows
-/// other sources than `rule`: their fixes must not undo each other.
-fn shared_with_another(policy: &Policy, rule: &Rule, destination: IpNet) -> bool {
-    policy.rules.iter().any(|other| {
-        other.name != rule.name
-            && other.allowed_sources != rule.allowed_sources
-            && other.destinations.iter().any(|(theirs, _)| match theirs {
-                Destination::Prefix(theirs) => {
-                    theirs.contains(&destination) || destination.contains(theirs)
-                }
-                Destination::Host(_) => false,
-            })
-    })
+/// The destinations of a policy that another rule shares while allowing other sources
+/// ([`Fix::shared`]: their fixes must not undo each other), found once per policy: a check,
+/// and each of the drift watch's readings, judge every destination, so asking the whole
+/// policy again for each would be quadratic in its size.
+pub struct SharedDestinations {
+    shared: HashSet<(usize, IpNet)>,
 }
 
-/// Predicts `destination` of `rule` of `policy` (checked at its representative address)
-/// for a connection of `program`.
+/// The rules naming one prefix, as far as sharing goes: whether they all allow the same
+/// sources (those of the rule at `first`).
+enum Namers {
+    Alike { first: usize },
+    Mixed,
+}
+
+impl Namers {
+    fn differ_from(&self, rules: &[Rule], rule: usize) -> bool {
+        match self {
+            Self::Alike { first } => rules[*first].allowed_sources != rules[rule].allowed_sources,
+            Self::Mixed => true,
+        }
+    }
+}
+
+impl SharedDestinations {
+    pub fn of(policy: &Policy) -> Self {
+        let mut v4: PrefixMap<Ipv4Net, Namers> = PrefixMap::new();
+        let mut v6: PrefixMap<Ipv6Net, Namers> = PrefixMap::new();
+        let note = |namers: Option<&mut Namers>, rule: usize| match namers {
+            Some(namers) => {
+                if namers.differ_from(&policy.rules, rule) {
+                    *namers = Namers::Mixed;
+                }
+                None
+            }
+            None => Some(Namers::Alike { first: rule }),
+        };
+        let named = || {
+            policy.rules.iter().enumerate().flat_map(|(place, rule)| {
+                rule.destinations
+                    .iter()
+                    .filter_map(move |(destination, _)| match destination {
+                        Destination::Prefix(prefix) => Some((place, *prefix)),
+                        Destination::Host(_) => None,
+                    })
+            })
+        };
+        for (place, prefix) in named() {
+            match prefix {
+                IpNet::V4(net) => {
+                    if let Some(new) = note(v4.get_mut(&net), place) {
+                        v4.insert(net, new);
+                    }
+                }
+                IpNet::V6(net) => {
+                    if let Some(new) = note(v6.get_mut(&net), place) {
+                        v6.insert(net, new);
+                    }
+                }
+            }
+        }
+        // A prefix overlaps the ones that cover it and the ones it covers (itself among
+        // both: other rules naming the same prefix).
+        let shared = named()
+            .filter(|(place, prefix)| {
+                let differs = |namers: &Namers| namers.differ_from(&policy.rules, *place);
+                match prefix {
+                    IpNet::V4(net) => v4
+                        .cover(net)
+                        .chain(v4.children(net))
+                        .any(|(_, namers)| differs(namers)),
+                    IpNet::V6(net) => v6
+                        .cover(net)
+                        .chain(v6.children(net))
+                        .any(|(_, namers)| differs(namers)),
+                }
+            })
+            .collect();
+        Self { shared }
+    }
+
+    /// Whether `destination` of the rule at `place` in the policy is shared.
+    pub fn contains(&self, place: usize, destination: IpNet) -> bool {
+        self.shared.contains(&(place, destination))
+    }
+}
+
+/// Predicts `destination` of the rule at `place` in `policy` (checked at its
+/// representative address) for a connection of `program`; `shared` is the policy's
+/// [`SharedDestinations`].
 pub async fn check_destination(
     router: &Router,
     host: &HostRouting,
-    policy: &Policy,
-    rule: &Rule,
+    (policy, shared): (&Policy, &SharedDestinations),
+    place: usize,
     destination: IpNet,
     program: Program,
 ) -> anyhow::Result<DestinationCheck> {
+    let rule = &policy.rules[place];
     let dst = representative(destination);
     let query = query_for(rule, dst, program);
     let prediction = router.predict(&query, host).await?;
@@ -328,12 +412,8 @@ pub async fn check_destination(
             destination,
             prediction: &prediction,
             host,
-            shared: shared_with_another(policy, rule, destination),
-            place: policy
-                .rules
-                .iter()
-                .position(|known| known.name == rule.name)
-                .unwrap_or(0),
+            shared: shared.contains(place, destination),
+            place,
         })
     };
     Ok(DestinationCheck {
@@ -470,6 +550,45 @@ mod tests {
         assert!(!rule.allows_source("203.0.113.11".parse().unwrap()));
         let any = asked.policy(None).unwrap();
         assert!(any.rules[0].allows_source("2001:db8::11".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_destination_is_shared_when_an_overlapping_one_allows_other_sources() {
+        let rule = |name: &str, destination: &str, source: &str| {
+            format!(
+                "[[rule]]\nname = \"{name}\"\ndestinations = [\"{destination}\"]\nallowed_sources = [\"{source}\"]\n{}\n",
+                // e and f share their prefix: each must keep to its own protocol.
+                match name {
+                    "e" => "protocol = \"tcp\"\n",
+                    "f" => "protocol = \"udp\"\n",
+                    _ => "",
+                }
+            )
+        };
+        let text = [
+            rule("a", "198.51.100.0/24", "203.0.113.10"),
+            rule("b", "198.51.100.50", "203.0.113.11"),
+            rule("c", "192.0.2.0/24", "203.0.113.10"),
+            rule("d", "192.0.2.0/25", "203.0.113.10"),
+            rule("e", "2001:db8::/32", "2001:db8:1::10"),
+            rule("f", "2001:db8::/32", "2001:db8:1::11"),
+            rule("g", "2001:db9::/32", "2001:db8:1::11"),
+        ]
+        .concat();
+        let policy = policy::parse(Path::new("test.toml"), &text).unwrap();
+        let shared = SharedDestinations::of(&policy);
+        let verdicts: Vec<bool> = policy
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(place, rule)| match rule.destinations[0].0 {
+                Destination::Prefix(prefix) => shared.contains(place, prefix),
+                Destination::Host(_) => unreachable!("the policy names no host"),
+            })
+            .collect();
+        // a covers b and allows another source; c and d overlap but agree; e and f name
+        // the same prefix and disagree; g overlaps nothing.
+        assert_eq!(verdicts, [true, true, false, false, true, true, false]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::{
     alerts::{Alert, AlertBody},
-    check::check_destination,
+    check::{SharedDestinations, check_destination},
     policy::{Action, Destination, Policy},
     policy_maps::RoutingMaps,
     route::{Program, Router},
@@ -326,14 +326,22 @@ async fn evaluate(
     // Rebuilt each time, so that destinations a reload removed are forgotten.
     let mut now = HashMap::new();
     let mut blocking = Vec::new();
-    for rule in &policy.rules {
+    let shared_destinations = SharedDestinations::of(policy);
+    for (place, rule) in policy.rules.iter().enumerate() {
         for (destination, _) in &rule.destinations {
             let Destination::Prefix(prefix) = destination else {
                 continue;
             };
             for program in &programs {
-                let check =
-                    check_destination(router, &host, policy, rule, *prefix, *program).await?;
+                let check = check_destination(
+                    router,
+                    &host,
+                    (policy, &shared_destinations),
+                    place,
+                    *prefix,
+                    *program,
+                )
+                .await?;
                 let key = (rule.name.clone(), *prefix, *program);
                 let allowed = check.compliant;
                 // The kernel's map has one prediction per destination: srcip's, and only
