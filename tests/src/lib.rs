@@ -323,16 +323,44 @@ pub fn tcp_client_bin() -> PathBuf {
     path
 }
 
-/// Runs a command and panics, with its output, if it fails.
+/// How long a command [`run`] runs may take: generous, for the matrix's emulated guests,
+/// but a command that hangs fails its test with its name rather than hanging the run.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Runs a command and panics, with its output, if it fails or does not finish within
+/// [`COMMAND_TIMEOUT`].
 pub fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
+    run_within(program, args, COMMAND_TIMEOUT)
+}
+
+fn run_within(program: &str, args: &[&str], timeout: std::time::Duration) -> Output {
+    let command_line = || format!("{program} {}", args.join(" "));
+    let child = Command::new(program)
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|error| panic!("cannot run {program}: {error}"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    let output = match finished.recv_timeout(timeout) {
+        Ok(output) => output.unwrap_or_else(|error| panic!("{}: {error}", command_line())),
+        Err(_) => {
+            // Not reaped yet (its waiter still waits), so the pid is still the command's.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!(
+                "{} did not finish within {} s; killed",
+                command_line(),
+                timeout.as_secs()
+            );
+        }
+    };
     assert!(
         output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
+        "{} failed: {}",
+        command_line(),
         String::from_utf8_lossy(&output.stderr)
     );
     output
@@ -975,4 +1003,30 @@ pub fn attempt_udp_client(
     args.extend([destinations, &port]);
     let output = run(udp_client_bin().to_str().unwrap(), &args);
     serde_json::from_slice(&output.stdout).expect("udp-client prints one JSON line")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_that_hangs_fails_its_test_and_is_killed() {
+        // An odd length, so that no other process sleeps with these arguments.
+        let hung = std::panic::catch_unwind(|| {
+            run_within("sleep", &["60.0417"], std::time::Duration::from_secs(1))
+        });
+        let message = hung.expect_err("a hung command fails");
+        let message = message
+            .downcast_ref::<String>()
+            .expect("a panic with a message");
+        assert!(
+            message.contains("sleep 60.0417 did not finish within 1 s; killed"),
+            "{message}"
+        );
+        let still_running = Command::new("pgrep")
+            .args(["-f", "^sleep 60.0417$"])
+            .status()
+            .unwrap();
+        assert!(!still_running.success(), "the hung command was not killed");
+    }
 }
