@@ -51,6 +51,15 @@ pub struct SinkLabels {
     pub sink: String,
 }
 
+/// Totals over every rule, as [`Metrics::alert_counts`] reads them.
+pub struct AlertCounts {
+    pub violations: u64,
+    pub blocked: u64,
+    pub lost_records: u64,
+    pub reloads_applied: u64,
+    pub reloads_refused: u64,
+}
+
 /// Every metric srcip serves. Counters named `x` are served as `x_total`.
 pub struct Metrics {
     registry: Registry,
@@ -76,6 +85,10 @@ pub struct Metrics {
     /// Alerts a network sink's receiver refused for good, kept in its spool's dead letters.
     pub sink_dead_letters: Family<SinkLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    /// All rules' violations and blocked connections together, for `srcip status`: summing
+    /// the families' series would take every series' lock.
+    violations_all: Counter,
+    blocked_all: Counter,
     /// Destinations whose predicted source their rule does not allow now, by rule.
     routes_drifting: Family<DriftLabels, Gauge>,
 }
@@ -98,6 +111,8 @@ impl Metrics {
             sink_backlog: Family::default(),
             sink_dead_letters: Family::default(),
             reloads: Family::default(),
+            violations_all: Counter::default(),
+            blocked_all: Counter::default(),
             routes_drifting: Family::default(),
         };
         let registry = &mut metrics.registry;
@@ -168,7 +183,7 @@ impl Metrics {
         );
         registry.register(
             "policy_reloads",
-            "Policy reloads, by result (ok, or error: the previous policy stayed)",
+            "Policy reloads (and new addresses of its host names), by result (ok, or error: the previous policy stayed)",
             metrics.reloads.clone(),
         );
         registry.register(
@@ -243,19 +258,17 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// Counts a reload.
-    pub fn reloaded(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.reloads
-            .get_or_create(&ReloadLabels {
-                result: result.to_owned(),
-            })
-            .inc();
-    }
-
     /// Counts what `alert` stands for: violations (a folded line for its `count`), blocked
-    /// and pinned connections, and records lost before any sink.
+    /// and pinned connections, records lost before any sink, and policies put in force or
+    /// refused (a reload, or new addresses of its host names).
     pub fn observe(&self, alert: &Alert) {
+        let reload = |result: &str| {
+            self.reloads
+                .get_or_create(&ReloadLabels {
+                    result: result.to_owned(),
+                })
+                .inc();
+        };
         match &alert.body {
             AlertBody::Violation(report) => {
                 let labels = RuleLabels {
@@ -265,8 +278,10 @@ impl Metrics {
                 let count = report.folded.as_ref().map_or(1, |folded| folded.count);
                 if report.blocked == Some(true) {
                     self.blocked.get_or_create(&labels).inc_by(count);
+                    self.blocked_all.inc_by(count);
                 }
                 self.violations.get_or_create(&labels).inc_by(count);
+                self.violations_all.inc_by(count);
             }
             AlertBody::Pinned(report) => {
                 let labels = RuleLabels {
@@ -278,7 +293,27 @@ impl Metrics {
             AlertBody::Lost { count, sink: None } => {
                 self.lost_records.inc_by(*count);
             }
+            AlertBody::Reloaded { .. } => reload("ok"),
+            AlertBody::PolicyError { .. } => reload("error"),
             _ => {}
+        }
+    }
+
+    /// The alerts' counts `srcip status` gives.
+    pub fn alert_counts(&self) -> AlertCounts {
+        let reloads = |result: &str| {
+            self.reloads
+                .get(&ReloadLabels {
+                    result: result.to_owned(),
+                })
+                .map_or(0, |counter| counter.get())
+        };
+        AlertCounts {
+            violations: self.violations_all.get(),
+            blocked: self.blocked_all.get(),
+            lost_records: self.lost_records.get(),
+            reloads_applied: reloads("ok"),
+            reloads_refused: reloads("error"),
         }
     }
 

@@ -212,7 +212,6 @@ pub fn reload(
         names.adopt(loaded.answers);
         Ok(rules)
     });
-    metrics.reloaded(result.is_ok());
     match result {
         Ok(rules) => {
             info!("reloaded {policy}: {}", counted(rules, "rule", "rules"));

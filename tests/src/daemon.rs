@@ -42,6 +42,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `srcip status --format FORMAT` against this daemon's socket.
+    pub fn status(&self, format: &str) -> String {
+        let socket = self.socket.to_str().unwrap();
+        let output = crate::run(
+            srcip_bin().to_str().unwrap(),
+            &["status", "--format", format, "--socket", socket],
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     /// Starts `srcip run --policy POLICY --format json --socket (its own) ARGS…`, with a
     /// spool of its own unless ARGS give `--spool`, and waits for `started`.
     pub fn start(policy: &Path, args: &[&str]) -> Self {

@@ -625,7 +625,7 @@ fn status_tells_a_drifting_destination_and_a_failing_pin() {
     let policy = PolicyFile::new(&policy_with("pin"));
     let mut daemon = enforcing_daemon(&topology, &cgroup, &policy);
     let audited = cgroup.child("audited");
-    let before = status(&daemon, "json");
+    let before = daemon.status("json");
     let before: serde_json::Value = serde_json::from_str(&before).unwrap();
     assert_eq!(
         (&before["drifting"], &before["failing_pins"]),
@@ -641,7 +641,7 @@ fn status_tells_a_drifting_destination_and_a_failing_pin() {
             .is_some_and(|violation| violation.src_port == tcp.src_port)
     });
 
-    let json = status(&daemon, "json");
+    let json = daemon.status("json");
     let now: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(now["type"], "status");
     assert_eq!(now["starting"], false);
@@ -690,7 +690,7 @@ fn status_tells_a_drifting_destination_and_a_failing_pin() {
     // The kernel's counters reach the daemon once a second.
     let deadline = std::time::Instant::now() + srcip_tests::DELIVERY_TIMEOUT;
     loop {
-        let counts: serde_json::Value = serde_json::from_str(&status(&daemon, "json")).unwrap();
+        let counts: serde_json::Value = serde_json::from_str(&daemon.status("json")).unwrap();
         let counts = &counts["counts"];
         if counts["observed"]["tcp"] == 1 && counts["pin_failures"] == 1 {
             break;
@@ -702,7 +702,7 @@ fn status_tells_a_drifting_destination_and_a_failing_pin() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 
-    let text = status(&daemon, "text");
+    let text = daemon.status("text");
     for expected in [
         "drifting now: 1\n",
         "failing pins: 1\n  rule partner: 1 time, last at ",
@@ -711,16 +711,6 @@ fn status_tells_a_drifting_destination_and_a_failing_pin() {
     ] {
         assert!(text.contains(expected), "{expected:?} in {text}");
     }
-}
-
-/// `srcip status --format FORMAT` against `daemon`'s socket.
-fn status(daemon: &Daemon, format: &str) -> String {
-    let socket = daemon.socket.to_str().unwrap();
-    let output = run(
-        srcip_bin().to_str().unwrap(),
-        &["status", "--format", format, "--socket", socket],
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// A `pin` rule's violation says why srcip could not pin it: a socket bound to a port only

@@ -96,6 +96,24 @@ fn a_bad_reload_keeps_the_policy_and_a_good_one_decides_the_next_connection() {
     // SIGHUP reads the file again, changed or not.
     daemon.signal(Signal::SIGHUP);
     daemon.wait_for("reloaded", |line| matches!(line, Line::Reloaded { .. }));
+    // `srcip status` counts what the stream said: two reloads applied, one refused, and
+    // the policy's third revision in force.
+    let status: serde_json::Value = serde_json::from_str(&daemon.status("json")).unwrap();
+    assert_eq!(
+        (
+            &status["counts"]["reloads_applied"],
+            &status["counts"]["reloads_refused"],
+            &status["policy"]["revision"],
+            &status["policy"]["refused_reload"],
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!(3),
+            &serde_json::Value::Null,
+        ),
+        "{status:#}"
+    );
     let (status, lines) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
     assert!(matches!(lines.last(), Some(Line::Stopped { .. })));

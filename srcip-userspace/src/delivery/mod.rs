@@ -167,7 +167,8 @@ pub enum DeliveryEvent {
 
 /// The sending end of one sink's queue.
 struct SinkQueue {
-    name: String,
+    /// Its name and spool, as `srcip status` reports them.
+    info: status::SinkInfo,
     queue: mpsc::SyncSender<SharedAlert>,
     counters: SinkCounters,
     /// Alerts this sink lost whose `lost` line its full queue could not take either: the
@@ -326,42 +327,36 @@ impl Delivery {
                 closed: closed_tx,
             })?;
         }
-        let mut reported = Vec::new();
         for spec in sinks {
-            let sink = sink::Sink::open(spec, spool, access)?;
-            reported.push(status::SinkInfo {
-                name: sink.name(),
-                spool: sink.spool_path(),
-            });
-            delivery.add(sink)?;
+            delivery.add(sink::Sink::open(spec, spool, access)?)?;
         }
         if let Some(watch) = &delivery.watch {
-            if !quiet {
-                reported.insert(
-                    0,
-                    status::SinkInfo {
-                        name: "stdout".to_owned(),
-                        spool: None,
-                    },
-                );
-            }
-            watch.set_sinks(reported);
+            watch.set_sinks(
+                delivery
+                    .sinks
+                    .iter()
+                    .map(|sink| sink.info.clone())
+                    .collect(),
+            );
         }
         Ok(delivery)
     }
 
     fn add(&mut self, sink: sink::Sink) -> anyhow::Result<()> {
         let (queue, alerts) = mpsc::sync_channel(SINK_QUEUE_ALERTS);
-        let name = sink.name();
+        let info = status::SinkInfo {
+            name: sink.name(),
+            spool: sink.spool_path(),
+        };
         let counters = SinkCounters::new(
             &self.metrics,
-            &name,
-            sink.spool_path().is_some(),
+            &info.name,
+            info.spool.is_some(),
             self.dead_letter_sender.clone(),
         );
         let thread = sink.spawn(alerts, counters.clone())?;
         self.sinks.push(SinkQueue {
-            name,
+            info,
             queue,
             counters,
             lost_unsaid: 0,
@@ -394,7 +389,7 @@ impl Delivery {
             };
             self.metrics.observe(&alert);
             for sink in &self.sinks {
-                if except != Some(sink.name.as_str()) {
+                if except != Some(sink.info.name.as_str()) {
                     sink.offer(&alert);
                 }
             }
@@ -421,8 +416,8 @@ impl Delivery {
             if newly_lost == 0 {
                 continue;
             }
-            warn!("sink {} lost {newly_lost} alerts", sink.name);
-            let line = lost_line(&sink.name, newly_lost);
+            warn!("sink {} lost {newly_lost} alerts", sink.info.name);
+            let line = lost_line(&sink.info.name, newly_lost);
             for (index, other) in self.sinks.iter_mut().enumerate() {
                 if index != named && !other.try_offer(&line) {
                     other.lost_unsaid += 1;
@@ -456,7 +451,7 @@ impl Delivery {
             if sink.lost_unsaid > 0 {
                 warn!(
                     "sink {} lost {} alerts it had no room left to say so",
-                    sink.name, sink.lost_unsaid
+                    sink.info.name, sink.lost_unsaid
                 );
             }
             drop(sink.queue);
@@ -468,7 +463,7 @@ impl Delivery {
             } else {
                 warn!(
                     "sink {} did not finish writing within {} s; its last alerts may be missing",
-                    sink.name,
+                    sink.info.name,
                     STOP_GRACE.as_secs()
                 );
             }
@@ -501,7 +496,7 @@ impl SinkQueue {
         if self.lost_unsaid == 0 {
             return true;
         }
-        let said = self.try_offer(&lost_line(&self.name, self.lost_unsaid));
+        let said = self.try_offer(&lost_line(&self.info.name, self.lost_unsaid));
         if said {
             self.lost_unsaid = 0;
         }

@@ -44,7 +44,6 @@ pub struct DaemonState {
     drifting: Vec<Drifting>,
     failing_pins: Vec<FailingPin>,
     sinks: Vec<SinkInfo>,
-    tally: Tally,
     metrics: Arc<Metrics>,
 }
 
@@ -70,16 +69,6 @@ struct FailingPin {
     last: SystemTime,
 }
 
-/// Counts the metrics do not hold as one number.
-#[derive(Default)]
-struct Tally {
-    violations: u64,
-    blocked: u64,
-    lost_records: u64,
-    reloads_applied: u64,
-    reloads_refused: u64,
-}
-
 impl DaemonState {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
@@ -90,7 +79,6 @@ impl DaemonState {
             drifting: Vec::new(),
             failing_pins: Vec::new(),
             sinks: Vec::new(),
-            tally: Tally::default(),
             metrics,
         }
     }
@@ -113,7 +101,6 @@ impl DaemonState {
                 });
             }
             AlertBody::Reloaded { policy, rules } => {
-                self.tally.reloads_applied += 1;
                 self.refused_reload = None;
                 let revision = self.policy.as_ref().map_or(1, |known| known.revision + 1);
                 self.policy = Some(PolicyInForce {
@@ -123,10 +110,7 @@ impl DaemonState {
                     since: alert.time,
                 });
             }
-            AlertBody::PolicyError { .. } => {
-                self.tally.reloads_refused += 1;
-                self.refused_reload = Some(alert.clone());
-            }
+            AlertBody::PolicyError { .. } => self.refused_reload = Some(alert.clone()),
             AlertBody::RouteDrift(check) => {
                 match self
                     .drifting
@@ -149,10 +133,6 @@ impl DaemonState {
             }
             AlertBody::Violation(report) => {
                 let count = report.folded.as_ref().map_or(1, |folded| folded.count);
-                self.tally.violations += count;
-                if report.blocked == Some(true) {
-                    self.tally.blocked += count;
-                }
                 if let (Some(rule), Some(error)) = (&report.rule, &report.pin_error) {
                     match self.failing_pins.iter_mut().find(|pin| pin.rule == *rule) {
                         Some(pin) => {
@@ -173,7 +153,6 @@ impl DaemonState {
                 self.failing_pins
                     .retain(|pin| Some(&pin.rule) != report.rule.as_ref());
             }
-            AlertBody::Lost { count, sink: None } => self.tally.lost_records += count,
             _ => {}
         }
     }
@@ -226,6 +205,7 @@ impl DaemonState {
             _ => None,
         });
         let metrics = &self.metrics;
+        let alerts = metrics.alert_counts();
         let by_protocol = |family: &Family<ProtocolLabels, Counter>| ByProtocol {
             tcp: count_of(
                 family,
@@ -319,12 +299,12 @@ impl DaemonState {
             counts: Counts {
                 observed: by_protocol(&metrics.observed),
                 decided_in_kernel: by_protocol(&metrics.decided_in_kernel),
-                violations: self.tally.violations,
-                blocked: self.tally.blocked,
+                violations: alerts.violations,
+                blocked: alerts.blocked,
                 pin_failures: metrics.pin_failures.get(),
-                lost_records: self.tally.lost_records,
-                reloads_applied: self.tally.reloads_applied,
-                reloads_refused: self.tally.reloads_refused,
+                lost_records: alerts.lost_records,
+                reloads_applied: alerts.reloads_applied,
+                reloads_refused: alerts.reloads_refused,
             },
         }
     }
