@@ -127,25 +127,33 @@ impl NatsCredentials {
                 })?;
             return Ok(Self::Creds(text));
         }
+        let not_credentials = || {
+            anyhow::anyhow!(
+                "{} holds neither a NATS user JWT with its seed (a .creds file) nor a user nkey seed (a line starting with SU, as `nk -gen user` writes it)",
+                path.display()
+            )
+        };
         let seed = text
             .lines()
             .map(str::trim)
-            .find(|line| line.starts_with("SU"));
-        match seed {
-            // An nkey seed is 58 characters of base32.
-            Some(seed)
-                if seed.len() == 58
-                    && seed
-                        .chars()
-                        .all(|c| c.is_ascii_uppercase() || ('2'..='7').contains(&c)) =>
-            {
-                Ok(Self::NkeySeed(seed.to_owned()))
-            }
-            _ => anyhow::bail!(
-                "{} holds neither a NATS user JWT with its seed (a .creds file) nor a user nkey seed (a line of 58 characters starting with SU)",
+            .find(|line| line.starts_with('S'))
+            .ok_or_else(not_credentials)?;
+        // The error says what is wrong with the seed (its checksum, its length), never the
+        // seed itself.
+        let key = nkeys::KeyPair::from_seed(seed).map_err(|error| {
+            anyhow::anyhow!(
+                "{} holds a line that is not a usable nkey seed ({error}): give the user's seed (SU…), whole, or its .creds file",
                 path.display()
-            ),
+            )
+        })?;
+        if key.key_pair_type() != nkeys::KeyPairType::User {
+            anyhow::bail!(
+                "{} holds an nkey seed of a {:?}, not of a user: give the user's seed (SU…) or its .creds file",
+                path.display(),
+                key.key_pair_type()
+            );
         }
+        Ok(Self::NkeySeed(seed.to_owned()))
     }
 
     fn apply(&self, options: async_nats::ConnectOptions) -> io::Result<async_nats::ConnectOptions> {
@@ -301,16 +309,32 @@ mod tests {
     fn a_credentials_file_is_a_creds_file_or_an_nkey_seed_and_anything_else_names_the_file() {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("srcip.creds");
-        let seed = format!("SU{}", "A".repeat(56));
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
         std::fs::write(&path, format!("# the user's seed\n{seed}\n")).unwrap();
         assert!(
             matches!(NatsCredentials::load(&path), Ok(NatsCredentials::NkeySeed(read)) if read == seed)
         );
-        for text in ["", "user:password\n", "-----BEGIN NATS USER JWT-----\nx\n"] {
+        // One character changed: its checksum fails.
+        let damaged = format!(
+            "{}{}",
+            &seed[..10],
+            if &seed[10..11] == "A" { "B" } else { "A" }
+        ) + &seed[11..];
+        let account = nkeys::KeyPair::new_account().seed().unwrap();
+        for text in [
+            "",
+            "user:password\n",
+            "-----BEGIN NATS USER JWT-----\nx\n",
+            &damaged,
+            &account,
+        ] {
             std::fs::write(&path, text).unwrap();
             let error = format!("{:#}", NatsCredentials::load(&path).err().unwrap());
             assert!(error.starts_with(&path.display().to_string()), "{error}");
             assert!(!error.contains("password"), "{error}");
+            if !text.is_empty() {
+                assert!(!error.contains(text.trim()), "the secret in {error}");
+            }
         }
         let missing = folder.path().join("missing.creds");
         let error = format!("{:#}", NatsCredentials::load(&missing).err().unwrap());
