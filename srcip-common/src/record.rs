@@ -87,17 +87,17 @@ pub struct ConnectRecord {
     pub reserved: [u8; 2],
     /// Command name of the socket owner's thread, NUL-padded.
     pub comm: [u8; 16],
-    /// Index of the rule the kernel found violated, [`crate::fold::NO_RULE`] for an
-    /// unmatched violation; meaningful with [`RecordFlags::FOLD_WINDOW`] only (user space
-    /// decides every record again with its own matcher).
+    /// With one of the `DECIDED_*` [`RecordFlags`]: the index in `RULES` of the rule the
+    /// kernel's decision names, [`crate::fold::NO_RULE`] when no rule matched.
     pub rule: u32,
     /// [`RecordFlags`] bits.
     pub flags: u32,
     /// The packet's mark as it left (the socket's `SO_MARK`, or what netfilter set), which
     /// `fwmark` policy routing selects on; 0 for a connection refused at `connect()`.
     pub mark: u32,
-    /// Explicit padding to the record's 8-byte alignment; always zero.
-    pub reserved_tail: u32,
+    /// The generation of the policy that decided (`srcip_common::policy`): `rule` is an
+    /// index into that generation's half of `RULES`.
+    pub generation: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 128);
@@ -134,6 +134,17 @@ impl RecordFlags {
     pub const PIN_NO_SOURCE: u32 = 1 << 9;
     pub const PIN_ERRORS: u32 =
         Self::PIN_BOUND_ADDRESS | Self::PIN_BOUND_PORT | Self::PIN_ABSENT | Self::PIN_NO_SOURCE;
+    /// What the kernel decided, with `rule`, so that user space does not decide again: the
+    /// rule allows the source,
+    pub const DECIDED_COMPLIANT: u32 = 1 << 10;
+    /// the rule does not (with `NO_RULE`: no rule matched, and the policy reports that),
+    pub const DECIDED_VIOLATION: u32 = 1 << 11;
+    /// or no rule matched and the policy ignores that (recorded with `--all`). None of the
+    /// three: the kernel could not decide (a rule too large for its tables, or more rules at
+    /// the destination than it lists), and user space decides with its own matcher. (Bits
+    /// of `flags` rather than a field of their own: on 5.10 the egress program has no stack
+    /// to spare for one more value, docs/design.md.)
+    pub const DECIDED_UNMATCHED: u32 = 1 << 12;
 }
 
 /// Indexes of the per-CPU `COUNTERS` map.

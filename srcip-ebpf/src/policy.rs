@@ -20,7 +20,7 @@ use srcip_common::{
         ACTION_ALERT, ACTION_BLOCK, ACTION_PIN, Candidates, KernelRule, MAX_ALLOWED_SOURCES,
         MAX_CANDIDATES, MAX_PORT_RANGES, PROTOCOL_TCP, PROTOCOL_UDP, PolicyState,
     },
-    record::{AF_INET, IPPROTO_TCP},
+    record::{AF_INET, IPPROTO_TCP, RecordFlags},
 };
 
 use crate::maps::{
@@ -43,19 +43,44 @@ pub struct Connection<'a> {
     pub mark: u32,
 }
 
-/// How a connection reaches user space.
+/// How a connection reaches user space, with the index in `RULES` of the rule the kernel's
+/// decision names (`NO_RULE`: none matched). Kept to a word and a tag: 5.10's verifier counts
+/// the egress program's frames at their largest, and has 512 bytes for all of them.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
     /// Not at all: the policy finds nothing to report.
     Skip,
     /// With the next poll (`--all` reporting of a connection the policy finds fine).
-    Quiet,
+    Quiet { rule: u32 },
     /// At once: a connection the kernel cannot decide.
     Undecided,
     /// At once: a violation of rule `rule` (`NO_RULE`: unmatched, and the policy alerts).
     Violation { rule: u32 },
     /// With the next poll: a connection srcip pinned to its `pin` rule's source.
-    Pinned,
+    Pinned { rule: u32 },
+}
+
+impl Delivery {
+    /// The `RecordFlags::DECIDED_*` bit the record carries; none when undecided.
+    pub fn decided_flag(self) -> u32 {
+        match self {
+            Self::Violation { .. } => RecordFlags::DECIDED_VIOLATION,
+            Self::Quiet { rule: NO_RULE } => RecordFlags::DECIDED_UNMATCHED,
+            Self::Quiet { .. } | Self::Pinned { .. } => RecordFlags::DECIDED_COMPLIANT,
+            Self::Skip | Self::Undecided => 0,
+        }
+    }
+}
+
+/// The generation of the policy in force, read in place. A record made just as a reload
+/// put a new policy in force may carry the new generation with a rule of the old: the rule's
+/// index then lies in the other half of `RULES`, and user space decides that record itself.
+pub fn generation() -> u32 {
+    match POLICY_STATE.get_ptr(0) {
+        // SAFETY: an array's entry, valid for the program's run.
+        Some(state) => unsafe { (*state).generation },
+        None => 0,
+    }
 }
 
 /// What a reload changes besides the tables. The entry always exists (an array's).
@@ -70,20 +95,25 @@ pub fn reports_all() -> bool {
 }
 
 /// `pinned`: srcip bound the connection's socket to a `pin` rule's source.
+#[inline(always)]
 pub fn delivery(connection: &Connection, pinned: bool) -> Delivery {
     match verdict(connection) {
         Verdict::Violation { rule } => Delivery::Violation { rule },
         Verdict::Undecided => Delivery::Undecided,
-        Verdict::Fine { action } if pinned && action == ACTION_PIN => Delivery::Pinned,
-        Verdict::Fine { .. } if reports_all() => Delivery::Quiet,
+        Verdict::Fine { action, rule } if pinned && action == ACTION_PIN => {
+            Delivery::Pinned { rule }
+        }
+        Verdict::Fine { rule, .. } if reports_all() => Delivery::Quiet { rule },
         Verdict::Fine { .. } => Delivery::Skip,
     }
 }
 
 enum Verdict {
-    /// Compliant with a rule of `action`, or unmatched and ignored (`ACTION_ALERT`).
+    /// Compliant with rule `rule` of `action`, or unmatched (`NO_RULE`) and ignored
+    /// (`ACTION_ALERT`).
     Fine {
         action: u32,
+        rule: u32,
     },
     Undecided,
     Violation {
@@ -91,12 +121,14 @@ enum Verdict {
     },
 }
 
+#[inline(always)]
 fn verdict(connection: &Connection) -> Verdict {
     let unmatched = if state().report_unmatched != 0 {
         Verdict::Violation { rule: NO_RULE }
     } else {
         Verdict::Fine {
             action: ACTION_ALERT,
+            rule: NO_RULE,
         }
     };
     match lookup(connection) {
@@ -104,8 +136,9 @@ fn verdict(connection: &Connection) -> Verdict {
         Lookup::Rule(index, _) if !allows_source(index, connection.family, connection.src) => {
             Verdict::Violation { rule: index }
         }
-        Lookup::Rule(_, rule) => Verdict::Fine {
+        Lookup::Rule(index, rule) => Verdict::Fine {
             action: rule.action,
+            rule: index,
         },
         Lookup::Truncated => Verdict::Undecided,
         Lookup::Unmatched => unmatched,

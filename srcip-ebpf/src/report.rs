@@ -12,7 +12,7 @@ use srcip_common::{
 use crate::{
     fold::{self, Fold},
     maps::{count, submit},
-    policy::{Connection, Delivery, blocks, delivery, reports_all},
+    policy::{self, Connection, Delivery, blocks, delivery, reports_all},
 };
 
 /// Decides `connection` against the policy, folds a repeated violation, and records what user
@@ -95,20 +95,28 @@ pub fn record(
             }
             rule
         }
-        Delivery::Violation { rule } => rule,
-        Delivery::Pinned => {
+        Delivery::Pinned { rule } => {
             flags |= RecordFlags::PINNED;
-            NO_RULE
+            rule
         }
-        Delivery::Undecided | Delivery::Quiet => NO_RULE,
+        Delivery::Violation { rule } | Delivery::Quiet { rule } => rule,
+        Delivery::Undecided => NO_RULE,
     };
+    flags |= delivery.decided_flag();
+    // One value with the rule: the stack has no room for another (docs/design.md).
+    let rule_and_generation = u64::from(rule) | (u64::from(policy::generation()) << 32);
     // SAFETY (each write): `record` points at a reserved ring-buffer slot of a whole
     // `ConnectRecord`; every field is written, none is read.
-    let urgent = !matches!(delivery, Delivery::Quiet | Delivery::Pinned);
+    let urgent = !matches!(delivery, Delivery::Quiet { .. } | Delivery::Pinned { .. });
     submit::<ConnectRecord>(urgent, |record| unsafe {
         // The record has its room: a window opened now is flushed when it closes.
         // The key is made again rather than kept: the stack has no room for two.
-        if open_window && fold::open(&fold_key(owner, connection, socket_src, rule), now) {
+        if open_window
+            && fold::open(
+                &fold_key(owner, connection, socket_src, rule_and_generation as u32),
+                now,
+            )
+        {
             flags |= RecordFlags::FOLD_WINDOW;
         }
         (&raw mut (*record).header).write(RecordHeader {
@@ -129,10 +137,10 @@ pub fn record(
         (&raw mut (*record).protocol).write(connection.protocol);
         (&raw mut (*record).reserved).write([0; 2]);
         (&raw mut (*record).comm).write(owner.comm);
-        (&raw mut (*record).rule).write(rule);
+        (&raw mut (*record).rule).write(rule_and_generation as u32);
         (&raw mut (*record).flags).write(flags);
         (&raw mut (*record).mark).write(connection.mark);
-        (&raw mut (*record).reserved_tail).write(0);
+        (&raw mut (*record).generation).write((rule_and_generation >> 32) as u32);
     });
 }
 

@@ -20,7 +20,10 @@ use crate::{
     alerts::{Alert, AlertBody, BlockedAt, ConnectionReport, Verdict},
     cgroup::{AuditedCgroup, CgroupNames},
     drift::SharedPredictions,
-    events::{BootClock, ConnectEvent, Enforcement, EventRing, KernelEvent, PinError},
+    events::{
+        BootClock, ConnectEvent, Enforcement, EventRing, KernelDecision, KernelEvent,
+        KernelVerdict, PinError,
+    },
     folding::Folding,
     loader::{AuditSettings, KernelPrograms},
     metrics::{Metrics, ProtocolLabels},
@@ -65,6 +68,15 @@ pub struct AuditSession {
     /// What enforcement needs of the route module in the kernel, until the drift watch
     /// takes it to keep it current.
     routing_maps: Option<RoutingMaps>,
+    /// `SRCIP_TEST_CROSS_CHECK`: decide again what the kernel decided, and count the
+    /// decisions that differ (said at stop; the tests hold them at none).
+    cross_check: Option<CrossCheck>,
+}
+
+#[derive(Default)]
+struct CrossCheck {
+    decided: u64,
+    differed: u64,
 }
 
 impl AuditSession {
@@ -126,6 +138,7 @@ impl AuditSession {
             housekeeping_at: Instant::now(),
             predictions: SharedPredictions::default(),
             routing_maps: Some(routing_maps),
+            cross_check: std::env::var_os("SRCIP_TEST_CROSS_CHECK").map(|_| CrossCheck::default()),
         })
     }
 
@@ -153,11 +166,13 @@ impl AuditSession {
     /// Every alert for the records in the ring buffer now, and for lost records.
     fn drain(&mut self) -> Vec<Alert> {
         let mut alerts = Vec::new();
-        let (matcher, cgroup_names, netns, folding) = (
+        let (matcher, kernel_policy, cgroup_names, netns, folding, cross_check) = (
             &self.matcher,
+            &self.policy,
             &mut self.cgroup_names,
             &mut self.netns,
             &mut self.folding,
+            &mut self.cross_check,
         );
         let report_all = self.report_all;
         let undecodable = &mut self.undecodable;
@@ -168,12 +183,39 @@ impl AuditSession {
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
                 // The partner sees the wire source: that is the one the policy judges.
-                let decision = matcher.decide(&ConnectionKey {
-                    protocol: event.protocol,
-                    src: event.wire_src.unwrap_or(event.src),
-                    dst: event.dst,
-                    dst_port: event.dst_port,
-                });
+                let decide_here = || {
+                    matcher.decide(&ConnectionKey {
+                        protocol: event.protocol,
+                        src: event.wire_src.unwrap_or(event.src),
+                        dst: event.dst,
+                        dst_port: event.dst_port,
+                    })
+                };
+                // Decided once: what the kernel decided under the policy in force is taken as
+                // it is; only what it could not decide (or decided under the policy before a
+                // reload) is decided here.
+                let decision = match event
+                    .kernel_decision
+                    .and_then(|kernel| taken_from_kernel(kernel, matcher, kernel_policy))
+                {
+                    Some(decision) => {
+                        if let Some(check) = cross_check {
+                            check.compare(decision, decide_here(), &event);
+                        }
+                        decision
+                    }
+                    None => {
+                        debug!(
+                            "decided in user space ({:?}): {} {} -> {}:{}",
+                            event.kernel_decision,
+                            event.protocol.as_str(),
+                            event.wire_src.unwrap_or(event.src),
+                            event.dst,
+                            event.dst_port
+                        );
+                        decide_here()
+                    }
+                };
                 let (rule, verdict, violation) = rule_and_verdict(decision);
                 let pinned = event.enforcement == Enforcement::Pinned && !violation;
                 // Attribution costs file-system walks: only for what will be reported.
@@ -366,6 +408,12 @@ impl AuditSession {
     pub fn stop(mut self) -> Vec<Alert> {
         self.programs.detach();
         let mut alerts = self.drain();
+        if let Some(check) = &self.cross_check {
+            info!(
+                "cross-check: {} decisions of the kernel decided again, {} differed",
+                check.decided, check.differed
+            );
+        }
         alerts.extend(self.folding.close_all(self.ring.clock()));
         alerts.extend(self.read_counters());
         alerts.push(Alert::now(AlertBody::Stopped {
@@ -442,6 +490,55 @@ fn pin_error(rule: &Rule, event: &ConnectEvent) -> Option<Arc<str>> {
         },
     };
     Some(Arc::from(text))
+}
+
+/// The kernel's decision as the policy in force says it, when the kernel decided under that
+/// policy and named a rule it has.
+fn taken_from_kernel<'a>(
+    kernel: KernelDecision,
+    matcher: &'a Matcher,
+    policy: &KernelPolicy,
+) -> Option<Decision<'a>> {
+    let rule = match kernel.rule {
+        Some(rule) => {
+            let place = policy.rule_in_force(kernel.generation, rule)?;
+            Some(matcher.policy().rules.get(place)?)
+        }
+        // No rule: the same under any policy of the same `unmatched`.
+        None if kernel.generation == policy.generation() => None,
+        None => return None,
+    };
+    Some(match (kernel.verdict, rule) {
+        (KernelVerdict::Compliant, Some(rule)) => Decision::Compliant(rule),
+        (KernelVerdict::Violation, Some(rule)) => Decision::Violation(rule),
+        (KernelVerdict::Violation, None) => Decision::UnmatchedViolation,
+        (KernelVerdict::Unmatched, None) => Decision::Unmatched,
+        // Not a decision the kernel makes: decided here.
+        (KernelVerdict::Compliant, None) | (KernelVerdict::Unmatched, Some(_)) => return None,
+    })
+}
+
+impl CrossCheck {
+    fn compare(&mut self, kernel: Decision<'_>, here: Decision<'_>, event: &ConnectEvent) {
+        self.decided += 1;
+        let said = |decision: Decision<'_>| match decision {
+            Decision::Compliant(rule) => format!("compliant with {}", rule.name),
+            Decision::Violation(rule) => format!("violation of {}", rule.name),
+            Decision::UnmatchedViolation => "unmatched, reported".to_owned(),
+            Decision::Unmatched => "unmatched, ignored".to_owned(),
+        };
+        let (kernel, here) = (said(kernel), said(here));
+        if kernel != here {
+            self.differed += 1;
+            warn!(
+                "cross-check: the kernel decided {kernel}, user space {here}, for {} {} -> {}:{}",
+                event.protocol.as_str(),
+                event.wire_src.unwrap_or(event.src),
+                event.dst,
+                event.dst_port
+            );
+        }
+    }
 }
 
 /// The rule, the verdict the connection's line carries, and whether it is reported as a

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
 use srcip_common::{
-    fold::FoldKey,
+    fold::{FoldKey, NO_RULE},
     record::{
         AF_INET, AF_INET6, ConnectRecord, IPPROTO_TCP, IPPROTO_UDP, RecordFlags, RecordHeader,
         RecordKind,
@@ -66,6 +66,27 @@ pub struct ConnectEvent {
     pub enforcement: Enforcement,
     /// Why a `pin` rule's connection was not pinned, when the kernel tried.
     pub pin_error: Option<PinError>,
+    /// What the kernel decided; `None` when it could not, and user space decides.
+    pub kernel_decision: Option<KernelDecision>,
+}
+
+/// The kernel's decision of a recorded connection (`srcip_common::record::Decision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelDecision {
+    pub verdict: KernelVerdict,
+    /// The rule's index in the kernel's `RULES` (the policy of `generation`'s half), or
+    /// `None` when no rule matched.
+    pub rule: Option<u32>,
+    pub generation: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelVerdict {
+    Compliant,
+    /// Of `rule`, or of no rule when the policy reports unmatched connections.
+    Violation,
+    /// No rule matched, and the policy ignores unmatched connections.
+    Unmatched,
 }
 
 /// Why the kernel could not pin a connection (`RecordFlags::PIN_*`).
@@ -314,6 +335,20 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
         IPPROTO_UDP => Protocol::Udp,
         other => return Err(DecodeError::UnknownProtocol(other)),
     };
+    let decided = [
+        (RecordFlags::DECIDED_COMPLIANT, KernelVerdict::Compliant),
+        (RecordFlags::DECIDED_VIOLATION, KernelVerdict::Violation),
+        (RecordFlags::DECIDED_UNMATCHED, KernelVerdict::Unmatched),
+    ];
+    let verdict = decided
+        .into_iter()
+        .find(|(flag, _)| record.flags & flag != 0)
+        .map(|(_, verdict)| verdict);
+    let kernel_decision = verdict.map(|verdict| KernelDecision {
+        verdict,
+        rule: (record.rule != NO_RULE).then_some(record.rule),
+        generation: record.generation,
+    });
     let fold_window = (record.flags & RecordFlags::FOLD_WINDOW != 0).then_some(OpenedWindow {
         key: FoldKey {
             rule: record.rule,
@@ -354,6 +389,7 @@ fn decode_connect(record: &ConnectRecord, clock: BootClock) -> Result<ConnectEve
             Enforcement::None
         },
         pin_error: PinError::of(record.flags),
+        kernel_decision,
     })
 }
 
@@ -405,7 +441,7 @@ mod tests {
             rule: 0,
             flags: 0,
             mark: 0,
-            reserved_tail: 0,
+            generation: 0,
         }
     }
 

@@ -121,6 +121,24 @@ impl KernelPolicy {
         Ok(policy)
     }
 
+    /// The generation of the policy in force.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The place in the policy in force of the rule the kernel names as `rule` of `RULES`,
+    /// when the kernel decided under this policy (`generation`); `None` for a decision of an
+    /// earlier policy.
+    pub fn rule_in_force(&self, generation: u32, rule: u32) -> Option<usize> {
+        if generation != self.generation {
+            return None;
+        }
+        let offset = (generation % 2) as usize * self.room;
+        (rule as usize)
+            .checked_sub(offset)
+            .filter(|index| *index < self.room)
+    }
+
     /// Replaces the policy: the next decision of every connection uses `tables`. On error
     /// the policy in force stays, whole, in the kernel.
     pub fn replace(&mut self, tables: &KernelTables) -> Result<(), WriteError> {

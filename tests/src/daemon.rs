@@ -33,6 +33,8 @@ pub struct Daemon {
     /// A line [`Daemon::has_written`] took from `lines` and nobody has waited for yet.
     pending: Option<String>,
     stderr: Arc<Mutex<String>>,
+    /// Closed when srcip's stderr is: everything it logged has been read.
+    stderr_closed: Receiver<()>,
     /// Every line read so far, in order.
     pub seen: Vec<Line>,
     /// The socket `srcip watch` attaches to: one per daemon, so that tests run in parallel.
@@ -169,7 +171,9 @@ impl Daemon {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().unwrap();
         let collected = Arc::clone(&stderr);
+        let (closing, stderr_closed) = channel::<()>();
         std::thread::spawn(move || {
+            let _closing = closing;
             let mut buffer = [0; 4096];
             while let Ok(read @ 1..) = pipe.read(&mut buffer) {
                 collected
@@ -184,6 +188,7 @@ impl Daemon {
             lines,
             pending: None,
             stderr,
+            stderr_closed,
             seen: Vec::new(),
             socket,
             _folder: folder,
@@ -243,7 +248,13 @@ impl Daemon {
     }
 
     /// Sends `signal` and waits for the exit; returns the status and every line read.
-    pub fn stop_with(mut self, signal: Signal) -> (ExitStatus, Vec<Line>) {
+    pub fn stop_with(self, signal: Signal) -> (ExitStatus, Vec<Line>) {
+        let (status, lines, _) = self.stop_with_logs(signal);
+        (status, lines)
+    }
+
+    /// As [`Daemon::stop_with`], with everything srcip wrote to stderr.
+    pub fn stop_with_logs(mut self, signal: Signal) -> (ExitStatus, Vec<Line>, String) {
         self.signal(signal);
         let deadline = Instant::now() + LINE_TIMEOUT;
         let status = loop {
@@ -263,7 +274,9 @@ impl Daemon {
         while let Ok(text) = self.lines.recv_timeout(Duration::from_secs(2)) {
             self.seen.push(Line::parse(&text));
         }
-        (status, std::mem::take(&mut self.seen))
+        // Disconnected (not a timeout) once the reader saw the end of stderr.
+        let _ = self.stderr_closed.recv_timeout(Duration::from_secs(2));
+        (status, std::mem::take(&mut self.seen), self.stderr())
     }
 
     fn fail(&self, message: &str) -> ! {

@@ -94,17 +94,21 @@ fn kernel_rule(rule: &Rule) -> KernelRule {
         }
     }
     let ports = rule.ports.as_deref().unwrap_or_default();
-    // Parsing refuses enforcing rules that do not fit, so only alerting ones get here.
+    // Parsing refuses enforcing rules that do not fit, so only alerting ones get here. Ports
+    // that fit are written all the same, so that only the rule's own connections are left
+    // to user space; a rule whose ports do not fit claims every port (none listed).
+    if ports.len() <= MAX_PORT_RANGES {
+        compiled.port_range_count = ports.len() as u32;
+        for (slot, range) in compiled.port_ranges.iter_mut().zip(ports) {
+            *slot = KernelPortRange {
+                first: range.first,
+                last: range.last,
+            };
+        }
+    }
     if ports.len() > MAX_PORT_RANGES || rule.allowed_sources.len() > MAX_ALLOWED_SOURCES {
         compiled.undecidable = 1;
         return compiled;
-    }
-    compiled.port_range_count = ports.len() as u32;
-    for (slot, range) in compiled.port_ranges.iter_mut().zip(ports) {
-        *slot = KernelPortRange {
-            first: range.first,
-            last: range.last,
-        };
     }
     compiled.source_count = rule.allowed_sources.len() as u32;
     for (slot, net) in compiled.sources.iter_mut().zip(&rule.allowed_sources) {
@@ -249,6 +253,26 @@ action = "block"
             ports.join(", ")
         ));
         assert_eq!(tables.rules[0].undecidable, 1);
+        // Claims every port: none listed.
+        assert_eq!(tables.rules[0].port_range_count, 0);
+
+        // Too many sources, ports that fit: only the rule's own port is left to user space.
+        let sources: Vec<String> = (1..=9)
+            .map(|host| format!("\"203.0.113.{host}\""))
+            .collect();
+        let tables = compile_text(&format!(
+            "[[rule]]\nname = \"many-sources\"\ndestinations = [\"192.0.2.1\"]\nports = [5353]\nallowed_sources = [{}]\n",
+            sources.join(", ")
+        ));
+        let rule = &tables.rules[0];
+        assert_eq!(
+            (
+                rule.undecidable,
+                rule.port_range_count,
+                rule.port_ranges[0].first
+            ),
+            (1, 1, 5353)
+        );
 
         let mut policy = String::new();
         for index in 0..=MAX_CANDIDATES {
