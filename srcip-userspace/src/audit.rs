@@ -504,7 +504,9 @@ fn taken_from_kernel<'a>(
             let place = policy.rule_in_force(kernel.generation, rule)?;
             Some(matcher.policy().rules.get(place)?)
         }
-        // No rule: the same under any policy of the same `unmatched`.
+        // No rule matched, under the policy in force. (A reload that lands between the
+        // kernel's lookup and its record is not seen here, as it is by a rule's half of
+        // `RULES`; such a record is judged as the previous policy judged it.)
         None if kernel.generation == policy.generation() => None,
         None => return None,
     };
