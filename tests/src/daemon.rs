@@ -1,4 +1,10 @@
 //! A running `srcip run`, read line by line; killed and reaped on drop.
+//!
+//! Every daemon a test starts runs with `SRCIP_TEST_CROSS_CHECK`: user space decides again
+//! each connection the kernel decided, and logs each decision that differs. A test whose
+//! daemon logged one fails, at stop or when the daemon is dropped, whatever else it checks:
+//! so every path the tests drive (pin, block, translation, extension headers, reloads)
+//! holds the kernel's decision to the one user space would make.
 
 use std::{
     ffi::OsStr,
@@ -26,6 +32,11 @@ pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// a slower machine. Every test that starts a daemon of its own waits this long for its
 /// first line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Makes srcip decide again what its kernel programs decided (see the module's comment).
+const CROSS_CHECK: &str = "SRCIP_TEST_CROSS_CHECK";
+/// How srcip's log begins a decision of the kernel that user space decided otherwise.
+const DIFFERENT_DECISION: &str = "cross-check: the kernel decided";
 
 pub struct Daemon {
     child: Child,
@@ -152,6 +163,7 @@ impl Daemon {
             command.arg("--spool").arg(folder.path().join("spool"));
         }
         let mut child = command
+            .env(CROSS_CHECK, "1")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -276,7 +288,25 @@ impl Daemon {
         }
         // Disconnected (not a timeout) once the reader saw the end of stderr.
         let _ = self.stderr_closed.recv_timeout(Duration::from_secs(2));
+        if let Some(difference) = self.different_decisions() {
+            self.fail(&difference);
+        }
         (status, std::mem::take(&mut self.seen), self.stderr())
+    }
+
+    /// The kernel's decisions that user space decided otherwise, in words; `None` when none.
+    fn different_decisions(&self) -> Option<String> {
+        let stderr = self.stderr();
+        let differences: Vec<&str> = stderr
+            .lines()
+            .filter(|line| line.contains(DIFFERENT_DECISION))
+            .collect();
+        (!differences.is_empty()).then(|| {
+            format!(
+                "the kernel's decision differs from user space's:\n{}",
+                differences.join("\n")
+            )
+        })
     }
 
     fn fail(&self, message: &str) -> ! {
@@ -290,11 +320,18 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // Still running only when a test failed: SIGKILL (which works on a stopped process
-        // too) closes srcip's bpf links, which detaches its programs.
+        // Still running when a test failed or did not stop it: SIGKILL (which works on a
+        // stopped process too) closes srcip's bpf links, which detaches its programs.
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // A test that passed with its daemon still running is held to the cross-check too.
+        if !std::thread::panicking() {
+            let _ = self.stderr_closed.recv_timeout(Duration::from_secs(2));
+            if let Some(difference) = self.different_decisions() {
+                self.fail(&difference);
+            }
         }
     }
 }
