@@ -182,40 +182,7 @@ impl AuditSession {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.ring.drain(|decoded| match decoded {
             Ok(KernelEvent::Connect(event)) => {
-                // The partner sees the wire source: that is the one the policy judges.
-                let decide_here = || {
-                    matcher.decide(&ConnectionKey {
-                        protocol: event.protocol,
-                        src: event.wire_src.unwrap_or(event.src),
-                        dst: event.dst,
-                        dst_port: event.dst_port,
-                    })
-                };
-                // Decided once: what the kernel decided under the policy in force is taken as
-                // it is; only what it could not decide (or decided under the policy before a
-                // reload) is decided here.
-                let decision = match event
-                    .kernel_decision
-                    .and_then(|kernel| taken_from_kernel(kernel, matcher, kernel_policy))
-                {
-                    Some(decision) => {
-                        if let Some(check) = cross_check {
-                            check.compare(decision, decide_here(), &event);
-                        }
-                        decision
-                    }
-                    None => {
-                        debug!(
-                            "decided in user space ({:?}): {} {} -> {}:{}",
-                            event.kernel_decision,
-                            event.protocol.as_str(),
-                            event.wire_src.unwrap_or(event.src),
-                            event.dst,
-                            event.dst_port
-                        );
-                        decide_here()
-                    }
-                };
+                let decision = decide(&event, matcher, kernel_policy, cross_check);
                 let (rule, verdict, violation) = rule_and_verdict(decision);
                 let pinned = event.enforcement == Enforcement::Pinned && !violation;
                 // Attribution costs file-system walks: only for what will be reported.
@@ -490,6 +457,47 @@ fn pin_error(rule: &Rule, event: &ConnectEvent) -> Option<Arc<str>> {
         },
     };
     Some(Arc::from(text))
+}
+
+/// How `event` is decided, once: what the kernel decided under the policy in force is
+/// taken as it is; only what it could not decide (or decided under the policy before a
+/// reload) is decided here. The partner sees the wire source: that is the one judged.
+fn decide<'a>(
+    event: &ConnectEvent,
+    matcher: &'a Matcher,
+    kernel_policy: &KernelPolicy,
+    cross_check: &mut Option<CrossCheck>,
+) -> Decision<'a> {
+    let decide_here = || {
+        matcher.decide(&ConnectionKey {
+            protocol: event.protocol,
+            src: event.wire_src.unwrap_or(event.src),
+            dst: event.dst,
+            dst_port: event.dst_port,
+        })
+    };
+    let taken = event
+        .kernel_decision
+        .and_then(|kernel| taken_from_kernel(kernel, matcher, kernel_policy));
+    match taken {
+        Some(decision) => {
+            if let Some(check) = cross_check {
+                check.compare(decision, decide_here(), event);
+            }
+            decision
+        }
+        None => {
+            debug!(
+                "decided in user space ({:?}): {} {} -> {}:{}",
+                event.kernel_decision,
+                event.protocol.as_str(),
+                event.wire_src.unwrap_or(event.src),
+                event.dst,
+                event.dst_port
+            );
+            decide_here()
+        }
+    }
 }
 
 /// The kernel's decision as the policy in force says it, when the kernel decided under that
