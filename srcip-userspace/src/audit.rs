@@ -468,10 +468,11 @@ fn decide<'a>(
     kernel_policy: &KernelPolicy,
     cross_check: &mut Option<CrossCheck>,
 ) -> Decision<'a> {
+    let judged_src = event.wire_src.unwrap_or(event.src);
     let decide_here = || {
         matcher.decide(&ConnectionKey {
             protocol: event.protocol,
-            src: event.wire_src.unwrap_or(event.src),
+            src: judged_src,
             dst: event.dst,
             dst_port: event.dst_port,
         })
@@ -491,7 +492,7 @@ fn decide<'a>(
                 "decided in user space ({:?}): {} {} -> {}:{}",
                 event.kernel_decision,
                 event.protocol.as_str(),
-                event.wire_src.unwrap_or(event.src),
+                judged_src,
                 event.dst,
                 event.dst_port
             );
