@@ -49,10 +49,25 @@ const _: () = assert!(core::mem::size_of::<SocketOwner>() == 48);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UdpOwner {
     pub owner: SocketOwner,
+    /// Held while `last_flow` is read or written: two threads may send on one socket at once,
+    /// from two CPUs, and a flow read half old and half new could pass for a third flow, or
+    /// carry the verdict of another. Neither user space's reads nor its writes touch it.
+    pub last_flow_lock: bpf_spin_lock,
+    /// Keeps `last_flow` 8-byte aligned; always zero.
+    pub reserved: u32,
     pub last_flow: LastFlow,
 }
 
-const _: () = assert!(core::mem::size_of::<UdpOwner>() == 96);
+const _: () = assert!(core::mem::size_of::<UdpOwner>() == 104);
+
+/// The kernel's spin lock for BPF map values. The verifier finds it in the value's BTF by
+/// this name and size, as a member of the value itself (not of a nested struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(non_camel_case_types)]
+pub struct bpf_spin_lock {
+    val: u32,
+}
 
 /// A UDP flow as the words of its headers, compared whole: a hash of it would let a program
 /// that wants to hide a datagram send a decoy whose hash is the same first. All zero (family

@@ -24,12 +24,14 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::{BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock},
-    helpers::generated::{bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock, bpf_spin_lock, bpf_spin_unlock,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use srcip_common::{
-    owner::{LastFlow, SocketOwner},
+    owner::{LastFlow, SocketOwner, UdpOwner},
     record::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -106,9 +108,9 @@ fn observe(ctx: &SkBuffContext) -> bool {
                 _ => None,
             };
             if let Some(family) = in_place
-                && is_last_flow(ctx, family, &udp.last_flow, generation)
+                && let Some(blocked) = last_flow_verdict(ctx, family, udp, generation)
             {
-                return udp.last_flow.blocked != 0;
+                return blocked;
             }
             let Some(packet) = Packet::read(ctx, socket, IPPROTO_UDP) else {
                 return false;
@@ -118,18 +120,13 @@ fn observe(ctx: &SkBuffContext) -> bool {
                 udp::Flow::Seen { blocked } => blocked,
                 udp::Flow::New(verdict) => {
                     let blocked = decide(ctx, socket, &udp.owner, &packet);
-                    if let (true, Some(verdict)) = (blocked, verdict) {
-                        *verdict = 1;
+                    if let Some(verdict) = verdict {
+                        udp::set_verdict(verdict, blocked);
                     }
                     blocked
                 }
             };
-            match in_place {
-                Some(family) => {
-                    remember_flow(ctx, family, &mut udp.last_flow, generation, blocked);
-                }
-                None => udp.last_flow.family = 0,
-            }
+            remember_flow(ctx, in_place, udp, generation, blocked);
             blocked
         }
         _ => false,
@@ -214,39 +211,65 @@ fn flow_words(ctx: &SkBuffContext, family: u8) -> Option<([u32; 4], [u32; 4], u3
     ))
 }
 
-/// Whether the datagram is of the flow its socket decided last, under this policy
-/// `generation`: every word compared, so that no other flow passes for it.
+/// Whether the datagram is blocked, when it is of the flow its socket decided last under
+/// this policy `generation`: every word compared, so that no other flow passes for it.
 #[inline(always)]
-fn is_last_flow(ctx: &SkBuffContext, family: u8, last: &LastFlow, generation: u32) -> bool {
-    let Some((src, dst, ports)) = flow_words(ctx, family) else {
-        return false;
-    };
-    last.family == u32::from(family)
-        && last.generation == generation
-        && last.ports == ports
-        && last.src == src
-        && last.dst == dst
+fn last_flow_verdict(
+    ctx: &SkBuffContext,
+    family: u8,
+    udp: &mut UdpOwner,
+    generation: u32,
+) -> Option<bool> {
+    let (src, dst, ports) = flow_words(ctx, family)?;
+    with_last_flow(udp, |last| {
+        let same = last.family == u32::from(family)
+            && last.generation == generation
+            && last.ports == ports
+            && last.src == src
+            && last.dst == dst;
+        same.then_some(last.blocked != 0)
+    })
 }
 
-/// Makes the datagram's flow its socket's last decided one, with its verdict.
+/// Makes the datagram's flow its socket's last decided one, with its verdict; or, when its
+/// headers are not in place (`family` is `None`), leaves none, as the next datagram could
+/// not be compared without a lookup anyway.
 #[inline(always)]
 fn remember_flow(
     ctx: &SkBuffContext,
-    family: u8,
-    last: &mut LastFlow,
+    family: Option<u8>,
+    udp: &mut UdpOwner,
     generation: u32,
     blocked: bool,
 ) {
-    let Some((src, dst, ports)) = flow_words(ctx, family) else {
-        last.family = 0;
-        return;
-    };
-    last.src = src;
-    last.dst = dst;
-    last.ports = ports;
-    last.generation = generation;
-    last.blocked = u32::from(blocked);
-    last.family = u32::from(family);
+    match family.and_then(|family| Some((family, flow_words(ctx, family)?))) {
+        Some((family, (src, dst, ports))) => with_last_flow(udp, |last| {
+            *last = LastFlow {
+                src,
+                dst,
+                ports,
+                family: u32::from(family),
+                generation,
+                blocked: u32::from(blocked),
+            }
+        }),
+        None => with_last_flow(udp, |last| last.family = 0),
+    }
+}
+
+/// Runs `access` on the socket's last flow with its lock held, so that it reads or writes a
+/// whole flow. Inlined, with nothing inside that calls: while a lock is held the verifier
+/// allows no call but the one that releases it.
+#[inline(always)]
+fn with_last_flow<R>(udp: &mut UdpOwner, access: impl FnOnce(&mut LastFlow) -> R) -> R {
+    let lock = (&raw mut udp.last_flow_lock).cast();
+    // SAFETY: the lock is in the socket's storage, a map value with BTF that names it; the
+    // storage lives for the whole program run, and the lock is released below.
+    unsafe { bpf_spin_lock(lock) };
+    let result = access(&mut udp.last_flow);
+    // SAFETY: the lock taken above.
+    unsafe { bpf_spin_unlock(lock) };
+    result
 }
 
 /// The packet's first `N` bytes, where they are in its linear part: readable in place.

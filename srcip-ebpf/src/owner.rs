@@ -346,12 +346,11 @@ fn stored_owner(sk: *mut bpf_sock) -> Option<&'static mut UdpOwner> {
         bpf_sk_storage_get(owners_map(), sk.cast(), ptr::null_mut(), 0).cast::<UdpOwner>()
     };
     // SAFETY: a non-null result points at the socket's storage, which lives as long as the
-    // socket, and so for the whole program run. Other CPUs may write `last_flow` and `flags`
-    // (one aligned 4-byte word, at each connect and each datagram) at the same time; every
-    // other field is written only when the storage is created. Two threads sending on one
-    // socket at once may mix two flows' words in `last_flow`: a mixed flow matches neither
-    // datagram's, so the next of each is looked up in the flow table, never skipped. They
-    // may also see each other's `OWNER_PINNED`: the mark is best effort there.
+    // socket, and so for the whole program run. Other CPUs may write `last_flow` (under its
+    // lock, see `egress.rs`) and `flags` (one aligned 4-byte word, at each connect and each
+    // datagram) at the same time; every other field is written only when the storage is
+    // created. Two threads sending on one socket at once may see each other's
+    // `OWNER_PINNED`: the mark is best effort there.
     unsafe { owner.as_mut() }
 }
 

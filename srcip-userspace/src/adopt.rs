@@ -28,7 +28,7 @@ use std::{
 };
 
 use aya::maps::MapError;
-use srcip_common::owner::{LastFlow, SocketOwner, UdpOwner};
+use srcip_common::owner::{SocketOwner, UdpOwner};
 use tracing::{debug, info, warn};
 
 use crate::{cgroup::AuditedCgroup, netns::NetnsInodes};
@@ -154,7 +154,7 @@ fn adopt_process(
         };
         let stored = UdpOwner {
             owner: *owner,
-            last_flow: LastFlow::default(),
+            ..UdpOwner::default()
         };
         match netns.owners_mut().insert(&socket, stored, BPF_NOEXIST) {
             Ok(()) => adopted += 1,

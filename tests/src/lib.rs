@@ -907,6 +907,8 @@ pub struct UdpReport {
     pub src_port: u16,
     /// The errno's name when `connect()` or `sendto()` was refused (`EPERM`: blocked).
     pub error: Option<String>,
+    /// Datagrams the kernel took.
+    pub sent: usize,
 }
 
 /// A `udp-client --wait` that has made its socket and waits to send; killed when dropped.

@@ -944,6 +944,124 @@ action = "block"
     );
 }
 
+/// Two threads sending a socket's first datagram of a flow at the same moment, from two CPUs:
+/// the run that finds the flow remembered by the other but not yet decided decides it too,
+/// so no datagram of a blocked flow leaves unjudged as "seen". Each flow is a new
+/// destination, so that each round is a socket's first datagram of its flow.
+#[test]
+fn block_stops_both_first_datagrams_of_a_flow_two_threads_send_at_once() {
+    const FIRST: &str = "198.51.100.130";
+    const FLOWS: usize = 120;
+    const PORT: u16 = 5378;
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(&format!(
+        r#"
+[[rule]]
+name = "resolvers"
+destinations = ["198.51.100.128/25"]
+ports = [{PORT}]
+protocol = "udp"
+allowed_sources = ["{ALLOWED_V4}"]
+action = "block"
+"#
+    ));
+    // A whole-host audit, so that no sendmsg program refuses the bound source before the
+    // datagram reaches egress.
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
+    let flows = FLOWS.to_string();
+    let report = attempt_udp_client(
+        &topology.host,
+        &cgroup.path,
+        &["--bind", OTHER_V4, "--threads", "2", "--spread", &flows],
+        FIRST,
+        PORT,
+    );
+    assert_eq!(
+        (report.sent, report.error.as_deref()),
+        (0, Some("EPERM")),
+        "datagrams of blocked flows left: {report:?}"
+    );
+    // Every flow is reported, blocked at egress.
+    let mut reported = std::collections::BTreeSet::new();
+    while reported.len() < FLOWS {
+        let line = daemon.wait_for("each blocked flow's violation", |line| {
+            line.violation()
+                .is_some_and(|violation| violation.src_port == report.src_port)
+        });
+        let violation = line.violation().unwrap();
+        assert_eq!(
+            (violation.blocked, violation.blocked_at.as_deref()),
+            (Some(true), Some("egress")),
+            "{violation:?}"
+        );
+        reported.insert(violation.dst.clone());
+    }
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+}
+
+/// Two threads of one socket sending two flows at the same moment, one allowed and one that
+/// `block` refuses: each datagram's check of the socket's last flow runs while the other
+/// thread rewrites it. Each check sees a whole flow, never one half old and half new that
+/// passes for the refused flow with the allowed one's verdict, or the other way round.
+#[test]
+fn block_stops_a_flow_while_another_thread_sends_an_allowed_one_on_its_socket() {
+    const ALLOWED_DESTINATION: &str = "198.51.100.20";
+    const BLOCKED_DESTINATION: &str = "198.51.100.140";
+    const ROUNDS: usize = 5000;
+    const PORT: u16 = 5379;
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(&format!(
+        r#"
+[[rule]]
+name = "resolvers"
+destinations = ["198.51.100.128/25"]
+ports = [{PORT}]
+protocol = "udp"
+allowed_sources = ["{ALLOWED_V4}"]
+action = "block"
+"#
+    ));
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
+    let rounds = ROUNDS.to_string();
+    let report = attempt_udp_client(
+        &topology.host,
+        &cgroup.path,
+        &[
+            "--bind",
+            OTHER_V4,
+            "--threads",
+            "2",
+            "--staggered",
+            "--count",
+            &rounds,
+        ],
+        &format!("{ALLOWED_DESTINATION},{BLOCKED_DESTINATION}"),
+        PORT,
+    );
+    // Each round, each thread sends one datagram to each destination: every allowed one
+    // passes, no refused one does. (A check that read a flow half rewritten did either.)
+    assert_eq!(
+        (report.sent, report.error.as_deref()),
+        (2 * ROUNDS, Some("EPERM")),
+        "of {ROUNDS} allowed datagrams per thread, {} passed: {report:?}",
+        report.sent
+    );
+    let line = daemon.wait_for("the blocked flow's violation", |line| {
+        line.violation()
+            .is_some_and(|violation| violation.src_port == report.src_port)
+    });
+    let violation = line.violation().unwrap();
+    assert_eq!(
+        (violation.dst.as_str(), violation.blocked_at.as_deref()),
+        (BLOCKED_DESTINATION, Some("egress"))
+    );
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+}
+
 /// A violation names its socket's user: a connection judged on its packet carries the
 /// socket's own (the user the kernel routes it by), one refused at `connect()` the user of
 /// the process refused. Here both are the client's, which runs as 4242.

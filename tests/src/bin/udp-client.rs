@@ -1,11 +1,12 @@
 //! Test helper: joins a cgroup and a network namespace and sends UDP datagrams the ways
-//! programs do, then prints one JSON line: `{"pid":…,"src":…,"src_port":…,"error":…}` (the socket's
-//! address and port, and `null` or the error that stopped it).
+//! programs do, then prints one JSON line: `{"pid":…,"src":…,"src_port":…,"error":…,"sent":…}`
+//! (the socket's address and port, `null` or the error that stopped it, and how many
+//! datagrams the kernel took).
 //!
 //! `udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC |
 //!            --connected-pktinfo SRC |
-//!            --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR]
-//!            DST_ADDR[,DST_ADDR…] DST_PORT`
+//!            --sendmmsg | --threads N [--staggered]] [--count N] [--ipv6-header KIND]
+//!            [--created-in DIR | --passed-from DIR] DST_ADDR[,DST_ADDR…] DST_PORT`
 //!
 //! - default: `sendto()` each destination from one unconnected socket;
 //! - `--connect`: `connect()` to the one destination, then `send()`;
@@ -13,7 +14,12 @@
 //!   per datagram, as DNS servers on multi-IP hosts do;
 //! - `--connected-pktinfo SRC`: `connect()` to the one destination, then `sendmsg()` with no
 //!   address and `IP_PKTINFO` choosing the source SRC;
-//! - `--sendmmsg`: one `sendmmsg()` call with a datagram to each destination.
+//! - `--sendmmsg`: one `sendmmsg()` call with a datagram to each destination;
+//! - `--threads N`: `sendto()` each destination from N threads at the same moment, on the
+//!   one unconnected socket: each datagram of a flow is its socket's first of that flow. A
+//!   refused datagram does not end the client: `sent` tells how many passed. With
+//!   `--staggered`, thread i sends to the destination i places further in the list, so
+//!   that the threads send different flows at the same moment.
 //!
 //! A refused `connect()` or `sendto()` ends the client; its report then has `error` (the
 //! errno's name, such as `EPERM`).
@@ -46,6 +52,11 @@ enum Mode {
     PacketInfo(IpAddr),
     ConnectedPacketInfo(IpAddr),
     SendMmsg,
+    /// `--threads N`.
+    Racing {
+        threads: usize,
+        staggered: bool,
+    },
 }
 
 fn main() {
@@ -75,6 +86,17 @@ fn main() {
                 mode = Mode::ConnectedPacketInfo(source.expect("--connected-pktinfo ADDR"));
             }
             "--sendmmsg" => mode = Mode::SendMmsg,
+            "--threads" => {
+                let threads = args.next().and_then(|n| n.parse().ok());
+                mode = Mode::Racing {
+                    threads: threads.expect("--threads N"),
+                    staggered: false,
+                };
+            }
+            "--staggered" => match &mut mode {
+                Mode::Racing { staggered, .. } => *staggered = true,
+                _ => panic!("--staggered goes after --threads N"),
+            },
             "--count" => count = args.next().and_then(|n| n.parse().ok()).expect("--count N"),
             "--spread" => spread = args.next().and_then(|n| n.parse::<u32>().ok()),
             "--wait" => wait = true,
@@ -87,7 +109,7 @@ fn main() {
     }
     let [destinations, port] = positional.as_slice() else {
         panic!(
-            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --connected-pktinfo SRC | --sendmmsg] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR] DST_ADDR[,DST_ADDR...] DST_PORT"
+            "usage: udp-client --cgroup DIR --netns NAME [--bind ADDR] [--connect | --pktinfo SRC | --connected-pktinfo SRC | --sendmmsg | --threads N [--staggered]] [--count N] [--ipv6-header KIND] [--created-in DIR | --passed-from DIR] DST_ADDR[,DST_ADDR...] DST_PORT"
         );
     };
     let port: u16 = port.parse().expect("DST_PORT");
@@ -122,7 +144,7 @@ fn main() {
     if let Mode::Connect | Mode::ConnectedPacketInfo(_) = mode
         && let Err(error) = socket.connect(&destinations[0].into())
     {
-        report(&socket, Some(&error));
+        report(&socket, Some(&error), 0);
         return;
     }
     if wait {
@@ -131,14 +153,18 @@ fn main() {
         std::io::stdin().read_line(&mut line).expect("stdin");
     }
     let payload = b"srcip test datagram";
+    let mut sent = 0;
+    // `--threads`: the first refusal, which does not end the client.
+    let mut refused = None;
     for _ in 0..count {
         match mode {
             Mode::SendTo => {
                 for destination in &destinations {
                     if let Err(error) = socket.send_to(payload, &(*destination).into()) {
-                        report(&socket, Some(&error));
+                        report(&socket, Some(&error), sent);
                         return;
                     }
+                    sent += 1;
                 }
             }
             Mode::Connect => {
@@ -147,38 +173,99 @@ fn main() {
                     Err(error) if error.kind() != std::io::ErrorKind::ConnectionRefused => {
                         panic!("send: {error}")
                     }
-                    _ => {}
+                    Err(_) => {}
+                    Ok(_) => sent += 1,
                 }
             }
             Mode::PacketInfo(source) => {
                 for destination in &destinations {
-                    let sent = send_with_source(&socket, Some(*destination), source, payload);
-                    if let Err(error) = sent {
-                        report(&socket, Some(&error));
+                    let result = send_with_source(&socket, Some(*destination), source, payload);
+                    if let Err(error) = result {
+                        report(&socket, Some(&error), sent);
                         return;
                     }
+                    sent += 1;
                 }
             }
             Mode::ConnectedPacketInfo(source) => {
                 if let Err(error) = send_with_source(&socket, None, source, payload) {
-                    report(&socket, Some(&error));
+                    report(&socket, Some(&error), sent);
                     return;
                 }
+                sent += 1;
             }
             Mode::SendMmsg => {
                 if let Err(error) = send_to_all(&socket, &destinations, payload) {
-                    report(&socket, Some(&error));
+                    report(&socket, Some(&error), sent);
                     return;
                 }
+                sent += destinations.len();
+            }
+            Mode::Racing { threads, staggered } => {
+                let (passed, error) =
+                    send_racing(&socket, &destinations, threads, staggered, payload);
+                sent += passed;
+                refused = refused.or(error);
             }
         }
     }
-    report(&socket, None);
+    report(&socket, refused.as_ref(), sent);
 }
 
-/// Prints the report line: the socket's address as the kernel has it now, and the error
-/// that stopped the client (a refused `connect()` or `sendto()`), if one did.
-fn report(socket: &Socket, error: Option<&std::io::Error>) {
+/// Sends a datagram to each destination in turn from `threads` threads, which wait for each
+/// other before each one (spinning, so that they leave within a few hundred nanoseconds of
+/// each other); `staggered`, thread i sends to the destination i places further. Returns
+/// how many the kernel took, and the first refusal.
+fn send_racing(
+    socket: &Socket,
+    destinations: &[SocketAddr],
+    threads: usize,
+    staggered: bool,
+    payload: &[u8],
+) -> (usize, Option<std::io::Error>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let arrived = AtomicUsize::new(0);
+    let send_all = |thread: usize| {
+        let (mut sent, mut refused) = (0, None);
+        for round in 0..destinations.len() {
+            let offset = if staggered { thread } else { 0 };
+            let destination = &destinations[(round + offset) % destinations.len()];
+            arrived.fetch_add(1, Ordering::SeqCst);
+            let mut spins = 0u32;
+            while arrived.load(Ordering::SeqCst) < (round + 1) * threads {
+                // On a machine with fewer CPUs than threads, let the others run.
+                spins += 1;
+                if spins.is_multiple_of(4096) {
+                    std::thread::yield_now();
+                }
+                std::hint::spin_loop();
+            }
+            match socket.send_to(payload, &(*destination).into()) {
+                Ok(_) => sent += 1,
+                Err(error) => {
+                    refused.get_or_insert(error);
+                }
+            }
+        }
+        (sent, refused)
+    };
+    std::thread::scope(|scope| {
+        let senders: Vec<_> = (0..threads)
+            .map(|thread| scope.spawn(move || send_all(thread)))
+            .collect();
+        senders
+            .into_iter()
+            .map(|sender| sender.join().expect("a sending thread panicked"))
+            .fold((0, None), |(sent, refused), (more, error)| {
+                (sent + more, refused.or(error))
+            })
+    })
+}
+
+/// Prints the report line: the socket's address as the kernel has it now, the error that
+/// stopped the client (a refused `connect()` or `sendto()`), if one did, and how many
+/// datagrams the kernel took.
+fn report(socket: &Socket, error: Option<&std::io::Error>, sent: usize) {
     let local = socket
         .local_addr()
         .expect("getsockname")
@@ -195,6 +282,7 @@ fn report(socket: &Socket, error: Option<&std::io::Error>) {
             "src": local.ip().to_string(),
             "src_port": local.port(),
             "error": error,
+            "sent": sent,
         })
     );
 }
