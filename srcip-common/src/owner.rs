@@ -11,7 +11,7 @@
 //! `TCP_OWNER_ENTRIES` cookies later whether it was or not.
 
 /// Slots of the TCP owner table: how many sockets may be created after a TCP socket before
-/// it loses its owner if it has not sent its SYN yet. 32,768 slots of 56 bytes take 1.75 MiB
+/// it loses its owner if it has not sent its SYN yet. 32,768 slots of 64 bytes take 2 MiB
 /// of kernel memory, allocated when srcip starts. A power of two: the slot is the cookie's
 /// low bits.
 pub const TCP_OWNER_ENTRIES: u32 = 32 * 1024;

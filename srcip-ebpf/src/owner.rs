@@ -75,12 +75,42 @@ static BLOCKED_SYNS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0)
 static OWNER_SCRATCH: PerCpuArray<SocketOwner> = PerCpuArray::with_max_entries(1, 0);
 
 /// A slot of `TCP_OWNERS`: the owner of the socket with `cookie`, free while `cookie` is 0
-/// (no socket has that cookie).
+/// (no socket has that cookie) or `taken` (the socket's SYN has taken its owner, or its
+/// `connect()` was refused).
+///
+/// The SYN marks the slot taken by writing its own cookie to `taken`, never by clearing
+/// `cookie`: 5.10's BPF has no compare-and-swap, so the SYN's write may land just after
+/// another socket claimed the slot. A cleared `cookie` then erased that socket's claim, and
+/// its SYN found no owner; a `taken` that names another socket leaves the claim whole.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TcpOwnerSlot {
     cookie: u64,
+    taken: u64,
     owner: SocketOwner,
+}
+
+impl TcpOwnerSlot {
+    /// Whether the slot holds the owner of the socket with `cookie`, not yet taken.
+    ///
+    /// # Safety
+    /// `slot` points at a slot of `TCP_OWNERS`.
+    unsafe fn holds(slot: *const Self, cookie: u64) -> bool {
+        // SAFETY: as the caller promises; volatile keeps the reads where they are written.
+        unsafe {
+            ptr::read_volatile(&(*slot).cookie) == cookie
+                && ptr::read_volatile(&(*slot).taken) != cookie
+        }
+    }
+
+    /// Marks the owner of the socket with `cookie` taken, which frees the slot.
+    ///
+    /// # Safety
+    /// As for [`Self::holds`].
+    unsafe fn take(slot: *mut Self, cookie: u64) {
+        // SAFETY: as the caller promises.
+        unsafe { ptr::write_volatile(&mut (*slot).taken, cookie) };
+    }
 }
 
 const _: () = assert!(TCP_OWNER_ENTRIES.is_power_of_two());
@@ -233,7 +263,7 @@ fn tcp_owner(cookie: u64) -> Option<&'static mut SocketOwner> {
     // SAFETY: an array value stays valid as long as the map. Only the socket's own
     // `connect()` writes its owner (`flags`), before its SYN, whose egress run frees the slot.
     unsafe {
-        if ptr::read_volatile(&(*slot).cookie) == cookie {
+        if TcpOwnerSlot::holds(slot, cookie) {
             return Some(&mut (*slot).owner);
         }
     }
@@ -258,11 +288,14 @@ pub fn take_tcp_owner(cookie: u64) -> Option<&'static SocketOwner> {
     // SAFETY: as in `tcp_owner`. Volatile accesses keep their order, so the second look at
     // the slot's cookie comes after the copy: a socket that took the slot meanwhile marked it
     // free first and moved this owner to `DISPLACED_TCP_OWNERS`, whole, where it is taken.
+    // One that takes it between that look and the mark keeps its claim (`TcpOwnerSlot`),
+    // and the copy it moved aside is found by a retransmission of this SYN: reported again,
+    // never lost.
     unsafe {
-        if ptr::read_volatile(&(*slot).cookie) == cookie {
+        if TcpOwnerSlot::holds(slot, cookie) {
             copy_owner(&raw const (*slot).owner, taken);
             if ptr::read_volatile(&(*slot).cookie) == cookie {
-                ptr::write_volatile(&mut (*slot).cookie, 0);
+                TcpOwnerSlot::take(slot, cookie);
                 return Some(taken);
             }
         }
@@ -302,8 +335,8 @@ pub fn release_tcp_owner(ctx: &SockAddrContext) {
     };
     // SAFETY: as in `tcp_owner`.
     unsafe {
-        if ptr::read_volatile(&(*slot).cookie) == cookie {
-            ptr::write_volatile(&mut (*slot).cookie, 0);
+        if TcpOwnerSlot::holds(slot, cookie) {
+            TcpOwnerSlot::take(slot, cookie);
         }
     }
 }
@@ -380,10 +413,13 @@ fn store_tcp_owner(cookie: u64, owner: &SocketOwner) -> Option<&'static mut Sock
     };
     // SAFETY: as in `tcp_owner`. The slot is marked free while the owner is written, so the
     // socket that held it looks in `DISPLACED_TCP_OWNERS`, where its owner already is.
+    // `taken` is cleared before the claim: this socket's own refused `connect()` may have
+    // set it, and its next one claims the slot again.
     unsafe {
         let holder = ptr::read_volatile(&(*slot).cookie);
         if holder != 0
             && holder != cookie
+            && TcpOwnerSlot::holds(slot, holder)
             && DISPLACED_TCP_OWNERS
                 .insert(&holder, &(*slot).owner, 0)
                 .is_err()
@@ -391,6 +427,7 @@ fn store_tcp_owner(cookie: u64, owner: &SocketOwner) -> Option<&'static mut Sock
             count(Counter::HookErrors);
         }
         ptr::write_volatile(&mut (*slot).cookie, 0);
+        ptr::write_volatile(&mut (*slot).taken, 0);
         copy_owner(owner, &raw mut (*slot).owner);
         ptr::write_volatile(&mut (*slot).cookie, cookie);
         Some(&mut (*slot).owner)
