@@ -944,6 +944,25 @@ action = "block"
     );
 }
 
+/// A daemon auditing the whole host (so that no sendmsg program refuses a bound source
+/// before its datagram reaches egress), whose policy blocks UDP to 198.51.100.128/25 on
+/// `port` from any source but the allowed one; and its policy file.
+fn blocking_udp_to_resolvers(topology: &Topology, port: u16) -> (PolicyFile, Daemon) {
+    let policy = PolicyFile::new(&format!(
+        r#"
+[[rule]]
+name = "resolvers"
+destinations = ["198.51.100.128/25"]
+ports = [{port}]
+protocol = "udp"
+allowed_sources = ["{ALLOWED_V4}"]
+action = "block"
+"#
+    ));
+    let daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
+    (policy, daemon)
+}
+
 /// Two threads sending a socket's first datagram of a flow at the same moment, from two CPUs:
 /// the run that finds the flow remembered by the other but not yet decided decides it too,
 /// so no datagram of a blocked flow leaves unjudged as "seen". Each flow is a new
@@ -955,20 +974,7 @@ fn block_stops_both_first_datagrams_of_a_flow_two_threads_send_at_once() {
     const PORT: u16 = 5378;
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);
-    let policy = PolicyFile::new(&format!(
-        r#"
-[[rule]]
-name = "resolvers"
-destinations = ["198.51.100.128/25"]
-ports = [{PORT}]
-protocol = "udp"
-allowed_sources = ["{ALLOWED_V4}"]
-action = "block"
-"#
-    ));
-    // A whole-host audit, so that no sendmsg program refuses the bound source before the
-    // datagram reaches egress.
-    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
+    let (_policy, mut daemon) = blocking_udp_to_resolvers(&topology, PORT);
     let flows = FLOWS.to_string();
     let report = attempt_udp_client(
         &topology.host,
@@ -1013,18 +1019,7 @@ fn block_stops_a_flow_while_another_thread_sends_an_allowed_one_on_its_socket() 
     const PORT: u16 = 5379;
     let topology = Topology::new();
     let cgroup = TestCgroup::new(&[]);
-    let policy = PolicyFile::new(&format!(
-        r#"
-[[rule]]
-name = "resolvers"
-destinations = ["198.51.100.128/25"]
-ports = [{PORT}]
-protocol = "udp"
-allowed_sources = ["{ALLOWED_V4}"]
-action = "block"
-"#
-    ));
-    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &["--fold-window", "0"]);
+    let (_policy, mut daemon) = blocking_udp_to_resolvers(&topology, PORT);
     let rounds = ROUNDS.to_string();
     let report = attempt_udp_client(
         &topology.host,
