@@ -966,7 +966,8 @@ action = "block"
 /// Two threads sending a socket's first datagram of a flow at the same moment, from two CPUs:
 /// the run that finds the flow remembered by the other but not yet decided decides it too,
 /// so no datagram of a blocked flow leaves unjudged as "seen". Each flow is a new
-/// destination, so that each round is a socket's first datagram of its flow.
+/// destination, so that each round is a socket's first datagram of its flow; with the
+/// headers in place and behind IPv4 options.
 #[test]
 fn block_stops_both_first_datagrams_of_a_flow_two_threads_send_at_once() {
     const FIRST: &str = "198.51.100.130";
@@ -976,32 +977,32 @@ fn block_stops_both_first_datagrams_of_a_flow_two_threads_send_at_once() {
     let cgroup = TestCgroup::new(&[]);
     let (_policy, mut daemon) = blocking_udp_to_resolvers(&topology, PORT);
     let flows = FLOWS.to_string();
-    let report = attempt_udp_client(
-        &topology.host,
-        &cgroup.path,
-        &["--bind", OTHER_V4, "--threads", "2", "--spread", &flows],
-        FIRST,
-        PORT,
-    );
-    assert_eq!(
-        (report.sent, report.error.as_deref()),
-        (0, Some("EPERM")),
-        "datagrams of blocked flows left: {report:?}"
-    );
-    // Every flow is reported, blocked at egress.
-    let mut reported = std::collections::BTreeSet::new();
-    while reported.len() < FLOWS {
-        let line = daemon.wait_for("each blocked flow's violation", |line| {
-            line.violation()
-                .is_some_and(|violation| violation.src_port == report.src_port)
-        });
-        let violation = line.violation().unwrap();
+    // With IPv4 options the headers are not where the egress program reads them in place:
+    // each datagram is looked up in the flow table, and no last flow is kept.
+    for header in [None, Some("--ip-options")] {
+        let mut options = vec!["--bind", OTHER_V4, "--threads", "2", "--spread", &flows];
+        options.extend(header);
+        let report = attempt_udp_client(&topology.host, &cgroup.path, &options, FIRST, PORT);
         assert_eq!(
-            (violation.blocked, violation.blocked_at.as_deref()),
-            (Some(true), Some("egress")),
-            "{violation:?}"
+            (report.sent, report.error.as_deref()),
+            (0, Some("EPERM")),
+            "datagrams of blocked flows left ({header:?}): {report:?}"
         );
-        reported.insert(violation.dst.clone());
+        // Every flow is reported, blocked at egress.
+        let mut reported = std::collections::BTreeSet::new();
+        while reported.len() < FLOWS {
+            let line = daemon.wait_for("each blocked flow's violation", |line| {
+                line.violation()
+                    .is_some_and(|violation| violation.src_port == report.src_port)
+            });
+            let violation = line.violation().unwrap();
+            assert_eq!(
+                (violation.blocked, violation.blocked_at.as_deref()),
+                (Some(true), Some("egress")),
+                "{violation:?}"
+            );
+            reported.insert(violation.dst.clone());
+        }
     }
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
@@ -1053,6 +1054,71 @@ fn block_stops_a_flow_while_another_thread_sends_an_allowed_one_on_its_socket() 
         (violation.dst.as_str(), violation.blocked_at.as_deref()),
         (BLOCKED_DESTINATION, Some("egress"))
     );
+    let (status, _) = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success());
+}
+
+/// A socket `block` refused at `connect()` is connected again by its program, to a port an
+/// `alert` rule covers: the refusal freed its owner's slot (marked taken), and the second
+/// `connect()` claims it again, so the second attempt's SYN is judged at egress, with its
+/// owner.
+#[test]
+fn a_socket_refused_at_connect_and_connected_again_is_judged_again() {
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&["audited"]);
+    let audited = cgroup.child("audited");
+    route_partner_via_other_sources(&topology);
+    let policy = PolicyFile::new(&format!(
+        r#"
+[[rule]]
+name = "partner-https"
+destinations = ["{PARTNER_V4}"]
+ports = [443]
+allowed_sources = ["{ALLOWED_V4}"]
+action = "block"
+
+[[rule]]
+name = "partner-http"
+destinations = ["{PARTNER_V4}"]
+ports = [80]
+allowed_sources = ["{ALLOWED_V4}"]
+action = "alert"
+"#
+    ));
+    let args = ["--cgroup", audited.to_str().unwrap(), "--fold-window", "0"];
+    let mut daemon = Daemon::start_in(&topology.host, &policy.path, &args);
+    let options = [
+        "--bind",
+        OTHER_V4,
+        "--comm",
+        "retrier",
+        "--retry-port",
+        "80",
+    ];
+    let reports = attempt_client(&topology.host, &audited, &options, PARTNER_V4, 443);
+    let errors: Vec<_> = reports
+        .iter()
+        .map(|report| report.error.as_deref())
+        .collect();
+    assert_eq!(errors, [Some("EPERM"), None], "{reports:?}");
+    let src_port = reports[0].src_port;
+    for (dst_port, blocked_at) in [(443, Some("connect")), (80, None)] {
+        let line = daemon.wait_for(&format!("the violation to port {dst_port}"), |line| {
+            line.violation().is_some_and(|violation| {
+                violation.src_port == src_port && violation.dst_port == dst_port
+            })
+        });
+        let violation = line.violation().unwrap();
+        assert_eq!(
+            (
+                violation.blocked_at.as_deref(),
+                violation.comm.as_str(),
+                violation.src.as_str()
+            ),
+            (blocked_at, "retrier", OTHER_V4),
+            "port {dst_port}"
+        );
+    }
     let (status, _) = daemon.stop_with(Signal::SIGTERM);
     assert!(status.success());
 }

@@ -6,7 +6,11 @@
 //! `tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME]
 //!            [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring]
 //!            [--displace-owner] [--mptcp] [--linger MS] [--created-in DIR | --passed-from DIR]
-//!            DST_ADDR DST_PORT`
+//!            [--retry-port PORT] DST_ADDR DST_PORT`
+//!
+//! `--retry-port PORT`: a socket whose `connect()` is refused at once (`block`) is connected
+//! again, to DST_ADDR:PORT, as a client that tries another port of its partner does; the
+//! second attempt gets a report line of its own.
 //!
 //! The connection is non-blocking: the source is chosen when `connect()` returns, so the
 //! helper does not need anyone to answer; it then waits briefly for the handshake to end.
@@ -72,6 +76,7 @@ fn main() {
     let mut linger = None;
     let mut created_in = None;
     let mut passed_from = None;
+    let mut retry_port = None;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -94,6 +99,13 @@ fn main() {
             "--mptcp" => mptcp = true,
             "--created-in" => created_in = args.next(),
             "--passed-from" => passed_from = args.next(),
+            "--retry-port" => {
+                retry_port = Some(
+                    args.next()
+                        .and_then(|n| n.parse::<u16>().ok())
+                        .expect("--retry-port PORT"),
+                );
+            }
             "--linger" => {
                 linger = Some(
                     args.next()
@@ -114,7 +126,7 @@ fn main() {
     }
     let [dst, port] = positional.as_slice() else {
         panic!(
-            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] [--linger MS] [--created-in DIR | --passed-from DIR] DST_ADDR DST_PORT"
+            "usage: tcp-client --cgroup DIR --netns NAME [--bind ADDR | --bind-port PORT] [--count N] [--comm NAME] [--uid UID] [--mark MARK] [--ip-options] [--ipv6-header KIND] [--io-uring] [--displace-owner] [--mptcp] [--linger MS] [--created-in DIR | --passed-from DIR] [--retry-port PORT] DST_ADDR DST_PORT"
         );
     };
     let dst: IpAddr = dst.parse().expect("DST_ADDR");
@@ -126,7 +138,7 @@ fn main() {
         let socket =
             srcip_tests::client_socket(cgroup, netns, created_in, passed_from, make_socket);
         let bind = bind.map(|address| SocketAddr::new(address.parse().expect("--bind ADDR"), 0));
-        let socket = connect(socket, dst_address, bind, mark);
+        let socket = connect(socket, dst_address, bind, mark).socket;
         if mptcp {
             exchange_a_byte(&socket);
         }
@@ -164,7 +176,15 @@ fn main() {
     }
     // Kept open until the end, so that every connection gets its own source port.
     let sockets: Vec<Socket> = (0..count)
-        .map(|_| connect(make_socket(), dst_address, bind, mark))
+        .map(|_| {
+            let socket = connect(make_socket(), dst_address, bind, mark);
+            if let Some(port) = retry_port
+                && socket.refused
+            {
+                start_connect(&socket.socket, SocketAddr::new(dst, port));
+            }
+            socket.socket
+        })
         .collect();
     if mptcp {
         sockets.iter().for_each(exchange_a_byte);
@@ -231,7 +251,7 @@ fn connect_after_displacing_owner(dst: SocketAddr, bind: Option<SocketAddr>) -> 
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     let result = unsafe { nix::libc::prctl(nix::libc::PR_SET_NAME, name.as_ptr()) };
     assert_eq!(result, 0, "prctl(PR_SET_NAME)");
-    connect(socket, dst, bind, None)
+    connect(socket, dst, bind, None).socket
 }
 
 /// The socket's cookie (`SO_COOKIE`), which the kernel hands out on first use.
@@ -261,7 +281,18 @@ fn unspecified_like(address: IpAddr) -> IpAddr {
 }
 
 /// Starts a non-blocking connection and prints the source the kernel chose for it.
-fn connect(socket: Socket, dst: SocketAddr, bind: Option<SocketAddr>, mark: Option<u32>) -> Socket {
+/// A socket whose connection was started, and whether `connect()` refused it at once.
+struct Started {
+    socket: Socket,
+    refused: bool,
+}
+
+fn connect(
+    socket: Socket,
+    dst: SocketAddr,
+    bind: Option<SocketAddr>,
+    mark: Option<u32>,
+) -> Started {
     if let Some(mark) = mark {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
             .expect("SO_MARK");
@@ -270,14 +301,21 @@ fn connect(socket: Socket, dst: SocketAddr, bind: Option<SocketAddr>, mark: Opti
         socket.bind(&address.into()).expect("bind");
     }
     socket.set_nonblocking(true).expect("non-blocking");
+    let refused = start_connect(&socket, dst);
+    Started { socket, refused }
+}
+
+/// Starts the connection of `socket` (non-blocking) to `dst` and reports it; whether
+/// `connect()` refused it at once.
+fn start_connect(socket: &Socket, dst: SocketAddr) -> bool {
     let error = match socket.connect(&dst.into()) {
         Ok(()) => None,
         Err(error) if error.raw_os_error() == Some(nix::libc::EINPROGRESS) => None,
         // Refused at once (`block`): reported, not fatal.
         Err(error) => error.raw_os_error(),
     };
-    report(&socket, error);
-    socket
+    report(socket, error);
+    error.is_some()
 }
 
 /// Prints the socket's local address as the kernel has it now, and the errno (by name) that
