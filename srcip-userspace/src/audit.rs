@@ -1,6 +1,7 @@
 //! A live audit: kernel records in, alerts out.
 //!
-//! kernel → ring buffer → decode → attribute (cgroup path, netns inode) → match → alerts.
+//! kernel → ring buffer → decode → decide (here) → attribute and fold (`attribute.rs`, its
+//! own thread) → alerts.
 //! The kernel wakes user space at once for violations and when the ring buffer is half full;
 //! other records (`--all` reporting of compliant connections) wait for the next poll, every
 //! [`POLL_INTERVAL`] (see `srcip-ebpf/src/maps.rs`).
@@ -11,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use srcip_common::record::Counter;
 use tracing::{debug, info, warn};
@@ -18,11 +20,11 @@ use tracing::{debug, info, warn};
 use crate::{
     adopt::{self, adopt_sockets},
     alerts::{Alert, AlertBody, BlockedAt, ConnectionReport, Verdict},
+    attribute::{Attributed, Attribution, ReportKind, Unattributed},
     cgroup::{AuditedCgroup, CgroupNames},
     drift::SharedPredictions,
     events::{
-        BootClock, ConnectEvent, Enforcement, EventRing, KernelDecision, KernelEvent,
-        KernelVerdict, PinError,
+        ConnectEvent, Enforcement, EventRing, KernelDecision, KernelEvent, KernelVerdict, PinError,
     },
     folding::Folding,
     loader::{AuditSettings, KernelPrograms},
@@ -53,9 +55,8 @@ pub struct AuditSession {
     /// Whether the policy in force needs the sendmsg programs (they are attached).
     datagram_programs: bool,
     report_all: bool,
-    cgroup_names: CgroupNames,
-    netns: NetnsInodes,
-    folding: Folding,
+    /// The next stage: names what is reported, and folds repeated violations.
+    attribution: Attribution,
     metrics: Arc<Metrics>,
     lost_reported: u64,
     /// Records that could not be decoded; they are reported as lost.
@@ -116,10 +117,18 @@ impl AuditSession {
         // tables live in kernel maps now); give it back rather than keep it resident for
         // the daemon's life. SAFETY: glibc's malloc_trim only releases free memory.
         unsafe { libc::malloc_trim(0) };
+        let ring = EventRing::new(maps.events)
+            .map_err(|error| anyhow::anyhow!("cannot poll the EVENTS ring buffer: {error}"))?;
+        let attribution = Attribution::start(
+            CgroupNames::new(settings.cgroup2_mount.to_owned()),
+            netns,
+            Folding::new(maps.folds, settings.fold_window),
+            ring.clock(),
+        )
+        .context("starting the attribution thread")?;
         Ok(Self {
             programs,
-            ring: EventRing::new(maps.events)
-                .map_err(|error| anyhow::anyhow!("cannot poll the EVENTS ring buffer: {error}"))?,
+            ring,
             counters: maps.counters,
             audited: settings.audited.to_vec(),
             audited_ids: maps.audited_cgroups,
@@ -127,9 +136,7 @@ impl AuditSession {
             policy: maps.policy,
             datagram_programs,
             report_all: settings.report_all,
-            cgroup_names: CgroupNames::new(settings.cgroup2_mount.to_owned()),
-            netns,
-            folding: Folding::new(maps.folds, settings.fold_window),
+            attribution,
             metrics,
             lost_reported: 0,
             undecodable: 0,
@@ -153,30 +160,49 @@ impl AuditSession {
         self.routing_maps.take()
     }
 
-    /// Waits for records and returns the alerts they produce (possibly none). Cancel-safe:
-    /// records are only taken from the ring buffer after the last await point.
+    /// Waits for records or attributed connections and returns the alerts they produce
+    /// (possibly none). Cancel-safe: records are only taken from the ring buffer after the
+    /// last await point.
     pub async fn next_alerts(&mut self) -> Vec<Alert> {
         tokio::select! {
             () = self.ring.wakeup() => {}
             () = tokio::time::sleep(POLL_INTERVAL) => {}
+            attributed = self.attribution.next_alerts() => return self.note_violators(attributed),
         }
         self.drain()
     }
 
-    /// Every alert for the records in the ring buffer now, and for lost records.
+    /// The alerts attribution made; each program seen violating a rule is noted for the
+    /// drift watch, now that its violation goes out first.
+    fn note_violators(&self, attributed: Vec<Attributed>) -> Vec<Alert> {
+        let mut predictions = self
+            .predictions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        attributed
+            .into_iter()
+            .map(|Attributed { alert, violator }| {
+                if let Some(program) = violator {
+                    predictions.note_program(program);
+                }
+                alert
+            })
+            .collect()
+    }
+
+    /// Decides every record in the ring buffer now and hands what is reported to
+    /// attribution; returns the alerts for lost records.
     fn drain(&mut self) -> Vec<Alert> {
         let mut alerts = Vec::new();
-        let (matcher, kernel_policy, cgroup_names, netns, folding, cross_check) = (
+        let (matcher, kernel_policy, attribution, cross_check) = (
             &self.matcher,
             &self.policy,
-            &mut self.cgroup_names,
-            &mut self.netns,
-            &mut self.folding,
+            &mut self.attribution,
             &mut self.cross_check,
         );
         let report_all = self.report_all;
         let undecodable = &mut self.undecodable;
-        let mut predictions = self
+        let predictions = self
             .predictions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -193,9 +219,6 @@ impl AuditSession {
                     uid: Some(event.uid),
                     mark: event.mark,
                 };
-                if violation && rule.is_some() {
-                    predictions.note_program(program);
-                }
                 // The kernel's choice (not bound, not translated) has the drift watch's reason.
                 let reason = (violation && event.wire_src.is_none())
                     .then(|| {
@@ -205,21 +228,23 @@ impl AuditSession {
                     })
                     .flatten()
                     .cloned();
-                let (time, fold_window) = (event.time, event.fold_window);
-                let report = Self::report(rule, verdict, cgroup_names, netns, event, reason);
-                if let Some(window) = fold_window {
-                    folding.opened(window, report.clone());
-                }
                 // One line per connection: under `--all`, a violating or pinned connection
                 // is written once, as its `violation` or `pinned` line.
-                let body = if violation {
-                    AlertBody::Violation(report)
+                let kind = if violation {
+                    ReportKind::Violation
                 } else if pinned {
-                    AlertBody::Pinned(report)
+                    ReportKind::Pinned
                 } else {
-                    AlertBody::Connect(report)
+                    ReportKind::Connect
                 };
-                alerts.push(Alert { time, body });
+                attribution.submit(Unattributed {
+                    time: event.time,
+                    kind,
+                    netns_cookie: event.netns_cookie,
+                    fold_window: event.fold_window,
+                    violator: (violation && rule.is_some()).then_some(program),
+                    report: Self::report(rule, verdict, event, reason),
+                });
             }
             Err(error) => {
                 warn!("a kernel record cannot be decoded, counted as lost: {error}");
@@ -227,8 +252,6 @@ impl AuditSession {
             }
         });
         drop(predictions);
-        let clock = self.ring.clock();
-        alerts.extend(self.folding.closed(BootClock::boot_ns_now(), clock));
         if self.housekeeping_at.elapsed() >= HOUSEKEEPING_INTERVAL {
             self.housekeeping_at = Instant::now();
             self.follow_recreated_cgroups();
@@ -268,7 +291,9 @@ impl AuditSession {
         if let Some(count) = increase_since(hook_errors, &mut self.hook_errors_reported) {
             warn!("{count} kernel hook invocations failed before recording a connection");
         }
-        let lost = self.counter_total(Counter::LostRecords) + self.undecodable;
+        let lost = self.counter_total(Counter::LostRecords)
+            + self.undecodable
+            + self.attribution.overflowed();
         increase_since(lost, &mut self.lost_reported)
             .map(|count| Alert::now(AlertBody::Lost { count, sink: None }))
     }
@@ -307,15 +332,13 @@ impl AuditSession {
         }
     }
 
+    /// The line of a connection, but for what attribution names.
     fn report(
         rule: Option<&Rule>,
         verdict: Verdict,
-        cgroup_names: &mut CgroupNames,
-        netns: &mut NetnsInodes,
         event: ConnectEvent,
         reason: Option<Arc<str>>,
     ) -> ConnectionReport {
-        let cgroup = cgroup_names.name_of(event.cgroup_id);
         let blocking = rule.is_some_and(|rule| rule.action == Action::Block);
         let (refused, predicted, blocked_at) = match event.enforcement {
             Enforcement::Refused {
@@ -359,29 +382,29 @@ impl AuditSession {
             comm: event.comm,
             uid: event.uid,
             cgroup_id: event.cgroup_id,
-            netns: netns.inode_of(event.netns_cookie, event.pid),
-            unit: cgroup.as_ref().and_then(|name| name.unit.clone()),
-            container: cgroup.as_ref().and_then(|name| name.container.clone()),
-            cgroup: cgroup.map(|name| name.path),
+            netns: None,
+            unit: None,
+            container: None,
+            cgroup: None,
             verdict,
             reason,
             folded: None,
         }
     }
 
-    /// Detaches every program, then reads what is left in the ring buffer and in the open
-    /// folding windows, so that no connection the kernel saw goes unreported. The last alert
-    /// is `stopped`.
+    /// Detaches every program, then reads what is left in the ring buffer, lets attribution
+    /// name it and close the open folding windows, so that no connection the kernel saw goes
+    /// unreported. The last alert is `stopped`.
     pub fn stop(mut self) -> Vec<Alert> {
         self.programs.detach();
         let mut alerts = self.drain();
+        alerts.extend(self.attribution.finish());
         if let Some(check) = &self.cross_check {
             info!(
                 "cross-check: {} decisions of the kernel decided again, {} differed",
                 check.decided, check.differed
             );
         }
-        alerts.extend(self.folding.close_all(self.ring.clock()));
         alerts.extend(self.read_counters());
         alerts.push(Alert::now(AlertBody::Stopped {
             decided_in_kernel: self.counter_total(Counter::DecidedInKernelTcp)

@@ -4,6 +4,7 @@
 
 mod adopt;
 pub mod alerts;
+mod attribute;
 mod audit;
 pub mod cgroup;
 pub mod check;

@@ -2,8 +2,8 @@
 //! alert's fields as RFC 5424 structured data; and a TCP receiver that comes up late.
 
 use srcip_tests::{
-    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, TestCgroup, Topology, free_port,
-    make_violation, rsyslog::Rsyslog,
+    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
+    free_port, make_violation, rsyslog::Rsyslog,
 };
 
 #[test]
@@ -129,4 +129,52 @@ fn alerts_wait_in_the_spool_across_a_restart_until_the_receiver_is_back() {
             assert_eq!(started, 2, "{lines:#?}");
         }
     }
+}
+
+/// An alert larger than a UDP datagram can carry (a `policy_error` that lists thousands of
+/// mistakes) is never sent by `syslog+udp://`: it goes to the spool's dead letters, a
+/// `dead_letter` line says so, and the sink goes on with the next alerts instead of trying
+/// the same datagram forever.
+#[test]
+fn an_alert_too_large_for_a_datagram_is_dead_lettered_and_the_next_ones_arrive() {
+    let port = free_port();
+    let rsyslog = Rsyslog::start(port);
+    let topology = Topology::new();
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(PARTNER_POLICY);
+    let udp = format!("syslog+udp://127.0.0.1:{port}");
+    let mut daemon = Daemon::start(
+        &policy.path,
+        &["--sink", &udp, "--cgroup", cgroup.path.to_str().unwrap()],
+    );
+
+    // Each rule's unknown key is one located error: about 100 KB of `policy_error`.
+    let mistakes: String = (0..1500)
+        .map(|index| format!("[[rule]]\nname = \"r{index}\"\nunknown_key_{index} = 1\n"))
+        .collect();
+    std::fs::write(&policy.path, mistakes).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    let line = daemon.wait_for("the dead letter", |line| {
+        matches!(line, Line::DeadLetter { .. })
+    });
+    let Line::DeadLetter {
+        sink, count, error, ..
+    } = line
+    else {
+        unreachable!()
+    };
+    assert_eq!(sink, format!("syslog+udp://127.0.0.1:{port}"));
+    assert_eq!(count, 1);
+    assert!(error.contains("larger than a datagram"), "{error}");
+
+    let client = make_violation(&mut daemon, &topology, &cgroup.path);
+    let port_field = format!("src_port=\"{}\"", client.src_port);
+    rsyslog.wait_for("the violation after the dead letter", |line| {
+        line.starts_with("imudp|") && line.contains(&port_field)
+    });
+    let delivered = rsyslog.wait_for("anything", |_| true);
+    assert!(
+        !delivered.iter().any(|line| line.contains("unknown_key_")),
+        "a part of the oversize alert reached the receiver: {delivered:?}"
+    );
 }

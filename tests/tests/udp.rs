@@ -1,8 +1,10 @@
 //! UDP auditing end to end: connected, unconnected, per-datagram sources, IPv4 and IPv6.
 
+use std::collections::HashMap;
+
 use srcip_tests::{
-    ALLOWED_V4, Connection, Daemon, Line, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6, PolicyFile,
-    Signal, TestCgroup, Topology, WaitingUdpClient, udp_client,
+    ALLOWED_V4, Connection, Daemon, Line, Netns, OTHER_V4, OTHER_V6, PARTNER_V4, PARTNER_V6,
+    PolicyFile, Signal, TestCgroup, Topology, WaitingUdpClient, udp_client, unique_name,
 };
 
 /// The partner's resolver takes DNS only from .10 and ::10.
@@ -13,6 +15,17 @@ destinations = ["198.51.100.0/24", "2001:db8:50::/64"]
 ports = [53]
 protocol = "udp"
 allowed_sources = ["203.0.113.10", "2001:db8::10"]
+"#;
+
+/// A resolver on loopback, which takes DNS only from 127.0.0.2: every namespace's own
+/// loopback sends from 127.0.0.1.
+const LOOPBACK_DNS_POLICY: &str = r#"
+[[rule]]
+name = "loopback-dns"
+destinations = ["127.0.0.53"]
+ports = [53]
+protocol = "udp"
+allowed_sources = ["127.0.0.2"]
 "#;
 
 fn audit(policy: &PolicyFile, cgroup: &TestCgroup, extra: &[&str]) -> Daemon {
@@ -393,4 +406,40 @@ allowed_sources = ["203.0.113.10"]
     );
     let (_, lines) = daemon.stop_with(Signal::SIGTERM);
     assert!(!lines.iter().any(|line| matches!(line, Line::Lost { .. })));
+}
+
+/// Each namespace srcip has not seen yet costs a probe (a thread that enters it), made by the
+/// attribution stage, off the reader's path: every violation still names its own namespace,
+/// whether its process is still there to be asked or already gone. (Not folded: the
+/// violations differ only by namespace.)
+#[test]
+fn violations_from_many_network_namespaces_each_name_their_own() {
+    let cgroup = TestCgroup::new(&[]);
+    let policy = PolicyFile::new(LOOPBACK_DNS_POLICY);
+    let mut daemon = audit(&policy, &cgroup, &["--fold-window", "0"]);
+    let namespaces: Vec<Netns> = (0..16).map(|_| Netns::new(unique_name())).collect();
+
+    let sent: HashMap<u32, u64> = namespaces
+        .iter()
+        .map(|namespace| {
+            let client = udp_client(namespace, &cgroup.path, &["--connect"], "127.0.0.53", 53);
+            (client.pid, namespace.inode())
+        })
+        .collect();
+    let mut reported = HashMap::new();
+    while reported.len() < sent.len() {
+        let line = daemon.wait_for("a violation from one of the namespaces", |line| {
+            line.violation()
+                .is_some_and(|violation| sent.contains_key(&violation.pid))
+        });
+        let violation = line.violation().unwrap();
+        assert_eq!(
+            (violation.src.as_str(), violation.rule.as_deref()),
+            ("127.0.0.1", Some("loopback-dns"))
+        );
+        reported.insert(violation.pid, violation.netns);
+    }
+    for (pid, inode) in &sent {
+        assert_eq!(reported[pid], Some(*inode), "the namespace of pid {pid}");
+    }
 }
