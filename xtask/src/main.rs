@@ -36,8 +36,12 @@ enum Task {
         /// Run only the tests whose name contains this.
         filter: Option<String>,
     },
-    /// Set up, build, and make the Debian package `target/debian/srcip_VERSION_amd64.deb`.
-    Package,
+    /// Set up, build, and make the Debian package `target/debian/srcip_VERSION_ARCH.deb`
+    /// (arm64: cross-compiled, with Debian's cross toolchain, installed on first use).
+    Package {
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: package::Arch,
+    },
     /// Build the package and install it on a fresh Debian 12 made with debootstrap (root;
     /// cached after the first run): dpkg -i, --version, man, the example policy, the unit.
     /// `test` runs it too, after the host's tests.
@@ -78,15 +82,15 @@ fn run(task: Task) -> anyhow::Result<()> {
             exec(Command::new(workspace_root().join("target/release/srcip")).arg("demo"))
         }
         Task::Test { kernel, filter } => test(kernel.as_deref(), filter.as_deref()),
-        Task::Package => {
+        Task::Package { arch } => {
             setup::build_tools()?;
-            let deb = package::run()?;
+            let deb = package::run(arch)?;
             println!("{}", deb.display());
             Ok(())
         }
         Task::InstallCheck => {
             setup::run()?;
-            install_check::run(&package::run()?)
+            install_check::run(&package::run(package::Arch::Amd64)?)
         }
         Task::Bench {
             rounds,
@@ -118,8 +122,12 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
         Some(kernels::ensure_vm_tools()?)
     };
     let kernels = kernels::ensure_kernels(&series)?;
-    // Builds srcip too; the package tests read it.
-    let deb = package::run()?;
+    // Builds srcip too; the package tests read both packages.
+    let deb = package::run(package::Arch::Amd64)?;
+    // Cross-compiled, for the host's package tests only.
+    let arm64_deb = on_host
+        .then(|| package::run(package::Arch::Arm64))
+        .transpose()?;
     let srcip = workspace_root().join("target/release/srcip");
 
     let mut totals: Vec<(String, Tally)> = Vec::new();
@@ -133,6 +141,7 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
                 .args(filter)
                 .env("SRCIP_BIN", &srcip)
                 .env("SRCIP_DEB", &deb)
+                .envs(arm64_deb.iter().map(|deb| ("SRCIP_DEB_ARM64", deb)))
                 .env("SRCIP_NATS_SERVER", setup::nats_server()?),
         )?;
         totals.push((format!("kernel host {}", release.trim()), tally));

@@ -1,4 +1,9 @@
-//! `cargo xtask package`: `target/debian/srcip_VERSION_amd64.deb`.
+//! `cargo xtask package [--arch arm64]`: `target/debian/srcip_VERSION_ARCH.deb`.
+//!
+//! The arm64 package is cross-compiled on this x86-64 machine with Debian's cross toolchain
+//! (`gcc-aarch64-linux-gnu` links, `aarch64-linux-gnu-strip` strips); its eBPF object is
+//! the same as amd64's (BPF bytecode, built for `bpfel-unknown-none`). Its man pages and
+//! completions are written by the host's build of the same source.
 //!
 //! Built with dpkg-deb, Debian's own tool, from a tree staged here: the binary, the
 //! systemd unit, the example policy (a conffile), the man pages and completions that the
@@ -15,27 +20,63 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_release, exec, step, workspace_root};
+use crate::{build_release, cargo, exec, setup, step, workspace_root};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Builds the package; returns its path.
-pub fn run() -> anyhow::Result<PathBuf> {
+/// The architectures srcip is packaged for, by their Debian names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    fn debian(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::Arm64 => "arm64",
+        }
+    }
+
+    /// The built binary: the host's release build, or the cross-compiled one.
+    fn binary(self) -> PathBuf {
+        let target = match self {
+            Self::Amd64 => "target/release/srcip",
+            Self::Arm64 => "target/aarch64-unknown-linux-gnu/release/srcip",
+        };
+        workspace_root().join(target)
+    }
+
+    fn strip(self) -> &'static str {
+        match self {
+            Self::Amd64 => "strip",
+            Self::Arm64 => "aarch64-linux-gnu-strip",
+        }
+    }
+}
+
+/// Builds the package for `arch`; returns its path. The host's build is made in any case:
+/// it writes the man pages and completions.
+pub fn run(arch: Arch) -> anyhow::Result<PathBuf> {
     build_release()?;
+    if arch == Arch::Arm64 {
+        build_arm64()?;
+    }
     let root = workspace_root();
     let srcip = root.join("target/release/srcip");
     let debian = root.join("target/debian");
-    let stage = debian.join("stage");
+    let stage = debian.join(format!("stage-{}", arch.debian()));
     if stage.exists() {
         fs::remove_dir_all(&stage).context("clearing the previous package tree")?;
     }
-    step("staging the package tree");
+    step(&format!("staging the {} package tree", arch.debian()));
     let packaging = root.join("packaging");
-    install(&srcip, &stage.join("usr/bin/srcip"), 0o755)?;
+    install(&arch.binary(), &stage.join("usr/bin/srcip"), 0o755)?;
     // Symbols and debug information are dropped: a third of the binary's size, and nothing
     // an operator's host needs (the eBPF programs inside are data, untouched).
     exec(
-        Command::new("strip")
+        Command::new(arch.strip())
             .arg("--strip-unneeded")
             .arg(stage.join("usr/bin/srcip")),
     )?;
@@ -100,7 +141,7 @@ pub fn run() -> anyhow::Result<PathBuf> {
     let control = stage.join("DEBIAN");
     write(
         &control.join("control"),
-        control_file(installed_kib(&stage)?).as_bytes(),
+        control_file(arch, installed_kib(&stage)?).as_bytes(),
         0o644,
     )?;
     write(
@@ -112,7 +153,7 @@ pub fn run() -> anyhow::Result<PathBuf> {
     write(&control.join("prerm"), PRERM.as_bytes(), 0o755)?;
     write(&control.join("postrm"), POSTRM.as_bytes(), 0o755)?;
 
-    let deb = debian.join(format!("srcip_{VERSION}_amd64.deb"));
+    let deb = debian.join(format!("srcip_{VERSION}_{}.deb", arch.debian()));
     step(&format!("building {}", deb.display()));
     exec(
         Command::new("dpkg-deb")
@@ -123,11 +164,34 @@ pub fn run() -> anyhow::Result<PathBuf> {
     Ok(deb)
 }
 
-fn control_file(installed_kib: u64) -> String {
+/// Cross-compiles srcip for arm64 (the cross toolchain installed first, see `setup.rs`).
+fn build_arm64() -> anyhow::Result<()> {
+    setup::cross_tools()?;
+    step("building srcip for arm64 (release, cross-compiled)");
+    exec(
+        Command::new(cargo())
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "srcip-userspace",
+                "--bin",
+                "srcip",
+            ])
+            .args(["--target", "aarch64-unknown-linux-gnu"])
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                "aarch64-linux-gnu-gcc",
+            ),
+    )
+}
+
+fn control_file(arch: Arch, installed_kib: u64) -> String {
     format!(
         "Package: srcip\n\
          Version: {VERSION}\n\
-         Architecture: amd64\n\
+         Architecture: {}\n\
          Maintainer: srcip developers <srcip@users.noreply.github.com>\n\
          Depends: libc6 (>= 2.34)\n\
          Section: net\n\
@@ -138,7 +202,8 @@ fn control_file(installed_kib: u64) -> String {
          outbound connection, and that choice can change after a reboot or a network\n \
          restart. srcip records with eBPF the source the kernel really chose, with the\n \
          process, cgroup and systemd unit that connected, checks it against an allow-list\n \
-         per destination, and alerts to stdout, files, syslog, NATS JetStream or a webhook.\n"
+         per destination, and alerts to stdout, files, syslog, NATS JetStream or a webhook.\n",
+        arch.debian()
     )
 }
 

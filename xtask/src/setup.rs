@@ -151,6 +151,43 @@ fn link_llvm_prefix(prefix: &Path, library: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What cross-compiling the arm64 package and running its binary here need: Debian's
+/// cross compiler and C library (the linker, and `ring`'s C), the Rust standard library for
+/// the target, and qemu's user-mode emulator (the package test runs the binary with it).
+pub fn cross_tools() -> anyhow::Result<()> {
+    ensure_package(
+        "gcc-aarch64-linux-gnu",
+        "aarch64-linux-gnu-gcc",
+        "--version",
+    )?;
+    if !Path::new("/usr/aarch64-linux-gnu/lib/libc.so").exists() {
+        step("libc6-dev-arm64-cross: installing with apt-get");
+        exec(Command::new("apt-get").arg("update"))?;
+        exec(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "--no-install-recommends",
+                    "libc6-dev-arm64-cross",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    ensure_package("qemu-user", "qemu-aarch64", "--version")?;
+    let installed = output_of(Command::new("rustup").args(["target", "list", "--installed"]))
+        .unwrap_or_default();
+    if installed
+        .lines()
+        .any(|line| line == "aarch64-unknown-linux-gnu")
+    {
+        step("Rust's aarch64-unknown-linux-gnu target: present");
+        return Ok(());
+    }
+    step("Rust's aarch64-unknown-linux-gnu target: installing");
+    exec(Command::new("rustup").args(["target", "add", "aarch64-unknown-linux-gnu"]))
+}
+
 /// Installs Debian's `package` with apt unless `command version_flag` already runs.
 fn ensure_package(package: &str, command: &str, version_flag: &str) -> anyhow::Result<()> {
     if output_of(Command::new(command).arg(version_flag)).is_some() {
