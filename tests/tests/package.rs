@@ -155,7 +155,7 @@ fn the_arm64_package_holds_an_arm64_binary_that_runs() {
     let emulated = |args: &[&str]| {
         let mut command = vec!["-L", "/usr/aarch64-linux-gnu", srcip.to_str().unwrap()];
         command.extend(args);
-        run("qemu-aarch64", &command)
+        run("qemu-aarch64-static", &command)
     };
     let version = emulated(&["--version"]);
     assert_eq!(

@@ -44,8 +44,12 @@ enum Task {
     },
     /// Build the package and install it on a fresh Debian 12 made with debootstrap (root;
     /// cached after the first run): dpkg -i, --version, man, the example policy, the unit.
-    /// `test` runs it too, after the host's tests.
-    InstallCheck,
+    /// arm64: on the same Debian made multiarch, the binary run by qemu's user-mode
+    /// emulator. `test` runs both, after the host's tests.
+    InstallCheck {
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: package::Arch,
+    },
     /// Set up, build, and measure what srcip costs (root; not part of `test`): connect
     /// storms against a baseline and bpftrace, alert latency, saturation, policy sizes.
     Bench {
@@ -88,9 +92,9 @@ fn run(task: Task) -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::InstallCheck => {
+        Task::InstallCheck { arch } => {
             setup::run()?;
-            install_check::run(&package::run(package::Arch::Amd64)?)
+            install_check::run(&package::run(arch)?, arch)
         }
         Task::Bench {
             rounds,
@@ -124,7 +128,7 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
     let kernels = kernels::ensure_kernels(&series)?;
     // Builds srcip too; the package tests read both packages.
     let deb = package::run(package::Arch::Amd64)?;
-    // Cross-compiled, for the host's package tests only.
+    // Cross-compiled, for the host's package tests and install check only.
     let arm64_deb = on_host
         .then(|| package::run(package::Arch::Arm64))
         .transpose()?;
@@ -145,19 +149,27 @@ fn test(kernel: Option<&str>, filter: Option<&str>) -> anyhow::Result<()> {
                 .env("SRCIP_NATS_SERVER", setup::nats_server()?),
         )?;
         totals.push((format!("kernel host {}", release.trim()), tally));
-        // The package on a fresh Debian: one check, counted like a test.
-        let installed = install_check::run(&deb);
-        if let Err(error) = &installed {
-            eprintln!("[xtask] install check failed: {error:#}");
+        // Each package on a fresh Debian: one check each, counted like a test.
+        let packages = [(package::Arch::Amd64, &deb)]
+            .into_iter()
+            .chain(arm64_deb.iter().map(|deb| (package::Arch::Arm64, deb)));
+        for (arch, deb) in packages {
+            let installed = install_check::run(deb, arch);
+            if let Err(error) = &installed {
+                eprintln!("[xtask] install check failed: {error:#}");
+            }
+            totals.push((
+                format!(
+                    "{} package install check on a fresh Debian bookworm",
+                    arch.debian()
+                ),
+                Tally {
+                    passed: u64::from(installed.is_ok()),
+                    failed: u64::from(installed.is_err()),
+                    ..Tally::default()
+                },
+            ));
         }
-        totals.push((
-            "package install check on a fresh Debian bookworm".to_owned(),
-            Tally {
-                passed: u64::from(installed.is_ok()),
-                failed: u64::from(installed.is_err()),
-                ..Tally::default()
-            },
-        ));
     }
     if let Some(vng_dir) = vm_tools {
         let binaries = matrix::kernel_test_binaries()?;

@@ -32,7 +32,7 @@ pub enum Arch {
 }
 
 impl Arch {
-    fn debian(self) -> &'static str {
+    pub fn debian(self) -> &'static str {
         match self {
             Self::Amd64 => "amd64",
             Self::Arm64 => "arm64",

@@ -153,7 +153,8 @@ fn link_llvm_prefix(prefix: &Path, library: &Path) -> anyhow::Result<()> {
 
 /// What cross-compiling the arm64 package and running its binary here need: Debian's
 /// cross compiler and C library (the linker, and `ring`'s C), the Rust standard library for
-/// the target, and qemu's user-mode emulator (the package test runs the binary with it).
+/// the target, and qemu's user-mode emulator (the package test and the install check run
+/// the binary with it).
 pub fn cross_tools() -> anyhow::Result<()> {
     ensure_package(
         "gcc-aarch64-linux-gnu",
@@ -174,7 +175,8 @@ pub fn cross_tools() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    ensure_package("qemu-user", "qemu-aarch64", "--version")?;
+    // Static: the install check copies it into a Debian system of its own.
+    ensure_package("qemu-user-static", "qemu-aarch64-static", "--version")?;
     let installed = output_of(Command::new("rustup").args(["target", "list", "--installed"]))
         .unwrap_or_default();
     if installed
