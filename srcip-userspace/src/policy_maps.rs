@@ -116,7 +116,8 @@ impl KernelPolicy {
             generation: 0,
             injected_failure: None,
         };
-        policy.write(tables, 0)?;
+        // No program runs yet: nothing to wait for.
+        policy.write(tables, 0, || {})?;
         policy.injected_failure = injected_failure;
         Ok(policy)
     }
@@ -142,12 +143,26 @@ impl KernelPolicy {
     /// Replaces the policy: the next decision of every connection uses `tables`. On error
     /// the policy in force stays, whole, in the kernel.
     pub fn replace(&mut self, tables: &KernelTables) -> Result<(), WriteError> {
-        self.write(tables, self.generation.wrapping_add(1))
+        self.write(
+            tables,
+            self.generation.wrapping_add(1),
+            wait_for_running_programs,
+        )
     }
 
     /// Writes `tables` where the policy of `generation` lives (see `srcip_common::policy`),
-    /// and puts it in force with its last write.
-    fn write(&mut self, tables: &KernelTables, generation: u32) -> Result<(), WriteError> {
+    /// and puts it in force with its last write. `wait` returns once every program run that
+    /// started before it has ended: it is called before the half is written (a run that
+    /// read the generation before the last reload may still be reading this half) and
+    /// before the generation is flipped (so that no run can see the new generation with
+    /// the half as it was before: a program picks the half's trie by a branch on the
+    /// generation, and a weakly ordered CPU such as arm64 may read that trie first).
+    fn write(
+        &mut self,
+        tables: &KernelTables,
+        generation: u32,
+        wait: impl Fn(),
+    ) -> Result<(), WriteError> {
         let prefixes = tables.v4.len().max(tables.v6.len());
         if tables.rules.len() > self.room || prefixes > self.room {
             return Err(WriteError::TooLarge(TooLarge {
@@ -156,6 +171,7 @@ impl KernelPolicy {
                 room: self.room,
             }));
         }
+        wait();
         let parity = (generation % 2) as usize;
         let offset = parity as u32 * self.room as u32;
         for (index, rule) in tables.rules.iter().enumerate() {
@@ -198,6 +214,7 @@ impl KernelPolicy {
                 shifted(candidates),
             )?;
         }
+        wait();
         let state = PolicyState {
             report_unmatched: u32::from(tables.report_unmatched),
             generation,
@@ -225,6 +242,27 @@ pub enum WriteError {
     /// What a failing kernel write does to a reload, for the tests: `SRCIP_TEST_FAIL_RELOAD_AT`.
     #[error("writing the kernel's destination tables failed (SRCIP_TEST_FAIL_RELOAD_AT)")]
     Injected,
+}
+
+/// Waits for an RCU grace period: every kernel program runs inside an RCU read-side section,
+/// so each run that started before this call has ended when it returns, and a run that
+/// starts after it sees every map write made before it. `membarrier(MEMBARRIER_CMD_GLOBAL)`
+/// is `synchronize_rcu()` (Linux 4.16, a few milliseconds). It is refused on `nohz_full`
+/// kernels; there a pause far longer than any program run stands in for it, which is as
+/// good in practice, if not by proof.
+fn wait_for_running_programs() {
+    /// `MEMBARRIER_CMD_GLOBAL` in `linux/membarrier.h`.
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: the syscall takes a command, flags and a CPU number, and touches no memory
+    // of ours.
+    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        tracing::debug!(
+            "membarrier: {}; pausing instead of waiting for a grace period",
+            std::io::Error::last_os_error()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
