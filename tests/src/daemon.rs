@@ -215,6 +215,18 @@ impl Daemon {
         }
     }
 
+    /// The next `dead_letter` line: its sink, count and the receiver's answer.
+    pub fn wait_for_dead_letter(&mut self) -> (String, u64, String) {
+        match self.wait_for("the dead letter", |line| {
+            matches!(line, Line::DeadLetter { .. })
+        }) {
+            Line::DeadLetter {
+                sink, count, error, ..
+            } => (sink, count, error),
+            _ => unreachable!("only a dead letter is waited for"),
+        }
+    }
+
     /// Like [`Daemon::wait_for`], but `None` when no such line comes within `timeout`.
     pub fn wait_at_most(
         &mut self,

@@ -2,7 +2,7 @@
 //! alert's fields as RFC 5424 structured data; and a TCP receiver that comes up late.
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
+    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
     free_port, make_violation, rsyslog::Rsyslog,
 };
 
@@ -154,15 +154,7 @@ fn an_alert_too_large_for_a_datagram_is_dead_lettered_and_the_next_ones_arrive()
         .collect();
     std::fs::write(&policy.path, mistakes).unwrap();
     daemon.signal(Signal::SIGHUP);
-    let line = daemon.wait_for("the dead letter", |line| {
-        matches!(line, Line::DeadLetter { .. })
-    });
-    let Line::DeadLetter {
-        sink, count, error, ..
-    } = line
-    else {
-        unreachable!()
-    };
+    let (sink, count, error) = daemon.wait_for_dead_letter();
     assert_eq!(sink, format!("syslog+udp://127.0.0.1:{port}"));
     assert_eq!(count, 1);
     assert!(error.contains("larger than a datagram"), "{error}");

@@ -2,8 +2,8 @@
 //! daemon restarts: every alert arrives at least once, none missing.
 
 use srcip_tests::{
-    Daemon, Line, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology,
-    client, free_port, make_violation,
+    Daemon, OTHER_V4, PARTNER_POLICY, PARTNER_V4, PolicyFile, Signal, TestCgroup, Topology, client,
+    free_port, make_violation,
     webhook::{TestCertificates, WebhookReceiver},
 };
 
@@ -174,15 +174,7 @@ fn an_alert_the_receiver_refuses_is_dead_lettered_and_the_next_ones_arrive() {
         PARTNER_V4,
         443,
     );
-    let line = daemon.wait_for("the dead letter", |line| {
-        matches!(line, Line::DeadLetter { .. })
-    });
-    let Line::DeadLetter {
-        sink, count, error, ..
-    } = line
-    else {
-        unreachable!()
-    };
+    let (sink, count, error) = daemon.wait_for_dead_letter();
     assert!(
         sink.starts_with(&format!("https://127.0.0.1:{port}#")),
         "{sink}"
