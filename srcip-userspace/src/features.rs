@@ -17,6 +17,8 @@ use aya::{
     sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
 };
 
+use crate::system::HandledSignalsDeferred;
+
 /// A feature srcip cannot audit without.
 pub struct Requirement {
     /// A short name, for `SRCIP_TEST_MISSING_FEATURE`.
@@ -160,6 +162,9 @@ pub const WITHOUT_MPTCP_SOCKETS: &str = "mptcp: this kernel (before 5.19) has no
 pub fn finds_mptcp_sockets() -> bool {
     static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PROBED.get_or_init(|| {
+        // A signal during the probe's load makes aya take the helper as present (a SIGHUP
+        // during start once made srcip load MPTCP's helper on 5.10, which refused it).
+        let _deferred = HandledSignalsDeferred::new();
         std::env::var("SRCIP_TEST_MISSING_FEATURE").as_deref() != Ok(MPTCP_SOCKETS)
             && is_helper_supported(
                 ProgramType::CgroupSkb,
@@ -192,6 +197,8 @@ pub struct MissingFeatures {
 /// Probes every requirement. `SRCIP_TEST_MISSING_FEATURE=ID` makes the probe of `ID` fail,
 /// so that tests can see, on any kernel, what a user of an older one sees.
 pub fn check(kernel_release: &str) -> Result<(), MissingFeatures> {
+    // The probes load programs, which a signal would interrupt.
+    let _deferred = HandledSignalsDeferred::new();
     let pretend_missing = std::env::var("SRCIP_TEST_MISSING_FEATURE").ok();
     let lines: Vec<String> = REQUIREMENTS
         .iter()

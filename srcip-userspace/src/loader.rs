@@ -14,10 +14,7 @@ use aya::{
         trace_point::TracePointLinkId,
     },
 };
-use nix::sys::{
-    resource::{Resource, setrlimit},
-    signal::{SigSet, SigmaskHow, Signal, pthread_sigmask},
-};
+use nix::sys::resource::{Resource, setrlimit};
 use srcip_common::{
     fold::{FoldKey, FoldState},
     names,
@@ -32,6 +29,7 @@ use crate::{
     features,
     policy::KernelTables,
     policy_maps::{KernelPolicy, WriteError},
+    system,
 };
 
 /// Where a program attaches: every cgroup hook is on the cgroup2 root.
@@ -491,7 +489,7 @@ impl KernelPrograms {
     /// again.
     fn load(&mut self, spec: &ProgramSpec) -> Result<(), LoadError> {
         const ATTEMPTS: u32 = 10;
-        let _deferred = HandledSignalsDeferred::new();
+        let _deferred = system::HandledSignalsDeferred::new();
         let mut attempt = 1;
         loop {
             match self.load_once(spec)? {
@@ -609,41 +607,6 @@ impl KernelPrograms {
                 Some(Err(error)) => warn!("detaching {name} failed: {error}"),
                 None => warn!("detaching {name} failed: program not found"),
             }
-        }
-    }
-}
-
-/// Blocks SIGHUP, SIGINT and SIGTERM in this thread until dropped: they stay pending, or go
-/// to a thread that takes them, and are handled then.
-struct HandledSignalsDeferred {
-    previous: Option<SigSet>,
-}
-
-impl HandledSignalsDeferred {
-    fn new() -> Self {
-        let mut handled = SigSet::empty();
-        for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGTERM] {
-            handled.add(signal);
-        }
-        let mut previous = SigSet::empty();
-        let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut previous));
-        if let Err(error) = &blocked {
-            debug!(
-                "cannot defer signals while loading ({error}); a load they interrupt is made again"
-            );
-        }
-        Self {
-            previous: blocked.ok().map(|()| previous),
-        }
-    }
-}
-
-impl Drop for HandledSignalsDeferred {
-    fn drop(&mut self) {
-        if let Some(previous) = &self.previous
-            && let Err(error) = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(previous), None)
-        {
-            warn!("cannot restore the signal mask after loading: {error}");
         }
     }
 }

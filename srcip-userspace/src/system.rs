@@ -6,8 +6,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nix::mount::{MsFlags, mount};
-use tracing::info;
+use nix::{
+    mount::{MsFlags, mount},
+    sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask},
+};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
@@ -235,6 +238,44 @@ pub fn ensure_kernel_file_systems() -> Result<(), SystemError> {
         info!("mounted {fstype} at {target} (it was missing)");
     }
     Ok(())
+}
+
+/// Blocks SIGHUP, SIGINT and SIGTERM in this thread until dropped: they stay pending, or go
+/// to a thread that takes them, and are handled then. Around every `BPF_PROG_LOAD`: the
+/// verifier gives up with EAGAIN when a signal is pending for its thread, which a program
+/// load would report as a refusal, and a helper probe (aya's `is_helper_supported`) as a
+/// helper the kernel has.
+pub struct HandledSignalsDeferred {
+    previous: Option<SigSet>,
+}
+
+impl HandledSignalsDeferred {
+    pub fn new() -> Self {
+        let mut handled = SigSet::empty();
+        for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGTERM] {
+            handled.add(signal);
+        }
+        let mut previous = SigSet::empty();
+        let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut previous));
+        if let Err(error) = &blocked {
+            debug!(
+                "cannot defer signals while loading ({error}); a load they interrupt is made again"
+            );
+        }
+        Self {
+            previous: blocked.ok().map(|()| previous),
+        }
+    }
+}
+
+impl Drop for HandledSignalsDeferred {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous
+            && let Err(error) = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(previous), None)
+        {
+            warn!("cannot restore the signal mask after loading: {error}");
+        }
+    }
 }
 
 #[cfg(test)]
